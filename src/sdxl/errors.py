@@ -1,0 +1,20 @@
+"""User-facing errors: the CLI prints `str(err)` as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class SDXLError(Exception):
+    """Bad input from the user: a one-line message naming the problem and the fix."""
+
+
+class CheckpointError(SDXLError):
+    """A checkpoint file or folder that cannot be loaded as asked."""
+
+    @classmethod
+    def keys(cls, name: str, missing: list[str], unexpected: list[str], shapes: list[str] = ()) -> "CheckpointError":
+        parts = []
+        for label, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", list(shapes))):
+            if ks:
+                head = ", ".join(ks[:3]) + (", ..." if len(ks) > 3 else "")
+                parts.append(f"{len(ks)} {label} tensor{'s' if len(ks) != 1 else ''} ({head})")
+        return cls(f"{name}: {'; '.join(parts)}; is this an SDXL checkpoint of the expected kind?")
