@@ -1,0 +1,614 @@
+"""Where a checkpoint gets read and written: single-file safetensors, diffusers folders, standalone VAEs.
+
+Files are recognised by their bytes, never by their names; pickles (`.ckpt`, `.pt`,
+`.bin`, or renamed) are refused and never unpickled. Safetensors files are parsed and
+checked header-first, then memory-mapped: a tensor's bytes are read when it is used.
+Models are built on the meta device and materialised straight from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import conditioning, text_encoders, unet, vae
+from .convert import Entry, check, to_ours, to_theirs, unet_table
+from ._table_text import IGNORE as TEXT_IGNORE
+from ._table_text import bigg_table, clip_l_table
+from ._table_vae import vae_table
+from .errors import CheckpointError
+from .model import PREFIXES, ModelConfig, SDXLModel
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# Tolerated and ignored: an int buffer some released files carry (SDXL.md §1).
+IGNORED_SUFFIXES = ("embeddings.position_ids",)
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse."""
+    if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        raise CheckpointError(f"{path}: is a Python pickle (a PyTorch .ckpt/.pt/.bin file); pickles can run arbitrary "
+                              "code and are never loaded here: use the .safetensors release of this model")
+
+
+class SafetensorsFile(Mapping):
+    """A safetensors file: header parsed and checked up front, tensors memory-mapped when asked for."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            _refuse_pickle(self.path, head)
+            if size < 8:
+                raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER):
+                raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length ({n} bytes) "
+                                      f"exceeds the file ({size} bytes)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._start, data_size = 8 + n, size - 8 - n
+        self.infos: dict[str, TensorInfo] = {}
+        bad, need = [], 0
+        for key, h in header.items():
+            try:
+                info = TensorInfo(h["dtype"], tuple(int(d) for d in h["shape"]), *map(int, h["data_offsets"]))
+                ok = (info.dtype in DTYPES and all(d >= 0 for d in info.shape) and 0 <= info.begin <= info.end
+                      and info.end - info.begin == math.prod(info.shape) * DTYPES[info.dtype].itemsize)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                bad.append(key)
+                continue
+            self.infos[key] = info
+            need = max(need, info.end)
+        if bad:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header: {len(bad)} malformed tensor entr"
+                                  f"{'y' if len(bad) == 1 else 'ies'} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        if need > data_size:
+            raise CheckpointError(f"{self.path}: truncated: the header describes {need} bytes of tensor data but the file "
+                                  f"holds {data_size}; re-download it")
+        self._mm: mmap.mmap | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: i.shape for k, i in self.infos.items()}
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """The tensor, backed by a private (copy-on-write) memory map of the file: no read until used."""
+        info = self.infos[key]
+        dtype = DTYPES[info.dtype]
+        if info.begin == info.end:
+            return torch.empty(info.shape, dtype=dtype)
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        offset = self._start + info.begin
+        if offset % dtype.itemsize:  # unaligned: copy those bytes
+            return torch.frombuffer(bytearray(self._mm[offset:self._start + info.end]), dtype=dtype).view(info.shape)
+        return torch.frombuffer(self._mm, dtype=dtype, count=math.prod(info.shape), offset=offset).view(info.shape)
+
+
+class ShardedFiles(Mapping):
+    """Several safetensors files seen as one mapping (diffusers' `*.safetensors.index.json` shards)."""
+
+    def __init__(self, files: list[SafetensorsFile]):
+        self.files = files
+        self.where = {k: f for f in files for k in f}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.infos[k].shape for k, f in self.where.items()}
+
+    def __len__(self):
+        return len(self.where)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __getitem__(self, key):
+        return self.where[key][key]
+
+
+# --- single-file checkpoints ------------------------------------------------------------------
+
+def _sub(shapes: Mapping, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _first(keys, n: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ModelConfig:
+    """Detect the architecture of a single-file checkpoint from its tensor names and shapes alone."""
+    u, c, v = (_sub(shapes, PREFIXES[k]) for k in ("unet", "conditioner", "vae"))
+    if not (u or c or v):
+        if any(k.startswith("cond_stage_model.") for k in shapes):
+            raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
+        if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in shapes):
+            raise CheckpointError(f"{name}: one component of a diffusers folder; pass the folder that holds model_index.json")
+        raise CheckpointError(f"{name}: unknown architecture: no key starts with model.diffusion_model., conditioner. or "
+                              f"first_stage_model. (keys: {_first(shapes)})")
+    if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
+        raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
+    try:
+        unet_cfg = unet.config_from_shapes(u) if u else None
+        cond_cfg = _conditioner_config(c, unet_cfg) if c else None
+        vae_cfg = vae.config_from_shapes(_sub(v, "")) if v else None
+    except (KeyError, ValueError, StopIteration, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{name}: unknown architecture: not an SDXL-family layout ({type(e).__name__}: {e})") from None
+    return ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+
+
+def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
+    """Base: embedders.0 = CLIP-L (HF names), embedders.1 = bigG; refiner: embedders.0 = bigG (open_clip names)."""
+    if any(k.startswith("embedders.0.transformer.") for k in c):
+        clip_l = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "clip")
+        bigg = text_encoders.config_from_shapes(_sub(c, "embedders.1."), "openclip")
+        micro = conditioning.BASE_MICRO
+    else:
+        clip_l, micro = None, conditioning.REFINER_MICRO
+        bigg = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "openclip")
+    scalars = sum(conditioning.MICRO_SIZES[m] for m in micro)
+    fourier = 256 if unet_cfg is None else (unet_cfg.adm_in_channels - bigg.proj_dim) // scalars
+    return conditioning.ConditionerConfig(clip_l, bigg, micro, fourier)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape a checkpoint of this config holds (built on the meta device)."""
+    return {k: tuple(t.shape) for k, t in SDXLModel(cfg, device="meta").state_dict().items()}
+
+
+def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong shape) keys of `found` against `expected` shapes."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)]
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    return missing, unexpected, wrong
+
+
+def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, dtype) -> SDXLModel:
+    """Build on meta, then assign the tensors (converted only when device or dtype differ): no random init."""
+    model = SDXLModel(cfg, device="meta")
+    state = {}
+    for k, t in model.state_dict().items():
+        src = tensors[k]
+        target = dtype if (dtype is not None and src.is_floating_point()) else src.dtype
+        state[k] = src.to(device=device, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _keep(cfg: ModelConfig, components) -> ModelConfig:
+    return ModelConfig(*(getattr(cfg, n) if n in components else None for n in ("unet", "conditioner", "vae")))
+
+
+def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
+                     components=("unet", "conditioner", "vae")) -> SDXLModel:
+    """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
+    f = SafetensorsFile(path)
+    cfg = config_from_shapes(f.shapes(), str(f.path))
+    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
+    if missing or unexpected or wrong:
+        raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
+    return _materialise(_keep(cfg, components), f, device, dtype)
+
+
+def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write the official single-file layout; atomic (temporary file, then rename); never overwrites unless asked."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists; choose another name (nothing was overwritten)")
+    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+             for k, t in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --- diffusers folders ------------------------------------------------------------------------
+
+_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+            "text_encoder": "model", "text_encoder_2": "model"}
+
+
+def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, torch.Tensor]:
+    """The safetensors weights of one diffusers component: plain or `.fp16` variant, single or sharded."""
+    variants = [variant] if variant else [None, "fp16"]
+    for var in variants:
+        name = f"{stem}.{var}" if var else stem
+        if (folder / f"{name}.safetensors").is_file():
+            return SafetensorsFile(folder / f"{name}.safetensors")
+        index = folder / f"{name}.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: corrupt shard index (no weight_map)") from None
+            return ShardedFiles([SafetensorsFile(folder / s) for s in shards])
+    pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle weights ({_first(pickles)}); pickles can run arbitrary code and are "
+                              "never loaded here: use a release with .safetensors weights")
+    raise CheckpointError(f"{folder}: no {stem}.safetensors (or .fp16 variant, or sharded index) found")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a diffusers component folder needs its config.json") from None
+    except ValueError:
+        raise CheckpointError(f"{path}: not valid JSON") from None
+
+
+def unet_config_from_diffusers(d: dict) -> unet.UNetConfig:
+    """Our UNetConfig from a diffusers UNet2DConditionModel config.json."""
+    boc = d["block_out_channels"]
+    tl = d.get("transformer_layers_per_block", 1)
+    tl = [tl] * len(boc) if isinstance(tl, int) else list(tl)
+    depth = tuple(t if "CrossAttn" in kind else 0 for t, kind in zip(tl, d["down_block_types"]))
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]
+    heads = [heads] * len(boc) if isinstance(heads, int) else heads
+    if any(h and c // h != 64 for c, h, t in zip(boc, heads, depth) if t):
+        raise CheckpointError("diffusers UNet with attention heads other than width / 64: not an SDXL-family UNet")
+    return unet.UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+                           model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
+                           num_res_blocks=d.get("layers_per_block", 2), transformer_depth=depth,
+                           transformer_depth_middle=tl[-1], context_dim=d["cross_attention_dim"],
+                           adm_in_channels=d["projection_class_embeddings_input_dim"])
+
+
+def vae_config_from_diffusers(d: dict) -> vae.VAEConfig:
+    boc = d["block_out_channels"]
+    return vae.VAEConfig(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
+                         z_channels=d.get("latent_channels", 4), embed_dim=d.get("latent_channels", 4),
+                         in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3),
+                         scaling_factor=d.get("scaling_factor", 0.13025))
+
+
+def text_config_from_diffusers(d: dict) -> text_encoders.TextEncoderConfig:
+    return text_encoders.TextEncoderConfig(vocab_size=d.get("vocab_size", 49408), max_length=d.get("max_position_embeddings", 77),
+                                           width=d["hidden_size"], layers=d["num_hidden_layers"], act=d["hidden_act"],
+                                           proj_dim=d.get("projection_dim") if "WithProjection" in str(d.get("architectures")) else None)
+
+
+@dataclass(frozen=True)
+class _Part:
+    sub: str  # diffusers subfolder
+    prefix: str  # our key prefix
+    table: list[Entry]
+    weights: Mapping[str, torch.Tensor]
+    ignore: tuple[str, ...] = ()
+
+
+def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) -> tuple[ModelConfig, list[_Part]]:
+    """The config and the per-component conversion of a diffusers folder; `meta`: stand-ins built from headers only."""
+    index = _read_json(folder / "model_index.json")
+    present = lambda sub: index.get(sub) not in (None, [None, None])  # noqa: E731
+
+    def weights(sub: str) -> Mapping[str, torch.Tensor]:
+        w = _open_weights(folder / sub, _WEIGHTS[sub], variant)
+        if not meta:
+            return w
+        infos = {k: i for f in (w.files if isinstance(w, ShardedFiles) else [w]) for k, i in f.infos.items()}
+        return {k: torch.empty(i.shape, dtype=DTYPES[i.dtype], device="meta") for k, i in infos.items()}
+
+    parts, unet_cfg, cond_cfg, vae_cfg = [], None, None, None
+    if "unet" in components and present("unet"):
+        unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+        parts.append(_Part("unet", PREFIXES["unet"], unet_table(unet_cfg), weights("unet")))
+    if "conditioner" in components and present("text_encoder_2"):
+        bigg = text_config_from_diffusers(_read_json(folder / "text_encoder_2" / "config.json"))
+        clip_l = text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json")) if present("text_encoder") else None
+        micro = conditioning.BASE_MICRO if clip_l else conditioning.REFINER_MICRO
+        scalars = sum(conditioning.MICRO_SIZES[m] for m in micro)
+        fourier = 256 if unet_cfg is None else (unet_cfg.adm_in_channels - bigg.proj_dim) // scalars
+        cond_cfg = conditioning.ConditionerConfig(clip_l, bigg, micro, fourier)
+        if clip_l:
+            w = weights("text_encoder")
+            if not any(k.startswith("text_model.") for k in w):  # transformers 5 saves CLIPTextModel without it
+                w = {"text_model." + k: w[k] for k in w}
+            parts.append(_Part("text_encoder", "conditioner.embedders.0.", clip_l_table(clip_l), w, TEXT_IGNORE))
+        parts.append(_Part("text_encoder_2", f"conditioner.embedders.{1 if clip_l else 0}.", bigg_table(bigg),
+                           weights("text_encoder_2"), TEXT_IGNORE))
+    if "vae" in components and present("vae"):
+        vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+        parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
+    if not parts:
+        raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
+    return ModelConfig(unet_cfg, cond_cfg, vae_cfg), parts
+
+
+def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
+                   components=("unet", "conditioner", "vae")) -> SDXLModel:
+    """Load a diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/)."""
+    folder = Path(folder)
+    cfg, parts = _diffusers_parts(folder, variant, components, meta=False)
+    ours = {}
+    for p in parts:
+        ours |= _prefixed(p.prefix, to_ours(p.table, p.weights, str(folder / p.sub), p.ignore))
+    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
+    if missing or unexpected or wrong:
+        raise CheckpointError.keys(str(folder), missing, unexpected, wrong)
+    return _materialise(cfg, ours, device, dtype)
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+_LEGACY_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def _legacy_vae_names(w: Mapping) -> dict:
+    """Older diffusers VAE files name the mid attention query/key/value/proj_attn."""
+    out = {}
+    for k in w:
+        new = k
+        for a, b in _LEGACY_ATTN.items():
+            if ".attentions.0." + a in k:
+                new = k.replace(".attentions.0." + a, ".attentions.0." + b)
+        out[new] = w[k]
+    return out
+
+
+def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers folder that diffusers' `StableDiffusionXLPipeline.from_pretrained` loads."""
+    from safetensors.torch import save_file
+
+    from .tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: exists and is not empty; choose another folder (nothing was overwritten)")
+    cfg, sd = model.cfg, model.state_dict()
+
+    def write(sub: str, table: list[Entry], prefix: str, stem: str, config: dict):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        theirs = to_theirs(table, _sub(sd, prefix))
+        save_file({k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in theirs.items()},
+                  str(folder / sub / f"{stem}.safetensors"))
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+
+    index = {"_class_name": "StableDiffusionXLPipeline" if not cfg.is_refiner else "StableDiffusionXLImg2ImgPipeline",
+             "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not cfg.is_refiner}
+    if cfg.unet:
+        write("unet", unet_table(cfg.unet), PREFIXES["unet"], _WEIGHTS["unet"], _unet_diffusers_config(cfg.unet))
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if cfg.vae:
+        write("vae", vae_table(cfg.vae), PREFIXES["vae"], _WEIGHTS["vae"], _vae_diffusers_config(cfg.vae))
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    if cfg.conditioner:
+        c = cfg.conditioner
+        g = 0
+        index["text_encoder"] = index["tokenizer"] = [None, None]
+        if c.clip_l:
+            write("text_encoder", clip_l_table(c.clip_l), "conditioner.embedders.0.", "model", _text_diffusers_config(c.clip_l))
+            _write_tokenizer(folder / "tokenizer", Tokenizer.default(), "<|endoftext|>")
+            index["text_encoder"], index["tokenizer"] = ["transformers", "CLIPTextModel"], ["transformers", "CLIPTokenizer"]
+            g = 1
+        write("text_encoder_2", bigg_table(c.bigg), f"conditioner.embedders.{g}.", "model", _text_diffusers_config(c.bigg))
+        _write_tokenizer(folder / "tokenizer_2", Tokenizer.default(), "!")
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+# diffusers' SDXL 1.0 scheduler_config.json
+SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                    "interpolation_type": "linear", "steps_offset": 1, "timestep_spacing": "leading",
+                    "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+                    "skip_prk_steps": True}
+
+
+def _unet_diffusers_config(c: unet.UNetConfig) -> dict:
+    boc = [m * c.model_channels for m in c.channel_mult]
+    last = c.transformer_depth[-1]
+    if last and last != c.transformer_depth_middle:
+        raise CheckpointError("this UNet's middle depth differs from its last level's: diffusers cannot express it")
+    depth = [d or (c.transformer_depth_middle if i == len(boc) - 1 else 1) for i, d in enumerate(c.transformer_depth)]
+    return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0", "sample_size": 128,
+            "in_channels": c.in_channels, "out_channels": c.out_channels, "block_out_channels": boc,
+            "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth],
+            "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)],
+            "layers_per_block": c.num_res_blocks, "transformer_layers_per_block": depth,
+            "attention_head_dim": [b // c.head_dim for b in boc], "cross_attention_dim": c.context_dim,
+            "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": c.adm_in_channels, "norm_num_groups": 32, "norm_eps": 1e-5,
+            "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn"}
+
+
+def _vae_diffusers_config(c: vae.VAEConfig) -> dict:
+    n = len(c.ch_mult)
+    return {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "in_channels": c.in_channels,
+            "out_channels": c.out_ch, "block_out_channels": [c.ch * m for m in c.ch_mult],
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "layers_per_block": c.num_res_blocks, "latent_channels": c.z_channels, "norm_num_groups": 32,
+            "act_fn": "silu", "sample_size": 1024, "scaling_factor": c.scaling_factor}
+
+
+def _text_diffusers_config(c: text_encoders.TextEncoderConfig) -> dict:
+    d = {"architectures": ["CLIPTextModelWithProjection" if c.proj_dim else "CLIPTextModel"], "model_type": "clip_text_model",
+         "vocab_size": c.vocab_size, "hidden_size": c.width, "intermediate_size": 4 * c.width,
+         "num_hidden_layers": c.layers, "num_attention_heads": c.width // 64, "max_position_embeddings": c.max_length,
+         "hidden_act": c.act, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+         "projection_dim": c.proj_dim or c.width}
+    return d
+
+
+def _write_tokenizer(folder: Path, tok, pad: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.write_files(folder)
+    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad, "do_lower_case": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
+
+
+# --- any of the above ---------------------------------------------------------------------------
+
+def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
+         components=("unet", "conditioner", "vae")) -> SDXLModel:
+    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE."""
+    path = Path(path)
+    if path.is_dir():
+        model = load_diffusers(path, device, dtype, components=components)
+    elif path.exists():
+        model = load_single_file(path, device, dtype, components)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    if vae_path is not None:
+        model.first_stage_model = load_vae(vae_path, device, dtype)
+        model.cfg = ModelConfig(model.cfg.unet, model.cfg.conditioner, model.first_stage_model.cfg)
+    return model
+
+
+def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.AutoencoderKL:
+    """A standalone VAE: single file (official names, with or without `first_stage_model.`, or diffusers names), or a diffusers vae folder."""
+    path = Path(path)
+    if path.is_dir():
+        cfg = vae_config_from_diffusers(_read_json(path / "config.json"))
+        w = _open_weights(path, _WEIGHTS["vae"], None)
+        sd, name = to_ours(vae_table(cfg), _legacy_vae_names(w), str(path)), str(path)
+    else:
+        f = SafetensorsFile(path)
+        name, shapes = str(f.path), f.shapes()
+        if any(k.startswith(PREFIXES["vae"]) for k in shapes):
+            sd = {k[len(PREFIXES["vae"]):]: f[k] for k in shapes if k.startswith(PREFIXES["vae"])}
+        elif "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes:
+            cfg = _vae_config_from_diffusers_shapes(shapes, name)
+            sd = to_ours(vae_table(cfg), _legacy_vae_names(f), name)
+        elif "encoder.conv_in.weight" in shapes:
+            sd = dict(f)
+        else:
+            raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {_first(shapes)})")
+    try:
+        cfg = vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()})
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{name}: unknown VAE layout ({type(e).__name__}: {e})") from None
+    missing, unexpected, wrong = compare_keys(expected_shapes(ModelConfig(None, None, cfg)),
+                                              {PREFIXES["vae"] + k: t.shape for k, t in sd.items()})
+    if missing or unexpected or wrong:
+        raise CheckpointError.keys(name, missing, unexpected, wrong)
+    return _materialise(ModelConfig(None, None, cfg), {PREFIXES["vae"] + k: t for k, t in sd.items()}, device, dtype).vae
+
+
+def _vae_config_from_diffusers_shapes(shapes: Mapping, name: str) -> vae.VAEConfig:
+    try:
+        ch = shapes["encoder.conv_in.weight"][0]
+        levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks."))
+        mult = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] // ch for i in range(levels))
+        nrb = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down_blocks.0.resnets."))
+        z = shapes["decoder.conv_in.weight"][1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{name}: unknown diffusers VAE layout ({e})") from None
+    return vae.VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z, embed_dim=z,
+                         in_channels=shapes["encoder.conv_in.weight"][1], out_ch=shapes["decoder.conv_out.weight"][0])
+
+
+# --- inspect: headers only ----------------------------------------------------------------------
+
+def _dominant_dtype(tensors) -> str:
+    """The floating-point dtype holding most parameters, from (dtype, numel) pairs."""
+    counts: dict[torch.dtype, int] = {}
+    for dtype, n in tensors:
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + n
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else "none"
+
+
+def _component_params(shapes: Mapping, cfg: ModelConfig | None) -> dict[str, dict]:
+    comps = {"unet": PREFIXES["unet"], "vae": PREFIXES["vae"]}
+    if cfg is not None and cfg.conditioner is not None:
+        if cfg.conditioner.clip_l:
+            comps |= {"text_encoder_l": "conditioner.embedders.0.", "text_encoder_g": "conditioner.embedders.1."}
+        else:
+            comps |= {"text_encoder_g": "conditioner.embedders.0."}
+    out = {}
+    for name, prefix in comps.items():
+        n = sum(math.prod(s) for k, s in shapes.items() if k.startswith(prefix) and not k.endswith(IGNORED_SUFFIXES))
+        if any(k.startswith(prefix) for k in shapes):
+            out[name] = {"params": n}
+    return {k: out[k] for k in ("unet", "text_encoder_l", "text_encoder_g", "vae") if k in out}
+
+
+def inspect(path) -> dict:
+    """Format, architecture, dtype, parameters per component, missing/unexpected keys; reads headers only."""
+    path = Path(path)
+    if path.is_dir():
+        return _inspect_diffusers(path)
+    f = SafetensorsFile(path)
+    shapes = f.shapes()
+    cfg = config_from_shapes(shapes, str(f.path))
+    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
+    return {"format": "single-file", "architecture": cfg.architecture, "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
+            "components": _component_params(shapes, cfg), "missing_keys": missing, "unexpected_keys": unexpected,
+            "wrong_shapes": wrong}
+
+
+def _inspect_diffusers(folder: Path) -> dict:
+    cfg, parts = _diffusers_parts(folder, None, ("unet", "conditioner", "vae"), meta=True)
+    names = {"unet": "unet", "text_encoder": "text_encoder_l", "text_encoder_2": "text_encoder_g", "vae": "vae"}
+    components, counts, missing, unexpected, wrong = {}, {}, [], [], []
+    for p in parts:
+        components[names[p.sub]] = {"params": sum(t.numel() for k, t in p.weights.items() if not k.endswith(IGNORED_SUFFIXES))}
+        m, u = check(p.table, p.weights, p.ignore)
+        missing += [f"{p.sub}/{k}" for k in m]
+        unexpected += [f"{p.sub}/{k}" for k in u]
+        if not (m or u):  # names fine: compare shapes after conversion (meta tensors: nothing is read)
+            ours = _prefixed(p.prefix, to_ours(p.table, p.weights, p.sub, p.ignore))
+            wrong += compare_keys(_sub_expected(cfg, p.prefix), {k: t.shape for k, t in ours.items()})[2]
+    dtype = _dominant_dtype((t.dtype, t.numel()) for p in parts for t in p.weights.values())
+    return {"format": "diffusers", "architecture": cfg.architecture, "dtype": dtype,
+            "components": {k: components[k] for k in ("unet", "text_encoder_l", "text_encoder_g", "vae") if k in components},
+            "missing_keys": missing, "unexpected_keys": unexpected, "wrong_shapes": wrong}
+
+
+def _sub_expected(cfg: ModelConfig, prefix: str) -> dict:
+    return {k: s for k, s in expected_shapes(cfg).items() if k.startswith(prefix)}

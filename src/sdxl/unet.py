@@ -1,0 +1,288 @@
+"""The SDXL UNet: a port of sgm's `UNetModel` (sgm/modules/diffusionmodules/openaimodel.py).
+
+Module paths equal the official checkpoint keys below `model.diffusion_model.`, so an
+official file loads with a strict `load_state_dict`. Attention heads are width / 64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (0, 2, 10)  # per level; 0 = no attention at that level
+    transformer_depth_middle: int = 10
+    context_dim: int = 2048  # CLIP-L 768 ++ bigG 1280
+    adm_in_channels: int = 2816  # pooled bigG 1280 ++ 6 Fourier features of 256
+    head_dim: int = 64
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+# sgm configs/inference/sd_xl_base.yaml and sd_xl_refiner.yaml
+SDXL_BASE = UNetConfig()
+SDXL_REFINER = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+                          transformer_depth_middle=4, context_dim=1280, adm_in_channels=2560)
+# diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base with latent ++ mask ++ masked-image latent as input
+SDXL_INPAINT = UNetConfig(in_channels=9)
+# Small SDXL-family configs for tests (widths multiples of 64 so heads = width / 64 holds)
+# (for text_encoders.CLIP_TINY ++ OPENCLIP_TINY: context 128 + 128, pooled 96)
+TINY_BASE = UNetConfig(model_channels=64, channel_mult=(1, 2), transformer_depth=(0, 1), transformer_depth_middle=1,
+                       context_dim=256, adm_in_channels=96 + 6 * 256)
+TINY_REFINER = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 0),
+                          transformer_depth_middle=2, context_dim=128, adm_in_channels=96 + 5 * 256)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first then sin (sgm `timestep_embedding`); float32 (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """sgm `ResBlock`: norm-SiLU-conv, add the time embedding, norm-SiLU-conv, skip."""
+
+    def __init__(self, ch: int, emb_dim: int, out_ch: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1, **kw))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch, **kw))
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_ch, eps=1e-5, **kw), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1, **kw))
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1, **kw)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """sgm `CrossAttention` (self-attention when no context is given), through SDPA."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False, **kw)
+        self.to_k = nn.Linear(context_dim, inner, bias=False, **kw)
+        self.to_v = nn.Linear(context_dim, inner, bias=False, **kw)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, **kw)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)  # (B, h, N, d)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020), sgm `GEGLU`."""
+
+    def __init__(self, dim: int, inner: int, device=None, dtype=None):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim, device, dtype), nn.Dropout(0.0),
+                                 nn.Linear(4 * dim, dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """sgm `BasicTransformerBlock`: pre-LN self-attention, cross-attention, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        heads = dim // head_dim
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, **kw)
+        self.ff = FeedForward(dim, **kw)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, **kw)
+        self.norm1 = nn.LayerNorm(dim, **kw)
+        self.norm2 = nn.LayerNorm(dim, **kw)
+        self.norm3 = nn.LayerNorm(dim, **kw)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """sgm `SpatialTransformer` with linear proj_in/proj_out (`use_linear_in_transformer`)."""
+
+    def __init__(self, ch: int, depth: int, context_dim: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm = nn.GroupNorm(32, ch, eps=1e-6, **kw)
+        self.proj_in = nn.Linear(ch, ch, **kw)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(ch, context_dim, head_dim, **kw) for _ in range(depth)])
+        self.proj_out = nn.Linear(ch, ch, **kw)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C); free in channels-last
+        y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = self.proj_out(y).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
+        return y + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, device=None, dtype=None):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A block of layers; each gets what it needs (sgm `TimestepEmbedSequential`)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """sgm `UNetModel` as configured for SDXL: eps prediction, text cross-attention, "vector" conditioning."""
+
+    def __init__(self, cfg: UNetConfig = SDXL_BASE, device=None, dtype=None):
+        super().__init__()
+        assert len(cfg.transformer_depth) == len(cfg.channel_mult), "one transformer depth per level"
+        assert cfg.transformer_depth_middle >= 1, "the middle block always has a transformer"
+        self.cfg = cfg
+        kw = dict(device=device, dtype=dtype)
+        mc, emb_dim, levels = cfg.model_channels, cfg.time_embed_dim, len(cfg.channel_mult)
+        attn = lambda ch, depth: SpatialTransformer(ch, depth, cfg.context_dim, cfg.head_dim, **kw)  # noqa: E731
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim, **kw), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **kw))
+        self.label_emb = nn.Sequential(nn.Sequential(
+            nn.Linear(cfg.adm_in_channels, emb_dim, **kw), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **kw)))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1, **kw))])
+        skip_chans, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * mc, **kw)]
+                ch = mult * mc
+                if cfg.transformer_depth[level]:
+                    layers.append(attn(ch, cfg.transformer_depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
+                skip_chans.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, **kw), attn(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, **kw))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, **kw)]
+                ch = mult * mc
+                if cfg.transformer_depth[level]:
+                    layers.append(attn(ch, cfg.transformer_depth[level]))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch, **kw))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(),
+                                 nn.Conv2d(mc, cfg.out_channels, 3, padding=1, **kw))
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W)."""
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
+        emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+        h, skips = x.to(dtype), []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    def _run(self, block: TimestepEmbedSequential, h, emb, context):
+        if self.gradient_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> UNetConfig:
+    """Infer a UNetConfig from tensor shapes alone (keys below `model.diffusion_model.`)."""
+    mc, in_ch = shapes["input_blocks.0.0.weight"][:2]
+    mult, depth, nrb, i = [], [], [], 1
+    while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:  # one level: resblocks then a downsample
+        n = 0
+        while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:
+            if n == 0:
+                mult.append(shapes[f"input_blocks.{i}.0.in_layers.2.weight"][0] // mc)
+                depth.append(_count(shapes, f"input_blocks.{i}.1.transformer_blocks."))
+            n, i = n + 1, i + 1
+        nrb.append(n)
+        if f"input_blocks.{i}.0.op.weight" not in shapes:
+            break
+        i += 1
+    if not mult or len(set(nrb)) != 1:
+        raise ValueError("cannot read the UNet levels from the checkpoint's input_blocks")
+    k = next(k for k in shapes if k.endswith("attn2.to_k.weight"))
+    return UNetConfig(in_channels=in_ch, out_channels=shapes["out.2.weight"][0], model_channels=mc,
+                      channel_mult=tuple(mult), num_res_blocks=nrb[0], transformer_depth=tuple(depth),
+                      transformer_depth_middle=_count(shapes, "middle_block.1.transformer_blocks."),
+                      context_dim=shapes[k][1], adm_in_channels=shapes["label_emb.0.0.weight"][1])
+
+
+def _count(shapes: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})

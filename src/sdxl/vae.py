@@ -1,0 +1,285 @@
+"""The SDXL VAE: the LDM/sgm KL autoencoder, 8x down-sampling to 4 latent channels.
+
+Port of `Encoder`, `Decoder`, `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample` from
+`sgm/modules/diffusionmodules/model.py` and `AutoencoderKL` / `DiagonalGaussianDistribution`
+from `sgm/models/autoencoder.py` / `sgm/modules/distributions/distributions.py`. Module paths
+equal the official single-file keys under `first_stage_model.`. `encode` and `decode` work
+on unscaled latents; the pipeline multiplies by `scaling_factor`.
+
+Precision: the released SDXL VAE weights overflow in fp16 at large sizes (the reason the
+community "fp16-fix" VAE exists); prefer bf16 or fp32 with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+    scaling_factor: float = 0.13025  # not stored in checkpoints; the pipeline applies it
+
+
+SDXL_VAE = VAEConfig()
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def _norm(c: int, device, dtype) -> nn.GroupNorm:
+    """`Normalize` in model.py: GroupNorm(32, eps 1e-6, affine)."""
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True, device=device, dtype=dtype)
+
+
+class ResnetBlock(nn.Module):
+    """`ResnetBlock` in model.py, without timestep embedding (temb_channels=0) and dropout 0."""
+
+    def __init__(self, c_in: int, c_out: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm1 = _norm(c_in, **kw)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, **kw)
+        self.norm2 = _norm(c_out, **kw)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, **kw)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, **kw) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """`AttnBlock` in model.py: one head over all C channels, q/k/v/proj_out as 1x1 convs."""
+
+    def __init__(self, c: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm = _norm(c, **kw)
+        self.q = nn.Conv2d(c, c, 1, **kw)
+        self.k = nn.Conv2d(c, c, 1, **kw)
+        self.v = nn.Conv2d(c, c, 1, **kw)
+        self.proj_out = nn.Conv2d(c, c, 1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        # (B, C, H, W) -> (B, 1, HW, C): a view when channels_last, else one copy so that
+        # SDPA gets unit-stride heads and picks a fused kernel instead of the HW x HW math path
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (self.q(n), self.k(n), self.v(n)))
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        a = a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W), channels_last strides
+        if x.is_contiguous():
+            a = a.contiguous()  # an NCHW model stays NCHW instead of flipping layouts downstream
+        return x + self.proj_out(a)
+
+
+class Downsample(nn.Module):
+    """`Downsample` in model.py (with_conv): pad right/bottom by one, then a stride-2 3x3 conv."""
+
+    def __init__(self, c: int, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """`Upsample` in model.py (with_conv): nearest 2x, then a 3x3 conv."""
+
+    def __init__(self, c: int, device=None, dtype=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """The `mid` block of `Encoder`/`Decoder` in model.py: resnet, attention, resnet."""
+
+    def __init__(self, c: int, device=None, dtype=None):
+        super().__init__()
+        self.block_1 = ResnetBlock(c, c, device, dtype)
+        self.attn_1 = AttnBlock(c, device, dtype)
+        self.block_2 = ResnetBlock(c, c, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class DownLevel(nn.Module):
+    """One entry of `Encoder.down` in model.py (its empty `attn` list holds no tensors)."""
+
+    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.downsample = downsample  # None at the lowest resolution: no tensors, no key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.block:
+            x = blk(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class UpLevel(nn.Module):
+    """One entry of `Decoder.up` in model.py (its empty `attn` list holds no tensors)."""
+
+    def __init__(self, blocks: list[ResnetBlock], upsample: Upsample | None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.upsample = upsample  # None at full resolution (up.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.block:
+            x = blk(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Encoder(nn.Module):
+    """`Encoder` in model.py (double_z=True, no attention at any resolution but the middle)."""
+
+    def __init__(self, cfg: VAEConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1, **kw)
+        self.down = nn.ModuleList()
+        c = cfg.ch
+        for i, w in enumerate(widths):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(c, w, **kw))
+                c = w
+            last = i == len(widths) - 1
+            self.down.append(DownLevel(blocks, None if last else Downsample(c, **kw)))
+        self.mid = MidBlock(c, **kw)
+        self.norm_out = _norm(c, **kw)
+        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * z_channels, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """`Decoder` in model.py; `up[i]` has resolution i, so it runs in reverse order."""
+
+    def __init__(self, cfg: VAEConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1, **kw)
+        self.mid = MidBlock(c, **kw)
+        up = []
+        for i in reversed(range(len(widths))):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(c, widths[i], **kw))
+                c = widths[i]
+            up.insert(0, UpLevel(blocks, Upsample(c, **kw) if i != 0 else None))
+        self.up = nn.ModuleList(up)
+        self.norm_out = _norm(c, **kw)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1, **kw)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@dataclass(frozen=True)
+class DiagonalGaussian:
+    """`DiagonalGaussianDistribution` in sgm/modules/distributions/distributions.py."""
+
+    mean: torch.Tensor  # (B, embed_dim, H/f, W/f)
+    logvar: torch.Tensor  # same shape, clamped to [-30, 20]
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+        mean, logvar = moments.chunk(2, dim=1)  # (B, 2 * embed_dim, h, w) -> 2 x (B, embed_dim, h, w)
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * eps, eps drawn on the generator's device (as diffusers does), then moved."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    """`AutoencoderKL` in sgm/models/autoencoder.py: encoder, quant_conv, post_quant_conv, decoder."""
+
+    def __init__(self, cfg: VAEConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, **kw)
+        self.decoder = Decoder(cfg, **kw)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1, **kw)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1, **kw)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Image (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the posterior mode."""
+        return self.decode(self.encode(x).mode())
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
+    """Infer the config of an sgm AutoencoderKL from its tensor shapes (keys without prefix)."""
+
+    def get(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"VAE: missing tensor {key}; is this an SDXL-family (sgm AutoencoderKL) VAE?")
+        return tuple(shapes[key])
+
+    ch, in_channels = get("encoder.conv_in.weight")[:2]
+    levels = 0
+    while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
+        levels += 1
+    blocks = 0
+    while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
+        blocks += 1
+    widths = [get(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    if levels == 0 or blocks == 0 or any(w % ch for w in widths):
+        raise CheckpointError(f"VAE: cannot read the level widths {widths} as multiples of {ch} channels")
+    return VAEConfig(
+        ch=ch,
+        ch_mult=tuple(w // ch for w in widths),
+        num_res_blocks=blocks,
+        z_channels=get("decoder.conv_in.weight")[1],
+        embed_dim=get("post_quant_conv.weight")[1],
+        in_channels=in_channels,
+        out_ch=get("decoder.conv_out.weight")[0],
+    )
