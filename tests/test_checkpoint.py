@@ -156,7 +156,7 @@ def test_standalone_vae_replaces_the_checkpoints(tiny, tmp_path):
     vsd = {k: v.contiguous() for k, v in other.state_dict().items()}
     save_file({"first_stage_model." + k: v for k, v in vsd.items()}, tmp_path / "prefixed.safetensors")
     save_file(vsd, tmp_path / "bare.safetensors")
-    from sdxl._table_vae import vae_table
+    from sdxl.convert import vae_table
     from sdxl.convert import to_theirs
 
     save_file(to_theirs(vae_table(other.cfg), vsd), tmp_path / "diffusers_vae.safetensors")

@@ -10,7 +10,7 @@ import torch
 from conftest import reference_shapes
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl._table_text import IGNORE, bigg_table, clip_l_table
+from sdxl.convert import IGNORE, bigg_table, clip_l_table
 from sdxl.convert import to_ours, to_theirs
 from sdxl.errors import CheckpointError
 from sdxl.text_encoders import (CLIP_L, CLIP_TINY, OPENCLIP_BIGG, OPENCLIP_TINY, CLIPTextEmbedder,

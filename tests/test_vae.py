@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl._table_vae import vae_table
+from sdxl.convert import vae_table
 from sdxl.convert import to_ours, to_theirs
 from sdxl.errors import CheckpointError
 from sdxl.vae import SDXL_VAE, TINY_VAE, AutoencoderKL, VAEConfig, config_from_shapes

@@ -20,9 +20,8 @@ import torch
 
 from . import conditioning, text_encoders, unet, vae
 from .convert import Entry, check, to_ours, to_theirs, unet_table
-from ._table_text import IGNORE as TEXT_IGNORE
-from ._table_text import bigg_table, clip_l_table
-from ._table_vae import vae_table
+from .convert import IGNORE as TEXT_IGNORE
+from .convert import bigg_table, clip_l_table, vae_table
 from .errors import CheckpointError
 from .model import PREFIXES, ModelConfig, SDXLModel
 
@@ -412,6 +411,8 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
 
     index = {"_class_name": "StableDiffusionXLPipeline" if not cfg.is_refiner else "StableDiffusionXLImg2ImgPipeline",
              "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not cfg.is_refiner}
+    if cfg.is_refiner:
+        index["requires_aesthetics_score"] = True
     if cfg.unet:
         write("unet", unet_table(cfg.unet), PREFIXES["unet"], _WEIGHTS["unet"], _unet_diffusers_config(cfg.unet))
         index["unet"] = ["diffusers", "UNet2DConditionModel"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import SDXLError
 
@@ -29,6 +30,293 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generate --------------------------------------------------------------------------------
+
+DEFAULTS = {"negative": "", "steps": None, "sampler": "euler", "scheduler": "sgm", "cfg": None, "width": None,
+            "height": None, "batch": 1, "strength": None, "refiner_switch": None, "hires_strength": 0.5,
+            "hires_upscale": "latent", "guidance_rescale": 0.0, "output": "sdxl.png", "aesthetic_score": 6.0,
+            "negative_aesthetic_score": 2.5, "latent_index": None}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers like 1024,1024, got {text!r}") from None
+    return a, b
+
+
+def _image(path: str | None):
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise SDXLError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise SDXLError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def _request_from_args(args, model_info) -> "Request":
+    """CLI flags (over a --from-png recipe, over the defaults) -> a Request."""
+    from .output import read_recipe, request_fields_from_recipe
+    from .pipeline import Request
+
+    base: dict = {}
+    if args.from_png:
+        rec = read_recipe(args.from_png)
+        base = request_fields_from_recipe(rec, Request)
+        for k, v in rec.get("models", {}).items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    merged = dict(base)
+    flag_to_field = {"negative": "negative_prompt", "scheduler": "schedule", "prompt_2": "prompt_2",
+                     "negative_2": "negative_prompt_2", "original_size": "original_size", "crop": "crop",
+                     "target_size": "target_size", "negative_original_size": "negative_original_size",
+                     "negative_crop": "negative_crop", "negative_target_size": "negative_target_size"}
+    for flag in ("prompt", "negative", "prompt_2", "negative_2", "width", "height", "steps", "sampler", "scheduler",
+                 "cfg", "guidance_rescale", "seed", "batch", "strength", "refiner_switch", "refiner_strength",
+                 "refiner_steps", "hires_scale", "hires_upscale", "hires_strength", "hires_steps", "original_size",
+                 "crop", "target_size", "negative_original_size", "negative_crop", "negative_target_size",
+                 "aesthetic_score", "negative_aesthetic_score"):
+        name = flag_to_field.get(flag, flag)
+        if flag in given:
+            merged[name] = given[flag]
+        elif name not in merged and DEFAULTS.get(flag) is not None:
+            merged[name] = DEFAULTS[flag]
+    if args.guidance_interval is not None:
+        merged["guidance_interval"] = tuple(args.guidance_interval)
+    if merged.get("prompt") is None:
+        raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
+    if "seed" not in merged:
+        import secrets
+
+        merged["seed"] = secrets.randbelow(2**32)
+    init = _image(args.init_image)
+    mask = _image(args.mask)
+    native = model_info["resolution"]
+    if init is not None and "width" not in merged:
+        merged["width"], merged["height"] = (v // 8 * 8 for v in init.size)
+    merged.setdefault("width", native)
+    merged.setdefault("height", native)
+    merged.setdefault("steps", model_info["steps"])
+    merged.setdefault("cfg", model_info["cfg"])
+    if init is not None:
+        merged.setdefault("strength", 0.75 if mask is None else 1.0)
+    return Request(**merged, init_image=init, mask=mask)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from .output import a1111_parameters, next_free, recipe, save_png
+    from .pipeline import Pipeline, default_device, default_dtype
+
+    if args.model is None:
+        from .default_model import default_model_paths
+
+        paths = default_model_paths()
+        args.model = str(paths["base"])
+        if args.refiner is None and paths.get("refiner") and not args.no_refiner:
+            args.refiner = str(paths["refiner"])
+            if args.refiner_switch is None and args.refiner_strength is None:
+                args.refiner_switch = paths["refiner_switch"]
+        info = paths
+    else:
+        info = {"resolution": 1024, "steps": 40, "cfg": 5.0}
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+        except OSError:
+            raise SDXLError(f"{args.prompts}: cannot read the prompts file") from None
+    rank, world = _distributed_rank()
+    jobs = [(i, p) for i, p in enumerate(prompts or [None]) if i % world == rank]
+
+    device = args.device or default_device()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    start = time.perf_counter()
+    first_args = argparse.Namespace(**vars(args))
+    first_args.prompt = jobs[0][1] if jobs and jobs[0][1] is not None else args.prompt
+    req0 = _request_from_args(first_args, info)  # validates the flags before loading anything big
+    req0.validate(has_refiner=args.refiner is not None)
+    pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype)
+    init_latent = None
+    if args.latent:
+        init_latent = _load_latent(args.latent, args.latent_index)
+    models = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    steps_done = 0
+    for k, prompt in jobs:
+        a = argparse.Namespace(**vars(args))
+        if prompt is not None:
+            a.prompt = prompt
+        req = _request_from_args(a, info)
+        if args.prompts:
+            from dataclasses import replace
+
+            req = replace(req, seed=req.seed + k * req.batch)
+        if init_latent is not None:
+            from dataclasses import replace
+
+            req = replace(req, init_latent=init_latent, width=init_latent.shape[-1] * pipe.latent_factor,
+                          height=init_latent.shape[-2] * pipe.latent_factor)
+        bar = tqdm(total=_total_steps(req), desc=f"seed {req.seed}", unit="step", disable=args.quiet)
+
+        def tick(_info, bar=bar):
+            bar.update(1)
+
+        result = pipe.generate(req, callback=tick)
+        steps_done += bar.n
+        bar.close()
+        images = result.images
+        if not args.no_watermark:
+            from .watermark import add_watermark
+
+            images = add_watermark(images)
+        out = Path(args.output or DEFAULTS["output"])
+        if args.prompts:
+            out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
+        for i, im in enumerate(images):
+            target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+            rec = recipe(req, models) | {"index": i, "seed_of_image": req.seed + i}
+            written = save_png(im, target, a1111_parameters(req, models, i), rec)
+            print(f"wrote {written}")
+        if args.save_latent:
+            from safetensors.torch import save_file
+
+            path = next_free(args.save_latent)
+            meta = {"recipe": json.dumps(recipe(req, models)), "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
+            save_file({"latent": result.latents.contiguous().cpu()}, str(path), metadata=meta)
+            print(f"wrote {path}")
+    wall = time.perf_counter() - start
+    print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}")
+    return 0
+
+
+def _total_steps(req) -> int:
+    """Model evaluations the progress bar counts: one callback per sampler step (all stages)."""
+    from . import schedules
+
+    n = len(schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.steps), req.strength)) - 1 \
+        if (req.init_image is not None or req.init_latent is not None) and req.refiner_strength is None else req.steps
+    if req.refiner_strength is not None:
+        n = (0 if req.init_latent is not None else n) + len(schedules.img2img_sigmas(
+            schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps), req.refiner_strength)) - 1
+    if req.hires_scale:
+        n += len(schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.hires_steps or req.steps),
+                                          req.hires_strength)) - 1
+    return n
+
+
+def _load_latent(path: str, index: int | None):
+    from .checkpoint import SafetensorsFile
+
+    f = SafetensorsFile(path)
+    if "latent" not in f:
+        raise SDXLError(f"{path}: holds no tensor named 'latent' (write one with --save-latent)")
+    t = f["latent"].float()
+    if t.ndim != 4 or t.shape[1] != 4:
+        raise SDXLError(f"{path}: latent has shape {tuple(t.shape)}, expected (N, 4, H/8, W/8)")
+    if index is not None:
+        if not 0 <= index < t.shape[0]:
+            raise SDXLError(f"--latent-index {index} is out of range: {path} holds {t.shape[0]} latents")
+        t = t[index:index + 1]
+    if not torch_isfinite(t):
+        raise SDXLError(f"{path}: the latent holds non-finite values")
+    return t.clone()
+
+
+def torch_isfinite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """Under torchrun each rank takes every world-th prompt (RANK/WORLD_SIZE from the environment)."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _peak_memory(device: str) -> str:
+    import resource
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .watermark import detect_main
+
+    return detect_main(args.images)
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
+                       description="Generate images. Without --model, the embedded small default model is used.")
+    g.add_argument("prompt", nargs="?", help="the prompt (A1111 weighting: (word:1.2), (word), [word]; BREAK)")
+    g.add_argument("--negative", help="negative prompt (empty: zero embedding for the base, as the reference)")
+    g.add_argument("--prompt-2", help="a separate prompt for the OpenCLIP bigG encoder")
+    g.add_argument("--negative-2", help="a separate negative prompt for bigG")
+    g.add_argument("--prompts", help="a file of prompts, one a line (under torchrun each rank takes its share)")
+    g.add_argument("--from-png", help="reproduce an image written by sdxl generate (flags given override its recipe)")
+    g.add_argument("--model", help="checkpoint: single-file .safetensors or diffusers folder")
+    g.add_argument("--vae", help="a standalone VAE replacing the checkpoint's")
+    g.add_argument("--refiner", help="refiner checkpoint")
+    g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
+    g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
+    g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
+    g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--sampler", help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, dpmpp_2m, dpmpp_2m_sde, "
+                                     "dpmpp_3m_sde, dpmpp_sde, dpmpp_2s_ancestral, ddim, uni_pc")
+    g.add_argument("--scheduler", help="sgm (default), leading, trailing, karras, exponential, sgm_uniform, simple, ddim_uniform")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    g.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023), e.g. 0.7")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")
+    g.add_argument("--seed", type=int, help="image i of a batch uses seed+i (default: random, printed and saved)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--batch", type=int)
+    g.add_argument("--init-image", help="img2img: start from this image")
+    g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
+    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
+    g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
+    g.add_argument("--hires-upscale", choices=("latent", "pixel"))
+    g.add_argument("--hires-strength", type=float)
+    g.add_argument("--hires-steps", type=int)
+    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
+    g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
+    g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
+    g.add_argument("--negative-original-size", type=_pair)
+    g.add_argument("--negative-crop", type=_pair)
+    g.add_argument("--negative-target-size", type=_pair)
+    g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+    g.add_argument("--save-latent", help="also write the final latents to this safetensors file (tensor 'latent')")
+    g.add_argument("--latent", help="start from a latent written by --save-latent (with --refiner-strength: refine it)")
+    g.add_argument("--latent-index", type=int, help="which latent of that file")
+    g.add_argument("--no-watermark", action="store_true", help="omit the invisible watermark")
+    g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
+    g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp16/bf16 on GPU, bf16 on CPUs with AMX, else fp32")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_inspect)
+    _add_generate(sub)
+    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
+    d.add_argument("images", nargs="+")
+    d.set_defaults(func=_cmd_detect)
     return p
 
 

@@ -8,11 +8,15 @@ has; the same table converts in both directions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import CheckpointError
+from .text_encoders import TextEncoderConfig
+from .unet import UNet, UNetConfig
+from .vae import VAEConfig
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,103 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
     return best[1] + key[len(best[0]):]
 
 
-def unet_table(cfg) -> list[Entry]:
-    from .unet import UNet
-
+def unet_table(cfg: UNetConfig) -> list[Entry]:
+    """Every UNet tensor of `cfg` and its diffusers name."""
     pairs = _unet_prefixes(cfg)
     return [Entry(k, (_rename(k, pairs),)) for k in UNet(cfg, device="meta").state_dict()]
+
+
+# --- VAE: ours (sgm first_stage_model) <-> diffusers AutoencoderKL --------------------------
+
+def _wb(ours: str, theirs: str, op: str = "copy") -> list[Entry]:
+    """Weight and bias of one layer; `op` applies to the weight (biases are always copied)."""
+    return [Entry(f"{ours}.weight", (f"{theirs}.weight",), op), Entry(f"{ours}.bias", (f"{theirs}.bias",))]
+
+
+def _resnet(ours: str, theirs: str, c_in: int, c_out: int) -> list[Entry]:
+    out = []
+    for name in ("norm1", "conv1", "norm2", "conv2"):
+        out += _wb(f"{ours}.{name}", f"{theirs}.{name}")
+    if c_in != c_out:
+        out += _wb(f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")
+    return out
+
+
+def _mid(ours: str, theirs: str, c: int) -> list[Entry]:
+    out = _resnet(f"{ours}.block_1", f"{theirs}.resnets.0", c, c)
+    out += _wb(f"{ours}.attn_1.norm", f"{theirs}.attentions.0.group_norm")
+    for o, t in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        out += _wb(f"{ours}.attn_1.{o}", f"{theirs}.attentions.0.{t}", "conv1x1")  # Linear -> 1x1 conv
+    return out + _resnet(f"{ours}.block_2", f"{theirs}.resnets.1", c, c)
+
+
+def vae_table(cfg: VAEConfig) -> list[Entry]:
+    """Every VAE tensor of `cfg`; diffusers' `decoder.up_blocks` run in the reverse order of `decoder.up`."""
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    n = len(widths)
+    t = _wb("encoder.conv_in", "encoder.conv_in")
+    c = cfg.ch
+    for i, w in enumerate(widths):
+        for j in range(cfg.num_res_blocks):
+            t += _resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", c, w)
+            c = w
+        if i != n - 1:
+            t += _wb(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
+    t += _mid("encoder.mid", "encoder.mid_block", c)
+    t += _wb("encoder.norm_out", "encoder.conv_norm_out")
+    t += _wb("encoder.conv_out", "encoder.conv_out")
+    t += _wb("quant_conv", "quant_conv")
+    t += _wb("post_quant_conv", "post_quant_conv")
+    t += _wb("decoder.conv_in", "decoder.conv_in")
+    t += _mid("decoder.mid", "decoder.mid_block", c)
+    for i in reversed(range(n)):
+        k = n - 1 - i  # diffusers index of our level i
+        for j in range(cfg.num_res_blocks + 1):
+            t += _resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}", c, widths[i])
+            c = widths[i]
+        if i != 0:
+            t += _wb(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{k}.upsamplers.0.conv")
+    t += _wb("decoder.norm_out", "decoder.conv_norm_out")
+    t += _wb("decoder.conv_out", "decoder.conv_out")
+    return t
+
+
+# --- text encoders: ours <-> transformers CLIPTextModel / CLIPTextModelWithProjection ---------
+# Conversion tables: our text encoders <-> transformers CLIP text models (diffusers `text_encoder*/`).
+# 
+# CLIP-L: ours is `transformer.text_model.X`, theirs `text_model.X` (`CLIPTextModel` as saved by
+# transformers 4.x / in diffusers folders). bigG: ours uses open_clip names, theirs the
+# `CLIPTextModelWithProjection` names; q/k/v are fused into in_proj, text_projection is
+# transposed (open_clip multiplies `x @ P`, nn.Linear stores P.T), and logit_scale has no source.
+
+# Files written by transformers < 4.31 also carry this int buffer; pass as `to_ours(..., ignore=IGNORE)`.
+IGNORE = ("text_model.embeddings.position_ids",)
+
+_CLIP_LAYER = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj",
+               "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2")
+
+
+def clip_l_table(cfg: TextEncoderConfig) -> list[Entry]:
+    """Our CLIPTextEmbedder <-> transformers CLIPTextModel: the same names under another prefix."""
+    names = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight"]
+    names += [f"encoder.layers.{i}.{m}.{p}" for i in range(cfg.layers) for m in _CLIP_LAYER for p in ("weight", "bias")]
+    names += ["final_layer_norm.weight", "final_layer_norm.bias"]
+    return [Entry(f"transformer.text_model.{n}", (f"text_model.{n}",)) for n in names]
+
+
+def bigg_table(cfg: TextEncoderConfig) -> list[Entry]:
+    """Our OpenCLIPTextEmbedder <-> transformers CLIPTextModelWithProjection."""
+    t = [Entry("model.token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
+         Entry("model.positional_embedding", ("text_model.embeddings.position_embedding.weight",))]
+    for i in range(cfg.layers):
+        ours, theirs = f"model.transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            t.append(Entry(f"{ours}attn.in_proj_{p}", tuple(f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"), "cat0"))
+            t += [Entry(f"{ours}{a}.{p}", (f"{theirs}{b}.{p}",)) for a, b in (
+                ("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))]
+    t += [Entry(f"model.ln_final.{p}", (f"text_model.final_layer_norm.{p}",)) for p in ("weight", "bias")]
+    t.append(Entry("model.text_projection", ("text_projection.weight",), "transpose"))
+    # open_clip's initial value; diffusers drops it, SDXL never uses it (dropped again by to_theirs)
+    t.append(Entry("model.logit_scale", (), "const", math.log(1 / 0.07)))
+    return t

@@ -1,0 +1,106 @@
+"""Prompts as users of A1111 and ComfyUI write them: attention weights and prompts over 77 tokens.
+
+Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1,
+`(text:1.3)` explicit weight, `\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a
+new 75-token window. Long prompts are split into 75-token windows, each encoded as its
+own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
+
+WINDOW = MAX_LENGTH - 2  # 75 tokens between BOS and EOS
+_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; `BREAK` comes back as its own run with weight -1."""
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for r in runs[start:]:
+            r[1] *= factor
+
+    for m in _TOKEN.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            runs.append([tok[1], 1.0])
+        elif tok == "(":
+            round_open.append(len(runs))
+        elif tok == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        else:
+            parts = _BREAK.split(tok)
+            for i, part in enumerate(parts):
+                if i:
+                    runs.append(["BREAK", -1.0])
+                runs.append([part, 1.0])
+    for start in round_open:  # unclosed brackets still count, as in A1111
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    merged: list[list] = []
+    for text_, w in runs:
+        if not text_:
+            continue
+        if merged and merged[-1][1] == w and w != -1.0:
+            merged[-1][0] += text_
+        else:
+            merged.append([text_, w])
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """One prompt as 77-token windows: ids (n, 77) and per-token weights (n, 77)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def weighted(self) -> bool:
+        return bool((self.weights != 1.0).any())
+
+
+def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) -> TokenWindows:
+    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG)."""
+    windows: list[tuple[list[int], list[float]]] = [([], [])]
+    for run, weight in parse_weights(text):
+        if weight == -1.0:  # BREAK
+            windows.append(([], []))
+            continue
+        for i in tokenizer.ids(run):
+            if len(windows[-1][0]) == WINDOW:
+                windows.append(([], []))
+            windows[-1][0].append(i)
+            windows[-1][1].append(weight)
+    while len(windows) < min_windows:
+        windows.append(([], []))
+    ids, weights = [], []
+    for toks, ws in windows:
+        n = len(toks)
+        ids.append([BOS] + toks + [EOS] + [pad] * (WINDOW - n))
+        weights.append([1.0] + ws + [1.0] * (WINDOW + 1 - n))
+    return TokenWindows(torch.tensor(ids), torch.tensor(weights))
+
+
+def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis: scale each token's embedding by its weight, then restore the original mean."""
+    mean = z.float().mean()
+    z = z * weights.to(z.dtype)[..., None]
+    return z * (mean / z.float().mean()).to(z.dtype)

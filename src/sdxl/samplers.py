@@ -1,0 +1,437 @@
+"""Samplers as pure functions over a denoiser, in k-diffusion's style.
+
+Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None,
+noise_sampler=None, **opts) -> x`: `model(x, sigma_batch, **extra_args)` returns the
+denoised x0 (D in Karras et al. 2022), `x` starts at noise level `sigmas[0]` (pure noise:
+`noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.schedules`, usually
+ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic
+ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
+`{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
+
+The schedule arithmetic runs on Python floats (float64), the tensors stay in x's dtype.
+`EpsDenoiser` turns SDXL's eps-predicting UNet into D. docs/samplers.md maps each sampler to
+its diffusers scheduler configuration and lists where they differ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .schedules import discrete_sigmas, sigma_to_t, sigma_to_t_interp
+
+NoiseSampler = Callable[[float, float], Tensor]
+
+
+class EpsDenoiser:
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): c_out = -sigma, c_in = 1/sqrt(sigma^2+1) (SDXL.md §4).
+
+    `t_mode` maps sigma to the UNet's timestep: "nearest" (default; the nearest training
+    timestep, as sgm's DiscreteDenoiser and ComfyUI), "interp" (fractional, log-sigma
+    interpolation, as diffusers passes for Karras/exponential sigmas), or a callable
+    `sigma_batch -> t_batch`.
+    """
+
+    def __init__(self, eps_fn: Callable[..., Tensor], sigmas_train: Tensor | None = None, t_mode="nearest"):
+        if t_mode not in ("nearest", "interp") and not callable(t_mode):
+            raise ValueError(f"t_mode must be 'nearest', 'interp' or a callable, got {t_mode!r}")
+        self.eps_fn = eps_fn
+        self.sigmas_train = discrete_sigmas() if sigmas_train is None else sigmas_train
+        self.t_mode = t_mode
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        if self.t_mode == "nearest":
+            return sigma_to_t(sigma, self.sigmas_train)
+        if self.t_mode == "interp":
+            return sigma_to_t_interp(sigma, self.sigmas_train)
+        return self.t_mode(sigma)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        c_in = (s**2 + 1) ** -0.5
+        eps = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+        return x - (s * eps).to(x.dtype)
+
+
+def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> NoiseSampler:
+    """Noise from one CPU `torch.Generator(seed)` stream per image, drawn in float32, moved to x's device/dtype.
+
+    Each call returns (B, C, H, W) noise whose image b comes from `seeds[b]` alone, so results
+    do not depend on the device or on the batch an image is in. The first `skip` draws
+    of x's shape are discarded: with skip=1 the stream continues after the initial latent
+    (`randn((1, C, H, W), generator=Generator().manual_seed(seed))`), as one diffusers
+    generator per image does, instead of repeating the initial noise.
+    """
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"need one seed per image: {len(seeds)} seeds for a batch of {x.shape[0]}")
+    shape = (1, *x.shape[1:])
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    for g in generators:
+        for _ in range(skip):
+            torch.randn(shape, generator=g, dtype=torch.float32)
+
+    def sample(sigma: float, sigma_next: float) -> Tensor:
+        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return noise.to(x.device, x.dtype)
+
+    return sample
+
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step: deterministic step to sigma_down, then noise sigma_up."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Algorithm 2 (Euler steps) from Karras et al. (2022); the sgm reference's EulerEDMSampler."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _denoise(model, x, sigma_hat, extra_args)
+        _report(callback, x, i, s[i], sigma_hat, denoised)
+        x = x + (x - denoised) / sigma_hat * (s[i + 1] - sigma_hat)
+    return x
+
+
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                           eta=1.0, s_noise=1.0):
+    """Ancestral sampling with Euler method steps (k-diffusion `sample_euler_ancestral`)."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        x = x + (x - denoised) / s[i] * (sigma_down - s[i])
+        if sigma_up > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Algorithm 2 (Heun steps) from Karras et al. (2022); an Euler step into sigma = 0."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _denoise(model, x, sigma_hat, extra_args)
+        _report(callback, x, i, s[i], sigma_hat, denoised)
+        d = (x - denoised) / sigma_hat
+        dt = s[i + 1] - sigma_hat
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - _denoise(model, x_2, s[i + 1], extra_args)) / s[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2 steps (Lu et al., 2022) with Algorithm 2 of Karras et al. (2022): midpoint in log sigma."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        denoised = _denoise(model, x, sigma_hat, extra_args)
+        _report(callback, x, i, s[i], sigma_hat, denoised)
+        d = (x - denoised) / sigma_hat
+        if s[i + 1] == 0:
+            x = x + d * (s[i + 1] - sigma_hat)
+        else:
+            sigma_mid = math.exp((math.log(sigma_hat) + math.log(s[i + 1])) / 2)
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = (x_2 - _denoise(model, x_2, sigma_mid, extra_args)) / sigma_mid
+            x = x + d_2 * (s[i + 1] - sigma_hat)
+    return x
+
+
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                           eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver-2 steps (k-diffusion `sample_dpm_2_ancestral`)."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        d = (x - denoised) / s[i]
+        if sigma_down == 0:
+            x = x + d * (sigma_down - s[i])
+        else:
+            sigma_mid = math.exp((math.log(s[i]) + math.log(sigma_down)) / 2)
+            x_2 = x + d * (sigma_mid - s[i])
+            d_2 = (x_2 - _denoise(model, x_2, sigma_mid, extra_args)) / sigma_mid
+            x = x + d_2 * (sigma_down - s[i])
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, order=4):
+    """Linear multistep method in sigma (k-diffusion `sample_lms`; Karras et al. 2022 §3)."""
+    s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
+    ds = []  # derivatives at s[i], s[i-1], ... (newest last)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        ds = (ds + [(x - denoised) / s[i]])[-order:]
+        coeffs = [_lms_coefficient(s, i, j, len(ds)) for j in range(len(ds))]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
+    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b)."""
+    s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                        eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE (Lu et al., 2022b; k-diffusion `sample_dpmpp_2m_sde`), noise per step."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            eta_h = eta * h
+            phi_1 = -math.expm1(-h - eta_h)
+            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi_1 * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                c = 0.5 * phi_1 if solver_type == "midpoint" else phi_1 / (-h - eta_h) + 1
+                x = x + (c / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                        eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        h = None
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+            if eta:
+                x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                     eta=1.0, s_noise=1.0, r=0.5):
+    """DPM-Solver++ (stochastic), k-diffusion `sample_dpmpp_sde`: singlestep second order with an SDE substep.
+
+    k-diffusion queries a Brownian tree over [sigma_i, sigma_s] and [sigma_i, sigma_next];
+    here the two increments are built from two draws of the per-step `noise_sampler`, which
+    gives them the same joint law (Brownian motion in sigma) without a tree.
+    """
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised  # an Euler step into sigma = 0
+            continue
+        sigma_s = s[i] * math.exp(-r * math.log(s[i] / s[i + 1]))  # lambda_s = lambda_i + r * h
+        z_1, z_2 = noise_sampler(s[i], sigma_s), noise_sampler(sigma_s, s[i + 1])
+        z_full = ((s[i] - sigma_s) ** 0.5 * z_1 + (sigma_s - s[i + 1]) ** 0.5 * z_2) / (s[i] - s[i + 1]) ** 0.5
+        # Step 1: first-order (DDIM) step to sigma_s
+        sd, su = get_ancestral_step(s[i], sigma_s, eta)
+        x_2 = denoised + (sd / s[i]) * (x - denoised) + z_1 * (s_noise * su)
+        denoised_2 = _denoise(model, x_2, sigma_s, extra_args)
+        # Step 2: to sigma_next with the combined data prediction
+        sd, su = get_ancestral_step(s[i], s[i + 1], eta)
+        fac = 1 / (2 * r)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = denoised_d + (sd / s[i]) * (x - denoised_d) + z_full * (s_noise * su)
+    return x
+
+
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                              eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps (k-diffusion `sample_dpmpp_2s_ancestral`)."""
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
+        if sigma_down == 0:
+            x = denoised  # an Euler step into sigma = 0
+        else:
+            sigma_mid = math.sqrt(s[i] * sigma_down)  # r = 1/2: the midpoint in lambda
+            x_2 = denoised + (sigma_mid / s[i]) * (x - denoised)
+            denoised_2 = _denoise(model, x_2, sigma_mid, extra_args)
+            x = denoised_2 + (sigma_down / s[i]) * (x - denoised_2)
+        if sigma_up > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, eta=0.0, s_noise=1.0):
+    """DDIM (Song et al., 2021): in sigma form the Euler step for eta=0, the ancestral Euler step for eta > 0."""
+    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, noise_sampler, eta=eta, s_noise=s_noise)
+
+
+def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, order=2, variant="bh2"):
+    """UniPC multistep predictor-corrector (Zhao et al., 2023), data prediction, as diffusers' UniPCMultistepScheduler."""
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
+    n = len(s) - 1
+    history = []  # (sigma, denoised), newest last
+    x_last, last_order = None, None
+    for i in range(n):
+        denoised = _denoise(model, x, s[i], extra_args)
+        _report(callback, x, i, s[i], s[i], denoised)
+        if i > 0:  # UniC: correct the predicted x with the model output at it (no extra evaluation)
+            x = _unipc_update(x_last, history, s[i], last_order, variant, model_t=denoised)
+        history = (history + [(s[i], denoised)])[-order:]
+        last_order = min(order, n - i, i + 1)  # lower order for the first and the final steps
+        x_last = x
+        x = _unipc_update(x, history, s[i + 1], last_order, variant)  # UniP
+    return x
+
+
+def _unipc_update(x, history, sigma_t, order, variant, model_t=None):
+    """One UniP (model_t None) or UniC step from history[-1]'s sigma to sigma_t, in sigma form."""
+    sigma_0, m0 = history[-1]
+    if sigma_t == 0:
+        return m0  # the first-order step into sigma = 0 lands on the data prediction
+    h = math.log(sigma_0 / sigma_t)
+    rks, d1s = [], []
+    for k in range(1, order):
+        sigma_k, m_k = history[-1 - k]
+        rk = math.log(sigma_0 / sigma_k) / h  # (lambda_k - lambda_0) / h, negative
+        rks.append(rk)
+        d1s.append((m_k - m0) / rk)
+    rks.append(1.0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    R, b, factorial = [], [], 1
+    for k in range(1, order + 1):
+        R.append([rk ** (k - 1) for rk in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b = np.array(R), np.array(b)
+    x_t = (sigma_t / sigma_0) * x - h_phi_1 * m0
+    if model_t is None:  # predictor
+        if not d1s:
+            return x_t
+        rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return x_t - b_h * sum(rho * d for rho, d in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()  # corrector
+    res = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), torch.zeros_like(x)) + rhos[-1] * (model_t - m0)
+    return x_t - b_h * res
+
+
+class _Samplers(dict):
+    """Name -> sampler function; an unknown name raises ValueError listing the valid ones."""
+
+    def __missing__(self, name):
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(self)}")
+
+
+SAMPLERS = _Samplers(
+    euler=sample_euler,
+    euler_ancestral=sample_euler_ancestral,
+    heun=sample_heun,
+    dpm_2=sample_dpm_2,
+    dpm_2_ancestral=sample_dpm_2_ancestral,
+    lms=sample_lms,
+    dpmpp_2m=sample_dpmpp_2m,
+    dpmpp_2m_sde=sample_dpmpp_2m_sde,
+    dpmpp_3m_sde=sample_dpmpp_3m_sde,
+    dpmpp_sde=sample_dpmpp_sde,
+    dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral,
+    ddim=sample_ddim,
+    uni_pc=sample_uni_pc,
+)
+
+
+def _setup(x, sigmas, extra_args, noise_sampler):
+    if noise_sampler is None:
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
+    return [float(v) for v in sigmas.tolist()], extra_args or {}, noise_sampler
+
+
+def _denoise(model, x: Tensor, sigma: float, extra_args: dict) -> Tensor:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return model(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **extra_args)
+
+
+def _report(callback, x, i, sigma, sigma_hat, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
+    """Karras et al. (2022) Algorithm 2 lines 4-6: raise sigma by gamma and add the matching noise."""
+    gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.0
+    sigma_hat = s[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
+    return x, sigma_hat
+
+
+def _lms_coefficient(s: list[float], i: int, j: int, order: int) -> float:
+    """Integral over [s[i], s[i+1]] of the Lagrange basis polynomial that is 1 at s[i-j] (nodes s[i-order+1..i])."""
+    p = np.poly1d([1.0])
+    for k in range(order):
+        if k != j:
+            p = p * np.poly1d([1.0, -s[i - k]]) / (s[i - j] - s[i - k])
+    antiderivative = p.integ()
+    return float(antiderivative(s[i + 1]) - antiderivative(s[i]))
