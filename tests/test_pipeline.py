@@ -160,7 +160,8 @@ def test_batch_image_i_equals_single_image_with_seed_plus_i(ours):
 
 
 def test_initial_noise_convention(ours, monkeypatch):
-    """Image i's initial latent is randn((1, 4, h, w), Generator('cpu').manual_seed(seed + i)) * sigma_max."""
+    """Image i's initial latent is randn((1, 4, h, w), Generator('cpu').manual_seed(seed + i)) * sqrt(sigma_0^2 + 1),
+    the scale of sgm's EDMSampler (ComfyUI and diffusers' `leading` agree; diffusers' `trailing` uses sigma_0)."""
     seen = {}
 
     def capture(model, x, sigmas, **kw):
@@ -172,7 +173,8 @@ def test_initial_noise_convention(ours, monkeypatch):
     monkeypatch.setitem(samplers.SAMPLERS, "euler", capture)
     ours.generate(Request("x", width=SIZE, height=SIZE, steps=5, seed=42, batch=2))
     for i in range(2):
-        expected = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(42 + i)) * seen["sigma"]
+        noise = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(42 + i))
+        expected = noise * (seen["sigma"] ** 2 + 1) ** 0.5
         torch.testing.assert_close(seen["x"][i:i + 1], expected)
 
 

@@ -205,7 +205,8 @@ def test_gaussian_data(sampler):
     sigmas = get_sigmas("karras", 100)
     g = torch.Generator().manual_seed(0)
     x = mu + torch.randn(4096, 1, 4, 4, generator=g, dtype=torch.float64) * (sigmas[0] ** 2 + s**2) ** 0.5
-    out = SAMPLERS[sampler](model, x, sigmas, noise_sampler=lambda a, b: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    noise = lambda a, b: torch.randn(x.shape, generator=g, dtype=x.dtype)  # noqa: E731
+    out = SAMPLERS[sampler](model, x, sigmas, noise_sampler=noise)
     assert abs(out.mean().item() - mu) < 0.01  # 5 standard errors
     first_order = sampler in ("euler", "euler_ancestral", "ddim")  # 100 steps: std 0.985 (ODE), 0.965 (ancestral)
     assert abs(out.std().item() / s - 1) < (0.05 if first_order else 0.01)

@@ -66,13 +66,7 @@ def _request_from_args(args, model_info) -> "Request":
     from .output import read_recipe, request_fields_from_recipe
     from .pipeline import Request
 
-    base: dict = {}
-    if args.from_png:
-        rec = read_recipe(args.from_png)
-        base = request_fields_from_recipe(rec, Request)
-        for k, v in rec.get("models", {}).items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
+    base = request_fields_from_recipe(read_recipe(args.from_png), Request) if args.from_png else {}
     given = {k: v for k, v in vars(args).items() if v is not None}
     merged = dict(base)
     flag_to_field = {"negative": "negative_prompt", "scheduler": "schedule", "prompt_2": "prompt_2",
@@ -120,6 +114,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .output import a1111_parameters, next_free, recipe, save_png
     from .pipeline import Pipeline, default_device, default_dtype
 
+    if args.from_png:  # the recipe's model files and dtype, unless given
+        from .output import read_recipe
+
+        rec = read_recipe(args.from_png)
+        for k, v in rec.get("models", {}).items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+        args.dtype = args.dtype or rec.get("dtype")
     if args.model is None:
         from .default_model import default_model_paths
 
@@ -143,6 +145,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     device = args.device or default_device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     start = time.perf_counter()
     first_args = argparse.Namespace(**vars(args))
     first_args.prompt = jobs[0][1] if jobs and jobs[0][1] is not None else args.prompt
@@ -170,11 +173,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           height=init_latent.shape[-2] * pipe.latent_factor)
         bar = tqdm(total=_total_steps(req), desc=f"seed {req.seed}", unit="step", disable=args.quiet)
 
-        def tick(_info, bar=bar):
+        counted = [0]
+
+        def tick(_info, bar=bar, counted=counted):
             bar.update(1)
+            counted[0] += 1
 
         result = pipe.generate(req, callback=tick)
-        steps_done += bar.n
+        steps_done += counted[0]
         bar.close()
         images = result.images
         if not args.no_watermark:
@@ -186,7 +192,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
         for i, im in enumerate(images):
             target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-            rec = recipe(req, models) | {"index": i, "seed_of_image": req.seed + i}
+            rec = recipe(req, models) | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype_name}
             written = save_png(im, target, a1111_parameters(req, models, i), rec)
             print(f"wrote {written}")
         if args.save_latent:
@@ -317,6 +323,30 @@ def _add_generate(sub) -> None:
     g.set_defaults(func=_cmd_generate)
 
 
+# --- train -----------------------------------------------------------------------------------
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import config, train
+
+    cfg = config.load(args.config, args.set or [])
+    final = train(cfg, output=args.output, resume=args.resume, quiet=args.quiet)
+    print(f"wrote {final}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train or fine-tune (full UNet or LoRA) from a TOML config; torchrun for DDP/FSDP",
+                       description="Train an SDXL-family model. Checkpoints go to --output (DIR/step-*, DIR/latest); "
+                                   "the result is DIR/final.safetensors.")
+    t.add_argument("config", help="TOML file of settings (see examples/train_tiny.toml)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, TOML syntax: --set lr=1e-4 --set unet.model_channels=128 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from DIR/latest")
+    t.add_argument("-o", "--output", help="run folder (default: the config's output)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -325,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_inspect)
     _add_generate(sub)
+    _add_train(sub)
     d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
     d.add_argument("images", nargs="+")
     d.set_defaults(func=_cmd_detect)

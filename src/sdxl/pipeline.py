@@ -392,9 +392,10 @@ class Pipeline:
         return Result(x, self.to_pil(self.decode(x)))
 
     def _init_scale(self, req: Request, sigmas: torch.Tensor) -> float:
-        """Initial noise scale: sigma_max, or sqrt(sigma_max^2 + 1) for diffusers' `leading` (its init_noise_sigma)."""
+        """Initial noise scale sqrt(sigma_0^2 + 1): sgm's EDMSampler, ComfyUI (max_denoise) and diffusers' `leading`
+        init_noise_sigma; diffusers' `trailing` uses sigma_0."""
         s = float(sigmas[0])
-        return math.sqrt(s * s + 1) if req.schedule == "leading" else s
+        return s if req.schedule == "trailing" else math.sqrt(s * s + 1)
 
     def _switch_index(self, sigmas: torch.Tensor, frac: float) -> int:
         """Steps whose timestep is >= round(1000 * (1 - frac)) go to the base (diffusers' denoising_end)."""

@@ -28,7 +28,7 @@ NoiseSampler = Callable[[float, float], Tensor]
 
 
 class EpsDenoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): c_out = -sigma, c_in = 1/sqrt(sigma^2+1) (SDXL.md §4).
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1).
 
     `t_mode` maps sigma to the UNet's timestep: "nearest" (default; the nearest training
     timestep, as sgm's DiscreteDenoiser and ComfyUI), "interp" (fractional, log-sigma
@@ -64,7 +64,9 @@ def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> Noi
     do not depend on the device or on the batch an image is in. The first `skip` draws
     of x's shape are discarded: with skip=1 the stream continues after the initial latent
     (`randn((1, C, H, W), generator=Generator().manual_seed(seed))`), as one diffusers
-    generator per image does, instead of repeating the initial noise.
+    generator per image does in text-to-image, instead of repeating the initial noise.
+    Count every x-shaped draw the caller took from the seed (diffusers' img2img takes two:
+    the VAE posterior sample and the noise).
     """
     if len(seeds) != x.shape[0]:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for a batch of {x.shape[0]}")
@@ -324,7 +326,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, noise_sampler=
 
 
 def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, order=2, variant="bh2"):
-    """UniPC multistep predictor-corrector (Zhao et al., 2023), data prediction, as diffusers' UniPCMultistepScheduler."""
+    """UniPC multistep predictor-corrector (Zhao et al., 2023), data prediction, as diffusers' UniPCMultistep."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
@@ -403,9 +405,12 @@ SAMPLERS = _Samplers(
 
 
 def _setup(x, sigmas, extra_args, noise_sampler):
-    if noise_sampler is None:
-        noise_sampler = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
-    return [float(v) for v in sigmas.tolist()], extra_args or {}, noise_sampler
+    """Sigmas as Python floats, extra_args as a dict, and torch's global RNG if no noise sampler is given."""
+
+    def global_rng(sigma: float, sigma_next: float) -> Tensor:
+        return torch.randn_like(x)
+
+    return [float(v) for v in sigmas.tolist()], extra_args or {}, noise_sampler or global_rng
 
 
 def _denoise(model, x: Tensor, sigma: float, extra_args: dict) -> Tensor:

@@ -1,0 +1,538 @@
+"""The training loop of `sdxl train CONFIG.toml`: read it top to bottom, `train` first.
+
+Objective (SDXL.md §4): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
+x = x0 + sigma * eps and the UNet sees c_in * x = x / sqrt(sigma^2 + 1) at timestep t, which
+is exactly sqrt(abar) x0 + sqrt(1 - abar) eps and exactly what inference (`GuidedDenoiser`)
+feeds it. Conditioning goes through the model's own Conditioner, as at inference.
+
+Under `torchrun` every process takes `batch_size` samples of each global batch; gradients are
+averaged by DistributedDataParallel (or FSDP shards a full UNet). All randomness of a sample
+comes from (seed, global batch number, position in it), so one process with batch 2B and two
+with B each train the same model, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import checkpoint as checkpoint_io
+from ..errors import SDXLError
+from ..model import SDXLModel
+from ..schedules import discrete_sigmas
+from ..tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
+from . import checkpointing, data
+from .config import TrainConfig
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def train(cfg: TrainConfig, output: str | Path | None = None, resume: bool = False, quiet: bool = False,
+          on_step=None) -> Path:
+    """Train as `cfg` says; checkpoints under `output`, ending with `output/final.safetensors` (returned).
+
+    `on_step(state)` is called after every optimizer step (and its checkpoint), e.g. to stop early.
+    """
+    output = Path(output or cfg.output)
+    rank, world, device = setup_distributed(cfg)
+    try:
+        return _train(cfg, output, resume, quiet, on_step, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, rank: int, world: int,
+           device: torch.device) -> Path:
+    # --- 1. where this run stands -----------------------------------------------------------------
+    previous = checkpointing.latest(output)
+    if resume and previous is None:
+        raise SDXLError(f"{output}: nothing to resume (no {output / 'latest'}); run without --resume to start")
+    if not resume and previous is not None:
+        raise SDXLError(f"{output} already holds a run (latest: {previous.name}); pass --resume to continue it "
+                        "or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    log = Log(output / "log.jsonl", enabled=rank == 0)
+
+    # --- 2. the model: frozen everywhere, then the trained part unfrozen --------------------------
+    seed_everything(cfg.seed)
+    model = build_model(cfg, device)
+    trained = trainable_parameters(model, cfg)  # {official name: parameter}
+    if world > 1 and cfg.distributed == "fsdp":
+        shard_unet(model.unet, cfg)  # replaces the UNet's parameters by sharded ones
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(trained.values())
+    model.unet.train()
+    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    tokenizer = Tokenizer.default()
+
+    # --- 3. the data: buckets, order, optional cache -----------------------------------------------
+    if cfg.dataset.startswith("synthetic:") and rank == 0:
+        data.make_synthetic(int(cfg.dataset.split(":", 1)[1]), output / f"synthetic-{cfg.dataset.split(':', 1)[1]}")
+    barrier()
+    items, skipped = data.scan(cfg.dataset, output)
+    buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
+    bucket_of = [data.nearest_bucket(it.size, buckets) for it in items]
+    if cfg.cache_dir:
+        items, bucket_of, files, bad = build_cache(cfg, model, tokenizer, items, buckets, bucket_of, rank, world)
+        skipped += bad
+        dataset = data.CachedDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score, files)
+    else:
+        dataset = data.ImageDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score)
+    plan = data.BucketBatches(bucket_of, cfg.batch_size * world, cfg.seed)
+    log.event("data", images=len(items), skipped=len(skipped), skipped_files=skipped[:100],
+              buckets={f"{buckets[b][0]}x{buckets[b][1]}": len(m) for b, m in sorted(plan.members.items())},
+              batches_per_epoch=len(plan))
+
+    # --- 4. optimizer, EMA, and the state a resume restores ---------------------------------------
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    ema = {name: p.detach().clone() for name, p in trained.items()} if cfg.ema_decay else None
+    state = {"step": 0, "batches": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0, "world_size": world}
+    if resume:
+        restore(previous, model, trained, optimizer, ema, state, cfg, rank, world, log)
+    objective = Objective(model, cfg)
+    step_module = objective
+    if world > 1 and cfg.distributed == "ddp":
+        step_module = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    empty_text = encode_empty(model, tokenizer, device) if cfg.cache_dir else None
+
+    # --- 5. the steps -----------------------------------------------------------------------------
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=data.RankBatches(plan, rank, cfg.batch_size, state["batches"]),
+        collate_fn=data.collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    bad_images: set[str] = set()
+    bar = progress_bar(cfg.steps, state["step"], disabled=quiet or rank != 0)
+    if skipped:
+        bar.write(f"skipped {len(skipped)} unreadable image(s); see {output / 'log.jsonl'}")
+    started = time.perf_counter()
+    for step in range(state["step"], cfg.steps):
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = next(loader)
+            state["batches"] += 1
+            bad_images.update(batch["failed"])
+            inputs = prepare(batch, model, tokenizer, cfg, device, empty_text)
+            last = micro == cfg.grad_accum - 1
+            with gradient_sync(step_module, objective, last), autocast:
+                loss = step_module(inputs).mean() / cfg.grad_accum  # (B,) per-sample losses -> scalar
+            loss.backward()
+            loss_sum += loss.detach().float()
+        loss_value, failed_here = all_average(loss_sum, len(bad_images), world)
+        grad_norm = clip_gradients(params, cfg.max_grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            optimizer.step()
+            if ema is not None:
+                update_ema(ema, trained, cfg.ema_decay)
+            state["nonfinite_in_a_row"] = 0
+        else:  # skip the update; after max_nonfinite in a row stop, keeping the last good checkpoint
+            state["nonfinite_in_a_row"] += 1
+            state["nonfinite_total"] += 1
+            log.event("nonfinite", step=step + 1, loss=str(loss_value), grad_norm=str(grad_norm))
+            bar.write(f"step {step + 1}: non-finite loss or gradients (loss {loss_value}, grad norm {grad_norm}); "
+                      "step skipped")
+            if state["nonfinite_in_a_row"] >= cfg.max_nonfinite:
+                last_good = checkpointing.latest(output)
+                raise SDXLError(f"stopped at step {step + 1}: {cfg.max_nonfinite} non-finite steps in a row; the last "
+                                f"good checkpoint is {last_good or 'none (no checkpoint was written yet)'}")
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        log.step(step=step + 1, loss=loss_value, lr=lr, grad_norm=grad_norm, images_skipped=len(skipped) + failed_here,
+                 seconds=round(time.perf_counter() - started, 3))
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+            folder = save_checkpoint(output, model, optimizer, ema, state, cfg)
+            log.event("checkpoint", step=state["step"], path=str(folder))
+        if cfg.sample_every and state["step"] % cfg.sample_every == 0:
+            write_samples(model, trained, cfg, tokenizer, device, output, state["step"], rank, world)
+        if on_step is not None:
+            on_step(state)
+    bar.close()
+
+    # --- 6. the result: a single-file checkpoint that `sdxl generate --model` loads ---------------
+    final = write_final(model, trained, ema, cfg, output, rank, world)
+    log.event("final", path=str(final), step=state["step"])
+    return final
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> SDXLModel:
+    """From a checkpoint (`model`) or from scratch (`model_config`, initialised from `seed`); fp32, frozen, eval."""
+    if cfg.model:
+        model = checkpoint_io.load(cfg.model, device, torch.float32)
+        missing = [n for n in ("unet", "conditioner", "vae") if n not in model.components()]
+        if missing:
+            raise SDXLError(f"{cfg.model}: has no {', '.join(missing)}; training needs UNet, text encoders and VAE")
+    else:
+        model = SDXLModel(cfg.model_config_resolved(), device=device)
+    model.requires_grad_(False).eval()
+    # bucket sides must come out as whole latents that the UNet can halve at every level
+    factor = 2 ** (len(model.vae.cfg.ch_mult) - 1) * 2 ** (len(model.unet.cfg.channel_mult) - 1)
+    if cfg.bucket_step % factor:
+        raise SDXLError(f"bucket_step {cfg.bucket_step} must be a multiple of {factor} for this model "
+                        "(VAE down-sampling times UNet down-sampling)")
+    return model
+
+
+def trainable_parameters(model: SDXLModel, cfg: TrainConfig) -> dict[str, nn.Parameter]:
+    """The trained parameters by their name in `model`: the full UNet, or new LoRA layers (sdxl.lora)."""
+    if cfg.train == "lora":
+        from ..lora import add_lora
+
+        new = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, unet=True,
+                       text_encoders=cfg.lora_text_encoders, dtype=torch.float32)
+        ids = {id(p) for p in new}
+        for p in new:
+            p.requires_grad_(True)
+        return {n: p for n, p in model.named_parameters() if id(p) in ids}
+    model.unet.requires_grad_(True)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def shard_unet(unet: nn.Module, cfg: TrainConfig) -> None:
+    """FSDP2: shard every UNet block and the rest of the UNet over the processes (full fine-tunes)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(unet, mp_policy=policy)
+
+
+# --- the objective --------------------------------------------------------------------------------
+
+class Objective(nn.Module):
+    """What DDP wraps: conditioning + UNet -> per-sample loss. Holds the UNet and the Conditioner."""
+
+    def __init__(self, model: SDXLModel, cfg: TrainConfig):
+        super().__init__()
+        self.unet, self.conditioner = model.unet, model.conditioner
+        self.zero_dropped = not model.cfg.is_refiner  # the base's empty prompt is a zero embedding (SDXL.md §3)
+        self.train_text = cfg.lora_text_encoders
+        self.min_snr_gamma = cfg.min_snr_gamma
+        self.sigmas = discrete_sigmas().float()  # (1000,) ascending; not a buffer: never saved or broadcast
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        t, noise = inputs["t"], inputs["noise"]
+        if "crossattn" in inputs:  # from the cache (dropped captions already replaced by the empty prompt's)
+            crossattn, pooled = inputs["crossattn"], inputs["pooled"]
+        else:
+            with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+                crossattn, pooled = self.conditioner.encode_text(inputs["tokens_l"], inputs["tokens_g"])
+        if self.zero_dropped:
+            keep = (~inputs["drop"]).to(crossattn.dtype)
+            crossattn, pooled = crossattn * keep[:, None, None], pooled * keep[:, None]
+        micro = self.conditioner.encode_micro(inputs["micro"], t.shape[0]).to(pooled)
+        vector = torch.cat([pooled, micro], dim=-1)  # (B, adm_in_channels)
+        sigma = self.sigmas.to(t.device)[t].view(-1, 1, 1, 1)
+        x = inputs["latents"] + sigma * noise
+        eps = self.unet(x / torch.sqrt(sigma * sigma + 1), t.float(), crossattn, vector)
+        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))  # (B,)
+        if self.min_snr_gamma > 0:  # min(SNR, gamma) / SNR with SNR = 1 / sigma^2 (Hang et al. 2023, eps form)
+            loss = loss * (self.min_snr_gamma * sigma.flatten() ** 2).clamp(max=1.0)
+        return loss
+
+
+@torch.no_grad()
+def prepare(batch: dict, model: SDXLModel, tokenizer: Tokenizer, cfg: TrainConfig, device: torch.device,
+            empty_text: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """A collated batch -> the objective's inputs on `device`: latents, noise, t, text, dropout, micro values.
+
+    Every random number of a sample comes from its own generator, seeded by (seed, batch number, position).
+    """
+    gens = [torch.Generator().manual_seed(data.stable_seed(cfg.seed, "sample", k, pos)) for k, pos in batch["key"]]
+    drop = torch.tensor([float(torch.rand((), generator=g)) < cfg.caption_dropout for g in gens])
+    lo, hi = cfg.timestep_range
+    t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens])
+    vae = model.vae
+    if "pixels" in batch:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            posterior = vae.encode(batch["pixels"].to(device))
+        mean, std = posterior.mean.float(), posterior.std.float()
+    else:
+        mean, std = batch["mean"].to(device), batch["std"].to(device)
+    shape = tuple(mean.shape[1:])  # (C, h, w)
+    draw = lambda size: torch.cat([torch.randn((1, *size), generator=g) for g in gens]).to(device)  # noqa: E731
+    latents = (mean + std * draw(shape)) * vae.cfg.scaling_factor
+    noise = draw(shape) + cfg.offset_noise * draw((shape[0], 1, 1))  # offset noise (Guttenberg 2023)
+    inputs = {"latents": latents, "noise": noise, "t": t.to(device), "drop": drop.to(device),
+              "micro": {k: batch[k].to(device) for k in
+                        ("original_size", "crop_coords_top_left", "target_size", "aesthetic_score")}}
+    if "crossattn" in batch:
+        d = drop.to(device)
+        inputs["crossattn"] = torch.where(d[:, None, None], empty_text[0], batch["crossattn"].to(device))
+        inputs["pooled"] = torch.where(d[:, None], empty_text[1], batch["pooled"].to(device))
+    else:
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        inputs["tokens_g"] = tokenizer(captions, PAD_BIGG).to(device)
+        inputs["tokens_l"] = tokenizer(captions, PAD_CLIP_L).to(device) if model.conditioner.clip_l else None
+    return inputs
+
+
+@torch.no_grad()
+def encode_text(model: SDXLModel, tokenizer: Tokenizer, caption: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One caption -> crossattn (77, C), pooled (P), as the Conditioner encodes it."""
+    tokens_l = tokenizer([caption], PAD_CLIP_L).to(device) if model.conditioner.clip_l else None
+    crossattn, pooled = model.conditioner.encode_text(tokens_l, tokenizer([caption], PAD_BIGG).to(device))
+    return crossattn[0].float(), pooled[0].float()
+
+
+def encode_empty(model: SDXLModel, tokenizer: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return encode_text(model, tokenizer, "", device)
+
+
+def build_cache(cfg, model, tokenizer, items, buckets, bucket_of, rank, world):
+    """Encode every image (one fixed crop) and caption once; returns the cached items, buckets, files, skipped."""
+    cache_dir = Path(cfg.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = json.dumps([cfg.model, os.path.getmtime(cfg.model) if cfg.model else None,
+                              cfg.model_config, cfg.unet, cfg.vae, cfg.clip_l, cfg.bigg, cfg.seed])
+    files = [data.cache_file(cache_dir, it, buckets[b], cfg.random_crop, cfg.seed, fingerprint)
+             for it, b in zip(items, bucket_of)]
+    device = next(model.vae.parameters()).device
+
+    @torch.no_grad()
+    def encode(pixels, caption):
+        posterior = model.vae.encode(pixels.to(device))
+        crossattn, pooled = encode_text(model, tokenizer, caption, device)
+        return {"mean": posterior.mean[0].float(), "std": posterior.std[0].float(), "crossattn": crossattn,
+                "pooled": pooled}
+
+    data.fill_cache(items, buckets, bucket_of, files, encode, cfg.seed, cfg.random_crop, rank, world)
+    barrier()
+    keep = [i for i, f in enumerate(files) if f.is_file()]
+    bad = [f.with_suffix(".bad").read_text() for f in files if f.with_suffix(".bad").is_file()]
+    return [items[i] for i in keep], [bucket_of[i] for i in keep], [files[i] for i in keep], bad
+
+
+# --- one step's pieces ----------------------------------------------------------------------------
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine down to `lr_min` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def gradient_sync(step_module: nn.Module, objective: nn.Module, last_micro_step: bool):
+    """Gradient accumulation: no all-reduce until the last micro-step (DDP no_sync, FSDP2 requires_gradient_sync)."""
+    if isinstance(step_module, nn.parallel.DistributedDataParallel) and not last_micro_step:
+        return step_module.no_sync()
+    if hasattr(objective.unet, "set_requires_gradient_sync"):  # sharded by FSDP2
+        objective.unet.set_requires_gradient_sync(last_micro_step)
+    return contextlib.nullcontext()
+
+
+def all_average(loss_sum: torch.Tensor, bad: int, world: int) -> tuple[float, int]:
+    """The loss averaged over processes, and the unreadable images they met (summed)."""
+    t = torch.stack([loss_sum.float(), torch.tensor(float(bad), device=loss_sum.device)])
+    if world > 1:
+        dist.all_reduce(t)  # gloo has no AVG: sum, then divide
+        t[0] /= world
+    return float(t[0]), int(t[1])
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (0: no clipping); the total norm, inf or nan when a gradient is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], trained: dict[str, nn.Parameter], decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * weights."""
+    for name, p in trained.items():
+        ema[name].lerp_(p.detach(), 1.0 - decay)
+
+
+# --- checkpoints, resume, samples, the final file ---------------------------------------------------
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
+def save_checkpoint(output: Path, model: SDXLModel, optimizer, ema, state: dict, cfg: TrainConfig) -> Path:
+    """Gather the trained weights, optimizer state and EMA (full tensors on rank 0) and write them atomically."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _state_dict_options(cpu_offload=True)
+    trained = get_model_state_dict(model, options=options)
+    osd = get_optimizer_state_dict(model, optimizer, options=options)
+    ema_full = {n: _full(e) for n, e in ema.items()} if ema is not None else None
+    meta = dict(state, config=cfg.to_dict(), saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return checkpointing.save(output, state["step"], trained, osd, ema_full, meta, cfg.keep_checkpoints)
+
+
+def restore(folder: Path, model: SDXLModel, trained: dict, optimizer, ema, state: dict, cfg: TrainConfig,
+            rank: int, world: int, log) -> None:
+    """Load weights, optimizer, EMA, step, data position and RNG states from a checkpoint folder."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    ckpt = checkpointing.load(folder, rank)
+    if set(ckpt["trained"]) != set(trained):
+        extra, missing = set(ckpt["trained"]) - set(trained), set(trained) - set(ckpt["trained"])
+        raise SDXLError(f"{folder}: its trained weights do not match this config ({len(missing)} missing, "
+                        f"{len(extra)} unexpected, e.g. {next(iter(missing or extra))}); did `train` or the LoRA "
+                        "settings change?")
+    set_model_state_dict(model, ckpt["trained"], options=_state_dict_options(strict=False))
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=_state_dict_options())
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise SDXLError(f"{folder}: holds no EMA weights but ema_decay is set; resume with ema_decay = 0")
+        with torch.no_grad():
+            for name, e in ema.items():
+                src = ckpt["ema"][name].to(trained[name].device)
+                if hasattr(e, "device_mesh"):  # FSDP: keep this process's shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, e.device_mesh, e.placements)
+                e.copy_(src)
+    saved = ckpt["state"]
+    for key in ("step", "batches", "nonfinite_in_a_row", "nonfinite_total"):
+        state[key] = saved[key]
+    if saved.get("world_size", world) * cfg.batch_size != world * saved["config"]["batch_size"]:
+        log.event("warning", message="the global batch size changed since the checkpoint: data order differs")
+    changed = sorted(k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k != "output")
+    if changed:
+        log.event("resume_config_changed", keys=changed)
+    checkpointing.set_rng_state(*ckpt["rng"])
+    log.event("resumed", path=str(folder), step=state["step"])
+
+
+def write_samples(model: SDXLModel, trained: dict, cfg: TrainConfig, tokenizer, device, output: Path, step: int,
+                  rank: int, world: int) -> None:
+    """Images from the fixed prompts and seeds (rank 0, fp32, `sample_steps` Euler steps) -> output/samples/."""
+    if rank != 0 or (world > 1 and cfg.distributed == "fsdp"):
+        return  # under FSDP no single process holds the whole UNet: look at final.safetensors instead
+    from ..pipeline import Pipeline, Request
+
+    size = cfg.sample_size or cfg.resolution
+    folder = output / "samples"
+    folder.mkdir(exist_ok=True)
+    was_training = {m: m.training for m in (model.unet, model.conditioner)}
+    pipe = Pipeline(model, device=device, dtype=torch.float32, tokenizer=tokenizer, channels_last=False)
+    try:
+        for i, prompt in enumerate(cfg.sample_prompts):
+            req = Request(prompt, width=size, height=size, steps=cfg.sample_steps, cfg=cfg.sample_cfg,
+                          seed=cfg.sample_seed + i)
+            pipe.generate(req).images[0].save(folder / f"{checkpointing.folder_name(step)}-{i}.png")
+    finally:  # the Pipeline froze the model for inference
+        for p in trained.values():
+            p.requires_grad_(True)
+        for m, mode in was_training.items():
+            m.train(mode)
+
+
+def write_final(model: SDXLModel, trained: dict, ema, cfg: TrainConfig, output: Path, rank: int, world: int) -> Path:
+    """final.safetensors (official single-file layout; EMA weights when enabled); LoRA runs also write the
+    LoRA alone, kohya (final_lora.safetensors) and PEFT (final_lora_peft.safetensors), then merge it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    dtype = SAVE_DTYPES[cfg.save_dtype]
+    meta = {"sdxl.train.config": json.dumps(cfg.to_dict()), "sdxl.train.ema": str(ema is not None)}
+    final = output / "final.safetensors"
+    if ema is not None:
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(ema[name])
+    if cfg.train == "lora":
+        from ..lora import merge_lora, save_lora
+
+        if rank == 0:
+            for name, fmt in (("final_lora.safetensors", "kohya"), ("final_lora_peft.safetensors", "peft")):
+                (output / name).unlink(missing_ok=True)
+                save_lora(model, output / name, format=fmt, metadata=meta, dtype=dtype)
+        merge_lora(model)
+    if world > 1 and cfg.distributed == "fsdp":  # gather the sharded UNet into a plain model on rank 0
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            plain = SDXLModel(model.cfg, device="meta")
+            plain.load_state_dict(full, assign=True)
+            checkpoint_io.save_single_file(plain, final, dtype=dtype, metadata=meta, overwrite=True)
+    elif rank == 0:
+        checkpoint_io.save_single_file(model, final, dtype=dtype, metadata=meta, overwrite=True)
+    barrier()
+    return final
+
+
+# --- seeing it ------------------------------------------------------------------------------------
+
+class Log:
+    """JSON lines: one per step (loss, lr, grad norm, ...) and one per event (data, checkpoint, nonfinite, ...)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def _write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, **values) -> None:
+        self._write(values)
+
+    def event(self, name: str, **values) -> None:
+        self._write({"event": name, **values})
+
+
+def progress_bar(total: int, initial: int, disabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=disabled, unit="step", dynamic_ncols=True, desc="train")
