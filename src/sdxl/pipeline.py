@@ -154,9 +154,10 @@ class GuidedDenoiser:
         self.scale, self.rescale, self.sigma_range = scale, rescale, sigma_range
         self.extra, self.blend, self.skip_blend = extra, blend, skip_first_blend
         self.dtype = next(unet.parameters()).dtype
-        self.sigmas_train = schedules.discrete_sigmas()
+        self.denoise = samplers_.EpsDenoiser(self.eps)
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The UNet's eps for a scaled input; with guidance, one batched call for (uncond, cond)."""
         if self.extra is not None:
             x_in = torch.cat([x_in, self.extra], dim=1)
         x_in = x_in.to(self.dtype)
@@ -179,19 +180,18 @@ class GuidedDenoiser:
             else:
                 keep, known, noise = self.blend  # keep = 1 where the image is kept
                 x = x * (1 - keep) + (known + noise * sigma.view(-1, 1, 1, 1)) * keep
-        s = sigma.view(-1, 1, 1, 1).float()
-        t = schedules.sigma_to_t(sigma.float(), self.sigmas_train)
         guided = (self.uncond is not None and self.scale != 1.0
                   and self.sigma_range[0] < float(sigma.max()) <= self.sigma_range[1] * (1 + 1e-6))
-        return x - s * self.eps(x / torch.sqrt(s * s + 1), t, guided)
+        return self.denoise(x, sigma.float(), guided=guided)
 
 
 class Pipeline:
     """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`."""
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
-                 vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True):
-        self.device, self.dtype = torch.device(device), dtype
+                 vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
+                 vae_tiling: bool | None = None):
+        self.device, self.dtype, self.vae_tiling = torch.device(device), dtype, vae_tiling
         self.tokenizer = tokenizer or Tokenizer.default()
         self.base = self._prepare(base, dtype, channels_last)
         self.refiner = self._prepare(refiner, dtype, channels_last) if refiner is not None else None
@@ -279,7 +279,9 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, noise: GeneratorNoise) -> torch.Tensor:
         """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior with each image's generator."""
-        dist = self.vae.encode(images.to(self.device, self.vae_dtype))
+        images = images.to(self.device, self.vae_dtype)
+        f = self.latent_factor
+        dist = (self.vae.encode_tiled if self._tiled(images[:, :, ::f, ::f]) else self.vae.encode)(images)
         eps = noise.randn(tuple(dist.mean.shape[1:]), self.device)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
@@ -289,14 +291,24 @@ class Pipeline:
         z = (latents / self.scaling_factor).to(self.device, self.vae_dtype)
         if self.vae_dtype != torch.float32:
             z = z.contiguous(memory_format=torch.channels_last)
-        x = self.vae.decode(z).float()
+        decode = self.vae.decode_tiled if self._tiled(z) else self.vae.decode
+        x = decode(z).float()
         if not torch.isfinite(x).all():
             if self.vae_dtype == torch.float32:
                 raise SDXLError("the VAE produced non-finite values even in float32; the latents or weights are broken")
             warnings.warn(f"VAE decode in {self.vae_dtype} gave non-finite values; retrying in float32")
-            x = self.vae.float().decode(z.float()).float()
-            self.vae.to(self.vae_dtype)
+            self.vae.float()
+            try:
+                x = (self.vae.decode_tiled if self._tiled(z) else self.vae.decode)(z.float()).float()
+            finally:
+                self.vae.to(self.vae_dtype)
         return (x / 2 + 0.5).clamp(0, 1)
+
+    def _tiled(self, latents: torch.Tensor) -> bool:
+        """Tile the VAE when asked, or automatically for latents over 128x128 (1024x1024 pixels)."""
+        if self.vae_tiling is not None:
+            return self.vae_tiling
+        return latents.shape[-2] * latents.shape[-1] > 128 * 128
 
     # --- sampling ----------------------------------------------------------------------------
 
@@ -389,6 +401,9 @@ class Pipeline:
             x = x * (1 - blend[0]) + blend[1] * blend[0]
         if req.hires_scale:
             x = self._hires(req, x, noise, callback)
+        if not torch.isfinite(x).all():
+            raise SDXLError(f"sampling produced non-finite latents in {self.dtype} (overflow?); "
+                            "retry with --dtype fp32 (or bf16)")
         return Result(x, self.to_pil(self.decode(x)))
 
     def _init_scale(self, req: Request, sigmas: torch.Tensor) -> float:

@@ -255,6 +255,122 @@ class AutoencoderKL(nn.Module):
         """Reconstruction through the posterior mode."""
         return self.decode(self.encode(x).mode())
 
+    @property
+    def factor(self) -> int:
+        """Pixels per latent along each side: 8 for SDXL."""
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16, stats_size: int | None = 64) -> torch.Tensor:
+        """`decode` in overlapping latent tiles blended with linear ramps: memory bounded by the tile size.
+
+        Every tile normalises with whole-image GroupNorm statistics, taken from one decode of the latent
+        shrunk to `stats_size` (None: full size) as TiledVAE's fast mode does: per-tile statistics would
+        give each tile its own tone, a visible seam.
+        """
+        if max(z.shape[-2:]) <= tile:
+            return self.decode(z)
+        probe = z if stats_size is None else _shrink(z, stats_size)
+        with _shared_norm_stats(self.decoder, lambda: self.decode(probe)):
+            return _tiled(self.decode, z, tile, overlap, self.factor)
+
+    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 128,
+                     stats_size: int | None = 512) -> DiagonalGaussian:
+        """`encode` in overlapping pixel tiles, with shared GroupNorm statistics as `decode_tiled`."""
+        f = self.factor
+        if max(x.shape[-2:]) <= tile:
+            return self.encode(x)
+        enc = lambda t: self.quant_conv(self.encoder(t))  # noqa: E731
+        probe = x if stats_size is None else _shrink(x, stats_size)
+        with _shared_norm_stats(self.encoder, lambda: enc(probe)):
+            moments = _tiled(enc, x, tile // f * f, overlap // f * f, 1 / f)
+        return DiagonalGaussian.from_moments(moments)
+
+
+def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x resized (area-preserving aspect) so its longer side is at most `size`."""
+    h, w = x.shape[-2:]
+    s = min(1.0, size / max(h, w))
+    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", antialias=True)
+
+
+class _shared_norm_stats:
+    """Within the block, `module`'s GroupNorms use the statistics recorded while running `probe()` once."""
+
+    def __init__(self, module: nn.Module, probe):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        self.probe, self.stats = probe, {}
+
+    def __enter__(self):
+        def record(m, args):
+            x = args[0].float().reshape(args[0].shape[0], m.num_groups, -1)
+            self.stats[m] = (x.mean(-1), x.var(-1, unbiased=False))  # (B, groups) each
+
+        hooks = [m.register_forward_pre_hook(record) for m in self.norms]
+        try:
+            with torch.no_grad():
+                self.probe()
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in self.norms:
+            m.forward = self._fixed(m)
+        return self
+
+    def _fixed(self, m: nn.GroupNorm):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            mean, var = self.stats[m]
+            b, c = x.shape[:2]
+            g = x.reshape(b, m.num_groups, -1)  # (B, groups, C/groups * H * W)
+            g = (g - mean[:, :, None].to(x.dtype)) * torch.rsqrt(var[:, :, None] + m.eps).to(x.dtype)
+            return g.reshape(x.shape) * m.weight.view(1, c, 1, 1) + m.bias.view(1, c, 1, 1)
+        return forward
+
+    def __exit__(self, *exc):
+        for m in self.norms:
+            del m.forward  # back to GroupNorm.forward
+        return False
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
+    """Weights along one side of a tile: rising over `overlap` at inner edges, 1 at the image border."""
+    w = torch.ones(n, device=device)
+    k = min(overlap, n // 2)
+    if k and not first:
+        w[:k] = torch.linspace(1 / (k + 1), k / (k + 1), k, device=device)
+    if k and not last:
+        w[n - k:] = torch.linspace(k / (k + 1), 1 / (k + 1), k, device=device)
+    return w
+
+
+def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """Apply a fully convolutional `fn` (output `scale` x the input size) tile by tile, feathering the overlaps."""
+    b, _, h, w = x.shape
+    ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    if len(ys) == len(xs) == 1:
+        return fn(x)
+    out = weight = None
+    for i, y0 in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            piece = fn(x[:, :, y0:y0 + tile, x0:x0 + tile]).float()
+            ph, pw = piece.shape[-2:]
+            oy, ox, ov = int(y0 * scale), int(x0 * scale), int(overlap * scale)
+            wy = _ramp(ph, ov, i == 0, i == len(ys) - 1, x.device)
+            wx = _ramp(pw, ov, j == 0, j == len(xs) - 1, x.device)
+            m = wy[:, None] * wx[None, :]  # (ph, pw)
+            if out is None:
+                out = torch.zeros(b, piece.shape[1], int(h * scale), int(w * scale), device=x.device)
+                weight = torch.zeros(int(h * scale), int(w * scale), device=x.device)
+            out[:, :, oy:oy + ph, ox:ox + pw] += piece * m
+            weight[oy:oy + ph, ox:ox + pw] += m
+    return (out / weight).to(x.dtype)
+
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
     """Infer the config of an sgm AutoencoderKL from its tensor shapes (keys without prefix)."""
