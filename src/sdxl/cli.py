@@ -151,7 +151,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     first_args.prompt = jobs[0][1] if jobs and jobs[0][1] is not None else args.prompt
     req0 = _request_from_args(first_args, info)  # validates the flags before loading anything big
     req0.validate(has_refiner=args.refiner is not None)
-    pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype)
+    tiling = {"on": True, "off": False}.get(args.vae_tiling)
+    pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype, vae_tiling=tiling)
     init_latent = None
     if args.latent:
         init_latent = _load_latent(args.latent, args.latent_index)
@@ -319,6 +320,7 @@ def _add_generate(sub) -> None:
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
     g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp16/bf16 on GPU, bf16 on CPUs with AMX, else fp32")
+    g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
@@ -326,11 +328,14 @@ def _add_generate(sub) -> None:
 # --- train -----------------------------------------------------------------------------------
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .train import config, train
 
     cfg = config.load(args.config, args.set or [])
     final = train(cfg, output=args.output, resume=args.resume, quiet=args.quiet)
-    print(f"wrote {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"wrote {final}")
     return 0
 
 
