@@ -6,6 +6,7 @@ that machine noise hits both alike; the ratio is the result, not the absolute se
 """
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -59,7 +60,9 @@ def main() -> None:
                 fn()
                 times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    line = (f"| {date.today()} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads | "
+    load = os.getloadavg()[0]
+    line = (f"| {date.today()} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"load {load:.1f} | "
             f"base UNet, batch {b}, {n}x{n} latent, {args.dtype}{', channels-last' if args.channels_last else ''} | "
             f"{med['ours']:.2f} s | {med['diffusers']:.2f} s | {med['diffusers'] / med['ours']:.2f}x |")
     print(line)

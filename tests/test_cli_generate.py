@@ -152,3 +152,26 @@ def test_prompts_file_and_rank_share(files, tmp_path, capsys, monkeypatch):
     assert written == ["many-0001.png"]  # rank 1 of 2 takes prompt 1 of 0..2
     rec = json.loads(Image.open(tmp_path / "many-0001.png").info["sdxl-recipe"])
     assert rec["prompt"] == "a blue square" and rec["seed"] == 11
+
+
+def test_lora_flag_changes_the_image_and_is_replayed(files, tmp_path, capsys):
+    from sdxl.lora import add_lora, save_lora
+
+    base, _ = files
+    model = ck.load(base)
+    params = add_lora(model, rank=4, unet=True)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)
+    save_lora(model, tmp_path / "style.safetensors")
+    common = ["a star", "--model", base, "--seed", 2, *FAST]
+    run(capsys, "generate", *common, "-o", tmp_path / "plain.png")
+    code, text, _ = run(capsys, "generate", *common, "--lora", f"{tmp_path / 'style.safetensors'}:0.7",
+                        "-o", tmp_path / "lora.png")
+    assert code == 0 and "LoRA" in text and "weight 0.7" in text
+    assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "lora.png"))
+    code, _, _ = run(capsys, "generate", "--from-png", tmp_path / "lora.png", "-o", tmp_path / "again.png", "-q",
+                     "--no-watermark")
+    assert code == 0 and np.array_equal(pixels(tmp_path / "lora.png"), pixels(tmp_path / "again.png"))
+    code, _, err = run(capsys, "generate", *common, "--lora", tmp_path / "missing.safetensors")
+    assert code == 2 and "missing.safetensors" in err

@@ -118,9 +118,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from .output import read_recipe
 
         rec = read_recipe(args.from_png)
-        for k, v in rec.get("models", {}).items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
+        models = rec.get("models", {})
+        for k in ("model", "refiner", "vae"):
+            if getattr(args, k, None) is None and models.get(k):
+                setattr(args, k, models[k])
+        args.lora = args.lora or [v for k, v in sorted(models.items()) if k.startswith("lora")] or None
         args.dtype = args.dtype or rec.get("dtype")
     if args.model is None:
         from .default_model import default_model_paths
@@ -153,10 +155,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     req0.validate(has_refiner=args.refiner is not None)
     tiling = {"on": True, "off": False}.get(args.vae_tiling)
     pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype, vae_tiling=tiling)
+    for spec in args.lora or []:
+        from .lora import load_lora
+
+        path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        try:
+            multiplier = float(weight) if weight else 1.0
+        except ValueError:
+            raise SDXLError(f"--lora {spec}: the weight after ':' must be a number, e.g. style.safetensors:0.8") from None
+        report = load_lora(pipe.base, path, multiplier)
+        print(f"LoRA {path}: {report.total} layers, weight {multiplier}")
     init_latent = None
     if args.latent:
         init_latent = _load_latent(args.latent, args.latent_index)
     models = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    models |= {f"lora{i}": spec for i, spec in enumerate(args.lora or [])}
     steps_done = 0
     for k, prompt in jobs:
         a = argparse.Namespace(**vars(args))
@@ -281,6 +294,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--from-png", help="reproduce an image written by sdxl generate (flags given override its recipe)")
     g.add_argument("--model", help="checkpoint: single-file .safetensors or diffusers folder")
     g.add_argument("--vae", help="a standalone VAE replacing the checkpoint's")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
     g.add_argument("--refiner", help="refiner checkpoint")
     g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import SafetensorsFile
+from .checkpoint import SafetensorsFile, _first
 from .convert import bigg_table, clip_l_table, unet_table
-from .errors import SDXLError
+from .errors import CheckpointError, SDXLError
 from .model import PREFIXES, ModelConfig, SDXLModel
 from .text_encoders import MultiheadSelfAttention, _causal_attention
 
@@ -334,7 +334,7 @@ def save_lora(model: nn.Module, path, format: str = "kohya", metadata: dict | No
         if format != "peft":
             raise SDXLError(f"{path}: is a folder; give the LoRA file's name")
         path = path / PEFT_FILE
-    state = lora_state_dict(model, format)
+    state = {k: v.cpu() for k, v in lora_state_dict(model, format).items()}
     if not state:
         raise SDXLError("the model has no LoRA layers to save: call add_lora first")
     if dtype is not None:
@@ -387,27 +387,23 @@ class LoadReport:
         return sum(self.applied.values())
 
 
-# file suffix -> role; the last four are the older diffusers names (attention processors, text encoder patches)
+# file suffix -> role: kohya, PEFT, then older diffusers names (LoRA layers, text encoder patches)
 _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
           (".lora_A.weight", "down"), (".lora_B.weight", "up"),
           (".lora.down.weight", "down"), (".lora.up.weight", "up"),
           (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"))
-_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # diffusers < 0.21 attention processors
+# diffusers < 0.21 attention processors: `<attn>.processor.to_q_lora.down.weight` is `<attn>.to_q`
+_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 def _split(key: str) -> tuple[str, str] | None:
     """A file key -> (module name, role), or None for a key that is no plain LoRA tensor."""
+    if m := _PROCESSOR.match(key):
+        return f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else ""), m[3]
     for suffix, role in _ROLES:
         if key.endswith(suffix):
-            name = key.removesuffix(suffix)
-            if m := _PROCESSOR.match(name):
-                name = f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
-            return name, role
+            return key.removesuffix(suffix), role
     return None
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 def _peft_scales(meta: dict[str, str], name: str) -> dict[str, dict]:
@@ -419,13 +415,13 @@ def _peft_scales(meta: dict[str, str], name: str) -> dict[str, dict]:
         flat = json.loads(raw)
         assert isinstance(flat, dict)
     except (ValueError, AssertionError):
-        raise SDXLError(f"{name}: corrupt lora_adapter_metadata (not a JSON object)") from None
+        raise CheckpointError(f"{name}: corrupt lora_adapter_metadata (not a JSON object)") from None
     out: dict[str, dict] = {}
     for k, v in flat.items():
         comp, _, key = k.rpartition(".")
         out.setdefault(comp, {})[key] = v
     if any(c.get("use_dora") for c in out.values()):
-        raise SDXLError(f"{name}: a DoRA adapter; only plain LoRA is supported")
+        raise CheckpointError(f"{name}: a DoRA adapter; only plain LoRA is supported")
     return out
 
 
@@ -458,14 +454,14 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
         else:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
     if unsupported:
-        raise SDXLError(f"{name}: {len(unsupported)} tensor{'s' if len(unsupported) != 1 else ''} that are no plain LoRA "
+        raise CheckpointError(f"{name}: {len(unsupported)} tensor{'s' if len(unsupported) != 1 else ''} that are no plain LoRA "
                         f"({_first(unsupported)}); LoHa, LoKr, DoRA and other LyCORIS types are not supported")
     if not groups:
-        raise SDXLError(f"{name}: holds no LoRA tensors")
+        raise CheckpointError(f"{name}: holds no LoRA tensors")
     names = _names(model.cfg)
     unknown = sorted(g for g in groups if g not in names)
     if unknown:
-        raise SDXLError(f"{name}: {len(unknown)} of {len(groups)} LoRA modules address nothing in this "
+        raise CheckpointError(f"{name}: {len(unknown)} of {len(groups)} LoRA modules address nothing in this "
                         f"{model.cfg.architecture} model ({_first(unknown)}); is it a LoRA for another model "
                         "(SD 1.x/2.x, the SDXL base vs refiner) or for a component not loaded?")
     fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
@@ -499,14 +495,14 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
             scale = _peft_scale(peft_cfg.get(site.component, {}), site.theirs, rank)
         plan.append((site, weight, up, down, scale))
     if problems:
-        raise SDXLError(f"{name}: {len(problems)} bad LoRA module{'s' if len(problems) != 1 else ''}: {_first(problems)}")
+        raise CheckpointError(f"{name}: {len(problems)} bad LoRA module{'s' if len(problems) != 1 else ''}: {_first(problems)}")
 
     report = LoadReport(f.path, fmt, float(multiplier))
     with torch.no_grad():
         for site, weight, up, down, scale in plan:
             delta = delta_weight(up.to(weight.device), down.to(weight.device), weight.shape, multiplier * scale)
             if not torch.isfinite(delta).all():
-                raise SDXLError(f"{name}: {site.kohya}: the LoRA product overflows (non-finite)")
+                raise CheckpointError(f"{name}: {site.kohya}: the LoRA product overflows (non-finite)")
             weight.add_(delta.to(weight.dtype))
             report.applied[site.component] += 1
     return report
