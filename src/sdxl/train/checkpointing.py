@@ -125,7 +125,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
 # --- save and load ------------------------------------------------------------------------------
 
 def save(output: Path, step: int, trained: dict[str, torch.Tensor], optimizer: dict, ema: dict[str, torch.Tensor] | None,
-         state: dict, keep: int) -> Path | None:
+         state: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically and point `latest` at it; every process calls this (each adds its RNG).
 
     `trained`, `optimizer` and `ema` matter on rank 0 only (full tensors there). Returns the folder.

@@ -140,9 +140,8 @@ def coerce(value, tp, name: str):
             raise bad
         return value
     if origin in (types.UnionType, typing.Union):
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or value == "none"):  # TOML has no null: "none"
+            return None
         for a in args:
             if a is type(None):
                 continue
@@ -250,7 +249,11 @@ def check(cfg: TrainConfig) -> None:
          "cache_dir caches text embeddings, but lora_text_encoders trains the encoders: drop one"),
         (not (cfg.distributed == "fsdp" and cfg.train != "unet"), "distributed = \"fsdp\" is for train = \"unet\""),
         (cfg.dataset != "", "no dataset: set dataset = \"folder/\", \"manifest.jsonl\" or \"synthetic:64\""),
+        (not cfg.dataset.startswith("synthetic:") or cfg.dataset[10:].isdigit() and int(cfg.dataset[10:]) > 0,
+         f"dataset {cfg.dataset!r}: synthetic datasets are written synthetic:N with N > 0 images"),
         (not (cfg.sample_every and not cfg.sample_prompts), "sample_every needs sample_prompts"),
+        (not (cfg.model and any(getattr(cfg, s) for s in SECTIONS)),
+         f"the tables {', '.join(SECTIONS)} change model_config; with model = \"...\" the checkpoint fixes the shapes"),
     ]
     for ok, message in rules:
         if not ok:

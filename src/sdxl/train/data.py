@@ -44,11 +44,16 @@ class Item:
 
 # --- finding the images -------------------------------------------------------------------------
 
+def _has_exif(im: Image.Image) -> bool:
+    """Formats whose EXIF orientation we apply; reading a PNG's EXIF would decode the whole image."""
+    return im.format in ("JPEG", "MPO", "WEBP", "TIFF")
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file's header, after EXIF rotation; PIL errors propagate."""
     with Image.open(path) as im:
         w, h = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated by 90 degrees
+        if _has_exif(im) and im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated by 90 degrees
             w, h = h, w
     return h, w
 
@@ -141,16 +146,17 @@ def make_synthetic(n: int, root: Path) -> Path:
 # --- buckets and crops --------------------------------------------------------------------------
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(h, w) buckets: multiples of `step`, h the largest with h * w <= resolution^2, aspect within 1:max..max:1.
+    """(h, w) buckets: for each w a multiple of `step`, the largest such h with h * w <= resolution^2, and the
+    transposes; aspect ratios within 1:max_aspect..max_aspect:1.
 
-    With 1024, 64, 4.0 this gives the report's list (Appendix I): 1024x1024, 1152x896, 1216x832, ...
+    With 1024, 64, 4.0 these are the report's 35 buckets (Appendix I; `pipeline.BUCKETS`) but 1024x960 and 960x1024.
     """
     area = resolution * resolution
     out = set()
     for w in range(step, area // step + 1, step):
         h = area // w // step * step
         if h and max(h / w, w / h) <= max_aspect:
-            out.add((h, w))
+            out |= {(h, w), (w, h)}
     return sorted(out, key=lambda hw: (hw[0] / hw[1], hw))
 
 
@@ -177,7 +183,7 @@ def crop_box(size: tuple[int, int], bucket: tuple[int, int], rng: np.random.Gene
 def load_crop(path: str, resized: tuple[int, int], top_left: tuple[int, int], bucket: tuple[int, int]) -> torch.Tensor:
     """The crop as (3, bh, bw) float32 in [-1, 1]."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = (ImageOps.exif_transpose(im) if _has_exif(im) else im).convert("RGB")
     (rh, rw), (top, left), (bh, bw) = resized, top_left, bucket
     if im.size != (rw, rh):
         im = im.resize((rw, rh), Image.LANCZOS)
@@ -250,9 +256,11 @@ class ImageDataset(torch.utils.data.Dataset):
                  random_crop: bool, aesthetic_score: float):
         self.items, self.buckets, self.bucket_of = items, buckets, bucket_of
         self.seed, self.random_crop, self.aesthetic_score = seed, random_crop, aesthetic_score
-        self.members: dict[int, list[int]] = {}
+        self.members: dict[int, list[int]] = {}  # bucket -> its items
+        self.place: list[int] = []  # item -> its position among its bucket's members
         for i, b in enumerate(bucket_of):
-            self.members.setdefault(b, []).append(i)
+            self.place.append(len(self.members.setdefault(b, [])))
+            self.members[b].append(i)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -260,7 +268,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         k, pos, index = key
         members = self.members[self.bucket_of[index]]
-        start, failed = members.index(index), []
+        start, failed = self.place[index], []
         for j in range(len(members)):
             i = members[(start + j) % len(members)]
             try:

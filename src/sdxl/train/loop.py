@@ -111,12 +111,13 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
     # --- 5. the steps -----------------------------------------------------------------------------
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=data.RankBatches(plan, rank, cfg.batch_size, state["batches"]),
-        collate_fn=data.collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))
+        collate_fn=data.collate, num_workers=cfg.num_workers))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     bad_images: set[str] = set()
     bar = progress_bar(cfg.steps, state["step"], disabled=quiet or rank != 0)
+    say = bar.write if rank == 0 else (lambda message: None)
     if skipped:
-        bar.write(f"skipped {len(skipped)} unreadable image(s); see {output / 'log.jsonl'}")
+        say(f"skipped {len(skipped)} unreadable image(s); see {output / 'log.jsonl'}")
     started = time.perf_counter()
     for step in range(state["step"], cfg.steps):
         lr = learning_rate(cfg, step)
@@ -144,8 +145,8 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
             state["nonfinite_in_a_row"] += 1
             state["nonfinite_total"] += 1
             log.event("nonfinite", step=step + 1, loss=str(loss_value), grad_norm=str(grad_norm))
-            bar.write(f"step {step + 1}: non-finite loss or gradients (loss {loss_value}, grad norm {grad_norm}); "
-                      "step skipped")
+            say(f"step {step + 1}: non-finite loss or gradients (loss {loss_value}, grad norm {grad_norm}); "
+                "step skipped")
             if state["nonfinite_in_a_row"] >= cfg.max_nonfinite:
                 last_good = checkpointing.latest(output)
                 raise SDXLError(f"stopped at step {step + 1}: {cfg.max_nonfinite} non-finite steps in a row; the last "
@@ -156,7 +157,8 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
                  seconds=round(time.perf_counter() - started, 3))
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
+        due = state["step"] % cfg.checkpoint_every == 0 and state["nonfinite_in_a_row"] == 0  # only after good steps
+        if due or state["step"] == cfg.steps:
             folder = save_checkpoint(output, model, optimizer, ema, state, cfg)
             log.event("checkpoint", step=state["step"], path=str(folder))
         if cfg.sample_every and state["step"] % cfg.sample_every == 0:
@@ -209,13 +211,17 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SDXLModel:
         if missing:
             raise SDXLError(f"{cfg.model}: has no {', '.join(missing)}; training needs UNet, text encoders and VAE")
     else:
-        model = SDXLModel(cfg.model_config_resolved(), device=device)
+        try:
+            model = SDXLModel(cfg.model_config_resolved(), device=device)
+        except (ValueError, AssertionError) as e:  # e.g. widths that GroupNorm(32) or 64-wide heads cannot split
+            raise SDXLError(f"model_config {cfg.model_config!r} with these changes cannot be built: {e}") from None
     model.requires_grad_(False).eval()
     # bucket sides must come out as whole latents that the UNet can halve at every level
     factor = 2 ** (len(model.vae.cfg.ch_mult) - 1) * 2 ** (len(model.unet.cfg.channel_mult) - 1)
-    if cfg.bucket_step % factor:
-        raise SDXLError(f"bucket_step {cfg.bucket_step} must be a multiple of {factor} for this model "
-                        "(VAE down-sampling times UNet down-sampling)")
+    for name, value in (("bucket_step", cfg.bucket_step), ("sample_size", cfg.sample_size or cfg.resolution)):
+        if value % math.lcm(factor, 8):
+            raise SDXLError(f"{name} {value} must be a multiple of {math.lcm(factor, 8)} for this model "
+                            "(VAE down-sampling times UNet down-sampling)")
     return model
 
 
@@ -227,9 +233,13 @@ def trainable_parameters(model: SDXLModel, cfg: TrainConfig) -> dict[str, nn.Par
         new = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, unet=True,
                        text_encoders=cfg.lora_text_encoders, dtype=torch.float32)
         ids = {id(p) for p in new}
-        for p in new:
-            p.requires_grad_(True)
-        return {n: p for n, p in model.named_parameters() if id(p) in ids}
+        trained = {n: p.requires_grad_(True) for n, p in model.named_parameters() if id(p) in ids}
+        clip_l = model.cfg.conditioner.clip_l
+        if clip_l is not None:  # SDXL reads CLIP-L's penultimate layer: a LoRA on its last one gets no gradient
+            unused = f"conditioner.embedders.0.transformer.text_model.encoder.layers.{clip_l.layers - 1}."
+            for n in [n for n in trained if n.startswith(unused)]:
+                trained.pop(n).requires_grad_(False)  # stays a zero LoRA; DDP would fail on it otherwise
+        return trained
     model.unet.requires_grad_(True)
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -1,0 +1,421 @@
+"""Training (`sdxl train`): buckets and crops, the objective against inference, resume, two processes, LoRA,
+atomic checkpoints, corrupt images, non-finite steps and config errors. Tiny models, 32 px images, CPU."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdxl import checkpoint as ck
+from sdxl.cli import main
+from sdxl.errors import SDXLError
+from sdxl.train import checkpointing, config, data, loop
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "train_tiny.toml"
+TINY = dict(dataset="synthetic:12", resolution=32, bucket_step=16, batch_size=2, steps=4, lr=1e-3,
+            checkpoint_every=2, save_dtype="fp32", caption_dropout=0.25, unet={"model_channels": 32},
+            clip_l={"layers": 2}, bigg={"layers": 2})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine it is several times faster, and the 2-process test needs both."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**kw) -> config.TrainConfig:
+    return config.build({**TINY, **kw})
+
+
+def to_toml(values: dict) -> str:
+    flat = [f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+              for k, v in values.items() if isinstance(v, dict)]
+    return "\n".join(flat + tables) + "\n"
+
+
+def weights(path) -> dict:
+    return load_file(str(path))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+def steps_logged(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+def events(out: Path, name: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == name]
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(n: int):
+    def on_step(state):
+        if state["step"] == n:
+            raise Stop
+    return on_step
+
+
+# --- buckets, order, crops -------------------------------------------------------------------------
+
+def test_buckets_are_the_reports():
+    from sdxl.pipeline import BUCKETS  # the report's list, (width, height)
+
+    buckets = data.make_buckets(1024, 64, 4.0)
+    assert set(buckets) == {(h, w) for w, h in BUCKETS} - {(960, 1024), (1024, 960)}
+    for h, w in buckets:
+        assert h % 64 == 0 and w % 64 == 0
+        assert 0.85 * 1024**2 < h * w <= 1024**2
+        assert max(h / w, w / h) <= 4.0
+    assert all(max(h / w, w / h) <= 2.0 for h, w in data.make_buckets(1024, 64, 2.0))
+
+
+def test_every_image_in_one_bucket_and_batches_never_mix():
+    rng = np.random.default_rng(0)
+    sizes = [(int(rng.integers(20, 400)), int(rng.integers(20, 400))) for _ in range(57)]
+    buckets = data.make_buckets(256, 32, 4.0)
+    bucket_of = [data.nearest_bucket(s, buckets) for s in sizes]
+    for s, b in zip(sizes, bucket_of):  # the nearest aspect ratio
+        best = min(abs(math.log(bh / bw) - math.log(s[0] / s[1])) for bh, bw in buckets)
+        assert abs(math.log(buckets[b][0] / buckets[b][1]) - math.log(s[0] / s[1])) == best
+    plan = data.BucketBatches(bucket_of, global_batch=4, seed=1)
+    for epoch in range(3):
+        batches = plan.epoch(epoch)
+        assert len(batches) == len(plan)
+        assert {i for _, items in batches for i in items} == set(range(len(sizes)))  # every image, every epoch
+        for b, items in batches:
+            assert len(items) == 4 and {bucket_of[i] for i in items} == {b}  # one bucket per batch
+    assert plan.epoch(0) != plan.epoch(1)
+    # two processes with 2 each see exactly what one process with 4 sees
+    one = data.RankBatches(plan, 0, 4, start=5)
+    two = [data.RankBatches(plan, r, 2, start=5) for r in range(2)]
+    for a, b0, b1 in zip(iter(one), iter(two[0]), iter(two[1])):
+        assert a == b0 + b1
+        if a[0][0] > 40:
+            break
+
+
+def test_conditioning_values_are_real_sizes_and_crop_offsets(tmp_path):
+    im = np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)  # (h, w)
+    Image.fromarray(im).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a photo")
+    items, skipped = data.scan(str(tmp_path), tmp_path)
+    assert skipped == [] and items[0].size == (50, 90) and items[0].caption == "a photo"
+    buckets = data.make_buckets(64, 16, 4.0)
+    b = data.nearest_bucket(items[0].size, buckets)
+    ds = data.ImageDataset(items, buckets, [b], seed=3, random_crop=True, aesthetic_score=6.0)
+    offsets = set()
+    for k in range(12):
+        s = ds[(k, 0, 0)]
+        bh, bw = buckets[b]
+        (rh, rw), (top, left) = data.crop_box((50, 90), (bh, bw), np.random.default_rng(
+            data.stable_seed(3, "crop", k, 0)))
+        assert min(rh / 50, rw / 90) == pytest.approx(max(bh / 50, bw / 90), rel=0.02)  # shortest side fits
+        assert s["original_size"] == (50, 90) and s["target_size"] == (bh, bw)
+        assert s["crop_coords_top_left"] == (top, left) and 0 <= top <= rh - bh and 0 <= left <= rw - bw
+        resized = Image.fromarray(im).resize((rw, rh), Image.LANCZOS).crop((left, top, left + bw, top + bh))
+        expect = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        assert torch.equal(s["pixels"], expect)
+        offsets.add((top, left))
+    assert len(offsets) > 1  # random crops
+    batch = data.collate([ds[(0, 0, 0)], ds[(1, 0, 0)]])
+    assert batch["original_size"].tolist() == [[50.0, 90.0]] * 2
+    assert batch["target_size"].tolist() == [list(map(float, buckets[b]))] * 2
+
+
+def test_training_feeds_the_unet_what_inference_does(tmp_path):
+    """Same caption, sizes, crop, latent x and sigma: the UNet gets equal input, timestep, context and vector."""
+    from sdxl.pipeline import GuidedDenoiser, Pipeline, Request
+
+    cfg = tiny(caption_dropout=0.0, offset_noise=0.0)
+    torch.manual_seed(0)
+    model = loop.build_model(cfg, torch.device("cpu"))
+    tok = loop.Tokenizer.default()
+    pixels = torch.rand(1, 3, 32, 64) * 2 - 1
+    batch = {"key": [(7, 0)], "failed": [], "caption": ["a red circle"], "pixels": pixels,
+             "original_size": torch.tensor([[50.0, 90.0]]), "crop_coords_top_left": torch.tensor([[3.0, 11.0]]),
+             "target_size": torch.tensor([[32.0, 64.0]]), "aesthetic_score": torch.tensor([[6.0]])}
+    inputs = loop.prepare(batch, model, tok, cfg, torch.device("cpu"), None)
+    seen = []
+    model.unet.forward = lambda *a: seen.append(a) or torch.zeros_like(a[0])
+    loop.Objective(model, cfg)(inputs)
+    t = int(inputs["t"][0])
+    sigma = loop.discrete_sigmas()[t].float()
+    x = inputs["latents"] + sigma * inputs["noise"]
+    pipe = Pipeline(model, dtype=torch.float32, tokenizer=tok, channels_last=False)
+    req = Request("a red circle", width=64, height=32, original_size=(50, 90), crop=(3, 11), target_size=(32, 64))
+    cond, _ = pipe.conditioning(model, req)
+    GuidedDenoiser(model.unet, cond, None, 1.0)(x, sigma.reshape(1))
+    (x_train, t_train, ctx_train, vec_train), (x_inf, t_inf, ctx_inf, vec_inf) = seen
+    assert torch.allclose(x_train, x_inf, atol=1e-6) and torch.equal(t_train, t_inf)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # DDPM form, SDXL.md §4
+    abar = torch.cumprod(1 - betas, 0)[t].float()
+    assert torch.allclose(x_train, abar.sqrt() * inputs["latents"] + (1 - abar).sqrt() * inputs["noise"], atol=1e-5)
+    assert torch.allclose(ctx_train, ctx_inf, atol=1e-5) and torch.allclose(vec_train, vec_inf, atol=1e-5)
+    # a dropped caption is the base's empty prompt: zero text embedding, micro-conditioning kept
+    inputs["drop"][:] = True
+    loop.Objective(model, cfg)(inputs)
+    assert seen[-1][2].abs().max() == 0 and torch.equal(seen[-1][3][:, -6 * 256:], vec_inf[:, -6 * 256:])
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def eval_loss(model, cfg: config.TrainConfig, out: Path) -> float:
+    """Mean loss on fixed images, noise and timesteps."""
+    items, _ = data.scan(cfg.dataset, out)
+    buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
+    bucket_of = [data.nearest_bucket(it.size, buckets) for it in items]
+    ds = data.ImageDataset(items, buckets, bucket_of, 0, False, 6.0)
+    total = 0.0
+    with torch.no_grad():
+        for b in sorted(set(bucket_of)):
+            members = [i for i in range(len(items)) if bucket_of[i] == b]
+            batch = data.collate([ds[(10**6 + j, j, i)] for j, i in enumerate(members)])
+            inputs = loop.prepare(batch, model, loop.Tokenizer.default(), cfg, torch.device("cpu"), None)
+            total += float(loop.Objective(model, cfg)(inputs).sum())
+    return total / len(items)
+
+
+def test_loss_decreases_and_final_file_generates(tmp_path, capsys):
+    cfg = tiny(steps=20, lr=2e-3, caption_dropout=0.0, sample_every=20, sample_prompts=("a red circle",),
+               sample_steps=2, checkpoint_every=10, keep_checkpoints=1)
+    out = tmp_path / "run"
+    loop.seed_everything(cfg.seed)
+    before = eval_loss(loop.build_model(cfg, torch.device("cpu")), cfg, out.parent / "data")
+    final = loop.train(cfg, out, quiet=True)
+    after = eval_loss(ck.load(final), cfg, out.parent / "data")
+    print(f"eval loss before {before:.4f}, after 20 steps {after:.4f}")
+    assert after < 0.6 * before, (before, after)
+    assert (out / "latest").read_text().strip() == "step-000020"
+    assert [p.name for p in out.glob("step-*")] == ["step-000020"]  # keep_checkpoints = 1
+    assert (out / "samples" / "step-000020-0.png").is_file()
+    log = steps_logged(out)
+    assert [r["step"] for r in log] == list(range(1, 21)) and all(r["lr"] == 2e-3 for r in log)
+    code = main(["generate", "a red circle", "--model", str(final), "--width", "32", "--height", "32", "--steps", "2",
+                 "--dtype", "fp32", "--seed", "1", "-o", str(tmp_path / "g.png"), "-q", "--no-watermark"])
+    assert code == 0 and (tmp_path / "g.png").is_file()
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    """Killed after step 3 (last checkpoint: step 2), resumed: bitwise equal to an uninterrupted run."""
+    cfg = tiny(steps=4, grad_accum=2, ema_decay=0.9, lr_schedule="cosine", warmup_steps=2, min_snr_gamma=5.0)
+    straight = loop.train(cfg, tmp_path / "a", quiet=True)
+    with pytest.raises(Stop):
+        loop.train(cfg, tmp_path / "b", quiet=True, on_step=stop_at(3))
+    assert checkpointing.latest(tmp_path / "b").name == "step-000002"
+    with pytest.raises(SDXLError, match="already holds a run"):
+        loop.train(cfg, tmp_path / "b", quiet=True)
+    resumed = loop.train(cfg, tmp_path / "b", resume=True, quiet=True)
+    assert max_diff(weights(straight), weights(resumed)) == 0.0
+    for name in ("trained", "optimizer", "ema"):
+        a = weights(tmp_path / "a" / "step-000004" / f"{name}.safetensors")
+        assert max_diff(a, weights(tmp_path / "b" / "step-000004" / f"{name}.safetensors")) == 0.0
+    losses_b = [(r["step"], r["loss"]) for r in steps_logged(tmp_path / "b")]  # step 3 ran twice
+    assert losses_b[2] == losses_b[3] and [r["loss"] for r in steps_logged(tmp_path / "a")] == [
+        loss for _, loss in dict(losses_b).items()]
+    assert events(tmp_path / "b", "resumed")[0]["step"] == 2
+    with pytest.raises(SDXLError, match="nothing to resume"):
+        loop.train(cfg, tmp_path / "c", resume=True, quiet=True)
+
+
+# adam_eps 1e-4: with the default 1e-8 Adam turns rounding noise in gradients that are zero in exact arithmetic
+# (biases just before a GroupNorm) into full +-lr steps, which would hide real differences between the runs
+TWO = {**TINY, "steps": 3, "batch_size": 1, "checkpoint_every": 3, "adam_eps": 1e-4, "ema_decay": 0.9}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    loop.train(config.build({**TWO, "batch_size": 2}), out, quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, one_process, mode):
+    """torchrun, 2 processes x batch 1 (gloo) vs 1 process x batch 2: the same global batch, the same result."""
+    (tmp_path / "c.toml").write_text(to_toml({**TWO, "distributed": mode}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdxl.cli",
+           "train", str(tmp_path / "c.toml"), "-q", "--output", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote") == 1
+    diffs = {name: max_diff(weights(one_process / name), weights(tmp_path / "two" / name))
+             for name in ("final.safetensors", "step-000003/trained.safetensors", "step-000003/optimizer.safetensors",
+                          "step-000003/ema.safetensors")}
+    print(f"{mode}, two processes vs one: max |difference| {diffs}")
+    assert max(diffs.values()) < 2e-6, diffs  # float sums in another order; the weights moved by up to ~3e-3
+    assert {p.name for p in (tmp_path / "two" / "step-000003").glob("rng-rank*")} == {"rng-rank0.safetensors",
+                                                                                      "rng-rank1.safetensors"}
+    la, lb = steps_logged(one_process), steps_logged(tmp_path / "two")
+    assert len(la) == len(lb) == 3 and all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb))
+
+
+def test_lora_changes_only_lora_weights(tmp_path):
+    from sdxl.lora import DEFAULT_TARGETS, load_lora
+
+    loop.seed_everything(1)
+    start_file = ck.save_single_file(loop.build_model(tiny(), torch.device("cpu")), tmp_path / "start.safetensors")
+    cfg = tiny(model=str(start_file), unet={}, clip_l={}, bigg={}, train="lora", lora_rank=4, lora_alpha=2.0,
+               lora_text_encoders=True, steps=2, lr=1e-2)  # the shapes come from the file
+    out = tmp_path / "lora"
+    final = loop.train(cfg, out, quiet=True)
+    trained = weights(out / "step-000002" / "trained.safetensors")
+    assert trained and all(".lora_down." in k or ".lora_up." in k for k in trained)
+    assert any(k.startswith("conditioner.") for k in trained) and any(k.startswith("model.") for k in trained)
+    assert all(float(v.abs().max()) > 0 for k, v in trained.items() if ".lora_up." in k)  # they trained
+    assert not any(".layers.1." in k for k in trained if k.startswith("conditioner.embedders.0."))  # CLIP-L's unused last
+    # the initial model + the saved LoRA (either format) is exactly the final merged model
+    merged = weights(final)
+    for name in ("final_lora.safetensors", "final_lora_peft.safetensors"):
+        base = ck.load(start_file)
+        start = {k: v.clone() for k, v in base.state_dict().items()}
+        report = load_lora(base, out / name)
+        assert report.total > 0
+        got = base.state_dict()
+        assert max_diff(got, merged) < 1e-6
+        changed = {k for k in got if not torch.equal(got[k], start[k])}
+        assert changed and all(k.endswith("weight") for k in changed)
+        assert all(k.removesuffix(".weight").removesuffix("_weight").endswith(DEFAULT_TARGETS) for k in changed)
+
+
+def test_refiner_trains_on_the_first_200_noise_levels(tmp_path, monkeypatch):
+    seen = []
+    real = loop.Objective.forward
+    monkeypatch.setattr(loop.Objective, "forward", lambda self, inputs: seen.append(inputs) or real(self, inputs))
+    final = loop.train(tiny(model_config="tiny-refiner", timestep_range=(0, 200), steps=3, checkpoint_every=3,
+                            bigg={"layers": 2}, clip_l={}), tmp_path / "run", quiet=True)
+    assert max(int(i["t"].max()) for i in seen) < 200 and len({int(t) for i in seen for t in i["t"]}) > 1
+    assert all(i["micro"]["aesthetic_score"].tolist() == [[6.0], [6.0]] for i in seen)
+    assert ck.load(final).cfg.is_refiner
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(steps=6)
+    out = tmp_path / "run"
+    real = checkpointing.write_tensors
+
+    def dies_on_second_optimizer(path, tensors, metadata=None):
+        if path.name == "optimizer.safetensors" and ".tmp-step-000004" in str(path):
+            path.write_bytes(b"partial")  # half a file, then the process is gone
+            raise Stop
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpointing, "write_tensors", dies_on_second_optimizer)
+    with pytest.raises(Stop):
+        loop.train(cfg, out, quiet=True)
+    assert (out / "latest").read_text().strip() == "step-000002"
+    assert (out / ".tmp-step-000004" / "trained.safetensors").is_file()  # the partial one is left, never named
+    assert not (out / "step-000004").exists()
+    ckpt = checkpointing.load(checkpointing.latest(out), 0)
+    assert ckpt["state"]["step"] == 2 and ckpt["trained"]
+    monkeypatch.setattr(checkpointing, "write_tensors", real)
+    loop.train(cfg, out, resume=True, quiet=True)
+    assert (out / "latest").read_text().strip() == "step-000006"
+    assert not list(out.glob(".tmp-*")) and (out / "final.safetensors").is_file()
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"image {i}")
+    (d / "garbage.png").write_bytes(b"not an image at all")  # fails when scanned
+    good = (d / "0.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, pixels missing: fails when loaded
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([json.dumps({"file": "imgs/1.png", "caption": "one"}), "{broken",
+                                   json.dumps({"file": "imgs/missing.png", "caption": "gone"}),
+                                   json.dumps({"file": "imgs/truncated.png", "caption": "half"})]))
+    items, skipped = data.scan(str(manifest), tmp_path)
+    assert [Path(it.path).name for it in items] == ["1.png", "truncated.png"] and len(skipped) == 2
+    out = tmp_path / "run"
+    loop.train(tiny(dataset=str(d), steps=4, checkpoint_every=4), out, quiet=True)
+    ev = events(out, "data")[0]
+    assert ev["images"] == 6 and ev["skipped"] == 1 and "garbage.png" in ev["skipped_files"][0]
+    assert steps_logged(out)[-1]["images_skipped"] == 2  # + the truncated one, met in the first epoch
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    real = loop.Objective.forward
+    calls = []
+
+    def sometimes_nan(self, inputs):
+        calls.append(1)
+        loss = real(self, inputs)
+        return loss * float("nan") if len(calls) == 2 or len(calls) >= 5 else loss
+
+    monkeypatch.setattr(loop.Objective, "forward", sometimes_nan)
+    out = tmp_path / "run"
+    with pytest.raises(SDXLError, match="3 non-finite steps in a row.*step-000004"):
+        loop.train(tiny(steps=10, max_nonfinite=3), out, quiet=True)
+    bad = [e["step"] for e in events(out, "nonfinite")]
+    assert bad == [2, 5, 6, 7]
+    assert checkpointing.latest(out).name == "step-000004"
+    # a skipped step leaves the weights alone: only steps 1, 3, 4 trained
+    assert checkpointing.load(out / "step-000004", 0)["optimizer"]["state"]
+    opt = weights(out / "step-000004" / "optimizer.safetensors")
+    assert {float(v) for k, v in opt.items() if k.endswith("/step")} == {3.0}
+
+
+def test_cache_is_written_once_and_used(tmp_path):
+    shapes = data.make_synthetic(12, tmp_path / "shapes")
+    same = dict(dataset=str(shapes), steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see below
+    cfg = tiny(cache_dir=str(tmp_path / "cache"), **same)
+    loop.train(cfg, tmp_path / "a", quiet=True)
+    files = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 12
+    stamps = [f.stat().st_mtime_ns for f in files]
+    b = loop.train(cfg, tmp_path / "b", quiet=True)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # not re-encoded
+    # with the same (centre) crops the cache changes nothing but float rounding in the encoders
+    plain = loop.train(tiny(**same), tmp_path / "c", quiet=True)
+    assert max_diff(weights(b), weights(plain)) < 1e-5
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+def test_config_overrides_and_one_line_errors(tmp_path, capsys):
+    cfg = config.load(EXAMPLE, ["lr=3e-4", "sample_prompts=[\"a\", \"b\"]", "unet.model_channels=128",
+                                "timestep_range=[0, 200]", "dataset=some/folder", "lora_alpha=none"])
+    assert cfg.lr == 3e-4 and cfg.sample_prompts == ("a", "b") and cfg.unet["model_channels"] == 128
+    assert cfg.timestep_range == (0, 200) and cfg.dataset == "some/folder" and cfg.lora_alpha is None
+    assert cfg.model_config_resolved().unet.model_channels == 128
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dataset = "x"\nsteps = "many"\n')
+    cases = [
+        (["--set", "steps=abc"], "--set steps: expected an integer, got 'abc'"),
+        (["--set", "steps=1.5"], "--set steps: expected an integer, got 1.5"),
+        (["--set", "lr=fast"], "--set lr: expected a number, got 'fast'"),
+        (["--set", "lrr=1"], "unknown setting 'lrr' (did you mean 'lr'?)"),
+        (["--set", "train=full"], "--set train: expected one of 'unet', 'lora', got 'full'"),
+        (["--set", "unet.model_channels=wide"], "--set unet.model_channels: expected an integer"),
+        (["--set", "unet.widht=3"], "unknown setting 'unet.widht'"),
+        (["--set", "steps"], "expected key=value"),
+        (["--set", "caption_dropout=2"], "caption_dropout must be in [0, 1]"),
+    ]
+    for argv, message in cases:
+        code = main(["train", str(EXAMPLE), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: steps: expected an integer, got 'many'" in err and err.count("\n") == 1
