@@ -6,6 +6,7 @@ from per-image generators seeded seed+i. Tolerances: latents and pixels within 1
 """
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -253,3 +254,30 @@ def test_non_finite_vae_output_retried_in_fp32(ours, monkeypatch):
     finally:
         ours.vae.float()
     assert calls == [torch.bfloat16, torch.float32] and torch.isfinite(pix).all()
+
+
+def test_outpainting_by_padding(ours):
+    from sdxl.pipeline import outpaint_request
+
+    req = Request("a field", width=SIZE, height=SIZE, steps=3, seed=4, init_image=picture(), outpaint=(8, 0, 5, 16))
+    padded = outpaint_request(req)
+    assert (padded.width, padded.height) == (SIZE + 16, SIZE + 16) and padded.mask.size == (80, 80)
+    m = np.asarray(padded.mask)
+    assert m[:, :8].all() and m[-16:].all() and m[:, -8:].all()  # new border painted (right pad 5 -> 8)
+    assert not m[8:SIZE - 8, 16:SIZE].any()  # the old image kept, but for an 8-px seam band
+    assert np.array_equal(np.asarray(padded.init_image)[0:SIZE, 8:8 + SIZE], np.asarray(picture()))
+    out = ours.generate(req)
+    assert out.images[0].size == (80, 80) and torch.isfinite(out.latents).all()
+
+
+def test_off_bucket_size_warns_for_official_models(ours, monkeypatch):
+    from sdxl.model import ModelConfig
+
+    req = Request("x", width=SIZE, height=48, steps=1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.generate(req)  # a custom-size model: no bucket warning
+    monkeypatch.setattr(ModelConfig, "architecture", property(lambda self: "sdxl-base"))
+    with pytest.warns(UserWarning, match=r"64x48 is not one of SDXL's trained sizes.*nearest aspect ratio it was "
+                                         r"trained on: 1152x896"):
+        ours.generate(req)

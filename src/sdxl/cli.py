@@ -46,6 +46,15 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _quad(text: str) -> tuple[int, int, int, int]:
+    try:
+        v = tuple(int(p) for p in text.split(","))
+        assert len(v) == 4
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}") from None
+    return v
+
+
 def _image(path: str | None):
     if path is None:
         return None
@@ -75,7 +84,7 @@ def _request_from_args(args, model_info) -> "Request":
                      "negative_crop": "negative_crop", "negative_target_size": "negative_target_size"}
     for flag in ("prompt", "negative", "prompt_2", "negative_2", "width", "height", "steps", "sampler", "scheduler",
                  "cfg", "guidance_rescale", "seed", "batch", "strength", "refiner_switch", "refiner_strength",
-                 "refiner_steps", "hires_scale", "hires_upscale", "hires_strength", "hires_steps", "original_size",
+                 "refiner_steps", "outpaint", "hires_scale", "hires_upscale", "hires_strength", "hires_steps", "original_size",
                  "crop", "target_size", "negative_original_size", "negative_crop", "negative_target_size",
                  "aesthetic_score", "negative_aesthetic_score"):
         name = flag_to_field.get(flag, flag)
@@ -96,6 +105,9 @@ def _request_from_args(args, model_info) -> "Request":
     native = model_info["resolution"]
     if init is not None and "width" not in merged:
         merged["width"], merged["height"] = (v // 8 * 8 for v in init.size)
+        if merged.get("outpaint"):  # the canvas grows by the (rounded-up) pads
+            l, t, r, b = (-(-p // 8) * 8 for p in merged["outpaint"])
+            merged["width"], merged["height"] = merged["width"] + l + r, merged["height"] + t + b
     merged.setdefault("width", native)
     merged.setdefault("height", native)
     merged.setdefault("steps", model_info["steps"])
@@ -316,6 +328,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--init-image", help="img2img: start from this image")
     g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
+    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
     g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
     g.add_argument("--hires-upscale", choices=("latent", "pixel"))
     g.add_argument("--hires-strength", type=float)
@@ -383,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kw: f"sdxl: warning: {message}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

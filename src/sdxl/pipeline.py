@@ -88,6 +88,7 @@ class Request:
     strength: float = 1.0
     mask: Image.Image | None = field(default=None, compare=False)
     init_latent: torch.Tensor | None = field(default=None, compare=False)  # a saved base latent to refine
+    outpaint: tuple[int, int, int, int] | None = None  # pad the init image (left, top, right, bottom) and paint there
     # refiner: hand-off at a fraction of one schedule (ensemble of experts), or SDEdit afterwards
     refiner_switch: float | None = None
     refiner_strength: float | None = None
@@ -121,6 +122,29 @@ class Request:
 class Result:
     latents: torch.Tensor  # (N, 4, H/8, W/8) float32, scaled (what the UNet sees, diffusers' output_type="latent")
     images: list[Image.Image]
+
+
+def outpaint_request(req: Request) -> Request:
+    """Outpainting by padding: the init image on a larger canvas (edges extended), a mask over the new border.
+
+    Pads are rounded up to multiples of 8; the mask reaches 8 pixels into the old image so the seam is repainted.
+    """
+    if req.init_image is None:
+        raise SDXLError("outpainting needs an init image (--init-image)")
+    if any(p < 0 for p in req.outpaint):
+        raise SDXLError(f"outpaint pads must be >= 0, got {req.outpaint}")
+    left, top, right, bottom = (-(-p // 8) * 8 for p in req.outpaint)
+    image = req.init_image.convert("RGB")
+    w, h = image.size
+    w8, h8 = w // 8 * 8, h // 8 * 8
+    image = image.crop((0, 0, w8, h8))
+    a = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(a.shape[:2], 255, np.uint8)
+    inner = (slice(top + 8 if top else 0, top + h8 - (8 if bottom else 0)),
+             slice(left + 8 if left else 0, left + w8 - (8 if right else 0)))
+    mask[inner] = 0
+    return replace(req, init_image=Image.fromarray(a), mask=Image.fromarray(mask), width=a.shape[1],
+                   height=a.shape[0], outpaint=None, strength=1.0)
 
 
 class GeneratorNoise:
@@ -343,8 +367,14 @@ class Pipeline:
         return (m >= 0.5).float()[None, None]  # (1, 1, H, W), 1 = repaint
 
     def generate(self, req: Request, callback=None) -> Result:
-        """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), refiner, hires fix."""
+        """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), outpainting, refiner, hires fix."""
+        if req.outpaint is not None:
+            req = outpaint_request(req)
         req.validate(self.refiner is not None)
+        if self.base.cfg.architecture in ("sdxl-base", "sdxl-inpaint") and (req.width, req.height) not in BUCKETS:
+            w, h = min(BUCKETS, key=lambda b: abs(math.log(b[0] / b[1] * req.height / req.width)))
+            warnings.warn(f"{req.width}x{req.height} is not one of SDXL's trained sizes; results may degrade "
+                          f"(the nearest aspect ratio it was trained on: {w}x{h})")
         noise = GeneratorNoise(req.seed, req.batch)
         f = self.latent_factor
         shape = (self.vae.cfg.embed_dim, req.height // f, req.width // f)
