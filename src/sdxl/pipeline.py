@@ -267,7 +267,9 @@ class Pipeline:
         crossattn = torch.cat(parts, dim=-1)  # (windows, 77, C)
         return crossattn.reshape(1, -1, crossattn.shape[-1]), pooled[:1], len(w_g.ids)
 
-    def micro(self, model: SDXLModel, req: Request, negative: bool) -> dict:
+    @staticmethod
+    def micro(req: Request, negative: bool) -> dict:
+        """Micro-conditioning values of a request (defaults of SDXL.md §3: sizes = output size, crop (0, 0))."""
         h, w = req.height, req.width
         orig = req.original_size or (h, w)
         target = req.target_size or (h, w)
@@ -286,15 +288,15 @@ class Pipeline:
         need_uncond = req.cfg != 1.0
         uncond = None
         if need_uncond:
-            zero = (not model.cfg.is_refiner and not req.negative_prompt and not req.negative_prompt_2)
-            u_x, u_p, m = self.encode_text(model, req.negative_prompt, req.negative_prompt_2, n)
-            if m > n:  # the negative prompt is longer: pad the positive with empty windows
-                c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2, m)
-            if zero:
-                u_x, u_p = torch.zeros_like(u_x), torch.zeros_like(u_p)
-            u_vec = cond_mod.encode_micro(self.micro(model, req, True), 1).to(u_p)
+            if not model.cfg.is_refiner and not req.negative_prompt and not req.negative_prompt_2:
+                u_x, u_p = torch.zeros_like(c_x), torch.zeros_like(c_p)
+            else:
+                u_x, u_p, m = self.encode_text(model, req.negative_prompt, req.negative_prompt_2, n)
+                if m > n:  # the negative prompt is longer: pad the positive with empty windows
+                    c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2, m)
+            u_vec = cond_mod.encode_micro(self.micro(req, True), 1).to(u_p)
             uncond = Conditioning(u_x.expand(req.batch, -1, -1), torch.cat([u_p, u_vec], -1).expand(req.batch, -1))
-        c_vec = cond_mod.encode_micro(self.micro(model, req, False), 1).to(c_p)
+        c_vec = cond_mod.encode_micro(self.micro(req, False), 1).to(c_p)
         cond = Conditioning(c_x.expand(req.batch, -1, -1), torch.cat([c_p, c_vec], -1).expand(req.batch, -1))
         return cond, uncond
 
