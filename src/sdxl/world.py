@@ -7,6 +7,8 @@ colour, size, centre); its caption is what a user would type:
     "a green star in the top left on a white background"
     "two red circles and a blue square at the bottom on a yellow background"
 
+Vocabulary: shapes circle, square, triangle, star, diamond, cross; colours red, orange,
+yellow, green, blue, purple, white, black (objects never take the background's colour).
 Caption grammar (small and fixed, `parse_caption` reads it back): objects of the same colour
 and shape form a group; a group of one names its region of the 3x3 grid ("in the top
 left", "at the top", "in the center", ...), a group of several states its count ("two",
@@ -17,7 +19,10 @@ Geometry is resolution-free: centres are fractions of width and height, sizes ar
 radius of the circumscribing circle as a fraction of the shorter side, so a scene renders
 at any size and aspect ratio with undistorted shapes. Every sampled object lies wholly
 inside the frame (margin `MARGIN`) at every aspect ratio, and objects do not overlap;
-`scene_border_cut` (geometry) and `border_cut` (pixels) tell when one is cut by the border.
+`scene_border_cut` (geometry, also for a crop box) and `border_cut` (pixels, for generated
+images) tell when one is cut by the border. `label_map` is the ground-truth segmentation.
+`make_dataset` writes PNG + caption pairs at a spread of sizes and aspect ratios
+(`DATASET_SIZES`) for a trainer that resizes and crops them.
 Everything is deterministic for a seed: scenes come from `random.Random`, pixels from PIL.
 """
 
@@ -245,6 +250,20 @@ def render(scene: Scene, width: int, height: int, supersample: int = 4) -> Image
     return img.reduce(supersample) if supersample > 1 else img
 
 
+def label_map(scene: Scene, width: int, height: int) -> np.ndarray:
+    """Ground-truth segmentation (height, width) uint8: 0 background, 1 + SHAPES.index(shape) inside each object."""
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        value = 1 + SHAPES.index(o.shape)
+        pts = _outline_px(o, width, height)
+        if o.shape == "circle":
+            draw.ellipse(pts, fill=value)
+        else:
+            draw.polygon(pts, fill=value)
+    return np.asarray(img)
+
+
 def scene_border_cut(scene: Scene, width: int, height: int,
                      crop: tuple[int, int, int, int] | None = None) -> bool:
     """Whether any object crosses the frame (or the crop box (left, top, right, bottom) in pixels), from geometry.
@@ -290,7 +309,8 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, sizes: tuple[tuple[int,
     """Write n captioned PNGs (`000000.png` + `000000.txt`) and `metadata.jsonl`; returns the jsonl records.
 
     Image i depends only on (seed, i): its scene and its (width, height), drawn uniformly from
-    `sizes`. A record is {"file_name", "caption", "width", "height", "scene"} (`Scene.to_dict`).
+    `sizes`. A record is {"file", "caption", "width", "height", "scene"} (`Scene.to_dict`); the trainer reads
+    the folder (PNG + .txt) or `metadata.jsonl` as a manifest.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +322,7 @@ def make_dataset(out_dir: str | Path, n: int, seed: int, sizes: tuple[tuple[int,
         stem = f"{i:06d}"
         render(scene, width, height, supersample).save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(scene.caption + "\n")
-        records.append({"file_name": f"{stem}.png", "caption": scene.caption, "width": width, "height": height,
+        records.append({"file": f"{stem}.png", "caption": scene.caption, "width": width, "height": height,
                         "scene": scene.to_dict()})
     with open(out / "metadata.jsonl", "w") as f:
         for r in records:
