@@ -22,7 +22,7 @@ from . import conditioning, text_encoders, unet, vae
 from .convert import Entry, check, to_ours, to_theirs, unet_table
 from .convert import IGNORE as TEXT_IGNORE
 from .convert import bigg_table, clip_l_table, vae_table
-from .errors import CheckpointError
+from .errors import CheckpointError, first_few
 from .model import PREFIXES, ModelConfig, SDXLModel
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -145,11 +145,6 @@ def _sub(shapes: Mapping, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def _first(keys, n: int = 3) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ModelConfig:
     """Detect the architecture of a single-file checkpoint from its tensor names and shapes alone."""
     u, c, v = (_sub(shapes, PREFIXES[k]) for k in ("unet", "conditioner", "vae"))
@@ -159,7 +154,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "check
         if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in shapes):
             raise CheckpointError(f"{name}: one component of a diffusers folder; pass the folder that holds model_index.json")
         raise CheckpointError(f"{name}: unknown architecture: no key starts with model.diffusion_model., conditioner. or "
-                              f"first_stage_model. (keys: {_first(shapes)})")
+                              f"first_stage_model. (keys: {first_few(shapes)})")
     if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
         raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
     try:
@@ -266,7 +261,7 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
             return ShardedFiles([SafetensorsFile(folder / s) for s in shards])
     pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
     if pickles:
-        raise CheckpointError(f"{folder}: only pickle weights ({_first(pickles)}); pickles can run arbitrary code and are "
+        raise CheckpointError(f"{folder}: only pickle weights ({first_few(pickles)}); pickles can run arbitrary code and are "
                               "never loaded here: use a release with .safetensors weights")
     raise CheckpointError(f"{folder}: no {stem}.safetensors (or .fp16 variant, or sharded index) found")
 
@@ -528,7 +523,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
         elif "encoder.conv_in.weight" in shapes:
             sd = dict(f)
         else:
-            raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {_first(shapes)})")
+            raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {first_few(shapes)})")
     try:
         cfg = vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()})
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_few(keys, n: int = 3) -> str:
+    """The first `n` keys, comma-separated, with ", ..." when there are more."""
+    keys = list(keys)
+    return ", ".join(map(str, keys[:n])) + (", ..." if len(keys) > n else "")
+
+
 class SDXLError(Exception):
     """Bad input from the user: a one-line message naming the problem and the fix."""
 
@@ -15,6 +21,5 @@ class CheckpointError(SDXLError):
         parts = []
         for label, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", list(shapes))):
             if ks:
-                head = ", ".join(ks[:3]) + (", ..." if len(ks) > 3 else "")
-                parts.append(f"{len(ks)} {label} tensor{'s' if len(ks) != 1 else ''} ({head})")
+                parts.append(f"{len(ks)} {label} tensor{'s' if len(ks) != 1 else ''} ({first_few(ks)})")
         return cls(f"{name}: {'; '.join(parts)}; is this an SDXL checkpoint of the expected kind?")

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import SafetensorsFile, _first
+from .checkpoint import SafetensorsFile
+from .errors import first_few
 from .convert import bigg_table, clip_l_table, unet_table
 from .errors import CheckpointError, SDXLError
 from .model import PREFIXES, ModelConfig, SDXLModel
-from .text_encoders import MultiheadSelfAttention, _causal_attention
+from .text_encoders import MultiheadSelfAttention
 
 # What kohya's sd-scripts trains by default (networks/lora.py: every Linear in a Transformer2DModel,
 # CLIPAttention, CLIPMLP), as suffixes of our module paths; bigG's fused q/k/v is `attn.in_proj`.
@@ -136,11 +137,9 @@ class FusedQKVLoRA(nn.Module):
         return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # MultiheadSelfAttention.forward, the three LoRA deltas added to the fused projection
-        a = self.base
+        a = self.base  # MultiheadSelfAttention.forward with the three LoRA deltas added to the fused projection
         qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias) + torch.cat([p.delta(x) for p in self.pairs], dim=-1)
-        q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, T, W)
-        return a.out_proj(_causal_attention(q, k, v, a.heads))
+        return a.attend(qkv)
 
     @torch.no_grad()
     def merge(self) -> MultiheadSelfAttention:
@@ -455,14 +454,14 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
     if unsupported:
         raise CheckpointError(f"{name}: {len(unsupported)} tensor{'s' if len(unsupported) != 1 else ''} that are no plain LoRA "
-                        f"({_first(unsupported)}); LoHa, LoKr, DoRA and other LyCORIS types are not supported")
+                        f"({first_few(unsupported)}); LoHa, LoKr, DoRA and other LyCORIS types are not supported")
     if not groups:
         raise CheckpointError(f"{name}: holds no LoRA tensors")
     names = _names(model.cfg)
     unknown = sorted(g for g in groups if g not in names)
     if unknown:
         raise CheckpointError(f"{name}: {len(unknown)} of {len(groups)} LoRA modules address nothing in this "
-                        f"{model.cfg.architecture} model ({_first(unknown)}); is it a LoRA for another model "
+                        f"{model.cfg.architecture} model ({first_few(unknown)}); is it a LoRA for another model "
                         "(SD 1.x/2.x, the SDXL base vs refiner) or for a component not loaded?")
     fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
            "peft" if any(".lora_A." in k for k in f) else "diffusers-old")
@@ -495,7 +494,7 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
             scale = _peft_scale(peft_cfg.get(site.component, {}), site.theirs, rank)
         plan.append((site, weight, up, down, scale))
     if problems:
-        raise CheckpointError(f"{name}: {len(problems)} bad LoRA module{'s' if len(problems) != 1 else ''}: {_first(problems)}")
+        raise CheckpointError(f"{name}: {len(problems)} bad LoRA module{'s' if len(problems) != 1 else ''}: {first_few(problems)}")
 
     report = LoadReport(f.path, fmt, float(multiplier))
     with torch.no_grad():

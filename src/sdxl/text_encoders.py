@@ -166,7 +166,11 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
+        return self.attend(F.linear(x, self.in_proj_weight, self.in_proj_bias))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Fused projections (B, T, 3W) -> attention output (B, T, W); LoRA adds its deltas before this."""
+        q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, T, W)
         return self.out_proj(_causal_attention(q, k, v, self.heads))
 
 
