@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from ..errors import SDXLError
 
@@ -114,31 +114,18 @@ def _manifest_entries(manifest: Path) -> list[tuple]:
     return sorted(out, key=lambda e: str(e[0]))
 
 
+# (w, h) sizes of the small synthetic sets: a spread of aspect ratios around 64 px
+SYNTHETIC_SIZES = ((64, 64), (96, 48), (48, 96), (64, 80), (80, 64), (120, 40))
+
+
 def make_synthetic(n: int, root: Path) -> Path:
-    """n images of one coloured shape on a plain background, various sizes and aspects, with captions; deterministic."""
+    """n captioned scenes of the synthetic world (`sdxl.world`) at small sizes of several aspects; deterministic."""
+    from ..world import make_dataset
+
     if (root / "done").is_file():
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    colours = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
-    backgrounds = {"white": (245, 245, 245), "black": (15, 15, 15)}
-    sizes = [(64, 64), (48, 96), (96, 48), (80, 64), (64, 80), (40, 120)]  # (h, w)
-    rng = np.random.default_rng(1234)
-    for i in range(n):
-        colour, bg, shape = (rng.choice(list(colours)), rng.choice(list(backgrounds)),
-                             rng.choice(["circle", "square", "triangle"]))
-        h, w = sizes[i % len(sizes)]
-        im = Image.new("RGB", (w, h), backgrounds[bg])
-        r = int(min(h, w) * rng.uniform(0.2, 0.4))
-        cx, cy = int(rng.integers(r, w - r + 1)), int(rng.integers(r, h - r + 1))
-        draw = ImageDraw.Draw(im)
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colours[colour])
-        elif shape == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colours[colour])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colours[colour])
-        im.save(root / f"{i:05d}.png")
-        (root / f"{i:05d}.txt").write_text(f"a {colour} {shape} on a {bg} background", encoding="utf-8")
+    make_dataset(root, n, seed=1234, sizes=SYNTHETIC_SIZES, supersample=2)
+    (root / "metadata.jsonl").unlink()  # the folder form (PNG + .txt) is what scan() reads here
     (root / "done").write_text("")
     return root
 
