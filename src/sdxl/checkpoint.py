@@ -171,13 +171,10 @@ def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
     if any(k.startswith("embedders.0.transformer.") for k in c):
         clip_l = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "clip")
         bigg = text_encoders.config_from_shapes(_sub(c, "embedders.1."), "openclip")
-        micro = conditioning.BASE_MICRO
     else:
-        clip_l, micro = None, conditioning.REFINER_MICRO
+        clip_l = None
         bigg = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "openclip")
-    scalars = sum(conditioning.MICRO_SIZES[m] for m in micro)
-    fourier = 256 if unet_cfg is None else (unet_cfg.adm_in_channels - bigg.proj_dim) // scalars
-    return conditioning.ConditionerConfig(clip_l, bigg, micro, fourier)
+    return conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -334,10 +331,7 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
     if "conditioner" in components and present("text_encoder_2"):
         bigg = text_config_from_diffusers(_read_json(folder / "text_encoder_2" / "config.json"))
         clip_l = text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json")) if present("text_encoder") else None
-        micro = conditioning.BASE_MICRO if clip_l else conditioning.REFINER_MICRO
-        scalars = sum(conditioning.MICRO_SIZES[m] for m in micro)
-        fourier = 256 if unet_cfg is None else (unet_cfg.adm_in_channels - bigg.proj_dim) // scalars
-        cond_cfg = conditioning.ConditionerConfig(clip_l, bigg, micro, fourier)
+        cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
         if clip_l:
             w = weights("text_encoder")
             if not any(k.startswith("text_model.") for k in w):  # transformers 5 saves CLIPTextModel without it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import SDXLError
@@ -189,12 +190,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             a.prompt = prompt
         req = _request_from_args(a, info)
         if args.prompts:
-            from dataclasses import replace
-
             req = replace(req, seed=req.seed + k * req.batch)
         if init_latent is not None:
-            from dataclasses import replace
-
             req = replace(req, init_latent=init_latent, width=init_latent.shape[-1] * pipe.latent_factor,
                           height=init_latent.shape[-2] * pipe.latent_factor)
         bar = tqdm(total=_total_steps(req), desc=f"seed {req.seed}", unit="step", disable=args.quiet)
@@ -261,15 +258,9 @@ def _load_latent(path: str, index: int | None):
         if not 0 <= index < t.shape[0]:
             raise SDXLError(f"--latent-index {index} is out of range: {path} holds {t.shape[0]} latents")
         t = t[index:index + 1]
-    if not torch_isfinite(t):
+    if not bool(t.isfinite().all()):
         raise SDXLError(f"{path}: the latent holds non-finite values")
     return t.clone()
-
-
-def torch_isfinite(t) -> bool:
-    import torch
-
-    return bool(torch.isfinite(t).all())
 
 
 def _distributed_rank() -> tuple[int, int]:

@@ -37,6 +37,16 @@ class ConditionerConfig:
         return self.bigg.proj_dim + self.fourier_dim * sum(MICRO_SIZES[m] for m in self.micro)
 
 
+def conditioner_config(clip_l: TextEncoderConfig | None, bigg: TextEncoderConfig,
+                       adm_in_channels: int | None) -> ConditionerConfig:
+    """The conditioner of a checkpoint: base micro-conditioning with CLIP-L, the refiner's without; the Fourier
+    width is what the UNet's vector input leaves after the pooled embedding (256 when there is no UNet)."""
+    micro = BASE_MICRO if clip_l is not None else REFINER_MICRO
+    scalars = sum(MICRO_SIZES[m] for m in micro)
+    fourier = 256 if adm_in_channels is None else (adm_in_channels - bigg.proj_dim) // scalars
+    return ConditionerConfig(clip_l, bigg, micro, fourier)
+
+
 SDXL_BASE_CONDITIONER = ConditionerConfig(CLIP_L, OPENCLIP_BIGG, BASE_MICRO)
 SDXL_REFINER_CONDITIONER = ConditionerConfig(None, OPENCLIP_BIGG, REFINER_MICRO)
 
