@@ -281,3 +281,31 @@ def test_off_bucket_size_warns_for_official_models(ours, monkeypatch):
     with pytest.warns(UserWarning, match=r"64x48 is not one of SDXL's trained sizes.*nearest aspect ratio it was "
                                          r"trained on: 1152x896"):
         ours.generate(req)
+
+
+def test_unet_only_refiner_shares_the_base_text_encoder(models, tmp_path):
+    """A refiner file with only `model.diffusion_model.*` gets the base's bigG: the same images as a full refiner
+    file holding that encoder; a UNet that does not fit it is a one-line error."""
+    from safetensors.torch import save_file
+
+    from sdxl.errors import SDXLError
+
+    base, refiner, _ = models
+    full = SDXLModel(TINY_REFINER)
+    full.load_state_dict(refiner.state_dict())
+    full.conditioner.bigg.load_state_dict(base.conditioner.bigg.state_dict())
+    ck.save_single_file(base, tmp_path / "base.safetensors")
+    ck.save_single_file(full, tmp_path / "refiner_full.safetensors")
+    unet_only = {k: v.contiguous() for k, v in full.state_dict().items() if k.startswith("model.diffusion_model.")}
+    save_file(unet_only, str(tmp_path / "refiner_unet.safetensors"))
+    req = Request("a lighthouse", width=SIZE, height=SIZE, steps=6, seed=3, refiner_switch=0.6)
+    kw = dict(dtype=torch.float32, channels_last=False)
+    a = Pipeline.load(tmp_path / "base.safetensors", tmp_path / "refiner_full.safetensors", **kw)
+    b = Pipeline.load(tmp_path / "base.safetensors", tmp_path / "refiner_unet.safetensors", **kw)
+    assert b.refiner.cfg.is_refiner and b.refiner.conditioner.bigg is b.base.conditioner.bigg
+    torch.testing.assert_close(b.generate(req).latents, a.generate(req).latents, rtol=0, atol=0)
+    wrong = SDXLModel(dataclasses.replace(TINY_REFINER, conditioner=None, vae=None,
+                                          unet=dataclasses.replace(TINY_REFINER.unet, context_dim=64)))
+    save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(SDXLError, match="does not fit the base's bigG"):
+        Pipeline.load(tmp_path / "base.safetensors", tmp_path / "wrong.safetensors", **kw)

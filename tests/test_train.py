@@ -306,6 +306,35 @@ def test_refiner_trains_on_the_first_200_noise_levels(tmp_path, monkeypatch):
     assert ck.load(final).cfg.is_refiner
 
 
+def test_micro_conditioning_ablations_and_dropping_small_images(tmp_path, monkeypatch):
+    """The report's ablations (§2.2): no size conditioning tells the bucket's size, no crop conditioning (0, 0);
+    min_original_size drops the small images before bucketing."""
+    seen = []
+    real = loop.Objective.forward
+    monkeypatch.setattr(loop.Objective, "forward", lambda self, inputs: seen.append(inputs) or real(self, inputs))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(20, 60), (24, 40), (48, 96), (64, 40), (80, 80)]):
+        Image.new("RGB", (w, h), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    loop.train(tiny(dataset=str(folder), steps=3, checkpoint_every=3, size_conditioning=False,
+                    crop_conditioning=False), tmp_path / "a", quiet=True)
+    for inputs in seen:
+        m = inputs["micro"]
+        assert torch.equal(m["original_size"], m["target_size"]) and m["crop_coords_top_left"].abs().max() == 0
+    seen.clear()
+    loop.train(tiny(dataset=str(folder), steps=6, checkpoint_every=6), tmp_path / "b", quiet=True)
+    sizes = {tuple(map(int, s)) for i in seen for s in i["micro"]["original_size"]}
+    crops = {tuple(map(int, c)) for i in seen for c in i["micro"]["crop_coords_top_left"]}
+    assert (20, 60) in sizes and crops != {(0, 0)}  # the real sizes and offsets when on
+    seen.clear()
+    loop.train(tiny(dataset=str(folder), steps=4, checkpoint_every=4, min_original_size=40), tmp_path / "c",
+               quiet=True)
+    assert {tuple(map(int, s)) for i in seen for s in i["micro"]["original_size"]} <= {(48, 96), (64, 40), (80, 80)}
+    assert events(tmp_path / "c", "data")[0]["dropped_small"] == 2
+    with pytest.raises(SDXLError, match="smaller than min_original_size"):
+        loop.train(tiny(dataset=str(folder), min_original_size=500), tmp_path / "d", quiet=True)
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = tiny(steps=6)
     out = tmp_path / "run"

@@ -209,6 +209,24 @@ class GuidedDenoiser:
         return self.denoise(x, sigma.float(), guided=guided)
 
 
+def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "refiner") -> SDXLModel:
+    """A UNet-only refiner file gets the base's bigG encoder (shared, not copied), with the refiner's
+    micro-conditioning. The official refiner's bigG equals the base's; diffusers' docs share it the same way."""
+    from .conditioning import Conditioner, conditioner_config
+    from .model import ModelConfig
+
+    bigg, unet = base.conditioner.bigg, refiner.unet.cfg
+    cfg = conditioner_config(None, bigg.cfg, unet.adm_in_channels)
+    if unet.context_dim != bigg.cfg.width or cfg.vector_dim != unet.adm_in_channels:
+        raise SDXLError(f"{name}: a UNet-only refiner (context {unet.context_dim}, vector {unet.adm_in_channels}) "
+                        f"does not fit the base's bigG encoder (width {bigg.cfg.width}, pooled {bigg.cfg.proj_dim}) "
+                        "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
+    conditioner = Conditioner(cfg, device="meta")
+    conditioner.embedders[0] = bigg
+    refiner.conditioner, refiner.cfg = conditioner, ModelConfig(unet, cfg, None)
+    return refiner
+
+
 class Pipeline:
     """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`."""
 
@@ -241,6 +259,8 @@ class Pipeline:
 
         base = load(model, device, dtype, vae_path=vae)
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
+        if ref is not None and "conditioner" not in ref.components():
+            ref = with_base_text_encoder(ref, base, str(refiner))
         return cls(base, ref, device, dtype, **kw)
 
     # --- conditioning ------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class TrainConfig:
     random_crop: bool = True  # False: centre crop
     caption_dropout: float = 0.1  # dropped captions get what inference uses for an empty prompt
     aesthetic_score: float = 6.0  # refiner micro-conditioning when the manifest gives none
+    min_original_size: int = 0  # drop images whose shorter side is below this (report §2.2's "discard small images")
+    # ablations of the micro-conditioning (report §2.2): off = the model is told nothing useful
+    size_conditioning: bool = True  # False: original_size is always the bucket's size
+    crop_conditioning: bool = True  # False: crop_coords_top_left is always (0, 0)
     cache_dir: str = ""  # cache VAE latents and text embeddings here (safetensors); one crop per image
     num_workers: int = 0  # DataLoader worker processes
     # --- the objective (SDXL.md §4) -------------------------------------------------------------
@@ -239,6 +243,7 @@ def check(cfg: TrainConfig) -> None:
         (0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.resolution > 0 and cfg.bucket_step > 0 and cfg.resolution % cfg.bucket_step == 0,
          f"resolution ({cfg.resolution}) must be a positive multiple of bucket_step ({cfg.bucket_step})"),
+        (cfg.min_original_size >= 0, f"min_original_size must be at least 0, got {cfg.min_original_size}"),
         (cfg.max_aspect >= 1.0, f"max_aspect must be at least 1, got {cfg.max_aspect}"),
         (cfg.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {cfg.checkpoint_every}"),
         (cfg.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}"),

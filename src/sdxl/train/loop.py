@@ -81,6 +81,11 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
         data.make_synthetic(int(cfg.dataset.split(":", 1)[1]), output / f"synthetic-{cfg.dataset.split(':', 1)[1]}")
     barrier()
     items, skipped = data.scan(cfg.dataset, output)
+    small = [it for it in items if min(it.size) < cfg.min_original_size]
+    if small:
+        items = [it for it in items if min(it.size) >= cfg.min_original_size]
+        if not items:
+            raise SDXLError(f"every image is smaller than min_original_size {cfg.min_original_size}")
     buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
     bucket_of = [data.nearest_bucket(it.size, buckets) for it in items]
     if cfg.cache_dir:
@@ -90,7 +95,7 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
     else:
         dataset = data.ImageDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score)
     plan = data.BucketBatches(bucket_of, cfg.batch_size * world, cfg.seed)
-    log.event("data", images=len(items), skipped=len(skipped), skipped_files=skipped[:100],
+    log.event("data", images=len(items), skipped=len(skipped), dropped_small=len(small), skipped_files=skipped[:100],
               buckets={f"{buckets[b][0]}x{buckets[b][1]}": len(m) for b, m in sorted(plan.members.items())},
               batches_per_epoch=len(plan))
 
@@ -311,9 +316,13 @@ def prepare(batch: dict, model: SDXLModel, tokenizer: Tokenizer, cfg: TrainConfi
     draw = lambda size: torch.cat([torch.randn((1, *size), generator=g) for g in gens]).to(device)  # noqa: E731
     latents = (mean + std * draw(shape)) * vae.cfg.scaling_factor
     noise = draw(shape) + cfg.offset_noise * draw((shape[0], 1, 1))  # offset noise (Guttenberg 2023)
+    micro = {k: batch[k] for k in ("original_size", "crop_coords_top_left", "target_size", "aesthetic_score")}
+    if not cfg.size_conditioning:  # ablation: the model cannot tell an upscaled small image (report §2.2)
+        micro["original_size"] = micro["target_size"]
+    if not cfg.crop_conditioning:
+        micro["crop_coords_top_left"] = torch.zeros_like(micro["crop_coords_top_left"])
     inputs = {"latents": latents, "noise": noise, "t": t.to(device), "drop": drop.to(device),
-              "micro": {k: batch[k].to(device) for k in
-                        ("original_size", "crop_coords_top_left", "target_size", "aesthetic_score")}}
+              "micro": {k: v.to(device) for k, v in micro.items()}}
     if "crossattn" in batch:
         d = drop.to(device)
         inputs["crossattn"] = torch.where(d[:, None, None], empty_text[0], batch["crossattn"].to(device))

@@ -1,0 +1,166 @@
+"""Train a small SDXL-family VAE (sgm AutoencoderKL) from scratch: reconstruction + a little KL.
+
+The SDXL VAE was trained with L1 + LPIPS + a patch GAN and a KL weight of 1e-6 (report §2.4, sgm
+`autoencoder_kl` configs). The synthetic world is flat colours and sharp edges, so L1 + MSE and
+the same tiny KL do here without a perceptual network. Crops come from the same resize-and-crop
+as the UNet trainer's buckets (data.py), so the VAE sees upscaled small images too.
+
+The latent scale is folded into the weights at the end: SDXL checkpoints do not store
+`scaling_factor`, and loaders apply 0.13025, so `quant_conv` / `post_quant_conv` are rescaled
+until latents x 0.13025 have unit variance, which the diffusion schedule assumes (LDM §3).
+
+    python -m sdxl.train.vae --dataset runs/default/data --out runs/default/vae.safetensors --steps 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint as checkpoint_io
+from ..errors import SDXLError
+from ..model import ModelConfig, SDXLModel
+from ..vae import VAEConfig
+from . import data
+
+# f = 8 (four levels), 4 latent channels, one ResnetBlock per level: about 1M parameters
+SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    dataset: str  # a folder of images (+ captions, unused) or a .jsonl manifest
+    vae: VAEConfig = field(default_factory=lambda: SMALL_VAE)
+    crop: int = 64  # square training crops, cut from bucket-sized images
+    resolution: int = 128  # bucket area and shape as in the UNet's training
+    bucket_step: int = 32
+    max_aspect: float = 2.0
+    batch_size: int = 16
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    kl_weight: float = 1e-6  # sgm's autoencoder_kl weight, on the summed KL per image
+    seed: int = 0
+    device: str = ""
+    num_workers: int = 0
+
+
+class Crops(torch.utils.data.Dataset):
+    """Sample k -> one random crop, a pure function of (seed, k)."""
+
+    def __init__(self, items: list[data.Item], cfg: VAETrainConfig):
+        self.items, self.cfg = items, cfg
+        self.buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
+
+    def __len__(self) -> int:
+        return self.cfg.steps * self.cfg.batch_size
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        rng = np.random.default_rng(data.stable_seed(self.cfg.seed, "vae", k))
+        item = self.items[int(rng.integers(len(self.items)))]
+        bucket = self.buckets[data.nearest_bucket(item.size, self.buckets)]
+        pixels = data.load_crop(item.path, *data.crop_box(item.size, bucket, rng), bucket)
+        c = self.cfg.crop
+        top, left = int(rng.integers(0, bucket[0] - c + 1)), int(rng.integers(0, bucket[1] - c + 1))
+        return pixels[:, top:top + c, left:left + c]
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+    """(loss, l1) for a batch in [-1, 1]: L1 + MSE per pixel, plus kl_weight x the KL summed per image."""
+    posterior = vae.encode(x)
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x)
+    recon = vae.decode(z)
+    l1 = (recon - x).abs().mean()
+    kl = 0.5 * (posterior.mean.square() + posterior.std.square() - 1 - posterior.logvar).sum() / x.shape[0]
+    return l1 + (recon - x).square().mean() + kl_weight * kl / x[0].numel(), l1
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, images: torch.Tensor, scaling_factor: float) -> float:
+    """Rescale quant_conv (mean rows, log-variance bias) and post_quant_conv so that the posterior means of
+    `images`, times `scaling_factor`, have unit standard deviation; decoding is unchanged. Returns the factor."""
+    std = float(vae.encode(images).mean.std())
+    k = 1.0 / (scaling_factor * std)
+    c = vae.cfg.embed_dim
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.quant_conv.bias[c:] += 2 * math.log(k)  # the std scales by k too
+    vae.post_quant_conv.weight /= k
+    return k
+
+
+def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path:
+    """Train, fold the latent scale, write a standalone VAE file (`first_stage_model.*`, fp32) and `out`.json."""
+    out = Path(out)
+    if out.exists():
+        raise SDXLError(f"{out}: already exists; choose another --out (nothing was overwritten)")
+    items, skipped = data.scan(cfg.dataset, out.parent)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    model = SDXLModel(ModelConfig(None, None, cfg.vae), device=device)
+    vae = model.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    loader = torch.utils.data.DataLoader(Crops(items, cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    started, log = time.perf_counter(), []
+    for step, x in enumerate(loader):
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if step >= cfg.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, l1 = vae_loss(vae, x.to(device), cfg.kl_weight, generator)
+        if not torch.isfinite(loss):
+            raise SDXLError(f"VAE training: non-finite loss at step {step + 1}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            log.append({"step": step + 1, "loss": round(float(loss), 5), "l1": round(float(l1), 5),
+                        "seconds": round(time.perf_counter() - started, 1)})
+            if not quiet:
+                print(json.dumps(log[-1]), flush=True)
+    vae.eval()
+    held_out = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1}))[k]
+                            for k in range(64)]).to(device)
+    k = fold_latent_scale(vae, held_out, cfg.vae.scaling_factor)
+    with torch.no_grad():
+        mse = float((vae.decode(vae.encode(held_out).mean).clamp(-1, 1) - held_out).square().mean())
+    psnr = 10 * math.log10(4.0 / mse)  # pixels span 2 (-1..1)
+    meta = {"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.vae.__dict__.items()},
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr, "seed": cfg.seed,
+            "images": len(items), "skipped": len(skipped), "latent_scale_folded": k, "held_out_psnr_db": round(psnr, 2),
+            "seconds": round(time.perf_counter() - started, 1), "log": log}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_io.save_single_file(model.cpu(), out, metadata={"sdxl.train.vae": json.dumps(meta)})
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    if not quiet:
+        print(f"wrote {out}: held-out PSNR {psnr:.1f} dB, latent scale x{k:.3g} folded in")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdxl.train.vae", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True, help="the VAE file to write (.safetensors)")
+    for name, default in VAETrainConfig.__dataclass_fields__.items():
+        if name not in ("dataset", "vae"):
+            p.add_argument("--" + name.replace("_", "-"), type=type(default.default), default=default.default)
+    args = vars(p.parse_args(argv))
+    out = args.pop("out")
+    try:
+        train_vae(VAETrainConfig(**args), out)
+    except SDXLError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
