@@ -305,29 +305,38 @@ def border_cut(image: Image.Image | np.ndarray, threshold: float = 60.0, min_run
 
 
 def make_dataset(out_dir: str | Path, n: int, seed: int, sizes: tuple[tuple[int, int], ...] = DATASET_SIZES,
-                 supersample: int = 4) -> list[dict]:
+                 supersample: int = 4, workers: int = 1) -> list[dict]:
     """Write n captioned PNGs (`000000.png` + `000000.txt`) and `metadata.jsonl`; returns the jsonl records.
 
     Image i depends only on (seed, i): its scene and its (width, height), drawn uniformly from
     `sizes`. A record is {"file", "caption", "width", "height", "scene"} (`Scene.to_dict`); the trainer reads
-    the folder (PNG + .txt) or `metadata.jsonl` as a manifest.
+    the folder (PNG + .txt) or `metadata.jsonl` as a manifest. `workers` > 1 renders in that many processes.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        rng = random.Random(seed * 1_000_003 + i)
-        width, height = rng.choice(sizes)
-        scene = sample_scene(rng)
-        stem = f"{i:06d}"
-        render(scene, width, height, supersample).save(out / f"{stem}.png")
-        (out / f"{stem}.txt").write_text(scene.caption + "\n")
-        records.append({"file": f"{stem}.png", "caption": scene.caption, "width": width, "height": height,
-                        "scene": scene.to_dict()})
+    jobs = [(out, i, seed, sizes, supersample) for i in range(n)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            records = pool.starmap(_write_example, jobs, chunksize=64)
+    else:
+        records = [_write_example(*job) for job in jobs]
     with open(out / "metadata.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return records
+
+
+def _write_example(out: Path, i: int, seed: int, sizes, supersample: int) -> dict:
+    rng = random.Random(seed * 1_000_003 + i)
+    width, height = rng.choice(sizes)
+    scene = sample_scene(rng)
+    stem = f"{i:06d}"
+    render(scene, width, height, supersample).save(out / f"{stem}.png")
+    (out / f"{stem}.txt").write_text(scene.caption + "\n")
+    return {"file": f"{stem}.png", "caption": scene.caption, "width": width, "height": height,
+            "scene": scene.to_dict()}
 
 
 def load_metadata(out_dir: str | Path) -> list[dict]:

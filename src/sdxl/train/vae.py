@@ -39,7 +39,7 @@ SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 class VAETrainConfig:
     dataset: str  # a folder of images (+ captions, unused) or a .jsonl manifest
     vae: VAEConfig = field(default_factory=lambda: SMALL_VAE)
-    crop: int = 64  # square training crops, cut from bucket-sized images
+    crop: int = 64  # square training crops, cut from bucket-sized images; 0: whole buckets (one bucket per batch)
     resolution: int = 128  # bucket area and shape as in the UNet's training
     bucket_step: int = 32
     max_aspect: float = 2.0
@@ -51,6 +51,8 @@ class VAETrainConfig:
     seed: int = 0
     device: str = ""
     num_workers: int = 0
+    init: str = ""  # start from this VAE file
+    decoder_only: bool = False  # train the decoder alone: the latent space (and every UNet on it) is kept
 
 
 class Crops(torch.utils.data.Dataset):
@@ -59,12 +61,20 @@ class Crops(torch.utils.data.Dataset):
     def __init__(self, items: list[data.Item], cfg: VAETrainConfig):
         self.items, self.cfg = items, cfg
         self.buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
+        self.members: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            self.members.setdefault(data.nearest_bucket(it.size, self.buckets), []).append(i)
 
     def __len__(self) -> int:
         return self.cfg.steps * self.cfg.batch_size
 
     def __getitem__(self, k: int) -> torch.Tensor:
         rng = np.random.default_rng(data.stable_seed(self.cfg.seed, "vae", k))
+        if self.cfg.crop == 0:  # whole buckets: every sample of batch k // batch_size from one bucket
+            b = sorted(self.members)[data.stable_seed(self.cfg.seed, "bucket", k // self.cfg.batch_size)
+                                     % len(self.members)]
+            item = self.items[self.members[b][int(rng.integers(len(self.members[b])))]]
+            return data.load_crop(item.path, *data.crop_box(item.size, self.buckets[b], rng), self.buckets[b])
         item = self.items[int(rng.integers(len(self.items)))]
         bucket = self.buckets[data.nearest_bucket(item.size, self.buckets)]
         pixels = data.load_crop(item.path, *data.crop_box(item.size, bucket, rng), bucket)
@@ -105,9 +115,14 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
     items, skipped = data.scan(cfg.dataset, out.parent)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    model = SDXLModel(ModelConfig(None, None, cfg.vae), device=device)
+    model = SDXLModel(ModelConfig(None, None, checkpoint_io.load_vae(cfg.init).cfg if cfg.init else cfg.vae),
+                      device=device)
+    if cfg.init:
+        model.vae.load_state_dict(checkpoint_io.load_vae(cfg.init).state_dict())
     vae = model.vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if cfg.decoder_only else [
+        *vae.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(Crops(items, cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     generator = torch.Generator().manual_seed(cfg.seed)
     started, log = time.perf_counter(), []
@@ -121,21 +136,22 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             raise SDXLError(f"VAE training: non-finite loss at step {step + 1}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            log.append({"step": step + 1, "loss": round(float(loss), 5), "l1": round(float(l1), 5),
+            log.append({"step": step + 1, "loss": round(loss.item(), 5), "l1": round(l1.item(), 5),
                         "seconds": round(time.perf_counter() - started, 1)})
             if not quiet:
                 print(json.dumps(log[-1]), flush=True)
     vae.eval()
-    held_out = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1}))[k]
+    held_out = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))[k]
                             for k in range(64)]).to(device)
-    k = fold_latent_scale(vae, held_out, cfg.vae.scaling_factor)
+    k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, held_out, vae.cfg.scaling_factor)
     with torch.no_grad():
         mse = float((vae.decode(vae.encode(held_out).mean).clamp(-1, 1) - held_out).square().mean())
     psnr = 10 * math.log10(4.0 / mse)  # pixels span 2 (-1..1)
-    meta = {"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.vae.__dict__.items()},
+    meta = {"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vae.cfg.__dict__.items()},
+            "init": cfg.init, "decoder_only": cfg.decoder_only,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr, "seed": cfg.seed,
             "images": len(items), "skipped": len(skipped), "latent_scale_folded": k, "held_out_psnr_db": round(psnr, 2),
             "seconds": round(time.perf_counter() - started, 1), "log": log}
@@ -152,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True, help="the VAE file to write (.safetensors)")
     for name, default in VAETrainConfig.__dataclass_fields__.items():
-        if name not in ("dataset", "vae"):
+        if name in ("dataset", "vae"):
+            continue
+        if isinstance(default.default, bool):
+            p.add_argument("--" + name.replace("_", "-"), action="store_true")
+        else:
             p.add_argument("--" + name.replace("_", "-"), type=type(default.default), default=default.default)
     args = vars(p.parse_args(argv))
     out = args.pop("out")

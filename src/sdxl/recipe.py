@@ -1,0 +1,301 @@
+"""The recipe of the embedded default model: world data, VAE, base, refiner, and the eval variants.
+
+    python -m sdxl.recipe --out runs/default                       # data, vae, init, base, refiner, export
+    python -m sdxl.recipe --out runs/default --stages variants,export-variants
+    python -m sdxl.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
+
+Everything is a small SDXL-family model that `sdxl.checkpoint` reads from shapes alone:
+- text encoders: CLIP-L-style and bigG-style, width 64, two layers, frozen at their random
+  initialisation (seed 0). The world's captions use ~30 words of a closed grammar; a random causal
+  transformer already maps each caption to distinct token features, and the UNet's cross-attention
+  learns to read them. Training CLIP would need contrastive pairs and time, and buys nothing the
+  judge can see. Their 49408-row token tables are most of the shipped bytes (2 x 6.3 MB in fp16).
+- VAE: f = 8, 4 latent channels (`sdxl.train.vae`), trained on the same images.
+- base: a 3-level UNet (64, 64, 128 channels, attention on the two lower levels) conditioned like
+  SDXL's: both encoders, pooled bigG, original size, crop and target size (report §2.2).
+- refiner: a 2-level UNet on bigG + original size, crop, aesthetic score, trained on the first
+  200 of 1000 noise levels (report §2.5); shipped UNet-only and run with the base's bigG.
+- variants (for `sdxl eval`): a smaller UNet trained four ways: all micro-conditioning ("full"),
+  no size conditioning ("no-size"), no size conditioning with images under 128 px dropped
+  ("no-size-drop-small"), no crop conditioning ("no-crop"), otherwise identical.
+
+Data: `world.make_dataset` scenes rendered at original sizes from 32 to 256 px on the shorter side and
+aspect ratios 1:2 to 2:1; the trainer resizes them to 128^2-pixel buckets (128x128, 160x96, 96x160)
+and crops at random, so small originals arrive blurred and off-bucket aspects arrive cropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as checkpoint_io
+from .conditioning import BASE_MICRO, REFINER_MICRO, ConditionerConfig
+from .errors import SDXLError
+from .model import ModelConfig, SDXLModel
+from .text_encoders import TextEncoderConfig
+from .unet import UNetConfig
+
+ASSETS = Path(__file__).parent / "assets"
+RESOLUTION = 128
+CLIP_L_SMALL = TextEncoderConfig(width=64, layers=2, act="quick_gelu")
+BIGG_SMALL = TextEncoderConfig(width=64, layers=2, act="gelu", proj_dim=64)
+BASE_UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+                       transformer_depth_middle=1, context_dim=128, adm_in_channels=64 + 6 * 256)
+REFINER_UNET = UNetConfig(model_channels=64, channel_mult=(1, 1), num_res_blocks=1, transformer_depth=(0, 1),
+                          transformer_depth_middle=1, context_dim=64, adm_in_channels=64 + 5 * 256)
+VARIANT_UNET = UNetConfig(model_channels=64, channel_mult=(1, 1), num_res_blocks=1, transformer_depth=(0, 1),
+                          transformer_depth_middle=1, context_dim=128, adm_in_channels=64 + 6 * 256)
+
+# original (width, height): shorter side 32-256 px times aspect ratios 1:2 .. 2:1, a third of them square;
+# 5:4 goes to the square bucket and 2:1 to 160x96, both cropped by up to 32 px (report §2.2's crops)
+SHORT_SIDES = (32, 48, 64, 96, 128, 192, 256)
+ASPECTS = ((1, 1), (1, 1), (1, 1), (5, 4), (4, 5), (5, 3), (3, 5), (2, 1), (1, 2))
+DATA_SIZES = tuple((s * a // min(a, b), s * b // min(a, b)) for s in SHORT_SIDES for a, b in ASPECTS)
+IMAGES = 20000
+
+TRAIN = dict(resolution=RESOLUTION, bucket_step=32, max_aspect=2.0, caption_dropout=0.1, offset_noise=0.05,
+             batch_size=32, lr=3e-4, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999, max_grad_norm=1.0,
+             checkpoint_every=1000, keep_checkpoints=1, save_dtype="fp16", seed=0)
+STEPS = {"vae": 1500, "base": 5000, "refiner": 2500, "variant": 2000}
+VARIANTS = {"full": {}, "no-size": {"size_conditioning": False},
+            "no-size-drop-small": {"size_conditioning": False, "min_original_size": RESOLUTION},
+            "no-crop": {"crop_conditioning": False}}
+STAGES = ("data", "vae", "init", "base", "refiner", "variants", "export", "export-variants")
+DEFAULT_STAGES = ("data", "vae", "init", "base", "refiner", "export")
+
+
+def scaled(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def make_data(out: Path, scale: float, jobs: int) -> Path:
+    from .world import make_dataset
+
+    folder = out / "data"
+    if not (folder / "done").is_file():
+        make_dataset(folder, scaled(IMAGES, scale), seed=2026, sizes=DATA_SIZES, workers=jobs)
+        (folder / "metadata.jsonl").unlink()  # the trainer reads the folder form (PNG + .txt)
+        (folder / "done").write_text("")
+    return folder
+
+
+def make_vae(out: Path, scale: float, workers: int) -> Path:
+    from .train.vae import VAETrainConfig, train_vae
+
+    path = out / "vae.safetensors"
+    if not path.is_file():
+        train_vae(VAETrainConfig(dataset=str(out / "data"), steps=scaled(STEPS["vae"], scale), num_workers=workers,
+                                 resolution=RESOLUTION), path)
+    return path
+
+
+def make_init(out: Path) -> None:
+    """Random UNets and text encoders (seed 0; both bigG encoders equal) around the trained VAE."""
+    vae = checkpoint_io.load_vae(out / "vae.safetensors")
+    base_cond = ConditionerConfig(CLIP_L_SMALL, BIGG_SMALL, BASE_MICRO)
+    for name, unet in (("base", BASE_UNET), ("variant", VARIANT_UNET), ("refiner", REFINER_UNET)):
+        path = out / f"init_{name}.safetensors"
+        if path.is_file():
+            continue
+        torch.manual_seed(0)
+        base = SDXLModel(ModelConfig(unet if name != "refiner" else BASE_UNET, base_cond, vae.cfg))
+        if name == "refiner":
+            torch.manual_seed(1)
+            model = SDXLModel(ModelConfig(unet, ConditionerConfig(None, BIGG_SMALL, REFINER_MICRO), vae.cfg))
+            model.conditioner.bigg.load_state_dict(base.conditioner.bigg.state_dict())
+        else:
+            model = base
+        model.vae.load_state_dict(vae.state_dict())
+        checkpoint_io.save_single_file(model, path)
+
+
+def train_config(stage: str, out: Path, scale: float, workers: int, variant: str = "", cache: bool = False):
+    from .train import config
+
+    values = {**TRAIN, "dataset": str(out / "data"), "num_workers": workers}
+    if cache:  # one crop per image, VAE and text encoders run once: what makes the CPU budget
+        values["cache_dir"] = str(out / f"cache-{stage}")
+    if stage == "base":
+        values |= {"model": str(out / "init_base.safetensors"), "steps": scaled(STEPS["base"], scale)}
+    elif stage == "refiner":
+        values |= {"model": str(out / "init_refiner.safetensors"), "steps": scaled(STEPS["refiner"], scale),
+                   "timestep_range": (0, 200)}
+    else:
+        values |= {"model": str(out / "init_variant.safetensors"), "steps": scaled(STEPS["variant"], scale),
+                   **VARIANTS[variant]}
+    values["warmup_steps"] = min(values["warmup_steps"], values["steps"] // 10)
+    return config.build(values)
+
+
+class Deadline(Exception):
+    pass
+
+
+def now() -> float:
+    return time.time()
+
+
+def run_training(stage: str, out: Path, scale: float, workers: int, variant: str = "", cache: bool = False,
+                 deadline: float = math.inf) -> Path:
+    """Train one model (resuming an interrupted run); past `deadline` (epoch seconds) stop and take the
+    latest checkpoint's EMA weights instead (`partial.safetensors`), so a time-boxed run still ends with a model."""
+    from .train import checkpointing
+    from .train.loop import train
+
+    folder = out / (stage if stage != "variants" else f"variant-{variant}")
+    if (folder / "final.safetensors").is_file():
+        return folder / "final.safetensors"
+    cfg = train_config(stage, out, scale, workers, variant, cache)
+    if deadline < math.inf:
+        cfg = dataclasses.replace(cfg, checkpoint_every=min(cfg.checkpoint_every, 250))
+
+    def on_step(state):
+        if now() > deadline:
+            raise Deadline
+
+    try:
+        return train(cfg, folder, resume=checkpointing.latest(folder) is not None, quiet=True, on_step=on_step)
+    except Deadline:
+        latest = checkpointing.latest(folder)
+        if latest is None:
+            raise SDXLError(f"{folder}: the deadline came before the first checkpoint") from None
+        ckpt = checkpointing.load(latest, 0)
+        model = checkpoint_io.load(cfg.model, dtype=torch.float32)
+        model.load_state_dict(ckpt["ema"] or ckpt["trained"], strict=False)
+        meta = {"sdxl.train.config": json.dumps(cfg.to_dict()), "sdxl.recipe.partial_step": str(ckpt["state"]["step"])}
+        return checkpoint_io.save_single_file(model, folder / "partial.safetensors", dtype=torch.float16,
+                                              metadata=meta, overwrite=True)
+
+
+def trained_file(out: Path, stage: str) -> Path:
+    folder = out / stage
+    return folder / "final.safetensors" if (folder / "final.safetensors").is_file() else folder / "partial.safetensors"
+
+
+def unet_only(src: Path, dst: Path, metadata: dict) -> None:
+    """The UNet of a single file (`model.diffusion_model.*`), fp16."""
+    from safetensors.torch import save_file
+
+    f = checkpoint_io.SafetensorsFile(src)
+    state = {k: f[k].to(torch.float16).contiguous() for k in f.shapes() if k.startswith("model.diffusion_model.")}
+    save_file(state, str(dst), metadata=metadata)
+
+
+def record(out: Path, stage: str) -> dict:
+    log = [json.loads(x) for x in (out / stage / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "event" not in r]
+    rec = {"steps": steps[-1]["step"], "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"]}
+    if not (out / stage / "final.safetensors").is_file():  # stopped at the deadline: weights of its last checkpoint
+        from .train import checkpointing
+
+        rec["stopped_at_deadline"], rec["weights_of_step"] = True, int(checkpointing.latest(out / stage).name[5:])
+    return rec
+
+
+def export(out: Path, dest: Path, command: str) -> None:
+    """default_base.safetensors (full, fp16), default_refiner.safetensors (UNet only, fp16), default_model.json."""
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = {"sdxl.recipe": command}
+    model = checkpoint_io.load(trained_file(out, "base"), dtype=torch.float32)
+    checkpoint_io.save_single_file(model, dest / "default_base.safetensors", dtype=torch.float16, metadata=meta,
+                                   overwrite=True)
+    unet_only(trained_file(out, "refiner"), dest / "default_refiner.safetensors", meta)
+    vae = json.loads((out / "vae.json").read_text())
+    info = {"resolution": RESOLUTION, "steps": 20, "cfg": 5.0, "sampler": "euler", "refiner_switch": 0.8,
+            "recipe": command, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "vae": {k: vae[k] for k in ("steps", "seconds", "held_out_psnr_db")},
+            "base": record(out, "base"), "refiner": record(out, "refiner")}
+    (dest / "default_model.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def export_variants(out: Path, dest: Path, command: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for name in VARIANTS:
+        unet_only(trained_file(out, f"variant-{name}"), dest / f"{name}.safetensors",
+                  {"sdxl.recipe": command, "sdxl.variant": json.dumps(VARIANTS[name])})
+        info[name] = {**VARIANTS[name], **record(out, f"variant-{name}")}
+    (dest / "variants.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdxl.recipe", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.01)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (base, refiner, variants)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
+    p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+                   help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
+    p.add_argument("--assets", default=str(ASSETS), help="where export writes the default model")
+    p.add_argument("--variants-dir", default="bench/variants", help="where export-variants writes")
+    p.add_argument("--deadline", type=float, default=math.inf,
+                   help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m sdxl.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    cache = args.cache == "yes" or args.cache == "auto" and not torch.cuda.is_available()
+    if args.variant or args.jobs > 1:  # share the cores: OpenMP threads of several processes fighting are far slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+    try:
+        if "data" in stages:
+            make_data(out, args.scale, args.jobs)
+        if "vae" in stages:
+            make_vae(out, args.scale, args.workers)
+        if "init" in stages:
+            make_init(out)
+        jobs = [(s, "") for s in ("base", "refiner") if s in stages]
+        jobs += [("variants", v) for v in ((args.variant,) if args.variant else VARIANTS) if "variants" in stages]
+        if args.jobs > 1 and len(jobs) > 1:
+            run_parallel(jobs, args)
+        else:
+            for stage, variant in jobs:
+                run_training(stage, out, args.scale, args.workers, variant, cache, args.deadline)
+        if "export" in stages:
+            export(out, Path(args.assets), command)
+        if "export-variants" in stages:
+            export_variants(out, Path(args.variants_dir), command)
+    except SDXLError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def run_parallel(jobs: list[tuple[str, str]], args) -> None:
+    """Each training in its own process, `args.jobs` at a time; one log per job under --out."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            stage, variant = pending.pop(0)
+            cmd = [sys.executable, "-m", "sdxl.recipe", "--out", args.out, "--stages", stage, "--scale",
+                   str(args.scale), "--workers", str(args.workers), "--cache", args.cache, "--jobs", str(args.jobs),
+                   "--deadline", str(args.deadline)]
+            cmd += ["--variant", variant] if variant else []
+            log = open(Path(args.out) / f"job-{stage}{'-' + variant if variant else ''}.log", "w")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ), cmd))
+        time.sleep(1)
+        for proc, cmd in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, cmd))
+                if proc.returncode:
+                    raise SDXLError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see its job-*.log in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The default model's recipe (sdxl.recipe) and the VAE trainer (sdxl.train.vae), at a tiny scale on CPU."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdxl import checkpoint as ck
+from sdxl import recipe
+from sdxl.model import ModelConfig, SDXLModel
+from sdxl.pipeline import Pipeline, Request
+from sdxl.train.vae import SMALL_VAE, VAETrainConfig, fold_latent_scale, train_vae
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Every stage at scale 0.001: 20 images, a few steps each; the exported files."""
+    out = tmp_path_factory.mktemp("recipe")
+    recipe.main(["--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
+                 "--variants-dir", str(out / "variants"),
+                 "--stages", "data,vae,init,base,refiner,variants,export,export-variants"])
+    return out
+
+
+def test_latent_scale_is_folded_into_the_weights():
+    torch.manual_seed(0)
+    vae = SDXLModel(ModelConfig(None, None, SMALL_VAE)).vae
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before_z, before_x = vae.encode(x), vae.decode(vae.encode(x).mean)
+        k = fold_latent_scale(vae, x, 0.13025)
+        after_z = vae.encode(x)
+        torch.testing.assert_close(vae.decode(after_z.mean), before_x, rtol=1e-4, atol=1e-5)  # decoding unchanged
+    assert float((after_z.mean * 0.13025).std()) == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(after_z.std, before_z.std * k, rtol=1e-4, atol=1e-7)  # the whole posterior scales
+
+
+def test_vae_trainer_decoder_only_keeps_the_latent_space(run, tmp_path):
+    first = run / "run" / "vae.safetensors"
+    meta = json.loads((run / "run" / "vae.json").read_text())
+    assert meta["steps"] == 2 and math.isfinite(meta["held_out_psnr_db"])
+    cfg = VAETrainConfig(dataset=str(run / "run" / "data"), init=str(first), decoder_only=True, crop=0,
+                         batch_size=2, steps=2)
+    second = train_vae(cfg, tmp_path / "dec.safetensors", quiet=True)
+    a, b = load_file(str(first)), load_file(str(second))
+    enc = [k for k in a if ".encoder." in k or ".quant_conv." in k]
+    dec = [k for k in a if ".decoder." in k or "post_quant_conv" in k]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
+    assert any(not torch.equal(a[k], b[k]) for k in dec)
+    with pytest.raises(Exception, match="already exists"):
+        train_vae(cfg, second, quiet=True)
+
+
+def test_recipe_exports_a_default_model_that_generates(run):
+    assets = run / "assets"
+    base, refiner = assets / "default_base.safetensors", assets / "default_refiner.safetensors"
+    model = ck.load(base)
+    assert model.unet.cfg == recipe.BASE_UNET and model.cfg.conditioner.clip_l == recipe.CLIP_L_SMALL
+    assert set(load_file(str(refiner))) == {k for k in load_file(str(run / "run" / "refiner" / "final.safetensors"))
+                                            if k.startswith("model.diffusion_model.")}  # UNet only
+    info = json.loads((assets / "default_model.json").read_text())
+    assert info["resolution"] == recipe.RESOLUTION and info["base"]["steps"] == 5 and info["refiner"]["steps"] == 2
+    pipe = Pipeline.load(base, refiner, dtype=torch.float32, channels_last=False)
+    # the refiner's bigG is the base's, as trained (init_refiner copied it)
+    init = ck.load(run / "run" / "init_refiner.safetensors")
+    assert all(torch.equal(p.half(), q.half()) for p, q in zip(init.conditioner.bigg.state_dict().values(),
+                                                  pipe.base.conditioner.bigg.state_dict().values()))
+    img = pipe.generate(Request("a red circle on a blue background", width=128, height=128, steps=2,
+                                refiner_switch=0.5)).images[0]
+    assert img.size == (128, 128)
+    variants = json.loads((run / "variants" / "variants.json").read_text())
+    assert set(variants) == set(recipe.VARIANTS) and variants["no-size-drop-small"]["min_original_size"] == 128
+    for name in recipe.VARIANTS:
+        sd = load_file(str(run / "variants" / f"{name}.safetensors"))
+        assert all(k.startswith("model.diffusion_model.") and v.dtype == torch.float16 for k, v in sd.items())
+
+
+def test_deadline_keeps_the_latest_checkpoint(run, monkeypatch):
+    """A time-boxed training stops at the deadline and exports its last checkpoint's EMA weights."""
+    out = run / "run"
+    cfg = recipe.train_config("variants", out, 0.003, 0, "no-crop")  # 6 steps
+    monkeypatch.setattr(recipe, "train_config", lambda *a, **k: __import__("dataclasses").replace(
+        cfg, checkpoint_every=2))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(recipe, "now", lambda: next(clock))  # one tick per step: past the deadline at step 3
+    path = recipe.run_training("variants", out, 0.003, 0, "deadline-test", deadline=1.5)
+    assert path.name == "partial.safetensors"
+    rec = recipe.record(out, "variant-deadline-test")
+    assert rec["stopped_at_deadline"] and rec["weights_of_step"] == 2 and rec["steps"] == 3
+    ema = load_file(str(out / "variant-deadline-test" / "step-000002" / "ema.safetensors"))
+    saved = load_file(str(path))
+    assert all(torch.equal(saved[k], v.to(torch.float16)) for k, v in ema.items())
