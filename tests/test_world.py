@@ -94,7 +94,7 @@ def test_render_any_aspect_ratio(width, height):
 
 def test_make_dataset_writes_captioned_pngs(tmp_path):
     records = make_dataset(tmp_path / "a", 36, seed=3)
-    again = make_dataset(tmp_path / "b", 36, seed=3)
+    again = make_dataset(tmp_path / "b", 36, seed=3, workers=2)  # in 2 processes: the same files
     assert records == again
 
     lines = (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()

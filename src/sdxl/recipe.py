@@ -1,6 +1,6 @@
 """The recipe of the embedded default model: world data, VAE, base, refiner, and the eval variants.
 
-    python -m sdxl.recipe --out runs/default                       # data, vae, init, base, refiner, export
+    python -m sdxl.recipe --out runs/default         # data, vae, init, vae-decoder, base, refiner, export
     python -m sdxl.recipe --out runs/default --stages variants,export-variants
     python -m sdxl.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
 
@@ -10,7 +10,8 @@ Everything is a small SDXL-family model that `sdxl.checkpoint` reads from shapes
   transformer already maps each caption to distinct token features, and the UNet's cross-attention
   learns to read them. Training CLIP would need contrastive pairs and time, and buys nothing the
   judge can see. Their 49408-row token tables are most of the shipped bytes (2 x 6.3 MB in fp16).
-- VAE: f = 8, 4 latent channels (`sdxl.train.vae`), trained on the same images.
+- VAE: f = 8, 4 latent channels (`sdxl.train.vae`), trained on the same images: 64 px crops, then the
+  decoder alone on whole 128^2 buckets.
 - base: a 3-level UNet (64, 64, 128 channels, attention on the two lower levels) conditioned like
   SDXL's: both encoders, pooled bigG, original size, crop and target size (report §2.2).
 - refiner: a 2-level UNet on bigG + original size, crop, aesthetic score, trained on the first
@@ -66,12 +67,12 @@ IMAGES = 20000
 TRAIN = dict(resolution=RESOLUTION, bucket_step=32, max_aspect=2.0, caption_dropout=0.1, offset_noise=0.05,
              batch_size=32, lr=3e-4, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999, max_grad_norm=1.0,
              checkpoint_every=1000, keep_checkpoints=1, save_dtype="fp16", seed=0)
-STEPS = {"vae": 1500, "base": 5000, "refiner": 2500, "variant": 2000}
+STEPS = {"vae": 1500, "vae-decoder": 600, "base": 5000, "refiner": 2500, "variant": 2000}
 VARIANTS = {"full": {}, "no-size": {"size_conditioning": False},
             "no-size-drop-small": {"size_conditioning": False, "min_original_size": RESOLUTION},
             "no-crop": {"crop_conditioning": False}}
-STAGES = ("data", "vae", "init", "base", "refiner", "variants", "export", "export-variants")
-DEFAULT_STAGES = ("data", "vae", "init", "base", "refiner", "export")
+STAGES = ("data", "vae", "init", "vae-decoder", "base", "refiner", "variants", "export", "export-variants")
+DEFAULT_STAGES = ("data", "vae", "init", "vae-decoder", "base", "refiner", "export")
 
 
 def scaled(n: int, scale: float) -> int:
@@ -96,6 +97,20 @@ def make_vae(out: Path, scale: float, workers: int) -> Path:
     if not path.is_file():
         train_vae(VAETrainConfig(dataset=str(out / "data"), steps=scaled(STEPS["vae"], scale), num_workers=workers,
                                  resolution=RESOLUTION), path)
+    return path
+
+
+def make_vae_decoder(out: Path, scale: float, workers: int) -> Path:
+    """The decoder again, on whole 128^2 buckets: the first VAE saw 64 px crops, and its decoder (mid-block
+    attention included) does not carry over to 16x16 latents. The encoder, hence every UNet's latent space, stays
+    (as Stability's ft-MSE VAE decoders did for SD 1.x)."""
+    from .train.vae import VAETrainConfig, train_vae
+
+    path = out / "vae_decoder.safetensors"
+    if not path.is_file():
+        train_vae(VAETrainConfig(dataset=str(out / "data"), init=str(out / "vae.safetensors"), decoder_only=True,
+                                 crop=0, batch_size=8, steps=scaled(STEPS["vae-decoder"], scale), lr=3e-4,
+                                 warmup_steps=20, num_workers=workers, resolution=RESOLUTION), path)
     return path
 
 
@@ -207,13 +222,17 @@ def export(out: Path, dest: Path, command: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     meta = {"sdxl.recipe": command}
     model = checkpoint_io.load(trained_file(out, "base"), dtype=torch.float32)
+    if (out / "vae_decoder.safetensors").is_file():  # same encoder, better decoder
+        model.vae.load_state_dict(checkpoint_io.load_vae(out / "vae_decoder.safetensors").state_dict())
     checkpoint_io.save_single_file(model, dest / "default_base.safetensors", dtype=torch.float16, metadata=meta,
                                    overwrite=True)
     unet_only(trained_file(out, "refiner"), dest / "default_refiner.safetensors", meta)
     vae = json.loads((out / "vae.json").read_text())
+    decoder = json.loads((out / "vae_decoder.json").read_text()) if (out / "vae_decoder.json").is_file() else None
     info = {"resolution": RESOLUTION, "steps": 20, "cfg": 5.0, "sampler": "euler", "refiner_switch": 0.8,
             "recipe": command, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "vae": {k: vae[k] for k in ("steps", "seconds", "held_out_psnr_db")},
+            "vae_decoder": decoder and {k: decoder[k] for k in ("steps", "seconds", "held_out_psnr_db")},
             "base": record(out, "base"), "refiner": record(out, "refiner")}
     (dest / "default_model.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -261,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             make_vae(out, args.scale, args.workers)
         if "init" in stages:
             make_init(out)
+        if "vae-decoder" in stages:
+            make_vae_decoder(out, args.scale, args.workers)
         jobs = [(s, "") for s in ("base", "refiner") if s in stages]
         jobs += [("variants", v) for v in ((args.variant,) if args.variant else VARIANTS) if "variants" in stages]
         if args.jobs > 1 and len(jobs) > 1:
