@@ -132,13 +132,13 @@ def test_crop_and_size_experiments_on_variants(pipe, judge, scenes, files, tmp_p
     variants = {n: ev.variant_pipeline(pipe, folder / f"{n}.safetensors") for n in ev.VARIANTS["size"] + ("no-crop",)}
     crop = ev.crop_experiment(variants, judge, scenes, S32, tmp_path)["rows"]
     assert [(r["variant"], r["crop"]) for r in crop] == [
-        (v, c) for v in ("full", "no-crop") for c in ("0,0", "0,4", "4,0", "4,4")]  # r/8 = 4 px at 32
+        (v, c) for v in ("full", "no-crop") for c in ("0,0", "0,8", "8,0", "8,8")]  # r/4 = 8 px at 32
     assert all(fraction(r["border_cut"]) and fraction(r["accuracy"]) for r in crop)
     size = ev.size_experiment(variants, judge, scenes, S32, tmp_path)
     assert [r["variant"] for r in size["rows"]] == ["full", "no-size", "no-size-drop-small"]
     assert all(r["fd"] >= 0 and fraction(r["accuracy"]) for r in size["rows"])
     assert [(r["variant"], r["original_size"]) for r in size["sharpness"]] == [
-        ("full", 4), ("full", 8), ("full", 16), ("full", 32), ("no-size", "default"), ("no-size-drop-small", "default")]
+        ("full", 8), ("full", 16), ("full", 32), ("full", 64), ("no-size", "default"), ("no-size-drop-small", "default")]
     assert all(r["sharpness"] > 0 for r in size["sharpness"])
     assert Image.open(tmp_path / "grid_crop.png").height == 8 * 36
     assert Image.open(tmp_path / "grid_size.png").height == 6 * 36

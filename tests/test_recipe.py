@@ -77,6 +77,10 @@ def test_recipe_exports_a_default_model_that_generates(run):
     init = ck.load(run / "run" / "init_refiner.safetensors")
     assert all(torch.equal(p.half(), q.half()) for p, q in zip(init.conditioner.bigg.state_dict().values(),
                                                   pipe.base.conditioner.bigg.state_dict().values()))
+    # ... and so are the variants' text encoders: eval pairs them with the base's
+    variant = ck.load(run / "run" / "init_variant.safetensors")
+    assert all(torch.equal(p.half(), q.half()) for p, q in zip(variant.conditioner.state_dict().values(),
+                                                              pipe.base.conditioner.state_dict().values()))
     img = pipe.generate(Request("a red circle on a blue background", width=128, height=128, steps=2,
                                 refiner_switch=0.5)).images[0]
     assert img.size == (128, 128)

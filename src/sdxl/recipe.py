@@ -115,21 +115,23 @@ def make_vae_decoder(out: Path, scale: float, workers: int) -> Path:
 
 
 def make_init(out: Path) -> None:
-    """Random UNets and text encoders (seed 0; both bigG encoders equal) around the trained VAE."""
+    """Random UNets around the trained VAE and one set of frozen random text encoders: the base's, drawn after its
+    UNet from seed 0; the variants and the refiner (its bigG) get copies, so every UNet reads the same features."""
     vae = checkpoint_io.load_vae(out / "vae.safetensors")
     base_cond = ConditionerConfig(CLIP_L_SMALL, BIGG_SMALL, BASE_MICRO)
-    for name, unet in (("base", BASE_UNET), ("variant", VARIANT_UNET), ("refiner", REFINER_UNET)):
+    torch.manual_seed(0)
+    base = SDXLModel(ModelConfig(BASE_UNET, base_cond, vae.cfg))
+    for name, unet, seed in (("base", BASE_UNET, 0), ("variant", VARIANT_UNET, 2), ("refiner", REFINER_UNET, 1)):
         path = out / f"init_{name}.safetensors"
         if path.is_file():
             continue
-        torch.manual_seed(0)
-        base = SDXLModel(ModelConfig(unet if name != "refiner" else BASE_UNET, base_cond, vae.cfg))
+        torch.manual_seed(seed)
+        cond = ConditionerConfig(None, BIGG_SMALL, REFINER_MICRO) if name == "refiner" else base_cond
+        model = base if name == "base" else SDXLModel(ModelConfig(unet, cond, vae.cfg))
         if name == "refiner":
-            torch.manual_seed(1)
-            model = SDXLModel(ModelConfig(unet, ConditionerConfig(None, BIGG_SMALL, REFINER_MICRO), vae.cfg))
             model.conditioner.bigg.load_state_dict(base.conditioner.bigg.state_dict())
-        else:
-            model = base
+        elif name == "variant":
+            model.conditioner.load_state_dict(base.conditioner.state_dict())
         model.vae.load_state_dict(vae.state_dict())
         checkpoint_io.save_single_file(model, path)
 
