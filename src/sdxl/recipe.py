@@ -233,8 +233,8 @@ def export(out: Path, dest: Path, command: str) -> None:
     decoder = json.loads((out / "vae_decoder.json").read_text()) if (out / "vae_decoder.json").is_file() else None
     info = {"resolution": RESOLUTION, "steps": 20, "cfg": 5.0, "sampler": "euler", "refiner_switch": 0.8,
             "recipe": command, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "vae": {k: vae[k] for k in ("steps", "seconds", "held_out_psnr_db")},
-            "vae_decoder": decoder and {k: decoder[k] for k in ("steps", "seconds", "held_out_psnr_db")},
+            "vae": {k: vae[k] for k in ("steps", "seconds", "psnr_db")},
+            "vae_decoder": decoder and {k: decoder[k] for k in ("steps", "seconds", "psnr_db")},
             "base": record(out, "base"), "refiner": record(out, "refiner")}
     (dest / "default_model.json").write_text(json.dumps(info, indent=1) + "\n")
 

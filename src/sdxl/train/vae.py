@@ -115,10 +115,10 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
     items, skipped = data.scan(cfg.dataset, out.parent)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    model = SDXLModel(ModelConfig(None, None, checkpoint_io.load_vae(cfg.init).cfg if cfg.init else cfg.vae),
-                      device=device)
-    if cfg.init:
-        model.vae.load_state_dict(checkpoint_io.load_vae(cfg.init).state_dict())
+    init = checkpoint_io.load_vae(cfg.init) if cfg.init else None
+    model = SDXLModel(ModelConfig(None, None, init.cfg if init else cfg.vae), device=device)
+    if init is not None:
+        model.vae.load_state_dict(init.state_dict())
     vae = model.vae.train()
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if cfg.decoder_only else [
         *vae.parameters()]
@@ -144,22 +144,23 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             if not quiet:
                 print(json.dumps(log[-1]), flush=True)
     vae.eval()
-    held_out = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))[k]
-                            for k in range(64)]).to(device)
-    k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, held_out, vae.cfg.scaling_factor)
+    # 64 crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
+    probe = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))[k]
+                         for k in range(64)]).to(device)
+    k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, probe, vae.cfg.scaling_factor)
     with torch.no_grad():
-        mse = float((vae.decode(vae.encode(held_out).mean).clamp(-1, 1) - held_out).square().mean())
+        mse = float((vae.decode(vae.encode(probe).mean).clamp(-1, 1) - probe).square().mean())
     psnr = 10 * math.log10(4.0 / mse)  # pixels span 2 (-1..1)
     meta = {"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vae.cfg.__dict__.items()},
             "init": cfg.init, "decoder_only": cfg.decoder_only,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr, "seed": cfg.seed,
-            "images": len(items), "skipped": len(skipped), "latent_scale_folded": k, "held_out_psnr_db": round(psnr, 2),
+            "images": len(items), "skipped": len(skipped), "latent_scale_folded": k, "psnr_db": round(psnr, 2),
             "seconds": round(time.perf_counter() - started, 1), "log": log}
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_io.save_single_file(model.cpu(), out, metadata={"sdxl.train.vae": json.dumps(meta)})
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     if not quiet:
-        print(f"wrote {out}: held-out PSNR {psnr:.1f} dB, latent scale x{k:.3g} folded in")
+        print(f"wrote {out}: PSNR {psnr:.1f} dB on fresh crops, latent scale x{k:.3g} folded in")
     return out
 
 
