@@ -1,6 +1,7 @@
 """The recipe of the embedded default model: world data, VAE, base, refiner, and the eval variants.
 
     python -m sdxl.recipe --out runs/default         # data, vae, init, vae-decoder, base, refiner, export
+                                                     # (to runs/default/assets; copy to src/sdxl/assets to ship)
     python -m sdxl.recipe --out runs/default --stages variants,export-variants
     python -m sdxl.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
 
@@ -46,7 +47,6 @@ from .model import ModelConfig, SDXLModel
 from .text_encoders import TextEncoderConfig
 from .unet import UNetConfig
 
-ASSETS = Path(__file__).parent / "assets"
 RESOLUTION = 128
 CLIP_L_SMALL = TextEncoderConfig(width=64, layers=2, act="quick_gelu")
 BIGG_SMALL = TextEncoderConfig(width=64, layers=2, act="gelu", proj_dim=64)
@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
     p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
                    help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
-    p.add_argument("--assets", default=str(ASSETS), help="where export writes the default model")
-    p.add_argument("--variants-dir", default="bench/variants", help="where export-variants writes")
+    p.add_argument("--assets", help="where export writes the default model (default OUT/assets; the shipped one is "
+                                    "src/sdxl/assets, never overwritten unless named here)")
+    p.add_argument("--variants-dir", help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
     p.add_argument("--deadline", type=float, default=math.inf,
                    help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
@@ -292,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
             for stage, variant in jobs:
                 run_training(stage, out, args.scale, args.workers, variant, cache, args.deadline)
         if "export" in stages:
-            export(out, Path(args.assets), command)
+            export(out, Path(args.assets or out / "assets"), command)
         if "export-variants" in stages:
-            export_variants(out, Path(args.variants_dir), command)
+            export_variants(out, Path(args.variants_dir or out / "variants"), command)
     except SDXLError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
