@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe")
     recipe.main(["--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
                  "--variants-dir", str(out / "variants"),
-                 "--stages", "data,vae,init,vae-decoder,base,refiner,variants,export,export-variants"])
+                 "--stages", "data,vae,init,vae-decoder,base,base-more,refiner,variants,export,export-variants"])
     return out
 
 
@@ -70,6 +70,9 @@ def test_recipe_exports_a_default_model_that_generates(run):
                                             if k.startswith("model.diffusion_model.")}  # UNet only
     info = json.loads((assets / "default_model.json").read_text())
     assert info["resolution"] == recipe.RESOLUTION and info["base"]["steps"] == 5 and info["refiner"]["steps"] == 2
+    assert info["base_more"]["steps"] == 3  # the exported base is base-more's: the base continued
+    more = ck.load(run / "run" / "base-more" / "final.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(more.unet.state_dict().values(), model.unet.state_dict().values()))
     decoder = ck.load_vae(run / "run" / "vae_decoder.safetensors")  # the exported VAE has the fine-tuned decoder
     assert all(torch.equal(p.half(), q) for p, q in zip(decoder.state_dict().values(), model.vae.state_dict().values()))
     pipe = Pipeline.load(base, refiner, dtype=torch.float32, channels_last=False)
