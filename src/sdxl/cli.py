@@ -118,6 +118,32 @@ def _request_from_args(args, model_info) -> "Request":
     return Request(**merged, init_image=init, mask=mask)
 
 
+def _resolve_models(args: argparse.Namespace) -> tuple[dict, bool]:
+    """Without --model, the embedded default (and its refiner, unless --refiner or --no-refiner) at its native
+    settings; returns (native settings, whether the default refiner was chosen)."""
+    if args.model is not None:
+        return {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}, False
+    from .default_model import default_model_paths
+
+    info = default_model_paths()
+    args.model = str(info["base"])
+    default_refiner = args.refiner is None and info.get("refiner") is not None and not args.no_refiner
+    if default_refiner:
+        args.refiner = str(info["refiner"])
+    return info, default_refiner
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    """--device and --dtype, or the best available device and its default dtype."""
+    import torch
+
+    from .pipeline import default_device, default_dtype
+
+    device = args.device or default_device()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    return device, dtype or default_dtype(device)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -125,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .output import a1111_parameters, next_free, recipe, save_png
-    from .pipeline import Pipeline, default_device, default_dtype
+    from .pipeline import Pipeline
 
     if args.from_png:  # the recipe's model files and dtype, unless given
         from .output import read_recipe
@@ -137,18 +163,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 setattr(args, k, models[k])
         args.lora = args.lora or [v for k, v in sorted(models.items()) if k.startswith("lora")] or None
         args.dtype = args.dtype or rec.get("dtype")
-    if args.model is None:
-        from .default_model import default_model_paths
-
-        paths = default_model_paths()
-        args.model = str(paths["base"])
-        if args.refiner is None and paths.get("refiner") and not args.no_refiner:
-            args.refiner = str(paths["refiner"])
-            if args.refiner_switch is None and args.refiner_strength is None:
-                args.refiner_switch = paths["refiner_switch"]
-        info = paths
-    else:
-        info = {"resolution": 1024, "steps": 40, "cfg": 5.0}
+    info, default_refiner = _resolve_models(args)
+    if default_refiner and args.refiner_switch is None and args.refiner_strength is None:
+        args.refiner_switch = info["refiner_switch"]
     prompts = [args.prompt] if args.prompt is not None else []
     if args.prompts:
         try:
@@ -158,8 +175,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     rank, world = _distributed_rank()
     jobs = [(i, p) for i, p in enumerate(prompts or [None]) if i % world == rank]
 
-    device = args.device or default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    device, dtype = _device_and_dtype(args)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     start = time.perf_counter()
     first_args = argparse.Namespace(**vars(args))
@@ -354,10 +370,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from . import evaluate
-    from .pipeline import Pipeline, default_device, default_dtype
+    from .pipeline import Pipeline
 
     out = Path(args.out)
     evaluate.check_out(out, args.overwrite)  # before loading anything big
@@ -365,15 +379,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if bad or not args.experiments:
         given = ",".join(map(str, args.experiments)) or "(none)"
         raise SDXLError(f"--experiments takes numbers from 1,2,3,4, got {given}")
-    if args.model is None:
-        from .default_model import default_model_paths
-
-        info = default_model_paths()
-        args.model = str(info["base"])
-        if args.refiner is None and info.get("refiner") and not args.no_refiner:
-            args.refiner = str(info["refiner"])
-    else:
-        info = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}
+    info, _ = _resolve_models(args)
     if args.no_refiner:
         args.refiner = None
     variants = Path(args.variants) if args.variants else Path("bench/variants")
@@ -383,9 +389,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                  cfg=info["cfg"], refiner_switch=info["refiner_switch"], seed=args.seed,
                                  batch=args.batch, quiet=args.quiet)
     settings.validate()
-    device = args.device or default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    dtype = dtype or default_dtype(device)
+    device, dtype = _device_and_dtype(args)
     pipe = Pipeline.load(args.model, args.refiner, device=device, dtype=dtype)
     models = {"model": args.model, "refiner": args.refiner, "dtype": str(dtype).removeprefix("torch."),
               "device": str(device)}

@@ -145,8 +145,8 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
                 print(json.dumps(log[-1]), flush=True)
     vae.eval()
     # 64 crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
-    probe = torch.stack([Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))[k]
-                         for k in range(64)]).to(device)
+    probe_crops = Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))
+    probe = torch.stack([probe_crops[k] for k in range(64)]).to(device)
     k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, probe, vae.cfg.scaling_factor)
     with torch.no_grad():
         mse = float((vae.decode(vae.encode(probe).mean).clamp(-1, 1) - probe).square().mean())
