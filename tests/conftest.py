@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 
@@ -19,3 +20,24 @@ def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
         key, shape, _ = line.split("\t")
         out[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared
+    2-core machine small tensors run several times faster, and the 2-process training test needs both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_checkpoints(folder):
+    """A tiny random base and refiner saved as single files: (tiny.safetensors, tiny_refiner.safetensors)."""
+    from sdxl import checkpoint as ck
+    from sdxl.model import TINY_BASE, TINY_REFINER, SDXLModel
+
+    torch.manual_seed(0)
+    base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), folder / "tiny.safetensors")
+    ref = ck.save_single_file(randomize(SDXLModel(TINY_REFINER), 1, 0.05), folder / "tiny_refiner.safetensors")
+    return base, ref

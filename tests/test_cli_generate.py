@@ -5,24 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import tiny_checkpoints
 from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl import checkpoint as ck
 from sdxl.cli import main
-from sdxl.model import TINY_BASE, TINY_REFINER, SDXLModel
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), d / "tiny.safetensors")
-    ref = ck.save_single_file(randomize(SDXLModel(TINY_REFINER), 1, 0.05), d / "tiny_refiner.safetensors")
-    return base, ref
+    return tiny_checkpoints(tmp_path_factory.mktemp("cli"))
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, tiny_checkpoints
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
@@ -35,9 +35,7 @@ def unet_file(path, seed: int, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), d / "base.safetensors")
-    ref = ck.save_single_file(randomize(SDXLModel(TINY_REFINER), 1, 0.05), d / "refiner.safetensors")
+    base, ref = tiny_checkpoints(d)
     (d / "variants").mkdir()
     for i, name in enumerate(("full", "no-crop", "no-size", "no-size-drop-small")):
         unet_file(d / "variants" / f"{name}.safetensors", 10 + i, torch.float16 if i % 2 else torch.float32)

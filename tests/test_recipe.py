@@ -13,13 +13,7 @@ from sdxl.model import ModelConfig, SDXLModel
 from sdxl.pipeline import Pipeline, Request
 from sdxl.train.vae import SMALL_VAE, VAETrainConfig, fold_latent_scale, train_vae
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

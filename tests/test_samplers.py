@@ -33,7 +33,9 @@ except ImportError:  # the parity tests skip, the rest runs
     diffusers = None
 
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers not installed")
-pytestmark = [  # diffusers' schedulers under numpy 2
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # the tensors are tiny: one thread avoids oversubscribing 2 cores
+    # diffusers' schedulers under numpy 2
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
 ]
@@ -44,15 +46,6 @@ CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta
 SEEDS = [11, 22]
 SHAPE = (2, 4, 8, 8)
 W = torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors are tiny: one thread avoids oversubscribing a shared 2-core machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,7 @@ TINY = dict(dataset="synthetic:12", resolution=32, bucket_step=16, batch_size=2,
             checkpoint_every=2, save_dtype="fp32", caption_dropout=0.25, unet={"model_channels": 32},
             clip_l={"layers": 2}, bigg={"layers": 2})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine it is several times faster, and the 2-process test needs both."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> config.TrainConfig:
