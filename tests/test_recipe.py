@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe")
     recipe.main(["--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
                  "--variants-dir", str(out / "variants"),
-                 "--stages", "data,vae,init,vae-decoder,base,base-more,refiner,variants,export,export-variants"])
+                 "--stages", "data,vae,init,vae-decoder,base,refiner,variants,export,export-variants"])
     return out
 
 
@@ -63,10 +63,9 @@ def test_recipe_exports_a_default_model_that_generates(run):
     assert set(load_file(str(refiner))) == {k for k in load_file(str(run / "run" / "refiner" / "final.safetensors"))
                                             if k.startswith("model.diffusion_model.")}  # UNet only
     info = json.loads((assets / "default_model.json").read_text())
-    assert info["resolution"] == recipe.RESOLUTION and info["base"]["steps"] == 5 and info["refiner"]["steps"] == 2
-    assert info["base_more"]["steps"] == 3  # the exported base is base-more's: the base continued
-    more = ck.load(run / "run" / "base-more" / "final.safetensors")
-    assert all(torch.equal(p, q) for p, q in zip(more.unet.state_dict().values(), model.unet.state_dict().values()))
+    assert info["resolution"] == recipe.RESOLUTION and info["base"]["steps"] == 6 and info["refiner"]["steps"] == 2
+    trained = ck.load(run / "run" / "base" / "final.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(trained.unet.state_dict().values(), model.unet.state_dict().values()))
     decoder = ck.load_vae(run / "run" / "vae_decoder.safetensors")  # the exported VAE has the fine-tuned decoder
     assert all(torch.equal(p.half(), q) for p, q in zip(decoder.state_dict().values(), model.vae.state_dict().values()))
     pipe = Pipeline.load(base, refiner, dtype=torch.float32, channels_last=False)
@@ -86,6 +85,19 @@ def test_recipe_exports_a_default_model_that_generates(run):
     for name in recipe.VARIANTS:
         sd = load_file(str(run / "variants" / f"{name}.safetensors"))
         assert all(k.startswith("model.diffusion_model.") and v.dtype == torch.float16 for k, v in sd.items())
+
+
+def test_trainings_share_one_latent_cache(run):
+    """Base, refiner and variants read one latent per image (one VAE encoder); text files per set of encoders:
+    the base's (shared by the variants) and the refiner's bigG alone. The refiner trains without min-SNR."""
+    out = run / "run"
+    images = len(list((out / "data").glob("*.png")))
+    captions = {p.read_text() for p in (out / "data").glob("*.txt")}
+    assert len(list((out / "cache" / "latents").glob("*.safetensors"))) == images
+    assert len(list((out / "cache" / "text").glob("*.safetensors"))) == 2 * len(captions)
+    base, refiner = recipe.train_config("base", out, 1.0, 0), recipe.train_config("refiner", out, 1.0, 0)
+    assert (base.lr, base.min_snr_gamma) == (1e-3, 5.0) and (refiner.lr, refiner.min_snr_gamma) == (3e-4, 0.0)
+    assert refiner.timestep_range == (0, 200)
 
 
 def test_deadline_keeps_the_latest_checkpoint(run, monkeypatch):

@@ -402,15 +402,33 @@ def test_cache_is_written_once_and_used(tmp_path):
     shapes = data.make_synthetic(12, tmp_path / "shapes")
     same = dict(dataset=str(shapes), steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see below
     cfg = tiny(cache_dir=str(tmp_path / "cache"), **same)
-    loop.train(cfg, tmp_path / "a", quiet=True)
-    files = sorted((tmp_path / "cache").glob("*.safetensors"))
-    assert len(files) == 12
-    stamps = [f.stat().st_mtime_ns for f in files]
+    a = loop.train(cfg, tmp_path / "a", quiet=True)
+    captions = {p.read_text() for p in shapes.glob("*.txt")}
+    latents, texts = sorted((tmp_path / "cache" / "latents").glob("*.safetensors")), sorted(
+        (tmp_path / "cache" / "text").glob("*.safetensors"))
+    assert len(latents) == 12 and len(texts) == len(captions)  # one file per image, one per distinct caption
+    stamps = [f.stat().st_mtime_ns for f in latents + texts]
     b = loop.train(cfg, tmp_path / "b", quiet=True)
-    assert [f.stat().st_mtime_ns for f in files] == stamps  # not re-encoded
+    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps  # not re-encoded
     # with the same (centre) crops the cache changes nothing but float rounding in the encoders
     plain = loop.train(tiny(**same), tmp_path / "c", quiet=True)
     assert max_diff(weights(b), weights(plain)) < 1e-5
+
+    # named by the weights, not the checkpoint: a continuation from a's result reuses every file...
+    from_file = {k: v for k, v in {**TINY, **same}.items() if k not in config.SECTIONS}
+    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(a)}), tmp_path / "d",
+               quiet=True)
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == sorted(latents + texts)
+    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps
+    # ...and other text encoders (same VAE) get their own text files but the same latents
+    model = ck.load(a, dtype=torch.float32)
+    with torch.no_grad():
+        model.conditioner.bigg.model.positional_embedding.add_(0.5)
+    other = ck.save_single_file(model, tmp_path / "other.safetensors")
+    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(other)}), tmp_path / "e",
+               quiet=True)
+    assert sorted((tmp_path / "cache" / "latents").glob("*.safetensors")) == latents
+    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 2 * len(captions)
 
 
 # --- config ----------------------------------------------------------------------------------------

@@ -288,52 +288,79 @@ def collate(samples: list[dict]) -> dict:
 
 
 # --- the cache: VAE posterior and text embeddings, computed once --------------------------------
+# Two kinds of file, each named by everything its contents depend on, so trainings that share a VAE encoder share
+# latents (the base, its continuation and the refiner) and trainings that share text encoders share captions:
+#   latents/<key>.safetensors  mean, std of one fixed crop (key: image file, bucket, crop seed, VAE encoder weights)
+#   text/<key>.safetensors     crossattn, pooled of one caption (key: caption, text encoder weights)
 
 class CachedDataset(ImageDataset):
     """Samples read from the cache: latent posterior (mean, std) of one fixed crop per image, and text embeddings."""
 
-    def __init__(self, items, buckets, bucket_of, seed, random_crop, aesthetic_score, files: list[Path]):
+    def __init__(self, items, buckets, bucket_of, seed, random_crop, aesthetic_score, files: list[Path],
+                 text_files: list[Path]):
         super().__init__(items, buckets, bucket_of, seed, random_crop, aesthetic_score)
-        self.files = files
+        self.files, self.text_files = files, text_files
 
     def _sample(self, i: int, b: int, k: int, pos: int) -> dict:
         from safetensors import safe_open
 
         item = self.items[i]
         with safe_open(str(self.files[i]), "pt") as f:
-            t = {name: f.get_tensor(name) for name in f.keys()}
+            latent = {name: f.get_tensor(name) for name in ("mean", "std")}
             meta = f.metadata()
-        return {"mean": t["mean"], "std": t["std"], "crossattn": t["crossattn"], "pooled": t["pooled"],
-                "caption": item.caption, "original_size": item.size,
+        with safe_open(str(self.text_files[i]), "pt") as f:
+            text = {name: f.get_tensor(name) for name in ("crossattn", "pooled")}
+        return {**latent, **text, "caption": item.caption, "original_size": item.size,
                 "crop_coords_top_left": tuple(json.loads(meta["crop_coords_top_left"])),
                 "target_size": self.buckets[b], "key": (k, pos),
                 "aesthetic_score": self.aesthetic_score if item.aesthetic_score is None else item.aesthetic_score}
 
 
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A hash of tensors' names, dtypes and bytes: what a cache made with these weights is named by."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(state[name].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def cache_file(cache_dir: Path, item: Item, bucket: tuple[int, int], random_crop: bool, seed: int,
                fingerprint: str) -> Path:
-    """Where an item's cache lives: named by everything its contents depend on."""
+    """Where an image's latents live: named by the file, its crop and the VAE encoder (`fingerprint`)."""
     st = os.stat(item.path)
-    key = stable_seed(os.path.abspath(item.path), st.st_mtime_ns, st.st_size, item.caption, bucket, random_crop,
-                      seed, fingerprint)
-    return cache_dir / f"{key:016x}.safetensors"
+    key = stable_seed(os.path.abspath(item.path), st.st_mtime_ns, st.st_size, bucket, random_crop, seed, fingerprint)
+    return cache_dir / "latents" / f"{key:016x}.safetensors"
+
+
+def text_cache_file(cache_dir: Path, caption: str, fingerprint: str) -> Path:
+    """Where a caption's embeddings live: named by the caption and the text encoders (`fingerprint`)."""
+    return cache_dir / "text" / f"{stable_seed(caption, fingerprint):016x}.safetensors"
+
+
+def _save_atomic(tensors: dict, f: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, f)  # concurrent writers of one file (ranks, parallel trainings) write the same bytes
 
 
 @torch.no_grad()
 def fill_cache(items: list[Item], buckets, bucket_of: list[int], files: list[Path], encode, seed: int,
                random_crop: bool, rank: int, world: int) -> list[str]:
-    """Write this process's share (every world-th item) of missing cache files; returns the unreadable ones.
+    """Write this process's share (every world-th item) of missing latent files; returns the unreadable ones.
 
-    `encode(pixels (1, 3, h, w), caption) -> dict of tensors` runs the frozen VAE and text encoders.
+    `encode(pixels (1, 3, h, w)) -> {"mean", "std"}` runs the frozen VAE encoder.
     An unreadable image gets a `.bad` marker beside its would-be file so that every process skips it.
     """
-    from safetensors.torch import save_file
-
     failed = []
     for i in range(rank, len(items), world):
         item, f = items[i], files[i]
         if f.is_file() or f.with_suffix(".bad").is_file():
             continue
+        f.parent.mkdir(parents=True, exist_ok=True)
         bucket = buckets[bucket_of[i]]
         rng = np.random.default_rng(stable_seed(seed, "crop", os.path.abspath(item.path))) if random_crop else None
         resized, top_left = crop_box(item.size, bucket, rng)
@@ -343,8 +370,15 @@ def fill_cache(items: list[Item], buckets, bucket_of: list[int], files: list[Pat
             failed.append(f"{item.path}: unreadable ({type(e).__name__})")
             f.with_suffix(".bad").write_text(failed[-1])
             continue
-        tensors = {k: v.contiguous().cpu() for k, v in encode(pixels[None], item.caption).items()}
-        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"path": item.path, "crop_coords_top_left": json.dumps(top_left)})
-        os.replace(tmp, f)
+        _save_atomic(encode(pixels[None]), f, {"path": item.path, "crop_coords_top_left": json.dumps(top_left)})
     return failed
+
+
+@torch.no_grad()
+def fill_text_cache(captions: list[str], files: list[Path], encode, rank: int, world: int) -> None:
+    """Write this process's share of the missing caption files (each distinct caption once).
+    `encode(caption) -> {"crossattn", "pooled"}` runs the frozen text encoders."""
+    todo = sorted({(str(f), c) for c, f in zip(captions, files) if not f.is_file()})
+    for path, caption in todo[rank::world]:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(encode(caption), Path(path))

@@ -89,9 +89,11 @@ def _train(cfg: TrainConfig, output: Path, resume: bool, quiet: bool, on_step, r
     buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
     bucket_of = [data.nearest_bucket(it.size, buckets) for it in items]
     if cfg.cache_dir:
-        items, bucket_of, files, bad = build_cache(cfg, model, tokenizer, items, buckets, bucket_of, rank, world)
+        items, bucket_of, files, text_files, bad = build_cache(cfg, model, tokenizer, items, buckets, bucket_of,
+                                                               rank, world)
         skipped += bad
-        dataset = data.CachedDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score, files)
+        dataset = data.CachedDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score, files,
+                                     text_files)
     else:
         dataset = data.ImageDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score)
     plan = data.BucketBatches(bucket_of, cfg.batch_size * world, cfg.seed)
@@ -347,27 +349,36 @@ def encode_empty(model: SDXLModel, tokenizer: Tokenizer, device) -> tuple[torch.
 
 
 def build_cache(cfg, model, tokenizer, items, buckets, bucket_of, rank, world):
-    """Encode every image (one fixed crop) and caption once; returns the cached items, buckets, files, skipped."""
+    """Encode every image (one fixed crop) and every distinct caption once; returns the cached items, buckets,
+    latent files, text files and skipped images. Files are named by the weights that made them (not by the
+    checkpoint's path), so a continued training or a refiner on the same VAE reuses the latents."""
     cache_dir = Path(cfg.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps([cfg.model, os.path.getmtime(cfg.model) if cfg.model else None,
-                              cfg.model_config, cfg.unet, cfg.vae, cfg.clip_l, cfg.bigg, cfg.seed])
-    files = [data.cache_file(cache_dir, it, buckets[b], cfg.random_crop, cfg.seed, fingerprint)
-             for it, b in zip(items, bucket_of)]
     device = next(model.vae.parameters()).device
+    vae_state = {k: v for k, v in model.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    vae_print = data.weights_fingerprint(vae_state)
+    cond = model.conditioner  # its text encoders, their configs (pooling, layers) and which of the two it has
+    text_print = data.weights_fingerprint(cond.state_dict()) + repr((cond.cfg.clip_l, cond.cfg.bigg))
+    files = [data.cache_file(cache_dir, it, buckets[b], cfg.random_crop, cfg.seed, vae_print)
+             for it, b in zip(items, bucket_of)]
 
     @torch.no_grad()
-    def encode(pixels, caption):
+    def encode_image(pixels):
         posterior = model.vae.encode(pixels.to(device))
-        crossattn, pooled = encode_text(model, tokenizer, caption, device)
-        return {"mean": posterior.mean[0].float(), "std": posterior.std[0].float(), "crossattn": crossattn,
-                "pooled": pooled}
+        return {"mean": posterior.mean[0].float(), "std": posterior.std[0].float()}
 
-    data.fill_cache(items, buckets, bucket_of, files, encode, cfg.seed, cfg.random_crop, rank, world)
+    def encode_caption(caption):
+        crossattn, pooled = encode_text(model, tokenizer, caption, device)
+        return {"crossattn": crossattn, "pooled": pooled}
+
+    data.fill_cache(items, buckets, bucket_of, files, encode_image, cfg.seed, cfg.random_crop, rank, world)
     barrier()
     keep = [i for i, f in enumerate(files) if f.is_file()]
     bad = [f.with_suffix(".bad").read_text() for f in files if f.with_suffix(".bad").is_file()]
-    return [items[i] for i in keep], [bucket_of[i] for i in keep], [files[i] for i in keep], bad
+    items, bucket_of, files = [items[i] for i in keep], [bucket_of[i] for i in keep], [files[i] for i in keep]
+    text_files = [data.text_cache_file(cache_dir, it.caption, text_print) for it in items]
+    data.fill_text_cache([it.caption for it in items], text_files, encode_caption, rank, world)
+    barrier()
+    return items, bucket_of, files, text_files, bad
 
 
 # --- one step's pieces ----------------------------------------------------------------------------
