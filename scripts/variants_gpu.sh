@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Retrain the four eval variants on a GPU around the shipped default model's VAE and text encoders, then run
-# experiments 2-3 of `sdxl eval` on them. (The first variants, made by scripts/recipe_gpu.sh before make_init
-# shared the text encoders, had their own random encoders and could not be paired with the base's.)
-#   OUT=folder scripts/variants_gpu.sh       (BUDGET_S: seconds from the start until the trainings stop)
+# Train the four eval variants on a GPU around the shipped default model's VAE and text encoders (the recipe's
+# variants stage, at once, time-boxed), then run experiments 2-3 of `sdxl eval` on them. Experiments 2-3 read only
+# the variants' UNets and the base's VAE and text encoders, so the base UNet may still be training elsewhere.
+#   OUT=folder BUDGET_S=250 scripts/variants_gpu.sh      (BUDGET_S: seconds from the start until the trainings stop)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=${RECIPE_DIR:-/tmp/recipe}; OUT=${OUT:-$R/out}; mkdir -p "$OUT" "$R"
