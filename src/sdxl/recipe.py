@@ -14,7 +14,7 @@ Everything is a small SDXL-family model that `sdxl.checkpoint` reads from shapes
 - VAE: f = 8, 4 latent channels (`sdxl.train.vae`), trained on the same images: 64 px crops, then the
   decoder alone on whole 128^2 buckets.
 - base: a 3-level UNet (64, 64, 128 channels, attention on the two lower levels) conditioned like
-  SDXL's: both encoders, pooled bigG, original size, crop and target size (report §2.2); 5000 steps at lr 1e-3
+  SDXL's: both encoders, pooled bigG, original size, crop and target size (report §2.2); 6000 steps at lr 1e-3
   with min-SNR-5 loss weighting (Hang et al. 2023), chosen by scripts/base_sweep.py: at equal steps it doubled
   the judge's background accuracy over the earlier lr 3e-4 without weighting (bench/RESULTS.md).
 - refiner: a 2-level UNet on bigG + original size, crop, aesthetic score, trained on the first
@@ -69,11 +69,11 @@ IMAGES = 20000
 TRAIN = dict(resolution=RESOLUTION, bucket_step=32, max_aspect=2.0, caption_dropout=0.1, offset_noise=0.05,
              batch_size=32, lr=1e-3, min_snr_gamma=5.0, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999,
              max_grad_norm=1.0, checkpoint_every=1000, keep_checkpoints=1, save_dtype="fp16", seed=0)
-# the refiner sees only sigma < 0.6 (t < 200), where min-SNR-5 would weight t = 0 by 0.005: plain loss, lr 3e-4
+# the refiner sees only sigma 0.03-0.57 (t < 200), where min-SNR-5 would weight t = 0 by 0.004: plain loss, lr 3e-4
 REFINER_TRAIN = dict(lr=3e-4, min_snr_gamma=0.0, timestep_range=(0, 200))
-# what fits the 2 hours on this 2-core CPU (measured: bench/RESULTS.md): ~30 min VAE, 11 min latent cache,
-# base 0.67 s/step, refiner 0.37 s/step
-STEPS = {"vae": 1500, "vae-decoder": 600, "base": 5000, "refiner": 1500, "variant": 3000}
+# what fits the 2 hours on this 2-core CPU (measured: bench/RESULTS.md): 32 min data + VAE + decoder, ~7 min
+# latent cache, base 0.52 s/step (0.67 under load), refiner ~0.3 s/step
+STEPS = {"vae": 1500, "vae-decoder": 600, "base": 6000, "refiner": 1500, "variant": 3000}
 VARIANTS = {"full": {}, "no-size": {"size_conditioning": False},
             "no-size-drop-small": {"size_conditioning": False, "min_original_size": RESOLUTION},
             "no-crop": {"crop_conditioning": False}}
