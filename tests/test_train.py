@@ -431,6 +431,17 @@ def test_cache_is_written_once_and_used(tmp_path):
     assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 2 * len(captions)
 
 
+def test_text_cache_is_shared_out_whatever_order_the_ranks_run_in(tmp_path):
+    """Each rank takes its share of all captions before looking at what exists: a rank that starts after
+    another has written its files still leaves no caption to nobody."""
+    captions = [f"caption {i % 7}" for i in range(20)]  # 7 distinct
+    files = [data.text_cache_file(tmp_path, c, "fp") for c in captions]
+    encode = lambda caption: {"crossattn": torch.zeros(2, 3), "pooled": torch.zeros(3)}  # noqa: E731
+    data.fill_text_cache(captions, files, encode, rank=1, world=2)  # rank 1 first, then rank 0
+    data.fill_text_cache(captions, files, encode, rank=0, world=2)
+    assert len(set(files)) == 7 and all(f.is_file() for f in files)
+
+
 # --- config ----------------------------------------------------------------------------------------
 
 def test_config_overrides_and_one_line_errors(tmp_path, capsys):

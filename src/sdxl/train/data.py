@@ -378,7 +378,8 @@ def fill_cache(items: list[Item], buckets, bucket_of: list[int], files: list[Pat
 def fill_text_cache(captions: list[str], files: list[Path], encode, rank: int, world: int) -> None:
     """Write this process's share of the missing caption files (each distinct caption once).
     `encode(caption) -> {"crossattn", "pooled"}` runs the frozen text encoders."""
-    todo = sorted({(str(f), c) for c, f in zip(captions, files) if not f.is_file()})
-    for path, caption in todo[rank::world]:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic(encode(caption), Path(path))
+    every = sorted({(str(f), c) for c, f in zip(captions, files)})  # shared out before looking: all ranks agree
+    for path, caption in every[rank::world]:
+        if not Path(path).is_file():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(encode(caption), Path(path))
