@@ -71,8 +71,8 @@ TRAIN = dict(resolution=RESOLUTION, bucket_step=32, max_aspect=2.0, caption_drop
              max_grad_norm=1.0, checkpoint_every=1000, keep_checkpoints=1, save_dtype="fp16", seed=0)
 # the refiner sees only sigma 0.03-0.57 (t < 200), where min-SNR-5 would weight t = 0 by 0.004: plain loss, lr 3e-4
 REFINER_TRAIN = dict(lr=3e-4, min_snr_gamma=0.0, timestep_range=(0, 200))
-# what fits the 2 hours on this 2-core CPU (measured: bench/RESULTS.md): 32 min data + VAE + decoder, ~7 min
-# latent cache, base 0.52 s/step (0.67 under load), refiner ~0.3 s/step
+# what fits the 2 hours on this 2-core CPU (measured: bench/RESULTS.md, 106 min in all): 32 min data + VAE +
+# decoder, ~8 min caches, base 0.56 s/step, refiner 0.40 s/step
 STEPS = {"vae": 1500, "vae-decoder": 600, "base": 6000, "refiner": 1500, "variant": 3000}
 VARIANTS = {"full": {}, "no-size": {"size_conditioning": False},
             "no-size-drop-small": {"size_conditioning": False, "min_original_size": RESOLUTION},
