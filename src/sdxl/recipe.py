@@ -147,7 +147,7 @@ def train_config(stage: str, out: Path, scale: float, workers: int, variant: str
 
     values = {**TRAIN, "dataset": str(out / "data"), "num_workers": workers}
     if cache:  # one crop per image, VAE and text encoders run once: what makes the CPU budget. One folder for all:
-        values["cache_dir"] = str(out / "cache")  # the UNets share one VAE encoder, hence the latents (not the text)
+        values["cache_dir"] = str(out / "cache")  # one VAE encoder: one set of latents; text per set of encoders
     if stage == "base":
         values |= {"model": str(out / "init_base.safetensors"), "steps": scaled(STEPS["base"], scale)}
     elif stage == "refiner":

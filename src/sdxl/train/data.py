@@ -355,12 +355,13 @@ def fill_cache(items: list[Item], buckets, bucket_of: list[int], files: list[Pat
     `encode(pixels (1, 3, h, w)) -> {"mean", "std"}` runs the frozen VAE encoder.
     An unreadable image gets a `.bad` marker beside its would-be file so that every process skips it.
     """
+    for folder in {f.parent for f in files}:
+        folder.mkdir(parents=True, exist_ok=True)
     failed = []
     for i in range(rank, len(items), world):
         item, f = items[i], files[i]
         if f.is_file() or f.with_suffix(".bad").is_file():
             continue
-        f.parent.mkdir(parents=True, exist_ok=True)
         bucket = buckets[bucket_of[i]]
         rng = np.random.default_rng(stable_seed(seed, "crop", os.path.abspath(item.path))) if random_crop else None
         resized, top_left = crop_box(item.size, bucket, rng)
@@ -378,8 +379,9 @@ def fill_cache(items: list[Item], buckets, bucket_of: list[int], files: list[Pat
 def fill_text_cache(captions: list[str], files: list[Path], encode, rank: int, world: int) -> None:
     """Write this process's share of the missing caption files (each distinct caption once).
     `encode(caption) -> {"crossattn", "pooled"}` runs the frozen text encoders."""
+    for folder in {f.parent for f in files}:
+        folder.mkdir(parents=True, exist_ok=True)
     every = sorted({(str(f), c) for c, f in zip(captions, files)})  # shared out before looking: all ranks agree
     for path, caption in every[rank::world]:
         if not Path(path).is_file():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             _save_atomic(encode(caption), Path(path))
