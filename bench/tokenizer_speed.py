@@ -1,4 +1,4 @@
-"""Prompts/s of `sdxl.tokenizer` for one batch of 10k typical prompts, against transformers' CLIPTokenizer.
+"""Prompts/s of `sdxl.models.tokenizer` for one batch of 10k typical prompts, against transformers' CLIPTokenizer.
 
 Run: python bench/tokenizer_speed.py   (appends a row under "## Tokenizer" in bench/RESULTS.md)
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdxl.tokenizer import MAX_LENGTH, PAD_CLIP_L, Tokenizer
+from sdxl.models.tokenizer import MAX_LENGTH, PAD_CLIP_L, Tokenizer
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Tokenizer"

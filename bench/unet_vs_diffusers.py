@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from sdxl.checkpoint import _unet_diffusers_config
-from sdxl.conditioning import FourierEmbedder
-from sdxl.convert import to_ours, unet_table
-from sdxl.unet import SDXL_BASE, UNet
+from sdxl.formats.checkpoint import _unet_diffusers_config
+from sdxl.models.conditioning import FourierEmbedder
+from sdxl.formats.convert import to_ours, unet_table
+from sdxl.models.unet import SDXL_BASE, UNet
 
 
 def main() -> None:

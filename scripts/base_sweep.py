@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl import recipe
+from sdxl.lab import recipe
 
 CONFIGS = {
     "lr3e-4": {},  # the recipe before this sweep
@@ -39,7 +39,7 @@ def overrides(name: str, steps: int) -> dict:
 
 def fill(out: Path, rank: int, world: int) -> None:
     """This process's share of the shared cache (latents and captions), as the trainer would write it."""
-    from sdxl.tokenizer import Tokenizer
+    from sdxl.models.tokenizer import Tokenizer
     from sdxl.train import data, loop
 
     cfg = recipe.train_config("base", out, 1.0, 0, cache=True)
@@ -52,8 +52,8 @@ def fill(out: Path, rank: int, world: int) -> None:
 
 
 def score(path: Path, n: int) -> dict:
-    from sdxl import evaluate
-    from sdxl.judge import Judge
+    from sdxl.lab import evaluate
+    from sdxl.lab.judge import Judge
     from sdxl.pipeline import Pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,8 +34,8 @@ def one_thread():
 
 def tiny_checkpoints(folder):
     """A tiny random base and refiner saved as single files: (tiny.safetensors, tiny_refiner.safetensors)."""
-    from sdxl import checkpoint as ck
-    from sdxl.model import TINY_BASE, TINY_REFINER, SDXLModel
+    from sdxl.formats import checkpoint as ck
+    from sdxl.models.model import TINY_BASE, TINY_REFINER, SDXLModel
 
     torch.manual_seed(0)
     base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), folder / "tiny.safetensors")

@@ -11,10 +11,10 @@ import torch
 from conftest import randomize
 from safetensors.torch import load_file, save_file
 
-from sdxl import checkpoint as ck
+from sdxl.formats import checkpoint as ck
 from sdxl.cli import main
 from sdxl.errors import CheckpointError
-from sdxl.model import SDXL_BASE, SDXL_INPAINT, SDXL_REFINER, TINY_BASE, TINY_REFINER, SDXLModel
+from sdxl.models.model import SDXL_BASE, SDXL_INPAINT, SDXL_REFINER, TINY_BASE, TINY_REFINER, SDXLModel
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_diffusers_folder_both_directions(diffusers_saved):
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300.0])
     ctx, pooled = torch.randn(1, 5, 256, generator=g), torch.randn(1, 96, generator=g)
     ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
-    from sdxl.conditioning import FourierEmbedder
+    from sdxl.models.conditioning import FourierEmbedder
 
     with torch.no_grad():
         a = model.unet(x, t, ctx, torch.cat([pooled, FourierEmbedder(256)(ids)], 1))
@@ -156,8 +156,8 @@ def test_standalone_vae_replaces_the_checkpoints(tiny, tmp_path):
     vsd = {k: v.contiguous() for k, v in other.state_dict().items()}
     save_file({"first_stage_model." + k: v for k, v in vsd.items()}, tmp_path / "prefixed.safetensors")
     save_file(vsd, tmp_path / "bare.safetensors")
-    from sdxl.convert import vae_table
-    from sdxl.convert import to_theirs
+    from sdxl.formats.convert import vae_table
+    from sdxl.formats.convert import to_theirs
 
     save_file(to_theirs(vae_table(other.cfg), vsd), tmp_path / "diffusers_vae.safetensors")
     for name in ("prefixed", "bare", "diffusers_vae"):

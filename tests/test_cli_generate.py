@@ -9,7 +9,7 @@ from conftest import tiny_checkpoints
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdxl import checkpoint as ck
+from sdxl.formats import checkpoint as ck
 from sdxl.cli import main
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
@@ -150,7 +150,7 @@ def test_prompts_file_and_rank_share(files, tmp_path, capsys, monkeypatch):
 
 
 def test_lora_flag_changes_the_image_and_is_replayed(files, tmp_path, capsys):
-    from sdxl.lora import add_lora, save_lora
+    from sdxl.formats.lora import add_lora, save_lora
 
     base, _ = files
     model = ck.load(base)

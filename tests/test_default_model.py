@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl import checkpoint as ck
-from sdxl import recipe
+from sdxl.formats import checkpoint as ck
+from sdxl.lab import recipe
 from sdxl.cli import main
 from sdxl.default_model import ASSETS, default_model_paths
 
@@ -53,8 +53,8 @@ def test_generate_with_no_model_uses_the_default_base_then_refiner(tmp_path, cap
 
 
 def test_judge_reads_the_prompted_background_well_above_chance(paths):
-    from sdxl import evaluate
-    from sdxl.judge import Judge, prompt_report
+    from sdxl.lab import evaluate
+    from sdxl.lab.judge import Judge, prompt_report
     from sdxl.pipeline import Pipeline
 
     pipe = Pipeline.load(paths["base"], paths["refiner"], dtype=torch.float32)

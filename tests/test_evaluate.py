@@ -10,15 +10,15 @@ from conftest import randomize, tiny_checkpoints
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from sdxl import checkpoint as ck
-from sdxl import evaluate as ev
+from sdxl.formats import checkpoint as ck
+from sdxl.lab import evaluate as ev
 from sdxl.cli import main
 from sdxl.errors import SDXLError
-from sdxl.judge import Judge
-from sdxl.model import TINY_BASE, TINY_REFINER, SDXLModel
+from sdxl.lab.judge import Judge
+from sdxl.models.model import TINY_BASE, TINY_REFINER, SDXLModel
 from sdxl.pipeline import Pipeline
-from sdxl.tokenizer import Tokenizer
-from sdxl.world import render
+from sdxl.models.tokenizer import Tokenizer
+from sdxl.lab.world import render
 
 S = ev.Settings(resolution=64, n=2, steps=(2,), samplers=("euler",), native_steps=40, batch=2)
 S32 = replace(S, resolution=32)  # where the sizes do not matter: a UNet call on 16x16 latents is ~3x faster

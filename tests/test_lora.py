@@ -9,12 +9,12 @@ import torch
 from conftest import randomize
 from safetensors.torch import load_file, save_file
 
-from sdxl import checkpoint as ck
-from sdxl.conditioning import FourierEmbedder
+from sdxl.formats import checkpoint as ck
+from sdxl.models.conditioning import FourierEmbedder
 from sdxl.errors import CheckpointError, SDXLError
-from sdxl.lora import (CONV_TARGETS, DEFAULT_TARGETS, PEFT_FILE, FusedQKVLoRA, LoRA, add_lora, load_lora,
+from sdxl.formats.lora import (CONV_TARGETS, DEFAULT_TARGETS, PEFT_FILE, FusedQKVLoRA, LoRA, add_lora, load_lora,
                        lora_modules, lora_state_dict, merge_lora, save_lora, sites)
-from sdxl.model import SDXL_BASE, TINY_BASE, TINY_REFINER, ModelConfig, SDXLModel
+from sdxl.models.model import SDXL_BASE, TINY_BASE, TINY_REFINER, ModelConfig, SDXLModel
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 ALL_TARGETS = DEFAULT_TARGETS + CONV_TARGETS  # also 3x3 (stride 1 and 2) and 1x1 convolutions

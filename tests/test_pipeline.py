@@ -14,10 +14,11 @@ import torch
 from conftest import randomize
 from PIL import Image
 
-from sdxl import checkpoint as ck
-from sdxl.model import TINY_BASE, TINY_REFINER, SDXLModel
-from sdxl.pipeline import Pipeline, Request
-from sdxl.unet import TINY_BASE as TINY_UNET
+from sdxl.formats import checkpoint as ck
+from sdxl.models.model import TINY_BASE, TINY_REFINER, SDXLModel
+from sdxl.pipeline import Pipeline
+from sdxl.request import Request
+from sdxl.models.unet import TINY_BASE as TINY_UNET
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 SIZE = 64  # pixels; the tiny VAE downsamples by 2, so latents are 32x32
@@ -169,7 +170,7 @@ def test_initial_noise_convention(ours, monkeypatch):
         seen["x"], seen["sigma"] = x.clone(), float(sigmas[0])
         return x
 
-    from sdxl import samplers
+    from sdxl.sampling import samplers
 
     monkeypatch.setitem(samplers.SAMPLERS, "euler", capture)
     ours.generate(Request("x", width=SIZE, height=SIZE, steps=5, seed=42, batch=2))
@@ -215,7 +216,7 @@ def test_bad_requests(ours):
 
 
 def test_tiled_vae_has_no_seams_and_matches_untiled_when_one_tile(ours):
-    from sdxl.vae import AutoencoderKL, VAEConfig
+    from sdxl.models.vae import AutoencoderKL, VAEConfig
 
     torch.manual_seed(0)
     vae = randomize(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)), 0, 0.02).eval()
@@ -271,7 +272,7 @@ def test_outpainting_by_padding(ours):
 
 
 def test_off_bucket_size_warns_for_official_models(ours, monkeypatch):
-    from sdxl.model import ModelConfig
+    from sdxl.models.model import ModelConfig
 
     req = Request("x", width=SIZE, height=48, steps=1, seed=0)
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""The default model's recipe (sdxl.recipe) and the VAE trainer (sdxl.train.vae), at a tiny scale on CPU."""
+"""The default model's recipe (sdxl.lab.recipe) and the VAE trainer (sdxl.train.vae), at a tiny scale on CPU."""
 
 import json
 import math
@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl import checkpoint as ck
-from sdxl import recipe
-from sdxl.model import ModelConfig, SDXLModel
-from sdxl.pipeline import Pipeline, Request
+from sdxl.formats import checkpoint as ck
+from sdxl.lab import recipe
+from sdxl.models.model import ModelConfig, SDXLModel
+from sdxl.pipeline import Pipeline
+from sdxl.request import Request
 from sdxl.train.vae import SMALL_VAE, VAETrainConfig, fold_latent_scale, train_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

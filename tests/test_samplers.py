@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl.samplers import SAMPLERS, EpsDenoiser, default_noise_sampler
-from sdxl.schedules import (
+from sdxl.sampling.samplers import SAMPLERS, EpsDenoiser, default_noise_sampler
+from sdxl.sampling.schedules import (
     SCHEDULES, discrete_sigmas, exponential_sigmas, get_sigmas, img2img_sigmas, karras_sigmas, sigma_to_t,
     sigma_to_t_interp, t_to_sigma,
 )

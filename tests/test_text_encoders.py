@@ -10,10 +10,10 @@ import torch
 from conftest import reference_shapes
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl.convert import IGNORE, bigg_table, clip_l_table
-from sdxl.convert import to_ours, to_theirs
+from sdxl.formats.convert import IGNORE, bigg_table, clip_l_table
+from sdxl.formats.convert import to_ours, to_theirs
 from sdxl.errors import CheckpointError
-from sdxl.text_encoders import (CLIP_L, CLIP_TINY, OPENCLIP_BIGG, OPENCLIP_TINY, CLIPTextEmbedder,
+from sdxl.models.text_encoders import (CLIP_L, CLIP_TINY, OPENCLIP_BIGG, OPENCLIP_TINY, CLIPTextEmbedder,
                                 OpenCLIPTextEmbedder, TextEncoderConfig, config_from_shapes)
 
 BOS, EOS = 49406, 49407

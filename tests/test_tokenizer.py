@@ -1,4 +1,4 @@
-"""Parity of sdxl.tokenizer with transformers' CLIPTokenizer (the diffusers SDXL tokenizers)."""
+"""Parity of sdxl.models.tokenizer with transformers' CLIPTokenizer (the diffusers SDXL tokenizers)."""
 
 import random
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdxl.errors import SDXLError
-from sdxl.tokenizer import BOS, EOS, MAX_LENGTH, PAD_BIGG, PAD_CLIP_L, Tokenizer
+from sdxl.models.tokenizer import BOS, EOS, MAX_LENGTH, PAD_BIGG, PAD_CLIP_L, Tokenizer
 
 HARD = [
     "",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdxl import checkpoint as ck
+from sdxl.formats import checkpoint as ck
 from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.train import checkpointing, config, data, loop
@@ -135,7 +135,8 @@ def test_conditioning_values_are_real_sizes_and_crop_offsets(tmp_path):
 
 def test_training_feeds_the_unet_what_inference_does(tmp_path):
     """Same caption, sizes, crop, latent x and sigma: the UNet gets equal input, timestep, context and vector."""
-    from sdxl.pipeline import GuidedDenoiser, Pipeline, Request
+    from sdxl.pipeline import GuidedDenoiser, Pipeline
+    from sdxl.request import Request
 
     cfg = tiny(caption_dropout=0.0, offset_noise=0.0)
     torch.manual_seed(0)
@@ -261,7 +262,7 @@ def test_two_processes_equal_one(tmp_path, one_process, mode):
 
 
 def test_lora_changes_only_lora_weights(tmp_path):
-    from sdxl.lora import DEFAULT_TARGETS, load_lora
+    from sdxl.formats.lora import DEFAULT_TARGETS, load_lora
 
     loop.seed_everything(1)
     start_file = ck.save_single_file(loop.build_model(tiny(), torch.device("cpu")), tmp_path / "start.safetensors")

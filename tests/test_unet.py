@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import randomize, reference_shapes
 
-from sdxl import unet as U
-from sdxl.checkpoint import _unet_diffusers_config
-from sdxl.conditioning import BASE_MICRO, REFINER_MICRO, FourierEmbedder
-from sdxl.convert import to_ours, to_theirs, unet_table
-from sdxl.model import SDXL_BASE, SDXL_REFINER, SDXLModel
+from sdxl.models import unet as U
+from sdxl.formats.checkpoint import _unet_diffusers_config
+from sdxl.models.conditioning import BASE_MICRO, REFINER_MICRO, FourierEmbedder
+from sdxl.formats.convert import to_ours, to_theirs, unet_table
+from sdxl.models.model import SDXL_BASE, SDXL_REFINER, SDXLModel
 
 # fp32 on CPU: same math in a different order; errors seen ~2e-6 absolute on outputs of magnitude ~1.
 TOL = dict(rtol=1e-5, atol=2e-5)

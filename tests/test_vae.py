@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sdxl.convert import vae_table
-from sdxl.convert import to_ours, to_theirs
+from sdxl.formats.convert import vae_table
+from sdxl.formats.convert import to_ours, to_theirs
 from sdxl.errors import CheckpointError
-from sdxl.vae import SDXL_VAE, TINY_VAE, AutoencoderKL, VAEConfig, config_from_shapes
+from sdxl.models.vae import SDXL_VAE, TINY_VAE, AutoencoderKL, VAEConfig, config_from_shapes
 
 diffusers = pytest.importorskip("diffusers")
 

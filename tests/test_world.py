@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl.judge import Judge, JudgeConfig, frechet_distance, heldout, prompt_accuracy, prompt_report
-from sdxl.world import (
+from sdxl.lab.judge import Judge, JudgeConfig, frechet_distance, heldout, prompt_accuracy, prompt_report
+from sdxl.lab.world import (
     COLOURS, REGIONS, SHAPES, Claims, Group, Scene, SceneObject, border_cut, label_map, load_metadata,
     make_dataset, parse_caption, render, sample_scene, scene_border_cut,
 )
@@ -135,7 +135,7 @@ def test_border_cut_from_geometry_and_pixels():
 
 # The shipped judge on fresh held-out scenes. Measured (this test's scenes): prompt accuracy 0.995 on 400 clean
 # 64x64 renders (background 1.0, count 1.0, colour 1.0, shape 0.995, position 0.996) and 0.99 on 200 renders of
-# 32-128 px at aspect 1:2..2:1; `python -m sdxl.judge` measured 0.9985 / 0.9975 on 2000 each (judge.json).
+# 32-128 px at aspect 1:2..2:1; `python -m sdxl.lab.judge` measured 0.9985 / 0.9975 on 2000 each (judge.json).
 # Chance is ~0: every object's shape (1 of 6) and colour (1 of 7) and the background (1 of 8) must be right,
 # and no object may be added. Floors: well above chance, a few points below what was measured.
 CLEAN_FLOOR, VARIED_FLOOR = 0.95, 0.9

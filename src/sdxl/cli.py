@@ -8,11 +8,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import SDXLError
+from sdxl.errors import SDXLError
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import inspect
+    from sdxl.formats.checkpoint import inspect
 
     info = inspect(args.path)
     if args.json:
@@ -73,8 +73,8 @@ def _image(path: str | None):
 
 def _request_from_args(args, model_info) -> "Request":
     """CLI flags (over a --from-png recipe, over the defaults) -> a Request."""
-    from .output import read_recipe, request_fields_from_recipe
-    from .pipeline import Request
+    from sdxl.formats.png import read_recipe, request_fields_from_recipe
+    from sdxl.request import Request
 
     base = request_fields_from_recipe(read_recipe(args.from_png), Request) if args.from_png else {}
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -123,7 +123,7 @@ def _resolve_models(args: argparse.Namespace) -> tuple[dict, bool]:
     settings; returns (native settings, whether the default refiner was chosen)."""
     if args.model is not None:
         return {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}, False
-    from .default_model import default_model_paths
+    from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
     args.model = str(info["base"])
@@ -137,7 +137,7 @@ def _device_and_dtype(args: argparse.Namespace):
     """--device and --dtype, or the best available device and its default dtype."""
     import torch
 
-    from .pipeline import default_device, default_dtype
+    from sdxl.pipeline import default_device, default_dtype
 
     device = args.device or default_device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
@@ -150,11 +150,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .output import a1111_parameters, next_free, recipe, save_png
-    from .pipeline import Pipeline
+    from sdxl.formats.png import a1111_parameters, next_free, recipe, save_png
+    from sdxl.pipeline import Pipeline
 
     if args.from_png:  # the recipe's model files and dtype, unless given
-        from .output import read_recipe
+        from sdxl.formats.png import read_recipe
 
         rec = read_recipe(args.from_png)
         models = rec.get("models", {})
@@ -185,7 +185,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tiling = {"on": True, "off": False}.get(args.vae_tiling)
     pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype, vae_tiling=tiling)
     for spec in args.lora or []:
-        from .lora import load_lora
+        from sdxl.formats.lora import load_lora
 
         path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
         try:
@@ -223,7 +223,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         bar.close()
         images = result.images
         if not args.no_watermark:
-            from .watermark import add_watermark
+            from sdxl.watermark import add_watermark
 
             images = add_watermark(images)
         out = Path(args.output or DEFAULTS["output"])
@@ -248,7 +248,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _total_steps(req) -> int:
     """Model evaluations the progress bar counts: one callback per sampler step (all stages)."""
-    from . import schedules
+    from sdxl.sampling import schedules
 
     n = len(schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.steps), req.strength)) - 1 \
         if (req.init_image is not None or req.init_latent is not None) and req.refiner_strength is None else req.steps
@@ -262,7 +262,7 @@ def _total_steps(req) -> int:
 
 
 def _load_latent(path: str, index: int | None):
-    from .checkpoint import SafetensorsFile
+    from sdxl.formats.checkpoint import SafetensorsFile
 
     f = SafetensorsFile(path)
     if "latent" not in f:
@@ -297,7 +297,7 @@ def _peak_memory(device: str) -> str:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from .watermark import detect_main
+    from sdxl.watermark import detect_main
 
     return detect_main(args.images)
 
@@ -370,8 +370,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluate
-    from .pipeline import Pipeline
+    from sdxl.lab import evaluate
+    from sdxl.pipeline import Pipeline
 
     out = Path(args.out)
     evaluate.check_out(out, args.overwrite)  # before loading anything big
@@ -430,7 +430,7 @@ def _add_eval(sub) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from .train import config, train
+    from sdxl.train import config, train
 
     cfg = config.load(args.config, args.set or [])
     final = train(cfg, output=args.output, resume=args.resume, quiet=args.quiet)

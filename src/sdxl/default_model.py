@@ -1,6 +1,6 @@
 """The embedded default model: a small SDXL-family base and refiner trained by this project (package data).
 
-`python -m sdxl.recipe` makes them (see its docstring); `default_model.json` beside the weights holds the
+`python -m sdxl.lab.recipe` makes them (see its docstring); `default_model.json` beside the weights holds the
 native settings and how they were trained.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import SDXLError
+from sdxl.errors import SDXLError
 
 ASSETS = Path(__file__).parent / "assets"
 NATIVE = {"resolution": 128, "steps": 20, "cfg": 5.0, "refiner_switch": 0.8}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .errors import SDXLError
+from sdxl.errors import SDXLError
 
 # sgm/inference/helpers.py: "A fixed 48-bit message that was choosen at random", most significant bit first.
 WATERMARK_MESSAGE = 0xB3EC907BB19E

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..errors import SDXLError
+from sdxl.errors import SDXLError
 
 _STEP = re.compile(r"step-(\d+)")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import SDXLError
-from ..model import SDXL_BASE, SDXL_REFINER, TINY_BASE, TINY_REFINER, ModelConfig
+from sdxl.errors import SDXLError
+from sdxl.models.model import SDXL_BASE, SDXL_REFINER, TINY_BASE, TINY_REFINER, ModelConfig
 
 NAMED_MODELS = {"tiny": TINY_BASE, "tiny-refiner": TINY_REFINER, "sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER}
 SECTIONS = ("unet", "vae", "clip_l", "bigg")  # TOML tables overriding parts of `model_config`
@@ -37,7 +37,7 @@ class TrainConfig:
     vae: dict[str, Any] = field(default_factory=dict)
     clip_l: dict[str, Any] = field(default_factory=dict)
     bigg: dict[str, Any] = field(default_factory=dict)
-    train: Literal["unet", "lora"] = "unet"  # the full UNet, or LoRA (sdxl.lora) on it
+    train: Literal["unet", "lora"] = "unet"  # the full UNet, or LoRA (sdxl.formats.lora) on it
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: alpha = rank
     lora_text_encoders: bool = False  # also LoRA on both text encoders

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import SDXLError
+from sdxl.errors import SDXLError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -119,8 +119,8 @@ SYNTHETIC_SIZES = ((64, 64), (96, 48), (48, 96), (64, 80), (80, 64), (120, 40))
 
 
 def make_synthetic(n: int, root: Path) -> Path:
-    """n captioned scenes of the synthetic world (`sdxl.world`) at small sizes of several aspects; deterministic."""
-    from ..world import make_dataset
+    """n captioned scenes of the synthetic world (`sdxl.lab.world`) at small sizes of several aspects; deterministic."""
+    from sdxl.lab.world import make_dataset
 
     if (root / "done").is_file():
         return root

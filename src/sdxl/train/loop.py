@@ -26,13 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import checkpoint as checkpoint_io
-from ..errors import SDXLError
-from ..model import SDXLModel
-from ..schedules import discrete_sigmas
-from ..tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
-from . import checkpointing, data
-from .config import TrainConfig
+from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.errors import SDXLError
+from sdxl.models.model import SDXLModel
+from sdxl.sampling.schedules import discrete_sigmas
+from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
+from sdxl.train import checkpointing
+from sdxl.train import data
+from sdxl.train.config import TrainConfig
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -233,9 +234,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SDXLModel:
 
 
 def trainable_parameters(model: SDXLModel, cfg: TrainConfig) -> dict[str, nn.Parameter]:
-    """The trained parameters by their name in `model`: the full UNet, or new LoRA layers (sdxl.lora)."""
+    """The trained parameters by their name in `model`: the full UNet, or new LoRA layers (sdxl.formats.lora)."""
     if cfg.train == "lora":
-        from ..lora import add_lora
+        from sdxl.formats.lora import add_lora
 
         new = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, unet=True,
                        text_encoders=cfg.lora_text_encoders, dtype=torch.float32)
@@ -491,7 +492,8 @@ def write_samples(model: SDXLModel, trained: dict, cfg: TrainConfig, tokenizer, 
     """Images from the fixed prompts and seeds (rank 0, fp32, `sample_steps` Euler steps) -> output/samples/."""
     if rank != 0 or (world > 1 and cfg.distributed == "fsdp"):
         return  # under FSDP no single process holds the whole UNet: look at final.safetensors instead
-    from ..pipeline import Pipeline, Request
+    from sdxl.pipeline import Pipeline
+    from sdxl.request import Request
 
     size = cfg.sample_size or cfg.resolution
     folder = output / "samples"
@@ -523,7 +525,7 @@ def write_final(model: SDXLModel, trained: dict, ema, cfg: TrainConfig, output: 
             for name, p in trained.items():
                 p.copy_(ema[name])
     if cfg.train == "lora":
-        from ..lora import merge_lora, save_lora
+        from sdxl.formats.lora import merge_lora, save_lora
 
         if rank == 0:
             for name, fmt in (("final_lora.safetensors", "kohya"), ("final_lora_peft.safetensors", "peft")):

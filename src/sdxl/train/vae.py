@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint as checkpoint_io
-from ..errors import SDXLError
-from ..model import ModelConfig, SDXLModel
-from ..vae import VAEConfig
-from . import data
+from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.errors import SDXLError
+from sdxl.models.model import ModelConfig, SDXLModel
+from sdxl.models.vae import VAEConfig
+from sdxl.train import data
 
 # f = 8 (four levels), 4 latent channels, one ResnetBlock per level: about 1M parameters
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)

@@ -28,13 +28,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .conditioning import Conditioning
-from .errors import SDXLError
-from .judge import Judge, frechet_distance, prompt_report
-from .model import DiffusionWrapper, ModelConfig, SDXLModel
-from .pipeline import Pipeline, Request
-from .samplers import SAMPLERS
-from .world import Scene, border_cut, render, sample_scene
+from sdxl.models.conditioning import Conditioning
+from sdxl.errors import SDXLError
+from sdxl.lab.judge import Judge, frechet_distance, prompt_report
+from sdxl.models.model import DiffusionWrapper, ModelConfig, SDXLModel
+from sdxl.pipeline import Pipeline
+from sdxl.request import Request
+from sdxl.sampling.samplers import SAMPLERS
+from sdxl.lab.world import Scene, border_cut, render, sample_scene
 
 # UNet-only files in --variants, each paired with the base's text encoders and VAE
 VARIANTS = {"crop": ("full", "no-crop"), "size": ("full", "no-size", "no-size-drop-small")}
@@ -101,7 +102,7 @@ def with_unet(base: SDXLModel, unet) -> SDXLModel:
 
 def variant_pipeline(pipe: Pipeline, path: str | Path) -> Pipeline:
     """A UNet-only file (`model.diffusion_model.*`, any float dtype) on the base of `pipe`, no refiner."""
-    from .checkpoint import load
+    from sdxl.formats.checkpoint import load
 
     unet = load(path, pipe.device, pipe.dtype, components=("unet",))
     return Pipeline(with_unet(pipe.base, unet), None, pipe.device, pipe.dtype, vae_dtype=pipe.vae_dtype,

@@ -3,7 +3,7 @@
 Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None,
 noise_sampler=None, **opts) -> x`: `model(x, sigma_batch, **extra_args)` returns the
 denoised x0 (D in Karras et al. 2022), `x` starts at noise level `sigmas[0]` (pure noise:
-`noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.schedules`, usually
+`noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.sampling.schedules`, usually
 ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic
 ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
 `{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import discrete_sigmas, sigma_to_t, sigma_to_t_interp
+from sdxl.sampling.schedules import discrete_sigmas, sigma_to_t, sigma_to_t_interp
 
 NoiseSampler = Callable[[float, float], Tensor]
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from sdxl.errors import CheckpointError
 
 HEAD_DIM = 64  # both towers use 64-wide heads: heads = width / 64
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from sdxl.errors import CheckpointError
 
 
 @dataclass(frozen=True)

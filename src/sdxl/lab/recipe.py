@@ -1,11 +1,11 @@
 """The recipe of the embedded default model: world data, VAE, base, refiner, and the eval variants.
 
-    python -m sdxl.recipe --out runs/default  # data, vae, init, vae-decoder, base, refiner, export
+    python -m sdxl.lab.recipe --out runs/default  # data, vae, init, vae-decoder, base, refiner, export
                                                      # (to runs/default/assets; copy to src/sdxl/assets to ship)
-    python -m sdxl.recipe --out runs/default --stages variants,export-variants
-    python -m sdxl.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
+    python -m sdxl.lab.recipe --out runs/default --stages variants,export-variants
+    python -m sdxl.lab.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
 
-Everything is a small SDXL-family model that `sdxl.checkpoint` reads from shapes alone:
+Everything is a small SDXL-family model that `sdxl.formats.checkpoint` reads from shapes alone:
 - text encoders: CLIP-L-style and bigG-style, width 64, two layers, frozen at their random
   initialisation (seed 0). The world's captions use ~30 words of a closed grammar; a random causal
   transformer already maps each caption to distinct token features, and the UNet's cross-attention
@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as checkpoint_io
-from .conditioning import BASE_MICRO, REFINER_MICRO, ConditionerConfig
-from .errors import SDXLError
-from .model import ModelConfig, SDXLModel
-from .text_encoders import TextEncoderConfig
-from .unet import UNetConfig
+from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.models.conditioning import BASE_MICRO, REFINER_MICRO, ConditionerConfig
+from sdxl.errors import SDXLError
+from sdxl.models.model import ModelConfig, SDXLModel
+from sdxl.models.text_encoders import TextEncoderConfig
+from sdxl.models.unet import UNetConfig
 
 RESOLUTION = 128
 CLIP_L_SMALL = TextEncoderConfig(width=64, layers=2, act="quick_gelu")
@@ -86,7 +86,7 @@ def scaled(n: int, scale: float) -> int:
 
 
 def make_data(out: Path, scale: float, jobs: int) -> Path:
-    from .world import make_dataset
+    from sdxl.lab.world import make_dataset
 
     folder = out / "data"
     if not (folder / "done").is_file():
@@ -97,7 +97,7 @@ def make_data(out: Path, scale: float, jobs: int) -> Path:
 
 
 def make_vae(out: Path, scale: float, workers: int) -> Path:
-    from .train.vae import VAETrainConfig, train_vae
+    from sdxl.train.vae import VAETrainConfig, train_vae
 
     path = out / "vae.safetensors"
     if not path.is_file():
@@ -110,7 +110,7 @@ def make_vae_decoder(out: Path, scale: float, workers: int) -> Path:
     """The decoder again, on whole 128^2 buckets: the first VAE saw 64 px crops, and its decoder (mid-block
     attention included) does not carry over to 16x16 latents. The encoder, hence every UNet's latent space, stays
     (as Stability's ft-MSE VAE decoders did for SD 1.x)."""
-    from .train.vae import VAETrainConfig, train_vae
+    from sdxl.train.vae import VAETrainConfig, train_vae
 
     path = out / "vae_decoder.safetensors"
     if not path.is_file():
@@ -143,7 +143,7 @@ def make_init(out: Path) -> None:
 
 
 def train_config(stage: str, out: Path, scale: float, workers: int, variant: str = "", cache: bool = False):
-    from .train import config
+    from sdxl.train import config
 
     values = {**TRAIN, "dataset": str(out / "data"), "num_workers": workers}
     if cache:  # one crop per image, VAE and text encoders run once: what makes the CPU budget. One folder for all:
@@ -173,8 +173,8 @@ def run_training(stage: str, out: Path, scale: float, workers: int, variant: str
     """Train one model (resuming an interrupted run); past `deadline` (epoch seconds) stop and take the
     latest checkpoint's EMA weights instead (`partial.safetensors`), so a time-boxed run still ends with a model.
     `overrides` (TrainConfig fields) and `folder` are for experiments on the recipe (scripts/base_sweep.py)."""
-    from .train import checkpointing
-    from .train.loop import train
+    from sdxl.train import checkpointing
+    from sdxl.train.loop import train
 
     folder = folder or out / (stage if stage != "variants" else f"variant-{variant}")
     if (folder / "final.safetensors").is_file():
@@ -196,7 +196,7 @@ def run_training(stage: str, out: Path, scale: float, workers: int, variant: str
         ckpt = checkpointing.load(latest, 0)
         model = checkpoint_io.load(cfg.model, dtype=torch.float32)
         model.load_state_dict(ckpt["ema"] or ckpt["trained"], strict=False)
-        meta = {"sdxl.train.config": json.dumps(cfg.to_dict()), "sdxl.recipe.partial_step": str(ckpt["state"]["step"])}
+        meta = {"sdxl.train.config": json.dumps(cfg.to_dict()), "sdxl.lab.recipe.partial_step": str(ckpt["state"]["step"])}
         return checkpoint_io.save_single_file(model, folder / "partial.safetensors", dtype=torch.float16,
                                               metadata=meta, overwrite=True)
 
@@ -220,7 +220,7 @@ def record(out: Path, stage: str) -> dict:
     steps = [r for r in log if "event" not in r]
     rec = {"steps": steps[-1]["step"], "seconds": steps[-1]["seconds"], "final_loss": steps[-1]["loss"]}
     if not (out / stage / "final.safetensors").is_file():  # stopped at the deadline: weights of its last checkpoint
-        from .train import checkpointing
+        from sdxl.train import checkpointing
 
         rec["stopped_at_deadline"], rec["weights_of_step"] = True, int(checkpointing.latest(out / stage).name[5:])
     return rec
@@ -229,7 +229,7 @@ def record(out: Path, stage: str) -> dict:
 def export(out: Path, dest: Path, command: str) -> None:
     """default_base.safetensors (full, fp16), default_refiner.safetensors (UNet only, fp16), default_model.json."""
     dest.mkdir(parents=True, exist_ok=True)
-    meta = {"sdxl.recipe": command}
+    meta = {"sdxl.lab.recipe": command}
     model = checkpoint_io.load(trained_file(out, "base"), dtype=torch.float32)
     if (out / "vae_decoder.safetensors").is_file():  # same encoder, better decoder
         model.vae.load_state_dict(checkpoint_io.load_vae(out / "vae_decoder.safetensors").state_dict())
@@ -251,13 +251,13 @@ def export_variants(out: Path, dest: Path, command: str) -> None:
     info = {}
     for name in VARIANTS:
         unet_only(trained_file(out, f"variant-{name}"), dest / f"{name}.safetensors",
-                  {"sdxl.recipe": command, "sdxl.variant": json.dumps(VARIANTS[name])})
+                  {"sdxl.lab.recipe": command, "sdxl.variant": json.dumps(VARIANTS[name])})
         info[name] = {**VARIANTS[name], **record(out, f"variant-{name}")}
     (dest / "variants.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl.recipe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sdxl.lab.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.01)")
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m sdxl.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sdxl.lab.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     cache = args.cache == "yes" or args.cache == "auto" and not torch.cuda.is_available()
     if args.variant or args.jobs > 1:  # share the cores: OpenMP threads of several processes fighting are far slower
@@ -314,7 +314,7 @@ def run_parallel(jobs: list[tuple[str, str]], args) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             stage, variant = pending.pop(0)
-            cmd = [sys.executable, "-m", "sdxl.recipe", "--out", args.out, "--stages", stage, "--scale",
+            cmd = [sys.executable, "-m", "sdxl.lab.recipe", "--out", args.out, "--stages", stage, "--scale",
                    str(args.scale), "--workers", str(args.workers), "--cache", args.cache, "--jobs", str(args.jobs),
                    "--deadline", str(args.deadline)]
             cmd += ["--variant", variant] if variant else []

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 
-from . import conditioning, text_encoders, unet, vae
-from .convert import Entry, check, to_ours, to_theirs, unet_table
-from .convert import IGNORE as TEXT_IGNORE
-from .convert import bigg_table, clip_l_table, vae_table
-from .errors import CheckpointError, first_few
-from .model import PREFIXES, ModelConfig, SDXLModel
+from sdxl.models import conditioning
+from sdxl.models import text_encoders
+from sdxl.models import unet
+from sdxl.models import vae
+from sdxl.formats.convert import Entry, check, to_ours, to_theirs, unet_table
+from sdxl.formats.convert import IGNORE as TEXT_IGNORE
+from sdxl.formats.convert import bigg_table, clip_l_table, vae_table
+from sdxl.errors import CheckpointError, first_few
+from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -384,7 +387,7 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
     """Write a diffusers folder that diffusers' `StableDiffusionXLPipeline.from_pretrained` loads."""
     from safetensors.torch import save_file
 
-    from .tokenizer import Tokenizer
+    from sdxl.models.tokenizer import Tokenizer
 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):

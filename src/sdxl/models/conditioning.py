@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .text_encoders import CLIP_L, OPENCLIP_BIGG, CLIPTextEmbedder, OpenCLIPTextEmbedder, TextEncoderConfig
-from .unet import timestep_embedding
+from sdxl.models.text_encoders import CLIP_L, OPENCLIP_BIGG, CLIPTextEmbedder, OpenCLIPTextEmbedder, TextEncoderConfig
+from sdxl.models.unet import timestep_embedding
 
 # How many scalars each micro-conditioning input has (SDXL report §2.2, §2.5).
 MICRO_SIZES = {"original_size": 2, "crop_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}

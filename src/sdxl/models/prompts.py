@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
+from sdxl.models.tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
 
 WINDOW = MAX_LENGTH - 2  # 75 tokens between BOS and EOS
 _TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")

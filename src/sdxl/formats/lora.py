@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import SafetensorsFile
-from .errors import first_few
-from .convert import bigg_table, clip_l_table, unet_table
-from .errors import CheckpointError, SDXLError
-from .model import PREFIXES, ModelConfig, SDXLModel
-from .text_encoders import MultiheadSelfAttention
+from sdxl.formats.checkpoint import SafetensorsFile
+from sdxl.errors import first_few
+from sdxl.formats.convert import bigg_table, clip_l_table, unet_table
+from sdxl.errors import CheckpointError, SDXLError
+from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
+from sdxl.models.text_encoders import MultiheadSelfAttention
 
 # What kohya's sd-scripts trains by default (networks/lora.py: every Linear in a Transformer2DModel,
 # CLIPAttention, CLIPMLP), as suffixes of our module paths; bigG's fused q/k/v is `attn.in_proj`.

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import unet as unet_
-from . import vae as vae_
-from .conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER, Conditioner,
+from sdxl.models import unet as unet_
+from sdxl.models import vae as vae_
+from sdxl.models.conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER, Conditioner,
                            ConditionerConfig)
-from .text_encoders import CLIP_TINY, OPENCLIP_TINY
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from sdxl.models.text_encoders import CLIP_TINY, OPENCLIP_TINY
+from sdxl.models.unet import UNet, UNetConfig
+from sdxl.models.vae import AutoencoderKL, VAEConfig
 
 PREFIXES = {"unet": "model.diffusion_model.", "conditioner": "conditioner.", "vae": "first_stage_model."}
 

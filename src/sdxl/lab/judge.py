@@ -21,7 +21,7 @@ casts, blur, low resolution and noise, so that imperfect generated images are st
 
 The shipped judge (`assets/judge.safetensors` + `assets/judge.json`) was trained with
 
-    python -m sdxl.judge --steps 1600 --seed 0 --pool 20000 --out src/sdxl/assets/judge
+    python -m sdxl.lab.judge --steps 1600 --seed 0 --pool 20000 --out src/sdxl/assets/judge
 
 (from the repository root; about 4 minutes on 2 CPU cores, bit-for-bit reproducible there);
 `judge.json` records the command and the held-out accuracy.
@@ -46,9 +46,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .world import COLOURS, REGIONS, SHAPES, Claims, Scene, label_map, parse_caption, render, sample_scene
+from sdxl.lab.world import COLOURS, REGIONS, SHAPES, Claims, Scene, label_map, parse_caption, render, sample_scene
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 COLOUR_NAMES = tuple(COLOURS)
 SHAPE_CLASSES = ("none",) + SHAPES  # per-cell shape head: class 0 is an empty cell
 
@@ -395,7 +395,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl.judge", description="Train the world judge, evaluate, save.")
+    p = argparse.ArgumentParser(prog="python -m sdxl.lab.judge", description="Train the world judge, evaluate, save.")
     p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         images, scenes = heldout(args.heldout, vary=vary)
         results[name] = {"labels": cell_accuracy(judge, images, scenes), "prompts": prompt_report(judge, images, scenes)}
         print(f"held-out {name}:", json.dumps({k: round(v, 4) for r in results[name].values() for k, v in r.items()}))
-    command = f"python -m sdxl.judge --steps {args.steps} --seed {args.seed} --pool {args.pool} --out {args.out}"
+    command = f"python -m sdxl.lab.judge --steps {args.steps} --seed {args.seed} --pool {args.pool} --out {args.out}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     judge.save(args.out, {"train": {"command": command, "batch": args.batch, "lr": args.lr, "seconds": round(seconds),
                                     "threads": torch.get_num_threads()},

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError
-from .text_encoders import TextEncoderConfig
-from .unet import UNet, UNetConfig
-from .vae import VAEConfig
+from sdxl.errors import CheckpointError
+from sdxl.models.text_encoders import TextEncoderConfig
+from sdxl.models.unet import UNet, UNetConfig
+from sdxl.models.vae import VAEConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .errors import SDXLError
+from sdxl.errors import SDXLError
 
 RECIPE_KEY = "sdxl-recipe"
 # Our names -> the names A1111 writes in its infotext (modules/sd_samplers_kdiffusion.py, sd_schedulers.py).

@@ -1,0 +1,1 @@
+"""Noise schedules and samplers as pure functions over a denoiser."""
