@@ -361,6 +361,7 @@ KARRAS = dict(use_karras_sigmas=True)
 EXP = dict(use_exponential_sigmas=True)
 SDE = dict(algorithm_type="sde-dpmsolver++")
 DDIM = dict(clip_sample=False, set_alpha_to_one=True)
+SIGMA_MIN = dict(final_sigmas_type="sigma_min")  # the schedule ends at the smallest training sigma, not 0
 
 # (our sampler, diffusers scheduler class name, its config, steps, t mode, our options, step() kwargs)
 CASES = [
@@ -391,16 +392,26 @@ CASES = [
     ("dpmpp_2m", "DPMSolverMultistepScheduler", KARRAS, 10, "nearest", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", EXP, 10, "replay", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", KARRAS, 3, "nearest", {}, {}),
+    # lower_order_final (diffusers' default, < 15 steps: first-order last step) matters only above sigma = 0
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", TRAIL, 10, "nearest", {"lower_order_final": True}, {}),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {**TRAIL, **SIGMA_MIN}, 10, "nearest", {"lower_order_final": True}, {}),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {**TRAIL, **SIGMA_MIN, "lower_order_final": False}, 10, "nearest",
+     {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **LEAD}, 10, "nearest", {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS}, 10, "nearest", {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS, "solver_type": "heun"}, 10, "nearest",
      {"solver_type": "heun"}, {}),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS, **SIGMA_MIN}, 10, "nearest",
+     {"lower_order_final": True}, {}),
     # 3M: diffusers' 2nd-order warm-up step must be "heun" (k-diffusion's), >= 15 steps (below, diffusers
     # also lowers the order of the second-to-last step), and the SDE D2 coefficient fixed (Fixed3M)
     ("dpmpp_3m_sde", "Fixed3M", {**SDE, **KARRAS, "solver_order": 3, "solver_type": "heun"}, 20, "nearest", {}, {}),
     ("dpmpp_3m_sde", "Fixed3M", {**SDE, **LEAD, "solver_order": 3, "solver_type": "heun"}, 20, "nearest", {}, {}),
     ("dpmpp_3m_sde", "DPMSolverMultistepScheduler", {**KARRAS, "solver_order": 3, "solver_type": "heun"}, 20,
      "nearest", {"eta": 0.0}, {}),  # eta 0: the ODE DPM-Solver++(3M), no fix needed
+    # below 15 steps diffusers lowers the second-to-last step to second order: lower_order_final
+    ("dpmpp_3m_sde", "Fixed3M", {**SDE, **KARRAS, "solver_order": 3, "solver_type": "heun"}, 10, "nearest",
+     {"lower_order_final": True}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **LEAD}, 10, "nearest", {}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **TRAIL}, 10, "nearest", {}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **LEAD}, 10, "nearest", {"eta": 1.0}, {"eta": 1.0}),
