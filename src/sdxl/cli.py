@@ -296,12 +296,6 @@ def _peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from sdxl.watermark import detect_main
-
-    return detect_main(args.images)
-
-
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
                        description="Generate images. Without --model, the embedded small default model is used.")
@@ -452,6 +446,120 @@ def _add_train(sub) -> None:
     t.set_defaults(func=_cmd_train)
 
 
+# --- lab and tools: judge, recipe, train-vae, detect-watermark ----------------------------------
+
+def _command_line(argv0: str, args: argparse.Namespace, flags: tuple[str, ...]) -> str:
+    """The command with the flags that determine its result, as typed to repeat it (recorded in what it writes)."""
+    return " ".join([argv0, *(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in flags)])
+
+
+def _cmd_judge_train(args: argparse.Namespace) -> int:
+    from sdxl.lab.judge import train_and_evaluate
+
+    command = _command_line("sdxl judge train", args, ("steps", "seed", "pool", "out"))
+    results = train_and_evaluate(args.out, args.steps, args.seed, args.batch, args.lr, args.pool, args.heldout,
+                                 command)
+    for name, r in results.items():
+        print(f"held-out {name}:", json.dumps({k: round(v, 4) for part in r.values() for k, v in part.items()}))
+    print(f"saved {Path(args.out).with_suffix('.safetensors')}")
+    return 0
+
+
+def _add_judge(sub) -> None:
+    from sdxl.lab.judge import ASSETS
+
+    j = sub.add_parser("judge", help="the synthetic world's judge (a small CNN that reads images back into scenes)")
+    jsub = j.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
+    t = jsub.add_parser("train", help="train the judge, read fresh scenes, save .safetensors + .json")
+    t.add_argument("--steps", type=int, default=1600)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
+    t.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
+    t.add_argument("--out", default=str(ASSETS / "judge"), help="path without suffix: writes .safetensors and .json")
+    t.set_defaults(func=_cmd_judge_train)
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    import time
+
+    from sdxl.lab.recipe import RecipeRun, run
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    settings = RecipeRun(Path(args.out), stages, args.scale, args.jobs, args.workers, args.cache,
+                         args.assets and Path(args.assets), args.variants_dir and Path(args.variants_dir),
+                         args.deadline, args.variant)
+    started = time.perf_counter()
+    run(settings, _command_line("sdxl recipe", args, ("out", "stages", "scale", "jobs", "workers", "cache")))
+    print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+def _add_recipe(sub) -> None:
+    import math
+
+    from sdxl.lab.recipe import DEFAULT_STAGES, STAGES
+
+    r = sub.add_parser("recipe", help="make the embedded default model: world data, VAE, base, refiner, eval variants")
+    r.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
+    r.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    r.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.001)")
+    r.add_argument("--jobs", type=int, default=1, help="trainings run at once (base, refiner, variants)")
+    r.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
+    r.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+                   help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
+    r.add_argument("--assets", help="where export writes the default model (default OUT/assets; the shipped one is "
+                                    "src/sdxl/assets, never overwritten unless named here)")
+    r.add_argument("--variants-dir", help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
+    r.add_argument("--deadline", type=float, default=math.inf,
+                   help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
+    r.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
+    r.set_defaults(func=_cmd_recipe)
+
+
+def _cmd_train_vae(args: argparse.Namespace) -> int:
+    from sdxl.train.vae import VAETrainConfig, train_vae
+
+    settings = {k: v for k, v in vars(args).items() if k in VAETrainConfig.__dataclass_fields__}
+    train_vae(VAETrainConfig(**settings), args.out, quiet=args.quiet)
+    return 0
+
+
+def _add_train_vae(sub) -> None:
+    from dataclasses import fields
+
+    from sdxl.train.vae import VAETrainConfig
+
+    v = sub.add_parser("train-vae", help="train a small SDXL-family VAE (reconstruction + a little KL)")
+    v.add_argument("--dataset", required=True, help="a folder of images or a .jsonl manifest")
+    v.add_argument("--out", required=True, help="the VAE file to write (.safetensors; never overwritten)")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    for f in fields(VAETrainConfig):
+        if f.name in ("dataset", "vae"):
+            continue
+        if isinstance(f.default, bool):
+            v.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+        else:
+            v.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    v.set_defaults(func=_cmd_train_vae)
+
+
+def _cmd_detect_watermark(args: argparse.Namespace) -> int:
+    from sdxl.watermark import WATERMARK_BITS, detect_file
+
+    for path in args.images:
+        matches, text = detect_file(path)
+        print(f"{path}: {matches}/{len(WATERMARK_BITS)} bits match: {text}")
+    return 0
+
+
+def _add_detect_watermark(sub) -> None:
+    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
+    d.add_argument("images", nargs="+")
+    d.set_defaults(func=_cmd_detect_watermark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -462,9 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_eval(sub)
-    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
-    d.add_argument("images", nargs="+")
-    d.set_defaults(func=_cmd_detect)
+    _add_detect_watermark(sub)
+    _add_judge(sub)
+    _add_recipe(sub)
+    _add_train_vae(sub)
     return p
 
 
