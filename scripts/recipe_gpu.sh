@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `sdxl recipe` (python3 -m sdxl.cli recipe) on one GPU, all trainings at once (a tiny UNet leaves a GPU mostly idle), time-boxed by a
+# `sdxl recipe` on one GPU, all trainings at once (a tiny UNet leaves a GPU mostly idle), time-boxed by a
 # deadline. It made the first default model; the shipped one now comes from the recipe run on the 2-core CPU.
 #   OUT=folder scripts/recipe_gpu.sh        (repo root; BUDGET_S: seconds from the start until trainings stop)
 # $OUT receives the weights in pieces under 16 MiB (the base split into UNet and the rest) and logs.tgz.
