@@ -408,7 +408,8 @@ def train_and_evaluate(out: str | Path, steps: int = 1600, seed: int = 0, batch:
     results = {}
     for name, vary in (("clean_64px", False), ("sizes_32_128px_aspect_1:2_2:1", True)):
         images, scenes = heldout(heldout_n, vary=vary)
-        results[name] = {"labels": cell_accuracy(judge, images, scenes), "prompts": prompt_report(judge, images, scenes)}
+        results[name] = {"labels": cell_accuracy(judge, images, scenes),
+                         "prompts": prompt_report(judge, images, scenes)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     judge.save(out, {"train": {"command": command, "batch": batch, "lr": lr, "seconds": round(seconds),
                                "threads": torch.get_num_threads()},

@@ -279,7 +279,8 @@ class RecipeRun:
         if self.cache not in ("auto", "yes", "no"):
             raise SDXLError(f"cache must be auto, yes or no, got {self.cache!r}")
         if self.jobs < 1 or self.workers < 0 or not self.scale > 0:
-            raise SDXLError(f"need jobs >= 1, workers >= 0 and scale > 0, got {self.jobs}, {self.workers}, {self.scale}")
+            raise SDXLError(f"need jobs >= 1, workers >= 0 and scale > 0, got jobs {self.jobs}, "
+                            f"workers {self.workers}, scale {self.scale}")
 
 
 def run(r: RecipeRun, command: str) -> None:
