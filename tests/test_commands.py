@@ -111,7 +111,7 @@ def images(tmp_path_factory):
 
 def test_train_vae_writes_the_file_and_its_record(images, tmp_path):
     out = tmp_path / "vae.safetensors"
-    argv = ["train-vae", "--dataset", str(images), "--out", str(out), "--steps", "2", "--batch-size", "2", "-q"]
+    argv = ["train-vae", "--dataset", str(images), "--out", str(out), "--set", "steps=2", "--set", "batch_size=2", "-q"]
     assert main(argv) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.is_file() and meta["steps"] == 2 and meta["batch_size"] == 2 and meta["images"] == 4
@@ -120,5 +120,16 @@ def test_train_vae_writes_the_file_and_its_record(images, tmp_path):
 def test_train_vae_never_overwrites_out(images, tmp_path, capsys):
     out = tmp_path / "mine.safetensors"
     out.write_bytes(b"the user's file")
-    assert main(["train-vae", "--dataset", str(images), "--out", str(out), "--steps", "2"]) == 2
+    assert main(["train-vae", "--dataset", str(images), "--out", str(out), "--set", "steps=2"]) == 2
     assert "already exists" in error_line(capsys) and out.read_bytes() == b"the user's file"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("steps=two", "--set steps: expected an integer, got 'two'"),
+    ("stepz=2", "--set 'stepz=2': expected KEY=VALUE, KEY one of crop, resolution"),
+    ("steps", "--set 'steps': expected KEY=VALUE"),
+])
+def test_train_vae_refuses_a_bad_setting_in_one_line(item, message, images, tmp_path, capsys):
+    out = tmp_path / "vae.safetensors"
+    assert main(["train-vae", "--dataset", str(images), "--out", str(out), "--set", item]) == 2
+    assert error_line(capsys).startswith("sdxl: error: " + message) and not out.exists()

@@ -448,26 +448,24 @@ def _add_train(sub) -> None:
 
 # --- lab and tools: judge, recipe, train-vae, detect-watermark ----------------------------------
 
-def _command_line(argv0: str, args: argparse.Namespace, flags: tuple[str, ...]) -> str:
+def _command_line(command: str, flags: dict) -> str:
     """The command with the flags that determine its result, as typed to repeat it (recorded in what it writes)."""
-    return " ".join([argv0, *(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in flags)])
+    return " ".join([command, *(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())])
 
 
 def _cmd_judge_train(args: argparse.Namespace) -> int:
-    from sdxl.lab.judge import train_and_evaluate
+    from sdxl.lab.judge import ASSETS, train_and_evaluate
 
-    command = _command_line("sdxl judge train", args, ("steps", "seed", "pool", "out"))
-    results = train_and_evaluate(args.out, args.steps, args.seed, args.batch, args.lr, args.pool, args.heldout,
-                                 command)
+    out = args.out or str(ASSETS / "judge")
+    command = _command_line("sdxl judge train", {"steps": args.steps, "seed": args.seed, "pool": args.pool, "out": out})
+    results = train_and_evaluate(out, args.steps, args.seed, args.batch, args.lr, args.pool, args.heldout, command)
     for name, r in results.items():
         print(f"held-out {name}:", json.dumps({k: round(v, 4) for part in r.values() for k, v in part.items()}))
-    print(f"saved {Path(args.out).with_suffix('.safetensors')}")
+    print(f"saved {Path(out).with_suffix('.safetensors')}")
     return 0
 
 
 def _add_judge(sub) -> None:
-    from sdxl.lab.judge import ASSETS
-
     j = sub.add_parser("judge", help="the synthetic world's judge (a small CNN that reads images back into scenes)")
     jsub = j.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
     t = jsub.add_parser("train", help="train the judge, read fresh scenes, save .safetensors + .json")
@@ -477,21 +475,23 @@ def _add_judge(sub) -> None:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
     t.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
-    t.add_argument("--out", default=str(ASSETS / "judge"), help="path without suffix: writes .safetensors and .json")
+    t.add_argument("--out", help="path without suffix: writes .safetensors and .json (default: the shipped judge, "
+                                 "sdxl/assets/judge)")
     t.set_defaults(func=_cmd_judge_train)
 
 
 def _cmd_recipe(args: argparse.Namespace) -> int:
     import time
 
-    from sdxl.lab.recipe import RecipeRun, run
+    from sdxl.lab.recipe import DEFAULT_STAGES, RecipeRun, run
 
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else DEFAULT_STAGES
     settings = RecipeRun(Path(args.out), stages, args.scale, args.jobs, args.workers, args.cache,
                          args.assets and Path(args.assets), args.variants_dir and Path(args.variants_dir),
                          args.deadline, args.variant)
     started = time.perf_counter()
-    run(settings, _command_line("sdxl recipe", args, ("out", "stages", "scale", "jobs", "workers", "cache")))
+    run(settings, _command_line("sdxl recipe", {"out": args.out, "stages": ",".join(stages), "scale": args.scale,
+                                                "jobs": args.jobs, "workers": args.workers, "cache": args.cache}))
     print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
@@ -499,19 +499,19 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
 def _add_recipe(sub) -> None:
     import math
 
-    from sdxl.lab.recipe import DEFAULT_STAGES, STAGES
-
     r = sub.add_parser("recipe", help="make the embedded default model: world data, VAE, base, refiner, eval variants")
     r.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
-    r.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    r.add_argument("--stages", help="comma-separated stage names (default: those that make the default model; "
+                                    "sdxl/lab/recipe.py's STAGES lists them all, as does an unknown name's error)")
     r.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.001)")
     r.add_argument("--jobs", type=int, default=1, help="trainings run at once (base, refiner, variants)")
     r.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
-    r.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+    r.add_argument("--cache", default="auto",
                    help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
     r.add_argument("--assets", help="where export writes the default model (default OUT/assets; the shipped one is "
                                     "src/sdxl/assets, never overwritten unless named here)")
-    r.add_argument("--variants-dir", help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
+    r.add_argument("--variants-dir",
+                   help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
     r.add_argument("--deadline", type=float, default=math.inf,
                    help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
     r.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
@@ -519,29 +519,30 @@ def _add_recipe(sub) -> None:
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:
+    import typing
+
+    from sdxl.train.config import coerce, parse_value
     from sdxl.train.vae import VAETrainConfig, train_vae
 
-    settings = {k: v for k, v in vars(args).items() if k in VAETrainConfig.__dataclass_fields__}
-    train_vae(VAETrainConfig(**settings), args.out, quiet=args.quiet)
+    hints = {k: tp for k, tp in typing.get_type_hints(VAETrainConfig).items() if k not in ("dataset", "vae")}
+    settings = {}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or key.strip() not in hints:
+            raise SDXLError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(hints)}")
+        settings[key.strip()] = coerce(parse_value(text), hints[key.strip()], f"--set {key.strip()}")
+    train_vae(VAETrainConfig(args.dataset, **settings), args.out, quiet=args.quiet)
     return 0
 
 
 def _add_train_vae(sub) -> None:
-    from dataclasses import fields
-
-    from sdxl.train.vae import VAETrainConfig
-
     v = sub.add_parser("train-vae", help="train a small SDXL-family VAE (reconstruction + a little KL)")
     v.add_argument("--dataset", required=True, help="a folder of images or a .jsonl manifest")
     v.add_argument("--out", required=True, help="the VAE file to write (.safetensors; never overwritten)")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a VAETrainConfig setting (sdxl/train/vae.py), TOML syntax: --set steps=1500 "
+                        "--set decoder_only=true (repeatable)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    for f in fields(VAETrainConfig):
-        if f.name in ("dataset", "vae"):
-            continue
-        if isinstance(f.default, bool):
-            v.add_argument("--" + f.name.replace("_", "-"), action="store_true")
-        else:
-            v.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     v.set_defaults(func=_cmd_train_vae)
 
 
@@ -555,7 +556,8 @@ def _cmd_detect_watermark(args: argparse.Namespace) -> int:
 
 
 def _add_detect_watermark(sub) -> None:
-    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
+    d = sub.add_parser("detect-watermark",
+                       help="read SDXL's invisible watermark: matched bits and the reference's verdict")
     d.add_argument("images", nargs="+")
     d.set_defaults(func=_cmd_detect_watermark)
 

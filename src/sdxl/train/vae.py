@@ -9,7 +9,7 @@ The latent scale is folded into the weights at the end: SDXL checkpoints do not 
 `scaling_factor`, and loaders apply 0.13025, so `quant_conv` / `post_quant_conv` are rescaled
 until latents x 0.13025 have unit variance, which the diffusion schedule assumes (LDM §3).
 
-    sdxl train-vae --dataset runs/default/data --out runs/default/vae.safetensors --steps 1500
+    sdxl train-vae --dataset runs/default/data --out runs/default/vae.safetensors --set steps=1500
 """
 
 from __future__ import annotations
