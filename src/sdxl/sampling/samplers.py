@@ -61,7 +61,7 @@ class GeneratorNoise:
     """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise.
 
     Row b of every draw comes from `seeds[b]` alone, so an image does not depend on the device or on the
-    batch it is in (diffusers' generator-list convention). The pipeline draws from it in order: the VAE
+    batch it is in (docs/samplers.md §1; diffusers' generator lists). The pipeline draws from it in order: the VAE
     posterior sample, the initial noise, then each stochastic sampler step (`sampler`).
     """
 
