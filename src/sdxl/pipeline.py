@@ -91,7 +91,7 @@ class Plan:
 @dataclass
 class Result:
     latents: torch.Tensor  # (N, 4, H/8, W/8) float32, scaled (what the UNet sees, diffusers' output_type="latent")
-    images: list[Image.Image]
+    images: list[Image.Image]  # decoded; inpainting: the original pixels pasted outside the mask
 
 
 @dataclass
@@ -440,8 +440,6 @@ class Pipeline:
             x = x * (1 - keep) + known * keep
         for stage in plan.stages[len(denoising):]:
             x = self._hires(req, stage, x, noise, callback)
-        if not torch.isfinite(x).all():
-            raise non_finite_error("sampling", self.dtype)
         return Result(x, self.to_pil(self._overlay(req, self.decode(x))))
 
     def _checked(self, req: Request) -> Request:
@@ -536,7 +534,10 @@ class Pipeline:
                                   blend, skip_first_blend)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
-            return fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
+            x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
+        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it
+            raise non_finite_error("sampling", self.dtype)
+        return x
 
     @staticmethod
     def _guidance_sigmas(req: Request) -> tuple[float, float]:
