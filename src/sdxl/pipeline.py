@@ -31,8 +31,6 @@ from sdxl.models.model import BUCKETS, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize
 from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
 
-__all__ = ["BUCKETS", "GeneratorNoise", "Pipeline", "Plan", "Request", "Result", "Stage"]
-
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: there bf16 matmul/conv run several times faster than fp32; elsewhere far slower."""
