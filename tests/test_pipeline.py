@@ -459,3 +459,16 @@ def test_sizes_multiple_of_8_not_of_the_unets(eight_x, width, height):
     """136x128 (latent 17x16) and 296x200 (an init image of 300x200 at multiples of 8) give images of that size."""
     out = eight_x.generate(Request("x", width=width, height=height, steps=2, seed=0))
     assert out.images[0].size == (width, height) and torch.isfinite(out.latents).all()
+
+
+def test_load_shares_the_loaded_weights(tmp_path, monkeypatch):
+    """Pipeline.load owns what it loads: channels-last in place, so the pipeline holds no second copy."""
+    from conftest import tiny_checkpoints
+
+    base_file, refiner_file = tiny_checkpoints(tmp_path)
+    loaded, real = [], ck.load
+    monkeypatch.setattr(ck, "load", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    pipe = Pipeline.load(base_file, refiner_file, dtype=torch.float32)
+    for mine, theirs in ((pipe.base, loaded[0]), (pipe.refiner, loaded[1])):
+        assert [p.data_ptr() for p in mine.parameters()] == [p.data_ptr() for p in theirs.parameters()]
+    assert pipe.base.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -250,14 +250,19 @@ class Pipeline:
         return SDXLModel.from_parts(**parts)
 
     @classmethod
-    def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, **kw) -> "Pipeline":
+    def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
+             **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
         base = load(model, device, dtype, vae_path=vae)
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))
-        return cls(base, ref, device, dtype, **kw)
+        if channels_last:  # these are ours: converted in place, the Pipeline shares them instead of copying
+            for m in (base.unet, base.vae, ref.unet if ref is not None else None):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        return cls(base, ref, device, dtype, channels_last=channels_last, **kw)
 
     # --- conditioning ------------------------------------------------------------------------
 
