@@ -1,17 +1,15 @@
 """Where a checkpoint gets read and written: single-file safetensors, diffusers folders, standalone VAEs.
 
 Files are recognised by their bytes, never by their names; pickles (`.ckpt`, `.pt`,
-`.bin`, or renamed) are refused and never unpickled. Safetensors files are parsed and
-checked header-first, then memory-mapped: a tensor's bytes are read when it is used.
-Models are built on the meta device and materialised straight from the file.
+`.bin`, or renamed) are refused and never unpickled. Safetensors files are read through
+files.py (the safetensors library's validation, memory-mapped: a tensor's bytes are read
+when it is used). Models are built on the meta device and materialised straight from the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,100 +24,11 @@ from sdxl.formats.convert import Entry, check, to_ours, to_theirs, unet_table
 from sdxl.formats.convert import IGNORE as TEXT_IGNORE
 from sdxl.formats.convert import bigg_table, clip_l_table, vae_table
 from sdxl.errors import CheckpointError, first_few
+from sdxl.formats.files import DTYPES, SafetensorsFile, TensorInfo, write_json, write_tensors  # noqa: F401 (re-exported)
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # Tolerated and ignored: an int buffer some released files carry (SDXL.md §1).
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def _refuse_pickle(path: Path, head: bytes) -> None:
-    """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse."""
-    if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        raise CheckpointError(f"{path}: is a Python pickle (a PyTorch .ckpt/.pt/.bin file); pickles can run arbitrary "
-                              "code and are never loaded here: use the .safetensors release of this model")
-
-
-class SafetensorsFile(Mapping):
-    """A safetensors file: header parsed and checked up front, tensors memory-mapped when asked for."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            _refuse_pickle(self.path, head)
-            if size < 8:
-                raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, MAX_HEADER):
-                raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length ({n} bytes) "
-                                      f"exceeds the file ({size} bytes)")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw)
-            assert isinstance(header, dict)
-        except (ValueError, AssertionError, UnicodeDecodeError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._start, data_size = 8 + n, size - 8 - n
-        self.infos: dict[str, TensorInfo] = {}
-        bad, need = [], 0
-        for key, h in header.items():
-            try:
-                info = TensorInfo(h["dtype"], tuple(int(d) for d in h["shape"]), *map(int, h["data_offsets"]))
-                ok = (info.dtype in DTYPES and all(d >= 0 for d in info.shape) and 0 <= info.begin <= info.end
-                      and info.end - info.begin == math.prod(info.shape) * DTYPES[info.dtype].itemsize)
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                bad.append(key)
-                continue
-            self.infos[key] = info
-            need = max(need, info.end)
-        if bad:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: {len(bad)} malformed tensor entr"
-                                  f"{'y' if len(bad) == 1 else 'ies'} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-        if need > data_size:
-            raise CheckpointError(f"{self.path}: truncated: the header describes {need} bytes of tensor data but the file "
-                                  f"holds {data_size}; re-download it")
-        self._mm: mmap.mmap | None = None
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: i.shape for k, i in self.infos.items()}
-
-    def __len__(self) -> int:
-        return len(self.infos)
-
-    def __iter__(self):
-        return iter(self.infos)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        """The tensor, backed by a private (copy-on-write) memory map of the file: no read until used."""
-        info = self.infos[key]
-        dtype = DTYPES[info.dtype]
-        if info.begin == info.end:
-            return torch.empty(info.shape, dtype=dtype)
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        offset = self._start + info.begin
-        if offset % dtype.itemsize:  # unaligned: copy those bytes
-            return torch.frombuffer(bytearray(self._mm[offset:self._start + info.end]), dtype=dtype).view(info.shape)
-        return torch.frombuffer(self._mm, dtype=dtype, count=math.prod(info.shape), offset=offset).view(info.shape)
 
 
 class ShardedFiles(Mapping):
@@ -222,21 +131,13 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
 
 def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
                      overwrite: bool = False) -> Path:
-    """Write the official single-file layout; atomic (temporary file, then rename); never overwrites unless asked."""
-    from safetensors.torch import save_file
-
+    """Write the official single-file layout; atomic (files.write_file); never overwrites unless asked."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; choose another name (nothing was overwritten)")
-    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
              for k, t in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_tensors(path, state, metadata, mode="replace" if overwrite else "new")
 
 
 # --- diffusers folders ------------------------------------------------------------------------
@@ -385,8 +286,6 @@ def _legacy_vae_names(w: Mapping) -> dict:
 
 def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -> Path:
     """Write a diffusers folder that diffusers' `StableDiffusionXLPipeline.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     from sdxl.models.tokenizer import Tokenizer
 
     folder = Path(folder)
@@ -397,9 +296,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
     def write(sub: str, table: list[Entry], prefix: str, stem: str, config: dict):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         theirs = to_theirs(table, _sub(sd, prefix))
-        save_file({k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in theirs.items()},
-                  str(folder / sub / f"{stem}.safetensors"))
-        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+        write_tensors(folder / sub / f"{stem}.safetensors",
+                      {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in theirs.items()})
+        write_json(folder / sub / "config.json", config)
 
     index = {"_class_name": "StableDiffusionXLPipeline" if not cfg.is_refiner else "StableDiffusionXLImg2ImgPipeline",
              "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not cfg.is_refiner}
@@ -425,9 +324,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_json(folder / "model_index.json", index)
     return folder
 
 
@@ -479,9 +378,8 @@ def _write_tokenizer(folder: Path, tok, pad: str) -> None:
     tok.write_files(folder)
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad, "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
+    write_json(folder / "tokenizer_config.json", cfg)
+    write_json(folder / "special_tokens_map.json", {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
 
 
 # --- any of the above ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdxl.formats.checkpoint import SafetensorsFile
-from sdxl.errors import first_few
+from sdxl.errors import CheckpointError, SDXLError, first_few
 from sdxl.formats.convert import bigg_table, clip_l_table, unet_table
-from sdxl.errors import CheckpointError, SDXLError
+from sdxl.formats.files import SafetensorsFile, write_tensors
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 from sdxl.models.text_encoders import MultiheadSelfAttention
 
@@ -326,8 +324,6 @@ def lora_state_dict(model: nn.Module, format: str = "kohya") -> dict[str, torch.
 def save_lora(model: nn.Module, path, format: str = "kohya", metadata: dict | None = None,
               dtype: torch.dtype | None = None) -> Path:
     """Write the model's LoRA as safetensors; atomic, never overwrites. A peft `path` may be a folder (-> PEFT_FILE)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.is_dir():
         if format != "peft":
@@ -345,29 +341,7 @@ def save_lora(model: nn.Module, path, format: str = "kohya", metadata: dict | No
         if len({(m.rank, m.alpha) for m in mods}) == 1:
             meta |= {"ss_network_dim": str(mods[0].rank), "ss_network_alpha": f"{mods[0].alpha:g}"}
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    _write_new(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    return path
-
-
-def _write_new(path: Path, write) -> None:
-    """Write through a temporary file, then link it into place: fails rather than replace an existing file."""
-    if path.exists():
-        raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)")
-    if not path.parent.is_dir():
-        raise SDXLError(f"{path.parent}: no such folder")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        try:
-            os.link(tmp, path)  # atomic, and refuses an existing target
-        except FileExistsError:
-            raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)") from None
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)") from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return write_tensors(path, state, meta, mode="new")
 
 
 # --- loading ---------------------------------------------------------------------------------------
