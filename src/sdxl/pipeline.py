@@ -196,7 +196,7 @@ class Pipeline:
     def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae)
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"))
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))

@@ -8,6 +8,8 @@ when it is used). Models are built on the meta device and materialised straight 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -69,13 +71,19 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "check
                               f"first_stage_model. (keys: {first_few(shapes)})")
     if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
         raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
+    first = tuple(u.get("input_blocks.0.0.weight", (0, 0, 3, 3)))
+    if len(first) != 4 or first[2:] != (3, 3):
+        raise CheckpointError(f"{name}: {PREFIXES['unet']}input_blocks.0.0.weight has shape {first}, but the UNet's first "
+                              "convolution is (channels, in_channels, 3, 3): a corrupt or transposed checkpoint")
     try:
         unet_cfg = unet.config_from_shapes(u) if u else None
         cond_cfg = _conditioner_config(c, unet_cfg) if c else None
         vae_cfg = vae.config_from_shapes(_sub(v, "")) if v else None
-    except (KeyError, ValueError, StopIteration, IndexError, ZeroDivisionError) as e:
+        cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+        expected_shapes(cfg)  # builds it (on meta): shapes no SDXL-family model has fail here
+    except (KeyError, ValueError, StopIteration, IndexError, ZeroDivisionError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{name}: unknown architecture: not an SDXL-family layout ({type(e).__name__}: {e})") from None
-    return ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    return cfg
 
 
 def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
@@ -89,9 +97,19 @@ def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
     return conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
 
 
+@functools.lru_cache(maxsize=8)
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape a checkpoint of this config holds (built on the meta device)."""
+    """Every tensor name and shape a checkpoint of this config holds (built on the meta device; do not modify)."""
     return {k: tuple(t.shape) for k, t in SDXLModel(cfg, device="meta").state_dict().items()}
+
+
+def check_float(name: str, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Every weight of a model or LoRA is floating point: an integer label on one means a corrupt file."""
+    bad = [f"{k} {str(d).removeprefix('torch.')}" for k, d in dtypes.items()
+           if not d.is_floating_point and not k.endswith(IGNORED_SUFFIXES)]
+    if bad:
+        raise CheckpointError(f"{name}: {len(bad)} tensor{'s' if len(bad) != 1 else ''} with a non-float dtype where "
+                              f"weights belong ({first_few(bad)}); the file is corrupt: re-download or re-save it")
 
 
 def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str], list[str]]:
@@ -123,6 +141,7 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
     """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
     f = SafetensorsFile(path)
     cfg = config_from_shapes(f.shapes(), str(f.path))
+    check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
@@ -155,11 +174,10 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
             return SafetensorsFile(folder / f"{name}.safetensors")
         index = folder / f"{name}.safetensors.index.json"
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: corrupt shard index (no weight_map)") from None
-            return ShardedFiles([SafetensorsFile(folder / s) for s in shards])
+            shards = _read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(s, str) and "/" not in s for s in shards.values()):
+                raise CheckpointError(f"{index}: corrupt shard index (weight_map is not an object of file names)")
+            return ShardedFiles([SafetensorsFile(folder / s) for s in sorted(set(shards.values()))])
     pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights ({first_few(pickles)}); pickles can run arbitrary code and are "
@@ -168,12 +186,44 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
 
 
 def _read_json(path: Path) -> dict:
+    """A diffusers JSON file (model_index.json, config.json, shard index): a JSON object, or a one-line error."""
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a diffusers component folder needs its config.json") from None
-    except ValueError:
+        raise CheckpointError(f"{path}: missing; a diffusers folder needs model_index.json and a config.json per component") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder; a diffusers folder needs this to be a JSON file") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path}: not valid JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(d).__name__}, not an object; is this a diffusers folder?")
+    return d
+
+
+# Config fields that count layers or levels (a huge value would build a huge model before any check).
+_COUNTS = ("channel_mult", "ch_mult", "num_res_blocks", "transformer_depth", "transformer_depth_middle", "layers")
+
+
+def _component_config(path: Path, convert):
+    """Our config from a diffusers component's config.json: missing or malformed keys are one-line errors."""
+    d = _read_json(path)
+    try:
+        cfg = convert(d)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e}; is this a diffusers {path.parent.name} config?") from None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        top = 1000 if f.name in _COUNTS else 1 << 20
+        if isinstance(v, str) or v is None:
+            continue
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= top
+                   for x in (v if isinstance(v, tuple) else (v,))):
+            raise CheckpointError(f"{path}: {f.name} = {v!r} is not a plausible value (0..{top})")
+    return cfg
 
 
 def unet_config_from_diffusers(d: dict) -> unet.UNetConfig:
@@ -220,6 +270,7 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
     """The config and the per-component conversion of a diffusers folder; `meta`: stand-ins built from headers only."""
     index = _read_json(folder / "model_index.json")
     present = lambda sub: index.get(sub) not in (None, [None, None])  # noqa: E731
+    conf = lambda sub, convert: _component_config(folder / sub / "config.json", convert)  # noqa: E731
 
     def weights(sub: str) -> Mapping[str, torch.Tensor]:
         w = _open_weights(folder / sub, _WEIGHTS[sub], variant)
@@ -230,12 +281,15 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
 
     parts, unet_cfg, cond_cfg, vae_cfg = [], None, None, None
     if "unet" in components and present("unet"):
-        unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+        unet_cfg = conf("unet", unet_config_from_diffusers)
         parts.append(_Part("unet", PREFIXES["unet"], unet_table(unet_cfg), weights("unet")))
     if "conditioner" in components and present("text_encoder_2"):
-        bigg = text_config_from_diffusers(_read_json(folder / "text_encoder_2" / "config.json"))
-        clip_l = text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json")) if present("text_encoder") else None
-        cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
+        bigg = conf("text_encoder_2", text_config_from_diffusers)
+        clip_l = conf("text_encoder", text_config_from_diffusers) if present("text_encoder") else None
+        try:
+            cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{folder}: text encoders and UNet do not fit together ({e})") from None
         if clip_l:
             w = weights("text_encoder")
             if not any(k.startswith("text_model.") for k in w):  # transformers 5 saves CLIPTextModel without it
@@ -244,11 +298,16 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         parts.append(_Part("text_encoder_2", f"conditioner.embedders.{1 if clip_l else 0}.", bigg_table(bigg),
                            weights("text_encoder_2"), TEXT_IGNORE))
     if "vae" in components and present("vae"):
-        vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+        vae_cfg = conf("vae", vae_config_from_diffusers)
         parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
     if not parts:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
-    return ModelConfig(unet_cfg, cond_cfg, vae_cfg), parts
+    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    try:
+        expected_shapes(cfg)  # builds it (on meta)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
+        raise CheckpointError(f"{folder}: its config.json files describe no SDXL-family model ({type(e).__name__}: {e})") from None
+    return cfg, parts
 
 
 def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
@@ -259,6 +318,7 @@ def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, varia
     ours = {}
     for p in parts:
         ours |= _prefixed(p.prefix, to_ours(p.table, p.weights, str(folder / p.sub), p.ignore))
+    check_float(str(folder), {k: t.dtype for k, t in ours.items()})
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(folder), missing, unexpected, wrong)
@@ -384,9 +444,17 @@ def _write_tokenizer(folder: Path, tok, pad: str) -> None:
 
 # --- any of the above ---------------------------------------------------------------------------
 
+# What `--model` needs from a checkpoint, and where a missing part comes from.
+_NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model takes a full checkpoint (a VAE alone goes with --vae)",
+           "conditioner": "no text encoders (conditioner.*): --model takes a full checkpoint (a UNet-only refiner goes "
+                          "with --refiner, after a full --model)",
+           "vae": "no VAE (first_stage_model.*): give one with --vae FILE"}
+
+
 def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
-         components=("unet", "conditioner", "vae")) -> SDXLModel:
-    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE."""
+         components=("unet", "conditioner", "vae"), require=()) -> SDXLModel:
+    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE; `require`:
+    components that must be there (an error naming what is missing and which flag supplies it)."""
     path = Path(path)
     if path.is_dir():
         model = load_diffusers(path, device, dtype, components=components)
@@ -397,6 +465,9 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
     if vae_path is not None:
         model.first_stage_model = load_vae(vae_path, device, dtype)
         model.cfg = ModelConfig(model.cfg.unet, model.cfg.conditioner, model.first_stage_model.cfg)
+    absent = [_NEEDED[c] for c in require if c not in model.components()]
+    if absent:
+        raise CheckpointError(f"{path}: has {absent[0]}")
     return model
 
 
@@ -404,7 +475,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
     """A standalone VAE: single file (official names, with or without `first_stage_model.`, or diffusers names), or a diffusers vae folder."""
     path = Path(path)
     if path.is_dir():
-        cfg = vae_config_from_diffusers(_read_json(path / "config.json"))
+        cfg = _component_config(path / "config.json", vae_config_from_diffusers)
         w = _open_weights(path, _WEIGHTS["vae"], None)
         sd, name = to_ours(vae_table(cfg), _legacy_vae_names(w), str(path)), str(path)
     else:
@@ -419,6 +490,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
             sd = dict(f)
         else:
             raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {first_few(shapes)})")
+    check_float(name, {k: t.dtype for k, t in sd.items()})
     try:
         cfg = vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()})
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
@@ -477,6 +549,7 @@ def inspect(path) -> dict:
     f = SafetensorsFile(path)
     shapes = f.shapes()
     cfg = config_from_shapes(shapes, str(f.path))
+    check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
     return {"format": "single-file", "architecture": cfg.architecture, "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
             "components": _component_params(shapes, cfg), "missing_keys": missing, "unexpected_keys": unexpected,
@@ -486,8 +559,9 @@ def inspect(path) -> dict:
 def _inspect_diffusers(folder: Path) -> dict:
     cfg, parts = _diffusers_parts(folder, None, ("unet", "conditioner", "vae"), meta=True)
     names = {"unet": "unet", "text_encoder": "text_encoder_l", "text_encoder_2": "text_encoder_g", "vae": "vae"}
-    components, counts, missing, unexpected, wrong = {}, {}, [], [], []
+    components, missing, unexpected, wrong = {}, [], [], []
     for p in parts:
+        check_float(str(folder / p.sub), {k: t.dtype for k, t in p.weights.items()})
         components[names[p.sub]] = {"params": sum(t.numel() for k, t in p.weights.items() if not k.endswith(IGNORED_SUFFIXES))}
         m, u = check(p.table, p.weights, p.ignore)
         missing += [f"{p.sub}/{k}" for k in m]
