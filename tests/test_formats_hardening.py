@@ -68,6 +68,15 @@ def test_bad_headers_are_refused_by_the_safetensors_validation(tmp_path, capsys,
     one_line_error(capsys, ["inspect", path], str(path), fragment)
 
 
+@pytest.mark.parametrize("length", [0x280, 0x380, 0x580])
+def test_header_lengths_that_start_like_a_pickle_still_load(tmp_path, length):
+    """A header of 640-1535 bytes starts 0x80 0x02..0x05, as a pickle does (found by test_fuzz_formats)."""
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode().ljust(length)
+    path = raw_safetensors(tmp_path / "lora.safetensors", raw, torch.tensor([1.5, -2.0]).numpy().tobytes())
+    assert path.read_bytes()[0] == 0x80 and 2 <= path.read_bytes()[1] <= 5
+    assert torch.equal(SafetensorsFile(path)["w"], torch.tensor([1.5, -2.0]))
+
+
 def test_overlapping_offsets_in_a_real_checkpoint_are_refused(tiny, tmp_path, capsys):
     """Issue 11 item 4: two tensors sharing bytes once loaded and silently changed the image."""
     path, _ = tiny

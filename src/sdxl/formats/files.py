@@ -36,7 +36,12 @@ class TensorInfo:
 
 
 def refuse_pickle(path: Path, head: bytes) -> None:
-    """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse."""
+    """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse.
+
+    A safetensors header length of 640-1535 bytes also starts 0x80 0x02..0x05; its JSON's `{` at byte 8 tells them apart
+    (anything else goes on to the safetensors validation, which refuses it: nothing is ever unpickled)."""
+    if head[8:9] == b"{":
+        return
     if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
         raise CheckpointError(f"{path}: is a Python pickle (a PyTorch .ckpt/.pt/.bin file); pickles can run arbitrary "
                               "code and are never loaded here: use the .safetensors release of this model")
@@ -51,7 +56,7 @@ class SafetensorsFile(Mapping):
         refuse_pickle(self.path, head)
         if size < 8:
             raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
-        n = int.from_bytes(head, "little")
+        n = int.from_bytes(head[:8], "little")
         if n > min(size - 8, MAX_HEADER):
             raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length ({n} bytes) "
                                   f"exceeds the file ({size} bytes)")
@@ -89,7 +94,7 @@ class SafetensorsFile(Mapping):
 
 
 def _head(path: Path) -> tuple[bytes, int]:
-    """The first 8 bytes and the size of a regular file; a clear error for anything else."""
+    """The first 9 bytes and the size of a regular file; a clear error for anything else."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -102,7 +107,7 @@ def _head(path: Path) -> tuple[bytes, int]:
         raise CheckpointError(f"{path}: not a regular file (a pipe or device?)")
     try:
         with open(path, "rb") as f:
-            return f.read(8), st.st_size
+            return f.read(9), st.st_size
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
 
