@@ -111,8 +111,7 @@ def test_first_conv_with_its_shape_reversed(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("kept,fragment", [
     (("model.diffusion_model.", "conditioner."), "has no VAE (first_stage_model.*): give one with --vae FILE"),
     (("model.diffusion_model.", "first_stage_model."), "has no text encoders (conditioner.*)"),
-    (("first_stage_model.",), "has no UNet (model.diffusion_model.*): --model takes a full checkpoint (a VAE alone goes "
-                              "with --vae)"),
+    (("first_stage_model.",), "has no UNet (model.diffusion_model.*): --model and --refiner take checkpoints with one"),
 ], ids=["no-vae", "no-text-encoders", "vae-only"])
 def test_partial_checkpoint_as_model_names_the_missing_part_and_its_flag(tiny, tmp_path, capsys, kept, fragment):
     _, sd = tiny
@@ -120,6 +119,14 @@ def test_partial_checkpoint_as_model_names_the_missing_part_and_its_flag(tiny, t
     save_file({k: v for k, v in sd.items() if k.startswith(kept)}, path)
     one_line_error(capsys, ["generate", "a cat", "--model", path, *GENERATE, "-o", tmp_path / "o.png"], fragment)
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("kept", ["first_stage_model.", "conditioner."], ids=["vae-only", "text-encoders-only"])
+def test_refiner_without_a_unet(tiny, tmp_path, capsys, kept):
+    path, sd = tiny
+    save_file({k: v for k, v in sd.items() if k.startswith(kept)}, tmp_path / "refiner.safetensors")
+    one_line_error(capsys, ["generate", "a cat", "--model", path, "--refiner", tmp_path / "refiner.safetensors", *GENERATE,
+                            "-o", tmp_path / "o.png"], "refiner.safetensors: has no UNet (model.diffusion_model.*)")
 
 
 def test_partial_checkpoint_with_vae_flag_loads(tiny, tmp_path):

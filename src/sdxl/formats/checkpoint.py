@@ -445,7 +445,8 @@ def _write_tokenizer(folder: Path, tok, pad: str) -> None:
 # --- any of the above ---------------------------------------------------------------------------
 
 # What `--model` needs from a checkpoint, and where a missing part comes from.
-_NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model takes a full checkpoint (a VAE alone goes with --vae)",
+_NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model and --refiner take checkpoints with one (a VAE alone "
+                   "goes with --vae)",
            "conditioner": "no text encoders (conditioner.*): --model takes a full checkpoint (a UNet-only refiner goes "
                           "with --refiner, after a full --model)",
            "vae": "no VAE (first_stage_model.*): give one with --vae FILE"}
@@ -454,7 +455,8 @@ _NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model takes a full chec
 def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
          components=("unet", "conditioner", "vae"), require=()) -> SDXLModel:
     """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE; `require`:
-    components that must be there (an error naming what is missing and which flag supplies it)."""
+    components that must be there (an error naming what is missing and which flag supplies it); a UNet,
+    when among `components`, always is (every use of a checkpoint needs one)."""
     path = Path(path)
     if path.is_dir():
         model = load_diffusers(path, device, dtype, components=components)
@@ -465,7 +467,7 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
     if vae_path is not None:
         model.first_stage_model = load_vae(vae_path, device, dtype)
         model.cfg = ModelConfig(model.cfg.unet, model.cfg.conditioner, model.first_stage_model.cfg)
-    absent = [_NEEDED[c] for c in require if c not in model.components()]
+    absent = [_NEEDED[c] for c in (*require, *(("unet",) if "unet" in components else ())) if c not in model.components()]
     if absent:
         raise CheckpointError(f"{path}: has {absent[0]}")
     return model
