@@ -125,7 +125,8 @@ def _reason(error: str, path: Path, n: int, size: int) -> str:
         bad = [k for k, h in entries.items()
                if h["data_offsets"][1] - h["data_offsets"][0] != math.prod(h["shape"]) * nbytes.get(h["dtype"], -1)]
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError):
-        need, bad = None, ["?"]
+        need, bad = None, []
+    bad = bad or ["?"]
     if "not fully covered" in reason and need is not None and need > data:
         return f"truncated: the header describes {need} bytes of tensor data but the file holds {data}"
     if "not fully covered" in reason:
@@ -150,7 +151,7 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], object], mode: s
     if mode not in ("replace", "new", "free"):
         raise ValueError(f"write_file: unknown mode {mode!r}")
     if not path.parent.is_dir():
-        raise SDXLError(f"{path.parent}: no such folder")
+        raise SDXLError(f"{path.parent}: {'not a folder' if path.parent.exists() else 'no such folder'}")
     if mode == "new" and path.exists():
         raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)")
     tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
