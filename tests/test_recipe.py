@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdxl.cli import main
 from sdxl.formats import checkpoint as ck
 from sdxl.lab import recipe
 from sdxl.models.model import ModelConfig, SDXLModel
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run(tmp_path_factory):
     """Every stage at scale 0.001: 20 images, a few steps each; the exported files."""
     out = tmp_path_factory.mktemp("recipe")
-    recipe.main(["--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
+    assert main(["recipe", "--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
                  "--variants-dir", str(out / "variants"),
-                 "--stages", "data,vae,init,vae-decoder,base,refiner,variants,export,export-variants"])
+                 "--stages", "data,vae,init,vae-decoder,base,refiner,variants,export,export-variants"]) == 0
     return out
 
 

@@ -1,6 +1,6 @@
 """Generation: txt2img, img2img, inpainting, base -> refiner, hires fix. One `Pipeline`, components loaded once.
 
-The sampling path of SDXL.md §4: per-image seeded CPU noise, sigmas from a named schedule,
+The sampling path of docs/samplers.md §1: per-image seeded CPU noise, sigmas from a named schedule,
 a sampler over a denoiser D(x, sigma) that wraps the UNet with the eps parameterisation
 and classifier-free guidance. Latents stay float32 between steps; the UNet runs in the
 pipeline's dtype.
@@ -93,7 +93,7 @@ class GeneratorNoise:
         self.generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
 
     def randn(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
-        """(N, *shape) float32: row i drawn from generator i (SDXL.md §4, diffusers' generator-list convention)."""
+        """(N, *shape) float32: row i drawn from generator i (docs/samplers.md §1; diffusers' generator lists)."""
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(device)
 
     def sampler(self, like: torch.Tensor):
@@ -228,7 +228,7 @@ class Pipeline:
 
     @staticmethod
     def micro(req: Request, negative: bool) -> dict:
-        """Micro-conditioning values of a request (defaults of SDXL.md §3: sizes = output size, crop (0, 0))."""
+        """Micro-conditioning values of a request (docs/conditioning.md §2: sizes = output size, crop (0, 0))."""
         h, w = req.height, req.width
         orig = req.original_size or (h, w)
         target = req.target_size or (h, w)
@@ -241,7 +241,7 @@ class Pipeline:
 
     @torch.no_grad()
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
-        """(cond, uncond) for a batch; the base zeroes the uncond text when the negative prompt is empty (SDXL.md §3)."""
+        """(cond, uncond); the base zeroes the uncond text when the negative prompt is empty (docs/conditioning.md §3)."""
         cond_mod = model.conditioner
         c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2)
         need_uncond = req.cfg != 1.0

@@ -29,7 +29,7 @@ from sdxl.errors import CheckpointError, first_few
 from sdxl.formats.files import DTYPES, SafetensorsFile, TensorInfo, write_json, write_tensors  # noqa: F401 (re-exported)
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
-# Tolerated and ignored: an int buffer some released files carry (SDXL.md §1).
+# Tolerated and ignored: an int buffer some released files carry (docs/formats.md §1).
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
 
 

@@ -1,7 +1,7 @@
 """The conditioner: text encoders and micro-conditioning -> (crossattn, vector).
 
 A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml
-(SDXL report §2.2; SDXL.md §3). Module paths equal the checkpoint keys below
+(SDXL report §2.2; docs/conditioning.md §1). Module paths equal the checkpoint keys below
 `conditioner.`: `embedders.N` in the reference order, which fixes the concatenation order.
 """
 
@@ -115,7 +115,7 @@ class Conditioner(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def forward(self, tokens_l: torch.Tensor | None, tokens_g: torch.Tensor, micro: dict, zero_text: bool = False) -> Conditioning:
-        """Whole conditioning; `zero_text` zeroes crossattn and pooled (the base's empty negative prompt, SDXL.md §3)."""
+        """Whole conditioning; `zero_text` zeroes crossattn and pooled (base's empty negative prompt; docs/conditioning.md §3)."""
         crossattn, pooled = self.encode_text(tokens_l, tokens_g)
         if zero_text:
             crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)

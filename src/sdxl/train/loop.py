@@ -1,6 +1,6 @@
 """The training loop of `sdxl train CONFIG.toml`: read it top to bottom, `train` first.
 
-Objective (SDXL.md §4): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
+Objective (docs/training.md §1): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
 x = x0 + sigma * eps and the UNet sees c_in * x = x / sqrt(sigma^2 + 1) at timestep t, which
 is exactly sqrt(abar) x0 + sqrt(1 - abar) eps and exactly what inference (`GuidedDenoiser`)
 feeds it. Conditioning goes through the model's own Conditioner, as at inference.
@@ -271,7 +271,7 @@ class Objective(nn.Module):
     def __init__(self, model: SDXLModel, cfg: TrainConfig):
         super().__init__()
         self.unet, self.conditioner = model.unet, model.conditioner
-        self.zero_dropped = not model.cfg.is_refiner  # the base's empty prompt is a zero embedding (SDXL.md §3)
+        self.zero_dropped = not model.cfg.is_refiner  # base: empty prompt = zero embedding (docs/conditioning.md §3)
         self.train_text = cfg.lora_text_encoders
         self.min_snr_gamma = cfg.min_snr_gamma
         self.sigmas = discrete_sigmas().float()  # (1000,) ascending; not a buffer: never saved or broadcast
