@@ -254,7 +254,7 @@ class Pipeline:
              **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae)
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"))
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from sdxl.errors import SDXLError
+from sdxl.formats.files import candidates, write_file
 
 RECIPE_KEY = "sdxl-recipe"
 # Our names -> the names A1111 writes in its infotext (modules/sd_samplers_kdiffusion.py, sd_schedulers.py).
@@ -25,14 +26,10 @@ NOT_IN_RECIPE = ("init_image", "mask", "init_latent")
 
 
 def next_free(path: str | os.PathLike) -> Path:
-    """`path` if nothing is there, else the first of stem-1.png, stem-2.png, ... that is free."""
-    path = Path(path)
-    if not path.exists():
-        return path
-    i = 1
-    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
-        i += 1
-    return candidate
+    """The name `write_file(path, ..., mode="free")` would take now: `path`, else stem-1.png, stem-2.png, ...
+
+    Only a preview: another process may take it before it is written; writers use write_file."""
+    return next(c for c in candidates(path) if not c.exists())
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -113,16 +110,16 @@ def _quote(v) -> str:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe_: dict) -> Path:
-    """Write a PNG with `parameters` and the recipe as text chunks, at `path` or the next free name."""
+    """Write a PNG with `parameters` and the recipe as text chunks, at `path` or the next free name (never replacing)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     info.add_text(RECIPE_KEY, json.dumps(recipe_))
-    out = next_free(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, out)
-    return out
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDXLError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode="free")
 
 
 def read_recipe(path: str | os.PathLike) -> dict:
