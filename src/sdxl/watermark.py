@@ -73,14 +73,10 @@ def detect_watermark(image: Image.Image) -> tuple[int, str]:
 
 def detect_main(paths: list[str]) -> int:
     """`sdxl detect-watermark IMAGE...`: one line per image, e.g. `a.png: 44/48 bits match: very likely watermarked`."""
+    from sdxl.images import load_image
+
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except FileNotFoundError:
-            raise SDXLError(f"{path}: no such file") from None
-        except (OSError, ValueError):  # PIL.UnidentifiedImageError and truncated files are OSErrors
-            raise SDXLError(f"{path}: not a readable image") from None
+        image = load_image(path, "detect-watermark")
         matches, text = detect_watermark(image)
         print(f"{path}: {matches}/{len(WATERMARK_BITS)} bits match: {text}")
     return 0
