@@ -22,17 +22,17 @@ from sdxl.errors import SDXLError
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def regular_file(path: str | os.PathLike, what: str) -> Path:
+def regular_file(path: str | os.PathLike, what: str, noun: str = "image file") -> Path:
     """`path` if it is a regular file; FIFOs, devices and folders are refused (opening a FIFO would block)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise SDXLError(f"{what} {path}: no such file") from None
+        raise SDXLError(f"{what} {path}: no such {noun}") from None
     except OSError as e:
         raise SDXLError(f"{what} {path}: cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise SDXLError(f"{what} {path}: {kind}; give an image file")
+        raise SDXLError(f"{what} {path}: {kind}; give a regular {noun}")
     return Path(path)
 
 
