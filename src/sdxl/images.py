@@ -37,9 +37,9 @@ def regular_file(path: str | os.PathLike, what: str, noun: str = "image file") -
 
 
 @contextmanager
-def opened(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
+def opened(path: str | os.PathLike, what: str = "image", noun: str = "image file") -> Iterator[Image.Image]:
     """The image with its header and text chunks read, pixels not yet decoded; refused over MAX_PIXELS."""
-    path = regular_file(path, what)
+    path = regular_file(path, what, noun)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -69,9 +69,9 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+def load_image(path: str | os.PathLike, what: str = "image", noun: str = "image file") -> Image.Image:
     """A user's image, decoded: EXIF orientation applied, high bit depths scaled to 8 bits, file closed."""
-    with opened(path, what) as im:
+    with opened(path, what, noun) as im:
         try:
             im.load()
             im = to_8bit(ImageOps.exif_transpose(im))

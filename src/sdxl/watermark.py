@@ -58,13 +58,13 @@ def verdict(matches: int) -> str:
     return next(text for most, text in VERDICTS if matches <= most)
 
 
-def detect_watermark(image: Image.Image) -> tuple[int, str]:
+def detect_watermark(image: Image.Image, name: str | None = None) -> tuple[int, str]:
     """(bits matching WATERMARK_BITS, verdict) as the reference's scripts/demo/detect.py reads them."""
     from imwatermark import WatermarkDecoder
 
     width, height = image.size
     if not _fits(width, height):
-        name = getattr(image, "filename", "") or "the image"
+        name = name or getattr(image, "filename", "") or "the image"
         raise SDXLError(f"{name} is {width}x{height}; the watermark can only be read from images of at least 256x256")
     bits = WatermarkDecoder("bits", len(WATERMARK_BITS)).decode(_bgr(image), "dwtDct")
     matches = sum(int(b) == w for b, w in zip(bits, WATERMARK_BITS))
@@ -76,7 +76,7 @@ def detect_main(paths: list[str]) -> int:
     from sdxl.images import load_image
 
     for path in paths:
-        image = load_image(path, "detect-watermark")
-        matches, text = detect_watermark(image)
+        image = load_image(path, "detect-watermark", "file")
+        matches, text = detect_watermark(image, path)
         print(f"{path}: {matches}/{len(WATERMARK_BITS)} bits match: {text}")
     return 0
