@@ -263,21 +263,21 @@ def _outputs(args: argparse.Namespace, reqs: list) -> list[Path]:
     import tempfile
 
     out = Path(args.output or OUTPUT)
-    if out.is_dir():
-        raise SDXLError(f"-o {out} is a folder; give a file name such as {out / OUTPUT}")
     targets = [out] + ([Path(args.save_latent)] if args.save_latent else [])
     for target in targets:
         flag = "-o" if target is out else "--save-latent"
+        room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
+        longest, most = max(len(p.encode()) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
+        if longest + room > most:
+            raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most {most - room}, "
+                            "leaving room for numbered names)")
+        if target.is_dir():
+            raise SDXLError(f"{flag} {target} is a folder; give a file name such as {target / OUTPUT}")
         folder = target.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
             raise SDXLError(f"{flag} {target}: {folder} is a file, not a folder")
-        room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
-        longest = max(len(p.encode()) for p in target.parts)
-        if longest + room > os.pathconf(folder, "PC_NAME_MAX"):
-            raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most "
-                            f"{os.pathconf(folder, 'PC_NAME_MAX') - room}, leaving room for numbered names)")
         try:
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
