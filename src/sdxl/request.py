@@ -113,25 +113,43 @@ class Request:
 
 
 def _typed(name: str, value, annotation: str, source: str):
-    """`value` checked against a field annotation such as "int", "float | None", "tuple[int, int] | None"."""
-    kind = annotation.removesuffix(" | None")
-    if value is None and kind != annotation:
+    """`value` checked against a field annotation such as "int", "float | None", "tuple[int, int] | None",
+    "str | tuple[str, ...]"; lists become tuples. The first alternative that fits wins."""
+    kinds = [k for k in annotation.split(" | ") if k != "None"]
+    if value is None and len(kinds) < annotation.count("|") + 1:
         return None
+    for kind in kinds:
+        try:
+            return _as(value, kind)
+        except (TypeError, ValueError):
+            continue
+    if not all(k in _SCALARS or k.startswith("tuple[") for k in kinds):
+        raise SDXLError(f"{source}: {name} cannot be given as a setting")
+    raise SDXLError(f"{source}: {name} must be {' or '.join(map(_words, kinds))}, got {value!r:.60}")
+
+
+def _as(value, kind: str):
+    """`value` as `kind` ("int", "float", "str", "tuple[int, int]", "tuple[str, ...]"); TypeError if it is not one."""
     if kind.startswith("tuple["):
         parts = [p.strip() for p in kind[6:-1].split(",")]
-        if isinstance(value, (list, tuple)) and len(value) == len(parts):
-            try:
-                return tuple(_typed(name, v, p, source) for v, p in zip(value, parts))
-            except SDXLError:
-                pass
-        raise SDXLError(f"{source}: {name} must be a list of {len(parts)} {_SCALARS[parts[0]][1].split()[-1]}s, "
-                        f"got {value!r:.60}")
-    if kind not in _SCALARS:
-        raise SDXLError(f"{source}: {name} cannot be given as a setting")
-    types, words = _SCALARS[kind]
+        if parts[-1] == "...":
+            parts = parts[:1] * len(value) if isinstance(value, (list, tuple)) else []
+        if not isinstance(value, (list, tuple)) or len(value) != len(parts) or not parts:
+            raise TypeError(kind)
+        return tuple(_as(v, p) for v, p in zip(value, parts))
+    types = _SCALARS[kind][0] if kind in _SCALARS else ()
     if isinstance(value, bool) or not isinstance(value, types):
-        raise SDXLError(f"{source}: {name} must be {words}, got {value!r:.60}")
+        raise TypeError(kind)
     return float(value) if kind == "float" else value
+
+
+def _words(kind: str) -> str:
+    """"tuple[int, int]" -> "a list of 2 integers"; "int" -> "an integer"."""
+    if not kind.startswith("tuple["):
+        return _SCALARS[kind][1] if kind in _SCALARS else kind
+    parts = [p.strip() for p in kind[6:-1].split(",")]
+    noun = _SCALARS[parts[0]][1].split()[-1] + "s"
+    return f"a list of {noun}" if parts[-1] == "..." else f"a list of {len(parts)} {noun}"
 
 
 def _flag(name: str) -> str:
@@ -201,13 +219,14 @@ def _check_fractions(r: Request) -> None:
 
 def _check_inputs(r: Request, has_refiner: bool) -> None:
     for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
-        text = getattr(r, name)
-        try:
-            (text or "").encode("utf-8")
-        except UnicodeEncodeError as e:
-            bad = text[e.start].encode("utf-8", "surrogateescape")
-            raise SDXLError(f"{_flag(name)} holds a byte that is not UTF-8 text ({bad!r} at character {e.start}); "
-                            "write the prompt in UTF-8") from None
+        value = getattr(r, name)
+        for text in value if isinstance(value, tuple) else (value or "",):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = text[e.start].encode("utf-8", "surrogateescape")
+                raise SDXLError(f"{_flag(name)} holds a byte that is not UTF-8 text ({bad!r} at character "
+                                f"{e.start}); write the prompt in UTF-8") from None
     if (r.refiner_switch is not None or r.refiner_strength is not None) and not has_refiner:
         raise SDXLError("a refiner switch or strength was given but no refiner is loaded (--refiner PATH)")
     if r.mask is not None and r.init_image is None:
