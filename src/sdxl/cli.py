@@ -12,6 +12,17 @@ from pathlib import Path
 from sdxl.errors import SDXLError
 
 
+class UsageError(SDXLError):
+    """A flag argparse could not read; printed as one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sdxl.formats.checkpoint import inspect
 
@@ -542,17 +553,6 @@ def _add_train(sub) -> None:
     t.add_argument("-o", "--output", help="run folder (default: the config's output)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
-
-
-class UsageError(SDXLError):
-    """A flag argparse could not read; printed as one line like every other error."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
