@@ -12,6 +12,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from sdxl.cli import main
+from sdxl.sampling.samplers import SAMPLERS as FLAGS_SAMPLERS
+from sdxl.sampling.schedules import SCHEDULES as SCHEDULE_NAMES
 
 NUMBERS = ["-1", "0", "1", "-0", "0.5", "1.5", "8", "64", "1000", "1001", "4096", "4104", "100000", "1e400", "nan",
            "inf", "-inf", "1e-300", "18446744073709551615", "18446744073709551616", "-9223372036854775809", "abc",
@@ -85,3 +87,23 @@ def test_fuzz_png_recipes(tmp_path, capsys):
         Image.new("RGB", (8, 8)).save(png, pnginfo=info)
         check(capsys, ["generate", "--from-png", png, "--model", tmp_path / "missing.safetensors", "-q",
                        "-o", tmp_path / "o.png"])
+
+
+def test_fuzz_valid_looking_runs_on_a_tiny_model(tmp_path, capsys):
+    """Inputs near the edges of what is allowed, run for real on a tiny random model (sizes in latent pixels of 2)."""
+    from conftest import tiny_checkpoints
+
+    base, refiner = tiny_checkpoints(tmp_path)
+    rng = random.Random(13)
+    Image.new("RGB", (37, 21), (200, 30, 30)).save(tmp_path / "odd.png")
+    for i in range(12):
+        argv = ["generate", rng.choice(["x", "", "(a:1.2.3) BREAK", "a " * 100]), "--model", base, "-q",
+                "--no-watermark", "--dtype", "fp32", "-o", tmp_path / f"o{i}.png",
+                "--steps", rng.choice(["1", "2", "3"]), "--seed", rng.choice(["-1", "0", "18446744073709551614"]),
+                "--sampler", rng.choice(sorted(FLAGS_SAMPLERS)), "--scheduler", rng.choice(SCHEDULE_NAMES)]
+        argv += rng.choice([["--width", rng.choice(["8", "24", "40", "72"]), "--height", rng.choice(["8", "16", "56"])],
+                            ["--init-image", tmp_path / "odd.png", "--strength", rng.choice(["0", "0.01", "1"])],
+                            ["--init-image", tmp_path / "odd.png", "--outpaint", "0,3,9,0", "--width", "64"]])
+        argv += rng.choice([[], ["--hires-scale", "1.3"], ["--refiner", refiner, "--refiner-strength", "0.5"],
+                            ["--cfg", "0"], ["--guidance-interval", "0.5", "0.5"]])
+        check(capsys, argv)

@@ -267,7 +267,7 @@ def _load_latent(path: str, index: int | None):
     return t.clone()
 
 
-def _outputs(args: argparse.Namespace, reqs: list) -> list[Path]:
+def _outputs(args: argparse.Namespace) -> list[Path]:
     """The output paths, checked before the work: a writable folder (missing ones are made), a name that fits."""
     import errno
     import os
@@ -356,7 +356,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     init_latent = _load_latent(latent_file, latent_index) if latent_file else None
     rank, world = _distributed_rank()
     reqs = [(k, r) for k, r in enumerate(_requests(args, rec, models, init_latent)) if k % world == rank]
-    _outputs(args, [r for _, r in reqs])
+    _outputs(args)
     start = time.perf_counter()
     pipe = _load_pipeline(args, models, device, dtype)
     dtype_name = next(k for k, v in DTYPES.items() if f"torch.{v}" == str(dtype))

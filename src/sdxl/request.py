@@ -203,6 +203,9 @@ def _check_counts(r: Request) -> None:
                         f"got {r.seed}")
     if not 0.0 <= r.cfg <= MAX_CFG:
         raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):  # the refiner's range (LAION aesthetics, 0..10)
+        if not 0.0 <= getattr(r, name) <= 10.0:
+            raise SDXLError(f"{_flag(name)} must be in 0..10, got {getattr(r, name)}")
 
 
 def _check_fractions(r: Request) -> None:
