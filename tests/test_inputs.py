@@ -93,6 +93,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert im.getpixel((10, 5)) == (255, 0, 0) and im.getpixel((10, 35)) == (0, 0, 0)  # red on top
 
 
+def test_generate_uses_the_upright_init_image(files, tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(tmp_path / "portrait.jpg", exif=exif)  # shown 32 wide, 64 high
+    code, _, _ = run(capsys, "generate", "x", "--model", files[0], "--init-image", tmp_path / "portrait.jpg",
+                     "--steps", 2, "-q", "--no-watermark", "--dtype", "fp32", "-o", tmp_path / "out.png")
+    assert code == 0 and Image.open(tmp_path / "out.png").size == (32, 64)
+
+
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "grey16.png")
     im = load_image(tmp_path / "grey16.png")

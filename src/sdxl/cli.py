@@ -187,8 +187,7 @@ def _settings(args: argparse.Namespace, rec, models: Models, init, mask) -> dict
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
-    given = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
-    s = dict(given)
+    s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
     if init is not None and "width" not in s and "height" not in s:
         s["width"], s["height"] = (v // 8 * 8 for v in init.size)
         if s.get("outpaint"):  # the canvas grows by the (rounded-up) pads
@@ -359,7 +358,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _outputs(args)
     start = time.perf_counter()
     pipe = _load_pipeline(args, models, device, dtype)
-    dtype_name = next(k for k, v in DTYPES.items() if f"torch.{v}" == str(dtype))
+    dtype_name = {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
