@@ -172,6 +172,8 @@ def test_oversized_latent_is_refused_before_loading(tmp_path, capsys):
     (["--batch", "100000"], "batch must be in 1..64, got 100000"),
     (["--device", "nope"], "--device 'nope' is not a device"),
     (["--cfg", "nan"], "cfg must be a finite number"),
+    (["--outpaint", "8,8,8,8"], "outpainting needs an init image (--init-image)"),
+    (["--aesthetic-score", "1e300"], "aesthetic-score must be in 0..10"),
     (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
 ])
 def test_numbers_out_of_range(tmp_path, capsys, argv, message):

@@ -232,8 +232,8 @@ def _check_inputs(r: Request, has_refiner: bool) -> None:
                                 f"{e.start}); write the prompt in UTF-8") from None
     if (r.refiner_switch is not None or r.refiner_strength is not None) and not has_refiner:
         raise SDXLError("a refiner switch or strength was given but no refiner is loaded (--refiner PATH)")
-    if r.mask is not None and r.init_image is None:
-        raise SDXLError("a mask needs an init image (--init-image)")
+    if (r.mask is not None or r.outpaint is not None) and r.init_image is None:
+        raise SDXLError(f"{'a mask' if r.mask is not None else 'outpainting'} needs an init image (--init-image)")
     if r.strength != 1.0 and r.init_image is None and r.init_latent is None:
         raise SDXLError(f"strength {r.strength} applies to img2img; give --init-image (or --latent), or drop it")
     if r.init_image is not None and min(r.init_image.size) < 8:
