@@ -401,7 +401,28 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return detect_main(args.images)
 
 
+def _add_image_flags(g) -> None:
+    """generate's img2img, inpainting, hires-fix and micro-conditioning flags."""
+    g.add_argument("--init-image", help="img2img: start from this image")
+    g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
+    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
+    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
+    g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
+    g.add_argument("--hires-upscale", choices=("latent", "pixel"))
+    g.add_argument("--hires-strength", type=float)
+    g.add_argument("--hires-steps", type=int)
+    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
+    g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
+    g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
+    g.add_argument("--negative-original-size", type=_pair)
+    g.add_argument("--negative-crop", type=_pair)
+    g.add_argument("--negative-target-size", type=_pair)
+    g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+
+
 def _add_generate(sub) -> None:
+    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
     from sdxl.sampling import names
 
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
@@ -421,7 +442,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
-    g.add_argument("--steps", type=int)
+    g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
@@ -429,25 +450,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")
     g.add_argument("--seed", type=int, help="image i of a batch uses seed+i (default or -1: random, printed and saved)")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--batch", type=int)
-    g.add_argument("--init-image", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
-    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
-    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
-    g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
-    g.add_argument("--hires-upscale", choices=("latent", "pixel"))
-    g.add_argument("--hires-strength", type=float)
-    g.add_argument("--hires-steps", type=int)
-    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
-    g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
-    g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
-    g.add_argument("--negative-original-size", type=_pair)
-    g.add_argument("--negative-crop", type=_pair)
-    g.add_argument("--negative-target-size", type=_pair)
-    g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
-    g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+    g.add_argument("--width", type=int, help=f"a multiple of 8, at most {MAX_SIDE} (default: the model's native)")
+    g.add_argument("--height", type=int, help=f"a multiple of 8, at most {MAX_SIDE}")
+    g.add_argument("--batch", type=int, help=f"images per prompt, at most {MAX_BATCH}")
+    _add_image_flags(g)
     g.add_argument("--save-latent", help="also write the final latents to this safetensors file (tensor 'latent')")
     g.add_argument("--latent", help="start from a latent written by --save-latent (with --refiner-strength: refine it)")
     g.add_argument("--latent-index", type=int, help="which latent of that file")
