@@ -204,6 +204,15 @@ def test_non_utf8_prompt_argument(tmp_path, capsys):
             "--model", tmp_path / "not-loaded.safetensors", *FAST)
 
 
+def test_non_utf8_prompt_argument_from_a_real_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "sdxl.cli", "generate", b"a \xff cat", "--model", tmp_path / "none.safetensors", "-q"]
+    r = subprocess.run(argv, capture_output=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count(b"\n") == 1 and b"not UTF-8 text" in r.stderr, r.stderr
+
+
 def test_latin1_prompts_file(tmp_path, capsys):
     (tmp_path / "p.txt").write_bytes("a café\n".encode("latin-1"))
     refused(capsys, "not UTF-8 text (byte 0xe9 at offset 5); save the file as UTF-8", "generate", "--prompts",
@@ -245,7 +254,11 @@ def test_save_latent_under_a_file_fails_before_the_png(files, tmp_path, capsys):
 
 
 def test_fifo_init_image_does_not_block(tmp_path, capsys):
+    import threading
+
     os.mkfifo(tmp_path / "pipe.png")
+    # should the FIFO ever be opened for reading, this writer lets the read end (empty) instead of hanging the suite
+    threading.Thread(target=lambda: open(tmp_path / "pipe.png", "wb").close(), daemon=True).start()
     refused(capsys, "pipe.png: not a regular file", "generate", "x", "--model", tmp_path / "not-loaded.safetensors",
             "--init-image", tmp_path / "pipe.png", *FAST)
 
