@@ -27,8 +27,8 @@ RANDOM_SEED = -1  # as A1111 and its clients: a fresh random seed
 MAX_MICRO = 65536  # micro-conditioning sizes and coordinates
 # Field annotation -> (accepted Python types, words for errors).
 _SCALARS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
-# Request fields that hold images or tensors: never read from a dict of settings.
-NOT_SETTINGS = ("init_image", "mask", "init_latent")
+# Request fields that hold images or tensors: never read from a dict of settings; the CLI flag that gives each.
+NOT_SETTINGS = {"init_image": "--init-image", "mask": "--mask", "init_latent": "--latent"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Request:
         for name, value in d.items():
             if name in NOT_SETTINGS:
                 raise SDXLError(f"{source}: {name} cannot be given as a setting; pass the file with "
-                                f"--{name.replace('_', '-')}")
+                                f"{NOT_SETTINGS[name]}")
             if name not in known:
                 raise SDXLError(f"{source}: unknown setting {name!r}")
             out[name] = _typed(name, value, known[name], source)
