@@ -109,7 +109,7 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     assert im.convert("RGB").getpixel((0, 0)) == (128, 128, 128)
 
 
-def test_from_png_replays_a_saved_latent_or_says_why_not(files, tmp_path, capsys):
+def test_from_png_replays_a_saved_latent(files, tmp_path, capsys):
     base, ref = files
     lat = tmp_path / "d.safetensors"
     run(capsys, "generate", "a boat", "--model", base, "--batch", 2, "--seed", 1, "--save-latent", lat,
@@ -123,9 +123,20 @@ def test_from_png_replays_a_saved_latent_or_says_why_not(files, tmp_path, capsys
                      "--no-watermark")
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "again.png")))
-    lat.rename(tmp_path / "moved.safetensors")
-    refused(capsys, f"was made from the saved latent {lat} (index 1), which is not there",
-            "generate", "--from-png", tmp_path / "r.png", "-q")
+
+
+@pytest.mark.parametrize("present,message", [
+    (False, "was made from the saved latent {lat} (index 1), which is not there; pass that file with --latent"),
+    (True, "which has changed since (hash {have}, recorded 0123456789); replaying would give another image"),
+])
+def test_from_png_refuses_a_missing_or_changed_latent(tmp_path, capsys, present, message):
+    lat = tmp_path / "d.safetensors"
+    if present:
+        save_file({"latent": torch.zeros(1, 4, 8, 8)}, str(lat))
+    recipe = GOOD | {"latent": {"file": str(lat), "index": 1, "hash": "0123456789"}}
+    png = recipe_png(tmp_path / "r.png", json.dumps(recipe))
+    have = file_hash(lat)[:10] if present else ""
+    refused(capsys, message.format(lat=lat, have=have), "generate", "--from-png", png, "-q")
 
 
 def test_small_checkpoint_uses_its_recorded_native_size(files, tmp_path, capsys):
