@@ -141,7 +141,7 @@ def _device_and_dtype(device: str | None, dtype: str | None):
     """(device, torch dtype, why): --device and --dtype, or the best device and its default dtype, and the reason."""
     import torch
 
-    from sdxl.pipeline import cpu_has_fast_bf16, default_device, default_dtype
+    from sdxl.pipeline import default_device, default_dtype
 
     try:
         dev = torch.device(device or default_device())
