@@ -18,6 +18,7 @@ from serve_fixtures import FAST, served, served_process, tiny_models  # noqa: F4
 from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS, Request
+from sdxl.serve.app import open_jobs
 from sdxl.serve.models import ModelsFolder
 from sdxl.session import split_loras
 
@@ -225,6 +226,17 @@ def test_switching_model_by_request(served):
     models = httpx.get(served.url + "/v1/models").json()
     assert models["current"] == "tiny.safetensors"
     assert [c["name"] for c in models["checkpoints"]] == ["tiny.safetensors", "tiny_refiner.safetensors"]
+
+
+def test_one_server_per_output_dir(served, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    assert main(["serve", "--output-dir", str(served.config.output_dir)]) == 2
+    assert "another sdxl serve is using" in capsys.readouterr().err
+    with pytest.raises(SDXLError, match="another sdxl serve"):
+        open_jobs(served.config)
+    assert served.wait(served.submit(prompt="still served", **FAST))["state"] == "done"
 
 
 def test_restart_after_sigkill_keeps_results_and_runs_the_queue(tiny_models, tmp_path):

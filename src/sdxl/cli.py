@@ -382,10 +382,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
         raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    _free_output_dir(config.output_dir)
     print(f"serving on http://{args.host}:{args.port} (models: {args.models_dir or 'the embedded default'}; "
           f"images and jobs: {args.output_dir})", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _free_output_dir(folder: Path) -> None:
+    """--output-dir made if missing and not in use by another server (checked again when the server starts)."""
+    import os
+
+    from sdxl.serve.jobs import claim
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDXLError(f"--output-dir {folder}: cannot create it ({e.strerror})") from None
+    fd = claim(folder)
+    if fd is not None:
+        os.close(fd)
 
 
 def _add_serve(sub) -> None:

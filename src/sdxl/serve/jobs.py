@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -93,6 +94,7 @@ class Jobs:
     def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits()):
         self.models, self.output_dir, self.limits = models, Path(output_dir), limits
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.owner = claim(self.output_dir)  # this queue is ours alone until close() (SDXLError if taken)
         self.db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -117,6 +119,9 @@ class Jobs:
             self.changed.notify_all()
         if self.worker.is_alive():
             self.worker.join(timeout=60)
+        if self.owner is not None:
+            os.close(self.owner)  # the lock goes with it
+            self.owner = None
 
     # --- the HTTP side ---------------------------------------------------------------------------
 
@@ -280,6 +285,23 @@ class Jobs:
             raise Cancelled
         if live.skip:
             raise Skipped
+
+
+def claim(output_dir: Path) -> int | None:
+    """An exclusive lock on output_dir/jobs.lock (released by the OS if the process dies), so that two servers
+    never run the same queue; returns its file descriptor (None where the platform has no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(Path(output_dir) / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SDXLError(f"another sdxl serve is using {output_dir} (its job queue); stop it or give another "
+                        "--output-dir") from None
+    return fd
 
 
 def check_limits(spec: JobSpec, limits: Limits) -> None:
