@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import FAST, served, served_process, tiny_models  # noqa: F401  (fixtures)
+from serve_fixtures import FAST, live_server, served, served_process, tiny_models  # noqa: F401  (fixtures)
 
 from sdxl.cli import main
 from sdxl.errors import SDXLError
@@ -226,6 +226,42 @@ def test_switching_model_by_request(served):
     models = httpx.get(served.url + "/v1/models").json()
     assert models["current"] == "tiny.safetensors"
     assert [c["name"] for c in models["checkpoints"]] == ["tiny.safetensors", "tiny_refiner.safetensors"]
+
+
+def test_vae_switched_by_request(tiny_models, tmp_path):
+    from conftest import randomize
+    from safetensors.torch import save_file
+
+    from sdxl.models.model import TINY_BASE, SDXLModel
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "VAE").mkdir()
+    os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / "tiny.safetensors")
+    vae = randomize(SDXLModel(TINY_BASE), seed=5).vae
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "VAE" / "other.safetensors")
+    with live_server(tmp_path / "out", root) as live:
+        plain, swapped = (live.wait(live.submit(prompt="v", seed=3, **FAST, **extra)) for extra in ({}, {"vae": "other"}))
+        recipes = [json.loads(png(live, d["images"][0]).info["sdxl-recipe"]) for d in (plain, swapped)]
+        assert "vae" not in recipes[0]["models"] and recipes[1]["models"]["vae"].endswith("VAE/other.safetensors")
+        assert not np.array_equal(*(np.asarray(png(live, d["images"][0])) for d in (plain, swapped)))
+        assert [m["name"] for m in httpx.get(live.url + "/v1/models").json()["vae"]] == ["other.safetensors"]
+
+
+def test_a_job_failing_at_run_time_reports_why_and_the_worker_goes_on(tiny_models, tmp_path):
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    for name in ("a", "b"):
+        os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / f"{name}.safetensors")
+    with live_server(tmp_path / "out", root) as live:
+        busy = live.submit(prompt="busy", model="a", **SLOW)
+        doomed = live.submit(prompt="doomed", model="b", **FAST)
+        wait_running(live, busy)
+        (root / "checkpoints" / "b.safetensors").unlink()  # gone before its job runs
+        httpx.delete(f"{live.url}/v1/jobs/{busy}")
+        d = live.wait(doomed)
+        assert d["state"] == "failed" and "'b'" in d["error"] and "no such file" in d["error"] and d["images"] == []
+        assert live.wait(live.submit(prompt="after", model="a", **FAST))["state"] == "done"
 
 
 def test_one_server_per_output_dir(served, capsys, monkeypatch):
