@@ -373,7 +373,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.api_auth is not None and ":" not in args.api_auth:
         raise SDXLError("--api-auth takes USER:PASS")
     config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
-                         args.api_auth, args.insecure, args.device, args.dtype)
+                         args.api_auth, args.insecure, args.device, args.dtype, tuple(args.allow_host or ()))
     if config.exposed() and not config.api_auth:
         print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
               file=sys.stderr)
@@ -414,6 +414,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth")
     s.add_argument("--output-dir", default="outputs", help="where images and the job database go (default outputs)")
     s.add_argument("--insecure", action="store_true", help="allow a non-local --host without --api-auth")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also accept requests whose Host is NAME (e.g. a reverse proxy's public name); repeatable. "
+                        "Others are refused (403) against DNS rebinding")
     s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
     s.set_defaults(func=_cmd_serve)
