@@ -264,6 +264,36 @@ def test_a_job_failing_at_run_time_reports_why_and_the_worker_goes_on(tiny_model
         assert live.wait(live.submit(prompt="after", model="a", **FAST))["state"] == "done"
 
 
+def test_stopping_requeues_the_running_job_and_crash_loops_end(tiny_models, tmp_path):
+    from sdxl.serve.config import ServeConfig
+    from sdxl.serve.jobs import MAX_ATTEMPTS, JobSpec
+
+    config = ServeConfig(models_dir=tiny_models, output_dir=tmp_path, device="cpu", dtype="fp32")
+    _, jobs = open_jobs(config)
+    running = jobs.start().submit(JobSpec({"prompt": "long", **SLOW}))
+    crashing = jobs.submit(JobSpec({"prompt": "kills the server", **FAST}))
+    while jobs.get(running).step < 1:
+        time.sleep(0.02)
+    jobs.close()  # a clean stop: the running job goes back to the queue, not counted as an attempt
+    assert jobs.get(running).state == "queued" and jobs.get(crashing).state == "queued"
+    jobs.db.execute("UPDATE jobs SET state='running', attempts=? WHERE id=?", (MAX_ATTEMPTS, crashing))
+    jobs.db.execute("UPDATE jobs SET state='running', attempts=attempts+1 WHERE id=?", (running,))  # one crash
+    jobs.db.close()
+    _, jobs = open_jobs(config)
+    assert jobs.get(running).state == "queued"
+    d = jobs.get(crashing)
+    assert d.state == "failed" and f"{MAX_ATTEMPTS} times" in d.error
+    jobs.close()
+
+
+def test_unusable_job_database_is_one_line(tiny_models, tmp_path):
+    from sdxl.serve.config import ServeConfig
+
+    (tmp_path / "jobs.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(SDXLError, match="not a usable job database"):
+        open_jobs(ServeConfig(models_dir=tiny_models, output_dir=tmp_path, device="cpu", dtype="fp32"))
+
+
 def test_one_server_per_output_dir(served, capsys, monkeypatch):
     import uvicorn
 
