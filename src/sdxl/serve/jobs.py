@@ -100,7 +100,8 @@ class Jobs:
         try:
             self.db = _open_database(database)
         except SDXLError:
-            os.close(self.owner) if self.owner is not None else None
+            if self.owner is not None:
+                os.close(self.owner)
             raise
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
