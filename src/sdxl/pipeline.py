@@ -19,12 +19,11 @@ from PIL import Image
 
 from sdxl.sampling import samplers as samplers_
 from sdxl.sampling import schedules
-from sdxl.models.conditioning import Conditioning
+from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
 from sdxl.errors import SDXLError
 from sdxl.request import Request
 from sdxl.models.model import SDXLModel
-from sdxl.models.prompts import apply_weights, tokenize
-from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
+from sdxl.models.tokenizer import Tokenizer
 
 # The report's multi-aspect buckets (SDXL report, Appendix I), pixel sizes (width, height).
 BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
@@ -207,57 +206,26 @@ class Pipeline:
     @torch.no_grad()
     def encode_text(self, model: SDXLModel, prompt: str, prompt_2: str | None,
                     min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A (weighted, long) prompt -> crossattn (1, 77 * windows, C), pooled (1, P); pooled from the first window."""
-        cond = model.conditioner
-        w_g = tokenize(prompt_2 if prompt_2 is not None else prompt, self.tokenizer, PAD_BIGG, min_windows)
-        w_l = tokenize(prompt, self.tokenizer, PAD_CLIP_L, max(min_windows, len(w_g.ids))) if cond.clip_l else None
-        if w_l is not None and len(w_l.ids) > len(w_g.ids):
-            w_g = tokenize(prompt_2 if prompt_2 is not None else prompt, self.tokenizer, PAD_BIGG, len(w_l.ids))
-        dev = self.device
-        hidden_g, pooled = cond.bigg(w_g.ids.to(dev))
-        if w_g.weighted:
-            hidden_g = torch.stack([apply_weights(h, w.to(dev)) for h, w in zip(hidden_g, w_g.weights)])
-        parts = [hidden_g]
-        if w_l is not None:
-            hidden_l = cond.clip_l(w_l.ids.to(dev))
-            if w_l.weighted:
-                hidden_l = torch.stack([apply_weights(h, w.to(dev)) for h, w in zip(hidden_l, w_l.weights)])
-            parts.insert(0, hidden_l)
-        crossattn = torch.cat(parts, dim=-1)  # (windows, 77, C)
-        return crossattn.reshape(1, -1, crossattn.shape[-1]), pooled[:1], len(w_g.ids)
+        """A (weighted, long) prompt -> crossattn (1, 77 * windows, C), pooled (1, P), windows (`Conditioner`)."""
+        crossattn, pooled = model.conditioner.encode_prompt(prompt, prompt_2, self.tokenizer, min_windows)
+        return crossattn, pooled, crossattn.shape[1] // 77
 
     @staticmethod
     def micro(req: Request, negative: bool) -> dict:
-        """Micro-conditioning values of a request (defaults of SDXL.md §3: sizes = output size, crop (0, 0))."""
-        h, w = req.height, req.width
-        orig = req.original_size or (h, w)
-        target = req.target_size or (h, w)
+        """Micro-conditioning values of a request (`conditioning.micro_values`: sizes = output size, crop (0, 0))."""
         if negative:
-            orig = req.negative_original_size or orig
-            target = req.negative_target_size or target
-        return {"original_size": orig, "crop_coords_top_left": (req.negative_crop or req.crop) if negative else req.crop,
-                "target_size": target,
-                "aesthetic_score": req.negative_aesthetic_score if negative else req.aesthetic_score}
+            return micro_values(req.height, req.width, req.negative_original_size or req.original_size,
+                                req.negative_crop or req.crop, req.negative_target_size or req.target_size,
+                                req.negative_aesthetic_score)
+        return micro_values(req.height, req.width, req.original_size, req.crop, req.target_size, req.aesthetic_score)
 
     @torch.no_grad()
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
-        """(cond, uncond) for a batch; the base zeroes the uncond text when the negative prompt is empty (SDXL.md §3)."""
-        cond_mod = model.conditioner
-        c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2)
-        need_uncond = req.cfg != 1.0
-        uncond = None
-        if need_uncond:
-            if not model.cfg.is_refiner and not req.negative_prompt and not req.negative_prompt_2:
-                u_x, u_p = torch.zeros_like(c_x), torch.zeros_like(c_p)
-            else:
-                u_x, u_p, m = self.encode_text(model, req.negative_prompt, req.negative_prompt_2, n)
-                if m > n:  # the negative prompt is longer: pad the positive with empty windows
-                    c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2, m)
-            u_vec = cond_mod.encode_micro(self.micro(req, True), 1).to(u_p)
-            uncond = Conditioning(u_x.expand(req.batch, -1, -1), torch.cat([u_p, u_vec], -1).expand(req.batch, -1))
-        c_vec = cond_mod.encode_micro(self.micro(req, False), 1).to(c_p)
-        cond = Conditioning(c_x.expand(req.batch, -1, -1), torch.cat([c_p, c_vec], -1).expand(req.batch, -1))
-        return cond, uncond
+        """(cond, uncond) for a batch, one prompt per image or one for all (`Conditioner.guided`); no uncond at cfg 1."""
+        prompts = prompt_rows(req.prompt, req.prompt_2, req.batch)
+        negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
+        return model.conditioner.guided(self.tokenizer, prompts, self.micro(req, False), negatives,
+                                        self.micro(req, True))
 
     # --- images <-> latents ------------------------------------------------------------------
 

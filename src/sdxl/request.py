@@ -20,7 +20,7 @@ from sdxl.sampling import schedules
 class Request:
     """Everything that determines an image; the same Request and weights give the same image."""
 
-    prompt: str
+    prompt: str | tuple[str, ...]  # one for every image, or one per image (len = batch)
     negative_prompt: str = ""
     prompt_2: str | None = None  # for the bigG encoder; default: the same prompt
     negative_prompt_2: str | None = None
