@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sdxl.lab.world import COLOURS, REGIONS, SHAPES, Claims, Scene, label_map, parse_caption, render, sample_scene
+from sdxl.train.lr import learning_rate
 
 ASSETS = Path(__file__).parent.parent / "assets"
 COLOUR_NAMES = tuple(COLOURS)
@@ -283,8 +283,7 @@ def train_judge(steps: int = 1600, seed: int = 0, batch: int = 64, lr: float = 2
     judge = Judge(config)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 0
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: learning_rate(i, steps, 1.0, warmup))  # x lr
     judge.train()
     for step in range(1, steps + 1):
         bucket = data[int(torch.multinomial(torch.tensor(share), 1, generator=g))]

@@ -117,8 +117,10 @@ class Conditioner(nn.Module):
             return hidden_g, pooled
         return torch.cat([self.clip_l(tokens_l), hidden_g], dim=-1), pooled
 
+    @torch.no_grad()
     def encode_captions(self, captions: list[str], tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Literal captions (training: no weighting syntax, one 77-token window each) -> as `encode_text`."""
+        """Literal captions (no weighting syntax, one 77-token window each) -> as `encode_text`, without gradients:
+        what the training cache stores."""
         tokens_l = tokenizer(captions, PAD_CLIP_L).to(self.device) if self.clip_l else None
         return self.encode_text(tokens_l, tokenizer(captions, PAD_BIGG).to(self.device))
 

@@ -262,7 +262,9 @@ class ImageDataset(torch.utils.data.Dataset):
                 return self._sample(i, self.bucket_of[index], k, pos) | {"failed": failed}
             except Exception as e:  # a corrupt file must not end the run; PIL raises many types
                 failed.append(f"{self.items[i].path}: unreadable ({type(e).__name__})")
-        raise SDXLError(f"every image of bucket {self.buckets[self.bucket_of[index]]} is unreadable")
+        # not raised here: from a DataLoader worker it would arrive wrapped in the worker's traceback
+        return {"error": f"every image of bucket {self.buckets[self.bucket_of[index]]} is unreadable "
+                         f"({len(failed)} tried, e.g. {failed[0]})", "failed": failed, "key": (k, pos)}
 
     def _sample(self, i: int, b: int, k: int, pos: int) -> dict:
         item, bucket = self.items[i], self.buckets[b]
@@ -275,7 +277,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack one bucket's samples; sizes become (B, 2) float tensors, as `Conditioner.encode_micro` takes them."""
+    """Stack one bucket's samples; sizes become (B, 2) float tensors, as `Conditioner.encode_micro` takes them.
+    A sample that could not be read at all makes the batch {"error": message} (the training loop raises it)."""
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
     out = {"key": [s["key"] for s in samples], "failed": [f for s in samples for f in s["failed"]],
            "caption": [s["caption"] for s in samples]}
     for name in ("original_size", "crop_coords_top_left", "target_size"):

@@ -30,6 +30,7 @@ from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
 from sdxl.models.vae import VAEConfig
 from sdxl.train import data
+from sdxl.train.lr import learning_rate
 
 # f = 8 (four levels), 4 latent channels, one ResnetBlock per level: about 1M parameters
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
@@ -127,8 +128,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
     generator = torch.Generator().manual_seed(cfg.seed)
     started, log = time.perf_counter(), []
     for step, x in enumerate(loader):
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if step >= cfg.warmup_steps else 1.0
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, l1 = vae_loss(vae, x.to(device), cfg.kl_weight, generator)
