@@ -107,8 +107,8 @@ def test_with_unet_swaps_the_unet_only(files):
 
 def test_batched_prompts_equal_single_runs(pipe, scenes):
     prompts = [s.caption for s in scenes]
-    req = S.request(prompt=prompts[0], seed=5, batch=2, crop=(8, 0), refiner_switch=0.8)
-    batched = ev._stacked(pipe, prompts).generate(req).latents
+    req = S.request(prompt=tuple(prompts), seed=5, batch=2, crop=(8, 0), refiner_switch=0.8)
+    batched = pipe.generate(req).latents
     singles = [pipe.generate(S.request(prompt=p, seed=5 + i, crop=(8, 0), refiner_switch=0.8)).latents
                for i, p in enumerate(prompts)]
     # as in test_pipeline: across batch sizes only fp32 GEMM blocking differs, so compare at the latents' scale

@@ -244,7 +244,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SDXLModel:
         missing = [n for n in ("unet", "conditioner", "vae") if n not in model.components()]
         if missing:
             raise SDXLError(f"{cfg.model}: has no {', '.join(missing)}; training needs UNet, text encoders and VAE")
-        check_finite(model.state_dict(), f"{cfg.model}: the model to train")
+        check_finite(model.state_dict(), f"{cfg.model}: weight", "a broken model cannot be trained")
     else:
         try:
             model = SDXLModel(cfg.model_config_resolved(), device=device)
@@ -474,7 +474,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str, d: Dist = Dist()) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], what: str, then: str, d: Dist = Dist()) -> None:
     """Refuse NaN/Inf weights before anything is written: a one-line SDXLError naming the first bad tensor
     (under FSDP each process checks its shards and all learn whether any failed)."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
@@ -485,17 +485,16 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, d: Dist = Dist()) 
         dist.all_reduce(flag)
         anywhere = bool(flag > 0)
     if anywhere:
-        raise SDXLError(f"{what}: weight {bad or '(on another process)'} holds NaN or Inf")
+        raise SDXLError(f"{what}: {bad or 'a weight on another process'} holds NaN or Inf; {then}")
 
 
 def check_trained(run: Run, output: Path) -> None:
     """The trained weights (and EMA) are finite, or the run stops without writing them."""
     last = checkpointing.latest(output)
-    what = (f"step {run.state['step']}: the trained weights are not finite and were not saved (last good checkpoint: "
-            f"{last or 'none'}; lower lr or raise adam_eps); detail")
-    check_finite(run.trained, what, run.dist)
+    then = f"nothing was saved (the last good checkpoint is {last or 'none'}); lower lr"
+    check_finite(run.trained, f"step {run.state['step']}: trained weight", then, run.dist)
     if run.ema is not None:
-        check_finite(run.ema, what, run.dist)
+        check_finite(run.ema, f"step {run.state['step']}: EMA weight", then, run.dist)
 
 
 def save_checkpoint(output: Path, run: Run) -> Path:
