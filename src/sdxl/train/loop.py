@@ -485,7 +485,7 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, then: str, d: Dist
         dist.all_reduce(flag)
         anywhere = bool(flag > 0)
     if anywhere:
-        raise SDXLError(f"{what}: {bad or 'a weight on another process'} holds NaN or Inf; {then}")
+        raise SDXLError(f"{what} {bad or '(on another process)'} holds NaN or Inf; {then}")
 
 
 def check_trained(run: Run, output: Path) -> None:
