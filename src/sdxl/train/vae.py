@@ -54,6 +54,7 @@ class VAETrainConfig:
     num_workers: int = 0
     init: str = ""  # start from this VAE file
     decoder_only: bool = False  # train the decoder alone: the latent space (and every UNet on it) is kept
+    probe: int = 64  # fresh crops that set the latent scale and measure the PSNR at the end
 
 
 class Crops(torch.utils.data.Dataset):
@@ -144,9 +145,9 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             if not quiet:
                 print(json.dumps(log[-1]), flush=True)
     vae.eval()
-    # 64 crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
-    probe_crops = Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))
-    probe = torch.stack([probe_crops[k] for k in range(64)]).to(device)
+    # crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
+    probe_crops = Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": cfg.probe}))
+    probe = torch.stack([probe_crops[k] for k in range(cfg.probe)]).to(device)
     k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, probe, vae.cfg.scaling_factor)
     with torch.no_grad():
         mse = float((vae.decode(vae.encode(probe).mean).clamp(-1, 1) - probe).square().mean())
