@@ -165,6 +165,19 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(finished, tmp_path, capsys, 
     assert (out / "final.safetensors").read_bytes() == (run / "final.safetensors").read_bytes()
 
 
+def test_a_folder_holding_a_run_is_not_started_again(finished, tmp_path, capsys):
+    run, cfg = finished
+    out = shutil.copytree(run, tmp_path / "run")
+    code, err = train(capsys, cfg, "--output", out)
+    assert code == 2 and one_line(err, f"{out} already holds a run (latest: step-000002); pass --resume")
+    assert (out / "final.safetensors").read_bytes() == (run / "final.safetensors").read_bytes()
+
+
+def test_resume_with_nothing_to_resume_is_one_line(tmp_path, capsys):
+    code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--output", tmp_path / "run", "--resume")
+    assert code == 2 and one_line(err, f"{tmp_path / 'run'}: nothing to resume (no {tmp_path / 'run' / 'latest'})")
+
+
 # --- unreadable images -----------------------------------------------------------------------------
 
 def truncated_images(folder: Path, n: int = 4) -> Path:
