@@ -4,6 +4,7 @@ atomic checkpoints, corrupt images, non-finite steps and config errors. Tiny mod
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -441,37 +442,55 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert {float(v) for k, v in opt.items() if k.endswith("/step")} == {3.0}
 
 
-def test_cache_is_written_once_and_used(tmp_path):
-    shapes = data.make_synthetic(12, tmp_path / "shapes")
-    same = dict(dataset=str(shapes), steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see below
-    cfg = tiny(cache_dir=str(tmp_path / "cache"), **same)
-    a = loop.train(cfg, tmp_path / "a", quiet=True)
+CACHED = dict(steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see TWO below
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> dict:
+    """One cached run ("a") on 12 images: its output, the cache's files and their modification times."""
+    d = tmp_path_factory.mktemp("cached")
+    shapes = data.make_synthetic(12, d / "shapes")
+    same = dict(CACHED, dataset=str(shapes))
+    a = loop.train(tiny(cache_dir=str(d / "cache"), **same), d / "a", quiet=True)
+    latents, texts = (sorted((d / "cache" / kind).glob("*.safetensors")) for kind in ("latents", "text"))
     captions = {p.read_text() for p in shapes.glob("*.txt")}
-    latents, texts = sorted((tmp_path / "cache" / "latents").glob("*.safetensors")), sorted(
-        (tmp_path / "cache" / "text").glob("*.safetensors"))
-    assert len(latents) == 12 and len(texts) == len(captions)  # one file per image, one per distinct caption
-    stamps = [f.stat().st_mtime_ns for f in latents + texts]
+    return {"dir": d, "a": a, "same": same, "files": latents + texts, "counts": (len(latents), len(texts)),
+            "captions": captions, "stamps": [f.stat().st_mtime_ns for f in latents + texts]}
+
+
+def test_cache_holds_one_file_per_image_and_per_caption(cached):
+    assert cached["counts"] == (12, len(cached["captions"]))
+
+
+def test_a_second_run_reads_the_cache_and_equals_an_uncached_one(cached, tmp_path):
+    cfg = tiny(cache_dir=str(cached["dir"] / "cache"), **cached["same"])
     b = loop.train(cfg, tmp_path / "b", quiet=True)
-    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps  # not re-encoded
+    assert [f.stat().st_mtime_ns for f in cached["files"]] == cached["stamps"]  # not re-encoded
     # with the same (centre) crops the cache changes nothing but float rounding in the encoders
-    plain = loop.train(tiny(**same), tmp_path / "c", quiet=True)
+    plain = loop.train(tiny(**cached["same"]), tmp_path / "c", quiet=True)
     assert max_diff(weights(b), weights(plain)) < 1e-5
 
-    # named by the weights, not the checkpoint: a continuation from a's result reuses every file...
-    from_file = {k: v for k, v in {**TINY, **same}.items() if k not in config.SECTIONS}
-    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(a)}), tmp_path / "d",
-               quiet=True)
-    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == sorted(latents + texts)
-    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps
-    # ...and other text encoders (same VAE) get their own text files but the same latents
-    model = ck.load(a, dtype=torch.float32)
+
+def from_file(cached, model: Path, cache: Path) -> config.TrainConfig:
+    values = {k: v for k, v in {**TINY, **cached["same"]}.items() if k not in config.SECTIONS}
+    return config.build({**values, "cache_dir": str(cache), "model": str(model)})
+
+
+def test_the_cache_is_named_by_weights_so_a_continuation_reuses_it(cached, tmp_path):
+    loop.train(from_file(cached, cached["a"], cached["dir"] / "cache"), tmp_path / "d", quiet=True)
+    assert sorted((cached["dir"] / "cache").rglob("*.safetensors")) == sorted(cached["files"])
+    assert [f.stat().st_mtime_ns for f in cached["files"]] == cached["stamps"]
+
+
+def test_other_text_encoders_get_their_own_text_files_and_the_same_latents(cached, tmp_path):
+    model = ck.load(cached["a"], dtype=torch.float32)
     with torch.no_grad():
         model.conditioner.bigg.model.positional_embedding.add_(0.5)
     other = ck.save_single_file(model, tmp_path / "other.safetensors")
-    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(other)}), tmp_path / "e",
-               quiet=True)
-    assert sorted((tmp_path / "cache" / "latents").glob("*.safetensors")) == latents
-    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 2 * len(captions)
+    cache = shutil.copytree(cached["dir"] / "cache", tmp_path / "cache")
+    loop.train(from_file(cached, other, cache), tmp_path / "e", quiet=True)
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 12
+    assert len(list((cache / "text").glob("*.safetensors"))) == 2 * len(cached["captions"])
 
 
 def test_text_cache_is_shared_out_whatever_order_the_ranks_run_in(tmp_path):
