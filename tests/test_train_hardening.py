@@ -111,31 +111,42 @@ def test_a_nan_input_model_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run" / "final.safetensors").exists()
 
 
-def poison_after(step: int):
-    """An on_step hook that turns one trained weight to NaN after `step` (as lr = 1e30 or a bad batch would)."""
-    def on_step(state):
-        if state["step"] == step:
-            with torch.no_grad():
-                next(p for p in loop_model[0].parameters() if p.requires_grad).view(-1)[0] = float("nan")
-    return on_step
+@pytest.fixture
+def set_weight(monkeypatch):
+    """set_weight(step, value): an on_step hook that sets one trained weight of the run's model after `step`
+    (as lr = 1e30 or a bad batch would)."""
+    built = []
+    real = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda *a: built.append(real(*a)) or built[-1])
+
+    def hook(step: int, value: float):
+        def on_step(state):
+            if state["step"] == step:
+                with torch.no_grad():
+                    next(p for p in built[0].parameters() if p.requires_grad).view(-1)[0] = value
+        return on_step
+    return hook
 
 
-loop_model: list = []
-
-
-def test_weights_that_turn_nan_are_never_saved(tmp_path, monkeypatch):
+def test_weights_that_turn_nan_are_never_saved(tmp_path, set_weight):
     """NaN weights after the checkpoint of step 2: steps 3-4 are skipped (fewer than max_nonfinite), and the end
     of the run refuses to write them; the last good checkpoint stays the latest."""
-    real = loop.build_model
-    monkeypatch.setattr(loop, "build_model", lambda *a: loop_model.append(real(*a)) or loop_model[-1])
-    loop_model.clear()
     cfg = config.build({**TINY, "steps": 4, "checkpoint_every": 2})
     out = tmp_path / "run"
     with pytest.raises(SDXLError, match=r"step 4: trained weight .* holds NaN or Inf; nothing was saved \(the last "
                                         r"good checkpoint is .*step-000002\); lower lr"):
-        loop.train(cfg, out, quiet=True, on_step=poison_after(2))
+        loop.train(cfg, out, quiet=True, on_step=set_weight(2, float("nan")))
     assert checkpointing.latest(out).name == "step-000002" and not (out / "final.safetensors").exists()
     assert not (out / "step-000004").exists()
+
+
+def test_weights_that_overflow_the_save_dtype_are_never_written(tmp_path, set_weight):
+    """1e6 is finite in fp32 (the checkpoint of the last step holds it) but Inf in fp16 (save_dtype)."""
+    out = tmp_path / "run"
+    message = r"final.safetensors: weight .* holds NaN or Inf; nothing was written \(fp16 cannot hold it"
+    with pytest.raises(SDXLError, match=message):
+        loop.train(config.build({**TINY, "save_dtype": "fp16"}), out, quiet=True, on_step=set_weight(2, 1e6))
+    assert not (out / "final.safetensors").exists() and checkpointing.latest(out).name == "step-000002"
 
 
 # --- resuming from a damaged checkpoint ------------------------------------------------------------

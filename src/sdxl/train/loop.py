@@ -66,11 +66,11 @@ def train(cfg: TrainConfig, output: str | Path | None = None, resume: bool = Fal
     """
     output = Path(output or cfg.output)
     previous = check_output(output, resume)
-    dist_ = setup_distributed(cfg)
+    where = setup_distributed(cfg)
     try:
-        return _train(cfg, output, previous, quiet, on_step, dist_)
+        return _train(cfg, output, previous, quiet, on_step, where)
     finally:
-        if dist_.world > 1:
+        if where.world > 1:
             dist.destroy_process_group()
 
 
@@ -474,11 +474,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str, then: str, d: Dist = Dist()) -> None:
-    """Refuse NaN/Inf weights before anything is written: a one-line SDXLError naming the first bad tensor
-    (under FSDP each process checks its shards and all learn whether any failed)."""
+def check_finite(tensors, what: str, then: str, d: Dist = Dist()) -> None:
+    """Refuse NaN/Inf weights (a dict, or (name, tensor) pairs) before anything is written: a one-line SDXLError
+    naming the first bad tensor (under FSDP each process checks its shards and all learn whether any failed)."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    bad = next((n for n, t in tensors.items() if not bool(torch.isfinite(local(t).detach()).all())), None)
+    pairs = tensors.items() if isinstance(tensors, dict) else tensors
+    bad = next((n for n, t in pairs if not bool(torch.isfinite(local(t).detach()).all())), None)
     anywhere = bad is not None
     if d.world > 1:
         flag = torch.tensor(float(anywhere), device=d.device)
@@ -610,8 +611,12 @@ def write_final(run: Run, output: Path) -> Path:
             plain = SDXLModel(model.cfg, device="meta")
             plain.load_state_dict(full, assign=True)
             checkpoint_io.save_single_file(plain, final, dtype=dtype, metadata=meta, overwrite=True)
-    elif d.main:
-        checkpoint_io.save_single_file(model, final, dtype=dtype, metadata=meta, overwrite=True)
+    else:  # every process holds the whole model: each checks, so all stop together
+        as_saved = ((name, t.to(dtype)) for name, t in model.state_dict().items() if t.is_floating_point())
+        check_finite(as_saved, f"{final}: weight", f"nothing was written ({cfg.save_dtype} cannot hold it: "
+                     'try save_dtype = "fp32" or a lower lr)')
+        if d.main:
+            checkpoint_io.save_single_file(model, final, dtype=dtype, metadata=meta, overwrite=True)
     barrier()
     return final
 
