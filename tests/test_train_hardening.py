@@ -1,7 +1,9 @@
 """`sdxl train` against bad input (issue 11): every bad setting, path or file is one line and exit 2, nothing
 non-finite is written, and no file the run did not write is replaced. Tiny models, 32 px images, CPU."""
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -60,6 +62,13 @@ def one_line(err: str, message: str) -> bool:
 def test_bad_setting_is_one_line_before_anything_runs(tmp_path, capsys, setting, message):
     code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--set", setting, "--output", tmp_path / "run")
     assert code == 2 and one_line(err, message), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_built_in_python_gets_the_same_rules(tmp_path):
+    cfg = dataclasses.replace(config.build(TINY), lr=math.inf)
+    with pytest.raises(SDXLError, match="lr must be a finite number, got inf"):
+        loop.train(cfg, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
 
 

@@ -33,7 +33,7 @@ from sdxl.models.model import SDXLModel
 from sdxl.sampling.schedules import discrete_sigmas
 from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
 from sdxl.train import checkpointing
-from sdxl.train import data
+from sdxl.train import config, data
 from sdxl.train.config import TrainConfig
 from sdxl.train.lr import learning_rate
 
@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, output: str | Path | None = None, resume: bool = Fal
 
     `on_step(state)` is called after every optimizer step (and its checkpoint), e.g. to stop early.
     """
+    config.check(cfg)  # a TrainConfig built in Python (or changed with dataclasses.replace) gets the same rules
     output = Path(output or cfg.output)
     previous = check_output(output, resume)
     where = setup_distributed(cfg)
