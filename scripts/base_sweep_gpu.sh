@@ -7,9 +7,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=${SWEEP_DIR:-/tmp/sweep}; OUT=${OUT:-$R/out}; mkdir -p "$OUT" "$R"
 start=$(date +%s)
 nvidia-smi -L
-python3 -m sdxl.recipe --out "$R" --stages data --jobs 16 || exit 1
+python3 -m sdxl.cli recipe --out "$R" --stages data --jobs 16 || exit 1
 cp src/sdxl/assets/default_base.safetensors "$R/vae.safetensors"  # load_vae reads a full file's VAE
-python3 -m sdxl.recipe --out "$R" --stages init || exit 1
+python3 -m sdxl.cli recipe --out "$R" --stages init || exit 1
 echo "data, init: $(( $(date +%s) - start )) s"
 python3 scripts/base_sweep.py --out "$R" --steps "${STEPS:-4500}" --deadline $(( start + ${BUDGET_S:-400} )) \
     --n 128 --fillers 16

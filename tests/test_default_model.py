@@ -16,11 +16,11 @@ from sdxl.lab import recipe
 from sdxl.cli import main
 from sdxl.default_model import ASSETS, default_model_paths
 
-PROMPTS = 64
-# measured 2026-11-26 (fp32, this CPU, base+refiner, 20 Euler steps): background 0.969 (62 of 64) on these 64
-# prompts (bench/RESULTS.md); chance is 1/8. Exact prompts (background, objects and positions all right) are
-# 3.1%: no floor set on them.
-FLOOR_BACKGROUND = 0.8
+PROMPTS = 16
+# measured 2026-11-30 (fp32, this CPU, base+refiner, 20 Euler steps, one batch): background 0.875 (14 of 16) on
+# these 16 prompts; 0.969 (62 of 64) on the first 64 (bench/RESULTS.md). Chance is 1/8: 12 of 16 or more by chance
+# has probability 2e-8. Exact prompts (background, objects and positions all right) are 1 of 16: no floor on them.
+FLOOR_BACKGROUND = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,21 @@ def paths():
     return default_model_paths()
 
 
-def test_shipped_files_fit_the_budget_and_load_as_sdxl_family(paths):
-    files = [paths["base"], paths["refiner"]]
-    assert sum(f.stat().st_size for f in files) <= 30 * 10**6  # issue: at most 30 MB of weights
+def test_shipped_weights_fit_30_mb(paths):
+    assert paths["base"].stat().st_size + paths["refiner"].stat().st_size <= 30 * 10**6  # the issue's budget
+
+
+def test_shipped_base_loads_as_the_recipe_built_it(paths):
     base = ck.load(paths["base"])
     assert base.unet.cfg == recipe.BASE_UNET and base.cfg.conditioner.bigg == recipe.BIGG_SMALL
     assert base.vae.factor == 8 and base.vae.cfg.z_channels == 4 and base.cfg.architecture == "sdxl-custom"
-    refiner = ck.load(paths["refiner"], components=("unet",))
-    assert refiner.unet.cfg == recipe.REFINER_UNET
+
+
+def test_shipped_refiner_is_a_unet_of_the_recipe(paths):
+    assert ck.load(paths["refiner"], components=("unet",)).unet.cfg == recipe.REFINER_UNET
+
+
+def test_default_model_json_gives_resolution_and_steps(paths):
     info = json.loads((ASSETS / "default_model.json").read_text())
     assert (paths["resolution"], paths["steps"]) == (info["resolution"], info["steps"]) == (128, 20)
 
@@ -58,7 +65,7 @@ def test_judge_reads_the_prompted_background_well_above_chance(paths):
     from sdxl.pipeline import Pipeline
 
     pipe = Pipeline.load(paths["base"], paths["refiner"], dtype=torch.float32)
-    s = evaluate.Settings(n=PROMPTS, batch=32)
+    s = evaluate.Settings(n=PROMPTS, batch=PROMPTS)
     scenes = evaluate.eval_scenes(PROMPTS, 0)
     images = evaluate.generate(pipe, [x.caption for x in scenes], s.request(refiner_switch=0.8), s)
     report = prompt_report(Judge.load(), images, scenes)

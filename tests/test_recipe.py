@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdxl.cli import main
 from sdxl.formats import checkpoint as ck
 from sdxl.lab import recipe
 from sdxl.models.model import ModelConfig, SDXLModel
@@ -35,6 +36,13 @@ def run(tmp_path_factory):
     recipe.export(work, out / "assets", "test")
     recipe.export_variants(work, out / "variants", "test")
     return out
+
+
+def test_recipe_command_runs_the_stages_it_is_given(tmp_path):
+    """`sdxl recipe` (the full run at SCALE is the fixture above, called stage by stage with small batches)."""
+    assert main(["recipe", "--out", str(tmp_path / "run"), "--scale", "0.0005", "--stages", "data"]) == 0
+    assert (tmp_path / "run" / "data" / "done").is_file() and len(list((tmp_path / "run" / "data").glob("*.png"))) == 10
+    assert not (tmp_path / "run" / "vae.safetensors").exists()
 
 
 def test_latent_scale_is_folded_into_the_weights():

@@ -85,109 +85,169 @@ def test_schedule_step_limits(name):
         get_sigmas(name, most + 1)
 
 
-def test_schedule_errors():
-    with pytest.raises(ValueError, match="karras, exponential"):
-        get_sigmas("normal", 10)
-    with pytest.raises(ValueError, match="at least 1"):
-        get_sigmas("karras", 0)
+@pytest.mark.parametrize("name, steps, message", [("normal", 10, "karras, exponential"), ("karras", 0, "at least 1")])
+def test_schedule_refuses_bad_arguments(name, steps, message):
+    with pytest.raises(ValueError, match=message):
+        get_sigmas(name, steps)
 
 
-def test_sgm_schedule():
+@pytest.mark.parametrize("steps, timesteps", [(1, [999]), (3, [999, 666, 333]), (1000, list(range(999, -1, -1)))])
+def test_sgm_schedule_floors_linspace_from_999(steps, timesteps):
     """sgm LegacyDDPMDiscretization: timesteps linspace(999, 0, n, endpoint=False) floored, starting at 999."""
-    st = discrete_sigmas()
-    torch.testing.assert_close(get_sigmas("sgm", 1), torch.stack([st[999], st.new_zeros(())]))
-    torch.testing.assert_close(get_sigmas("sgm", 3)[:-1], st[[999, 666, 333]])
-    assert get_sigmas("sgm", 40)[-2] == st[24]
-    torch.testing.assert_close(get_sigmas("sgm", 1000)[:-1], st.flip(0))
+    torch.testing.assert_close(get_sigmas("sgm", steps)[:-1], discrete_sigmas()[timesteps])
 
 
-def test_comfyui_schedules():
+def test_sgm_schedule_ends_above_the_lowest_training_sigma():
+    assert get_sigmas("sgm", 40)[-2] == discrete_sigmas()[24]  # floor(999 / 40)
+
+
+@pytest.mark.parametrize("steps, timesteps", [(3, [999, 666, 333]), (10, list(range(999, 0, -100)))])
+def test_simple_schedule_takes_every_nth_training_sigma(steps, timesteps):
+    """ComfyUI simple_scheduler: every (1000 / steps)-th sigma from the top."""
+    torch.testing.assert_close(get_sigmas("simple", steps)[:-1], discrete_sigmas()[timesteps])
+
+
+def test_sgm_uniform_interpolates_log_sigma_at_fractional_timesteps():
+    """ComfyUI normal_scheduler(sgm=True): t = linspace(999, 0, steps + 1)[:-1], log-sigma interpolation."""
     st = discrete_sigmas()
-    # simple: every (1000 / steps)-th sigma from the top
-    torch.testing.assert_close(get_sigmas("simple", 3)[:-1], st[[999, 666, 333]])
-    torch.testing.assert_close(get_sigmas("simple", 10)[:-1], st[list(range(999, 0, -100))])
-    # sgm_uniform: fractional timesteps linspace(999, 0, steps + 1)[:-1], log-sigma interpolation
     t = torch.linspace(999, 0, 31, dtype=torch.float64)[:-1]
     torch.testing.assert_close(get_sigmas("sgm_uniform", 30)[:-1], t_to_sigma(t, st))
-    torch.testing.assert_close(get_sigmas("sgm_uniform", 4)[2], st[499:501].log().mean().exp())
-    # ddim_uniform: ComfyUI/ldm's 1, 1 + c, 1 + 2c, ... (c = 1000 // steps); equal when steps divides 1000
-    for steps in (1, 10, 25, 40):
-        comfy = st[list(range(1, 1000, 1000 // steps))].flip(0)
-        torch.testing.assert_close(get_sigmas("ddim_uniform", steps)[:-1], comfy)
-    torch.testing.assert_close(get_sigmas("ddim_uniform", 30), get_sigmas("leading", 30))
+    torch.testing.assert_close(get_sigmas("sgm_uniform", 4)[2], st[499:501].log().mean().exp())  # t = 499.5
 
 
-def test_karras_exponential():
+@pytest.mark.parametrize("steps", [1, 10, 25, 40])
+def test_ddim_uniform_equals_comfyui_where_steps_divide_1000(steps):
+    """ComfyUI/ldm's timesteps 1, 1 + c, 1 + 2c, ... (c = 1000 // steps)."""
     st = discrete_sigmas()
-    k = get_sigmas("karras", 30)
+    torch.testing.assert_close(get_sigmas("ddim_uniform", steps)[:-1], st[list(range(1, 1000, 1000 // steps))].flip(0))
+
+
+def test_ddim_uniform_keeps_the_steps_asked_for():
+    torch.testing.assert_close(get_sigmas("ddim_uniform", 30), get_sigmas("leading", 30))  # ComfyUI: 31 steps
+
+
+def test_karras_schedule_spans_the_training_range_evenly_in_sigma_to_the_1_over_rho():
+    st, k = discrete_sigmas(), get_sigmas("karras", 30)
     assert k[0].item() == pytest.approx(st[-1].item()) and k[-2].item() == pytest.approx(st[0].item())
     ramp = (k[:-1] ** (1 / 7)).diff()
-    torch.testing.assert_close(ramp, ramp[:1].expand_as(ramp))  # even steps in sigma^(1/rho)
+    torch.testing.assert_close(ramp, ramp[:1].expand_as(ramp))
+
+
+def test_exponential_schedule_is_evenly_spaced_in_log_sigma():
     e = get_sigmas("exponential", 30)
     torch.testing.assert_close(e[:-1].log().diff(), e[:2].log().diff().expand(29))
-    torch.testing.assert_close(karras_sigmas(1, 0.1, 10.0), torch.tensor([10.0, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(exponential_sigmas(2, 0.1, 10.0), torch.tensor([10.0, 0.1, 0.0], dtype=torch.float64))
 
 
-def test_sigma_to_t():
+@pytest.mark.parametrize("fn, steps, expected", [(karras_sigmas, 1, [10.0, 0.0]),
+                                                  (exponential_sigmas, 2, [10.0, 0.1, 0.0])])
+def test_karras_and_exponential_sigmas_from_an_explicit_range(fn, steps, expected):
+    torch.testing.assert_close(fn(steps, 0.1, 10.0), torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("to_t", [sigma_to_t, sigma_to_t_interp])
+def test_training_sigmas_map_to_their_timesteps(to_t):
     st = discrete_sigmas()
-    torch.testing.assert_close(sigma_to_t(st, st), torch.arange(1000, dtype=torch.float64))
-    torch.testing.assert_close(sigma_to_t_interp(st, st), torch.arange(1000, dtype=torch.float64))
+    torch.testing.assert_close(to_t(st, st), torch.arange(1000, dtype=torch.float64))
+
+
+def test_sigma_to_t_interp_inverts_t_to_sigma():
+    st = discrete_sigmas()
     t = torch.tensor([0.0, 0.25, 10.5, 500.7, 998.99, 999.0], dtype=torch.float64)
     torch.testing.assert_close(sigma_to_t_interp(t_to_sigma(t, st), st), t)
-    # nearest is in sigma distance (sgm), out-of-range sigmas clamp to the ends
+
+
+def test_sigma_to_t_takes_the_nearest_in_sigma_distance():
+    """sgm's DiscreteDenoiser.sigma_to_idx; out-of-range sigmas clamp to the ends."""
+    st = discrete_sigmas()
     mid = (st[10] + st[11]) / 2
     assert sigma_to_t(torch.stack([mid - 1e-9, mid + 1e-9, st[0] / 2, st[-1] * 2]), st).tolist() == [10, 11, 0, 999]
+
+
+def test_sigma_to_t_interp_clamps_out_of_range_sigmas():
+    st = discrete_sigmas()
     assert sigma_to_t_interp(torch.stack([st[0] / 2, st[-1] * 2]), st).tolist() == [0, 999]
 
 
-def test_img2img_sigmas():
+@pytest.mark.parametrize("strength", [0.15, 0.3, 0.5, 0.77, 1.0])
+def test_img2img_sigmas_keep_diffusers_steps(strength):
     s = get_sigmas("karras", 30)
-    for strength in (0.15, 0.3, 0.5, 0.77, 1.0):
-        keep = min(int(30 * strength), 30)  # diffusers' get_timesteps: init_timestep
-        torch.testing.assert_close(img2img_sigmas(s, strength), s[30 - keep:])
-    torch.testing.assert_close(img2img_sigmas(s, 0.01), s[-2:])  # one step where diffusers raises
-    torch.testing.assert_close(img2img_sigmas(s, 1.0), s)
-    torch.testing.assert_close(img2img_sigmas(s, 0.0), s[-1:])
+    keep = min(int(30 * strength), 30)  # diffusers' get_timesteps: init_timestep
+    torch.testing.assert_close(img2img_sigmas(s, strength), s[30 - keep:])
+
+
+@pytest.mark.parametrize("strength, tail", [(0.01, 2), (0.0, 1)])
+def test_img2img_sigmas_small_strength_one_step_zero_none(strength, tail):
+    s = get_sigmas("karras", 30)  # 0.01: one step where diffusers raises; 0: no step
+    torch.testing.assert_close(img2img_sigmas(s, strength), s[-tail:])
+
+
+def test_img2img_sigmas_refuse_strength_above_1():
     with pytest.raises(ValueError, match="strength"):
-        img2img_sigmas(s, 1.5)
+        img2img_sigmas(get_sigmas("karras", 30), 1.5)
 
 
 # ---------------------------------------------------------------- samplers, our side only
 
 
-def test_sampler_registry():
+def test_sampler_registry_names():
     assert set(SAMPLERS) == {
         "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
         "dpmpp_3m_sde", "dpmpp_sde", "dpmpp_2s_ancestral", "ddim", "uni_pc",
     }
+
+
+def test_unknown_sampler_lists_the_valid_ones():
     with pytest.raises(ValueError, match="euler_ancestral, heun"):
         SAMPLERS["k_euler"]
 
 
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_every_sampler_every_schedule(name):
-    """1, 2, 3 and 150 steps end finite, and a schedule of one sigma (strength 0) leaves x as it is."""
+def test_every_sampler_every_schedule_ends_finite(name, sampler):
+    """1, 2, 3 and 150 steps."""
     model = EpsDenoiser(toy_eps)
     for steps in (1, 2, 3, 150):
         sigmas = get_sigmas(name, steps)
         x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * sigmas[0]
-        for sampler, fn in SAMPLERS.items():
-            out = fn(model, x, sigmas, noise_sampler=default_noise_sampler(x, SEEDS))
-            assert out.shape == x.shape and torch.isfinite(out).all(), (sampler, steps)
-    for fn in SAMPLERS.values():
-        assert fn(model, x, sigmas[-1:]) is x
+        out = SAMPLERS[sampler](model, x, sigmas, noise_sampler=default_noise_sampler(x, SEEDS))
+        assert out.shape == x.shape and torch.isfinite(out).all(), steps
 
 
-def test_partial_schedule_and_callback():
-    """A schedule that stops above 0 (a base -> refiner hand-off) runs every step at full order."""
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_a_schedule_of_one_sigma_leaves_x_as_it_is(sampler):
+    """Strength 0: img2img_sigmas gives [0]."""
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    assert SAMPLERS[sampler](EpsDenoiser(toy_eps), x, get_sigmas("karras", 3)[-1:]) is x
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_partial_schedule_reports_every_step(sampler):
+    """A schedule that stops above 0 (a base -> refiner hand-off) runs every step and calls back after each."""
     model, sigmas = EpsDenoiser(toy_eps), get_sigmas("karras", 12)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
-    for sampler, fn in SAMPLERS.items():
-        seen = []
-        head = fn(model, x, sigmas[:9], callback=seen.append, noise_sampler=default_noise_sampler(x, SEEDS))
-        assert torch.isfinite(head).all() and [c["i"] for c in seen] == list(range(8)), sampler
-        assert seen[0]["sigma"] == sigmas[0].item() and set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+    seen = []
+    head = SAMPLERS[sampler](model, x, sigmas[:9], callback=seen.append, noise_sampler=default_noise_sampler(x, SEEDS))
+    assert torch.isfinite(head).all() and [c["i"] for c in seen] == list(range(8))
+    assert seen[0]["sigma"] == sigmas[0].item() and set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_lower_order_final_changes_nothing_into_sigma_0_for_2m(sampler):
+    """diffusers' rule lowers the last step to first order, which a step into sigma = 0 is already; for 3M it
+    also lowers the step before (below 15 steps), so 3M changes and 2M does not."""
+    sigmas = get_sigmas("trailing", 10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    a, b = (SAMPLERS[sampler](EpsDenoiser(toy_eps), x, sigmas, noise_sampler=default_noise_sampler(x, SEEDS),
+                              lower_order_final=lof) for lof in (False, True))
+    assert torch.equal(a, b) == (sampler != "dpmpp_3m_sde")
+
+
+@pytest.mark.parametrize("steps, same", [(10, False), (15, True)])
+def test_lower_order_final_applies_below_15_steps_above_sigma_0(steps, same):
+    sigmas = get_sigmas("trailing", steps + 1)[:-1]  # `steps` steps ending at the lowest training sigma, not 0
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    a, b = (SAMPLERS["dpmpp_2m"](EpsDenoiser(toy_eps), x, sigmas, lower_order_final=lof) for lof in (False, True))
+    assert torch.equal(a, b) == same
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -205,39 +265,119 @@ def test_gaussian_data(sampler):
     assert abs(out.std().item() / s - 1) < (0.05 if first_order else 0.01)
 
 
-def test_eps_denoiser():
+def recording(seen, out=None):
+    """An eps function that records what it is given and returns ones (or its input)."""
+    return lambda x, t: (seen.append((x, t)), torch.ones_like(x) if out is None else x)[1]
+
+
+X3 = torch.full((2, 1, 2, 2), 3.0, dtype=torch.float64)
+
+
+def test_eps_denoiser_returns_x_minus_sigma_eps():
     st = discrete_sigmas()
-    seen = []
-    model = EpsDenoiser(lambda x, t: (seen.append(t), torch.ones_like(x))[1], st)
-    x = torch.full((2, 1, 2, 2), 3.0, dtype=torch.float64)
     sigma = torch.tensor([st[500].item(), 1.0], dtype=torch.float64)
-    out = model(x, sigma)
-    torch.testing.assert_close(out[:, 0, 0, 0], 3.0 - sigma)
-    assert seen[-1][0] == 500 and seen[-1][1] == sigma_to_t(sigma[1:], st)  # nearest by default
-    EpsDenoiser(lambda x, t: (seen.append(t), x)[1], st, "interp")(x, sigma)
-    torch.testing.assert_close(seen[-1], sigma_to_t_interp(sigma, st))
-    EpsDenoiser(lambda x, t: (seen.append(t), x)[1], st, lambda s: s * 0 + 7)(x, sigma)
-    assert seen[-1].tolist() == [7, 7]
-    c_in = []
-    EpsDenoiser(lambda x, t: (c_in.append(x), x)[1], st)(x, sigma)
-    torch.testing.assert_close(c_in[0][:, 0, 0, 0], 3.0 / (sigma**2 + 1).sqrt())
+    torch.testing.assert_close(EpsDenoiser(recording([]), st)(X3, sigma)[:, 0, 0, 0], 3.0 - sigma)
+
+
+def test_eps_denoiser_scales_the_input_by_c_in():
+    seen, st = [], discrete_sigmas()
+    sigma = torch.tensor([st[500].item(), 1.0], dtype=torch.float64)
+    EpsDenoiser(recording(seen), st)(X3, sigma)
+    torch.testing.assert_close(seen[0][0][:, 0, 0, 0], 3.0 / (sigma**2 + 1).sqrt())
+
+
+@pytest.mark.parametrize("t_mode, expected", [
+    ("nearest", lambda s, st: sigma_to_t(s, st)),
+    ("interp", lambda s, st: sigma_to_t_interp(s, st)),
+    (lambda s: s * 0 + 7, lambda s, st: torch.full_like(s, 7)),
+], ids=["nearest", "interp", "callable"])
+def test_eps_denoiser_t_mode(t_mode, expected):
+    seen, st = [], discrete_sigmas()
+    sigma = torch.tensor([st[500].item(), 1.0], dtype=torch.float64)
+    EpsDenoiser(recording(seen, "x"), st, t_mode)(X3, sigma)
+    torch.testing.assert_close(seen[0][1], expected(sigma, st))
+
+
+def test_eps_denoiser_nearest_by_default():
+    seen, st = [], discrete_sigmas()
+    EpsDenoiser(recording(seen), st)(X3, torch.tensor([st[500].item(), st[7].item()], dtype=torch.float64))
+    assert seen[0][1].tolist() == [500, 7]
+
+
+def test_eps_denoiser_refuses_an_unknown_t_mode():
     with pytest.raises(ValueError, match="t_mode"):
-        EpsDenoiser(toy_eps, st, "linear")
+        EpsDenoiser(toy_eps, discrete_sigmas(), "linear")
 
 
-def test_default_noise_sampler():
+def test_noise_sampler_gives_x_shape_and_dtype():
     x = torch.zeros(2, 4, 3, 3, dtype=torch.float16)
-    pair, single = default_noise_sampler(x, [5, 6]), default_noise_sampler(x[:1], [6])
-    a, b = pair(1.0, 0.5), single(1.0, 0.5)
+    a = default_noise_sampler(x, [5, 6])(1.0, 0.5)
     assert a.dtype == torch.float16 and a.shape == x.shape
-    torch.testing.assert_close(a[1:], b)  # image 1 does not depend on its batch
+
+
+def test_noise_of_an_image_does_not_depend_on_its_batch():
+    x = torch.zeros(2, 4, 3, 3, dtype=torch.float16)
+    pair, single = default_noise_sampler(x, [5, 6])(1.0, 0.5), default_noise_sampler(x[:1], [6])(1.0, 0.5)
+    torch.testing.assert_close(pair[1:], single)
+
+
+def test_noise_continues_the_seed_stream_after_the_initial_latent():
     g = torch.Generator().manual_seed(6)
     torch.randn((1, 4, 3, 3), generator=g)  # the initial latent
-    torch.testing.assert_close(b, torch.randn((1, 4, 3, 3), generator=g).half())  # skip=1 continues after it
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.float16)
+    torch.testing.assert_close(default_noise_sampler(x, [6])(1.0, 0.5), torch.randn((1, 4, 3, 3), generator=g).half())
+
+
+def test_noise_with_skip_0_starts_the_seed_stream():
     first = torch.randn((1, 4, 3, 3), generator=torch.Generator().manual_seed(6)).half()
-    torch.testing.assert_close(default_noise_sampler(x[:1], [6], skip=0)(1.0, 0.5), first)
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.float16)
+    torch.testing.assert_close(default_noise_sampler(x, [6], skip=0)(1.0, 0.5), first)
+
+
+def test_noise_sampler_needs_one_seed_per_image():
     with pytest.raises(ValueError, match="one seed per image"):
-        default_noise_sampler(x, [1])
+        default_noise_sampler(torch.zeros(2, 4, 3, 3), [1])
+
+
+def k_diffusion_sample_dpm_2(model, x, sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+                             randn_like=torch.randn_like):
+    """k-diffusion's `sample_dpm_2`, ported line for line from crowsonkb/k-diffusion at 4601bf0
+    (k_diffusion/sampling.py; `to_d` inlined, the progress bar and callback dropped, `randn_like` injectable)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        eps = randn_like(x) * s_noise
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in)
+        d = (x - denoised) / sigma_hat
+        if sigmas[i + 1] == 0:
+            dt = sigmas[i + 1] - sigma_hat
+            x = x + d * dt
+        else:
+            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            dt_1 = sigma_mid - sigma_hat
+            dt_2 = sigmas[i + 1] - sigma_hat
+            x_2 = x + d * dt_1
+            denoised_2 = model(x_2, sigma_mid * s_in)
+            d_2 = (x_2 - denoised_2) / sigma_mid
+            x = x + d_2 * dt_2
+    return x
+
+
+@pytest.mark.parametrize("s_churn", [0.0, 1.0])
+@pytest.mark.parametrize("schedule", ["exponential", "karras", "sgm"])
+def test_dpm_2_equals_k_diffusion(schedule, s_churn):
+    """Issue 11: dpm_2 + exponential looked degraded on the default model; the sampler is k-diffusion's
+    (float64 here, so to rounding), so what remains is the method's (docs/samplers.md)."""
+    sigmas = get_sigmas(schedule, 20)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+    ours_noise, their_noise = default_noise_sampler(x, SEEDS), default_noise_sampler(x, SEEDS)
+    ours = SAMPLERS["dpm_2"](EpsDenoiser(toy_eps), x, sigmas, noise_sampler=ours_noise, s_churn=s_churn)
+    theirs = k_diffusion_sample_dpm_2(EpsDenoiser(toy_eps), x, sigmas, s_churn=s_churn,
+                                      randn_like=lambda x: their_noise(0.0, 0.0))
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
 
 
 # ---------------------------------------------------------------- parity with diffusers
@@ -361,6 +501,7 @@ KARRAS = dict(use_karras_sigmas=True)
 EXP = dict(use_exponential_sigmas=True)
 SDE = dict(algorithm_type="sde-dpmsolver++")
 DDIM = dict(clip_sample=False, set_alpha_to_one=True)
+SIGMA_MIN = dict(final_sigmas_type="sigma_min")  # the schedule ends at the smallest training sigma, not 0
 
 # (our sampler, diffusers scheduler class name, its config, steps, t mode, our options, step() kwargs)
 CASES = [
@@ -391,16 +532,26 @@ CASES = [
     ("dpmpp_2m", "DPMSolverMultistepScheduler", KARRAS, 10, "nearest", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", EXP, 10, "replay", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", KARRAS, 3, "nearest", {}, {}),
+    # lower_order_final (diffusers' default, < 15 steps: first-order last step) matters only above sigma = 0
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", TRAIL, 10, "nearest", {"lower_order_final": True}, {}),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {**TRAIL, **SIGMA_MIN}, 10, "nearest", {"lower_order_final": True}, {}),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {**TRAIL, **SIGMA_MIN, "lower_order_final": False}, 10, "nearest",
+     {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **LEAD}, 10, "nearest", {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS}, 10, "nearest", {}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS, "solver_type": "heun"}, 10, "nearest",
      {"solver_type": "heun"}, {}),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {**SDE, **KARRAS, **SIGMA_MIN}, 10, "nearest",
+     {"lower_order_final": True}, {}),
     # 3M: diffusers' 2nd-order warm-up step must be "heun" (k-diffusion's), >= 15 steps (below, diffusers
     # also lowers the order of the second-to-last step), and the SDE D2 coefficient fixed (Fixed3M)
     ("dpmpp_3m_sde", "Fixed3M", {**SDE, **KARRAS, "solver_order": 3, "solver_type": "heun"}, 20, "nearest", {}, {}),
     ("dpmpp_3m_sde", "Fixed3M", {**SDE, **LEAD, "solver_order": 3, "solver_type": "heun"}, 20, "nearest", {}, {}),
     ("dpmpp_3m_sde", "DPMSolverMultistepScheduler", {**KARRAS, "solver_order": 3, "solver_type": "heun"}, 20,
      "nearest", {"eta": 0.0}, {}),  # eta 0: the ODE DPM-Solver++(3M), no fix needed
+    # below 15 steps diffusers lowers the second-to-last step to second order: lower_order_final
+    ("dpmpp_3m_sde", "Fixed3M", {**SDE, **KARRAS, "solver_order": 3, "solver_type": "heun"}, 10, "nearest",
+     {"lower_order_final": True}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **LEAD}, 10, "nearest", {}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **TRAIL}, 10, "nearest", {}, {}),
     ("ddim", "DDIMScheduler", {**DDIM, **LEAD}, 10, "nearest", {"eta": 1.0}, {"eta": 1.0}),
@@ -495,16 +646,25 @@ def test_schedules_match_diffusers(steps):
         torch.testing.assert_close(karras_sigmas(steps, euler[-2].item(), euler[0].item()), euler, **same)
 
 
+# The differences docs/samplers.md lists, measured so that a diffusers change shows up here.
+
+
 @needs_diffusers
-def test_diffusers_quirks_we_do_not_copy():
-    """The differences docs/samplers.md lists, measured so that a diffusers change shows up here."""
+def test_diffusers_trailing_can_run_one_step_more_than_asked():
     trailing = diffusers.EulerDiscreteScheduler(**CONFIG, **TRAIL)
     trailing.set_timesteps(61)
     assert len(trailing.timesteps) == 62  # np.arange(1000, 0, -1000/61) has 62 values; ours keeps 61
     assert get_sigmas("trailing", 61).shape == (62,)
-    sched = diffusers.UniPCMultistepScheduler(**CONFIG, solver_type="bh1")
-    x, _, _ = run_diffusers(sched, 10, {})
-    assert torch.isnan(x).all()  # bh1 into sigma = 0
+
+
+@needs_diffusers
+def test_diffusers_unipc_bh1_into_sigma_0_is_nan():
+    x, _, _ = run_diffusers(diffusers.UniPCMultistepScheduler(**CONFIG, solver_type="bh1"), 10, {})
+    assert torch.isnan(x).all()
+
+
+@needs_diffusers
+def test_diffusers_leading_euler_starts_at_sqrt_sigma_0_squared_plus_1():
     euler = diffusers.EulerDiscreteScheduler(**CONFIG, **LEAD)
     euler.set_timesteps(30)
     sigma_0 = euler.sigmas[0].item()

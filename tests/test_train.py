@@ -160,7 +160,7 @@ def test_training_feeds_the_unet_what_inference_does(tmp_path):
     GuidedDenoiser(model.unet, cond, None, 1.0)(x, sigma.reshape(1))
     (x_train, t_train, ctx_train, vec_train), (x_inf, t_inf, ctx_inf, vec_inf) = seen
     assert torch.allclose(x_train, x_inf, atol=1e-6) and torch.equal(t_train, t_inf)
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # DDPM form, SDXL.md §4
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # DDPM form, docs/training.md §1
     abar = torch.cumprod(1 - betas, 0)[t].float()
     assert torch.allclose(x_train, abar.sqrt() * inputs["latents"] + (1 - abar).sqrt() * inputs["noise"], atol=1e-5)
     assert torch.allclose(ctx_train, ctx_inf, atol=1e-5) and torch.allclose(vec_train, vec_inf, atol=1e-5)

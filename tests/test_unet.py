@@ -94,7 +94,7 @@ def test_config_from_shapes_recovers_configs():
                                         "first_stage_model.": 83_653_863}),
 ])
 def test_full_size_structure_on_meta(name, cfg, counts):
-    """Every official tensor name and shape, nothing more; parameter counts of SDXL.md §1."""
+    """Every official tensor name and shape, nothing more; parameter counts of docs/architecture.md §5."""
     model = SDXLModel(cfg, device="meta")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == reference_shapes(name)

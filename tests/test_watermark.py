@@ -11,14 +11,12 @@ marked image must keep its size and grid, and have colour texture: the same scen
 after marking; over 8 texture seeds, 35-48.
 """
 
-import re
-
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from sdxl.errors import SDXLError
-from sdxl.watermark import WATERMARK_BITS, add_watermark, detect_main, detect_watermark, verdict
+from sdxl.watermark import WATERMARK_BITS, add_watermark, detect_watermark, verdict
 
 
 def scene(size: int = 512, texture: float = 10.0, seed: int = 0) -> Image.Image:
@@ -108,22 +106,3 @@ def test_small_images():
     assert add_watermark([tiny])[0] is tiny
     with pytest.raises(SDXLError, match=r"is 255x255; .* at least 256x256"):
         detect_watermark(Image.new("RGB", (255, 255)))
-
-
-def test_detect_main(pair, tmp_path, capsys):
-    clean, marked = pair
-    marked.save(tmp_path / "marked.png")
-    clean.save(tmp_path / "clean.png")
-    paths = [str(tmp_path / "marked.png"), str(tmp_path / "clean.png")]
-    assert detect_main(paths) == 0
-    marked_line, clean_line = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(rf"{re.escape(paths[0])}: (4[4-8])/48 bits match: very likely watermarked", marked_line)
-    assert re.fullmatch(rf"{re.escape(paths[1])}: \d+/48 bits match: (no watermark|partial match)", clean_line)
-    with pytest.raises(SDXLError, match="missing.png: no such file"):
-        detect_main([str(tmp_path / "missing.png")])
-    (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(SDXLError, match="notes.txt: not a readable image"):
-        detect_main([str(tmp_path / "notes.txt")])
-    Image.new("RGB", (200, 300)).save(tmp_path / "small.png")
-    with pytest.raises(SDXLError, match=r"small.png is 200x300"):
-        detect_main([str(tmp_path / "small.png")])

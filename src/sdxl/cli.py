@@ -296,12 +296,6 @@ def _peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from sdxl.watermark import detect_main
-
-    return detect_main(args.images)
-
-
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
                        description="Generate images. Without --model, the embedded small default model is used.")
@@ -452,6 +446,122 @@ def _add_train(sub) -> None:
     t.set_defaults(func=_cmd_train)
 
 
+# --- lab and tools: judge, recipe, train-vae, detect-watermark ----------------------------------
+
+def _command_line(command: str, flags: dict) -> str:
+    """The command with the flags that determine its result, as typed to repeat it (recorded in what it writes)."""
+    return " ".join([command, *(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())])
+
+
+def _cmd_judge_train(args: argparse.Namespace) -> int:
+    from sdxl.lab.judge import ASSETS, train_and_evaluate
+
+    out = args.out or str(ASSETS / "judge")
+    command = _command_line("sdxl judge train", {"steps": args.steps, "seed": args.seed, "pool": args.pool, "out": out})
+    results = train_and_evaluate(out, args.steps, args.seed, args.batch, args.lr, args.pool, args.heldout, command)
+    for name, r in results.items():
+        print(f"held-out {name}:", json.dumps({k: round(v, 4) for part in r.values() for k, v in part.items()}))
+    print(f"saved {Path(out).with_suffix('.safetensors')}")
+    return 0
+
+
+def _add_judge(sub) -> None:
+    j = sub.add_parser("judge", help="the synthetic world's judge (a small CNN that reads images back into scenes)")
+    jsub = j.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
+    t = jsub.add_parser("train", help="train the judge, read fresh scenes, save .safetensors + .json")
+    t.add_argument("--steps", type=int, default=1600)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
+    t.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
+    t.add_argument("--out", help="path without suffix: writes .safetensors and .json (default: the shipped judge, "
+                                 "sdxl/assets/judge)")
+    t.set_defaults(func=_cmd_judge_train)
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    import time
+
+    from sdxl.lab.recipe import DEFAULT_STAGES, RecipeRun, run
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else DEFAULT_STAGES
+    settings = RecipeRun(Path(args.out), stages, args.scale, args.jobs, args.workers, args.cache,
+                         args.assets and Path(args.assets), args.variants_dir and Path(args.variants_dir),
+                         args.deadline, args.variant)
+    started = time.perf_counter()
+    run(settings, _command_line("sdxl recipe", {"out": args.out, "stages": ",".join(stages), "scale": args.scale,
+                                                "jobs": args.jobs, "workers": args.workers, "cache": args.cache}))
+    print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+def _add_recipe(sub) -> None:
+    import math
+
+    r = sub.add_parser("recipe", help="make the embedded default model: world data, VAE, base, refiner, eval variants")
+    r.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
+    r.add_argument("--stages", help="comma-separated stage names (default: those that make the default model; "
+                                    "sdxl/lab/recipe.py's STAGES lists them all, as does an unknown name's error)")
+    r.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.001)")
+    r.add_argument("--jobs", type=int, default=1, help="trainings run at once (base, refiner, variants)")
+    r.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
+    r.add_argument("--cache", default="auto",
+                   help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
+    r.add_argument("--assets", help="where export writes the default model (default OUT/assets; the shipped one is "
+                                    "src/sdxl/assets, never overwritten unless named here)")
+    r.add_argument("--variants-dir",
+                   help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
+    r.add_argument("--deadline", type=float, default=math.inf,
+                   help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
+    r.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
+    r.set_defaults(func=_cmd_recipe)
+
+
+def _cmd_train_vae(args: argparse.Namespace) -> int:
+    import typing
+
+    from sdxl.train.config import coerce, parse_value
+    from sdxl.train.vae import VAETrainConfig, train_vae
+
+    hints = {k: tp for k, tp in typing.get_type_hints(VAETrainConfig).items() if k not in ("dataset", "vae")}
+    settings = {}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or key.strip() not in hints:
+            raise SDXLError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(hints)}")
+        settings[key.strip()] = coerce(parse_value(text), hints[key.strip()], f"--set {key.strip()}")
+    train_vae(VAETrainConfig(args.dataset, **settings), args.out, quiet=args.quiet)
+    return 0
+
+
+def _add_train_vae(sub) -> None:
+    v = sub.add_parser("train-vae", help="train a small SDXL-family VAE (reconstruction + a little KL)")
+    v.add_argument("--dataset", required=True, help="a folder of images or a .jsonl manifest")
+    v.add_argument("--out", required=True, help="the VAE file to write (.safetensors; never overwritten)")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a VAETrainConfig setting (sdxl/train/vae.py), TOML syntax: --set steps=1500 "
+                        "--set decoder_only=true (repeatable)")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    v.set_defaults(func=_cmd_train_vae)
+
+
+def _cmd_detect_watermark(args: argparse.Namespace) -> int:
+    from sdxl.watermark import WATERMARK_BITS, detect_file
+
+    for path in args.images:
+        matches, text = detect_file(path)
+        print(f"{path}: {matches}/{len(WATERMARK_BITS)} bits match: {text}")
+    return 0
+
+
+def _add_detect_watermark(sub) -> None:
+    d = sub.add_parser("detect-watermark",
+                       help="read SDXL's invisible watermark: matched bits and the reference's verdict")
+    d.add_argument("images", nargs="+")
+    d.set_defaults(func=_cmd_detect_watermark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -462,9 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_eval(sub)
-    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's verdict")
-    d.add_argument("images", nargs="+")
-    d.set_defaults(func=_cmd_detect)
+    _add_detect_watermark(sub)
+    _add_judge(sub)
+    _add_recipe(sub)
+    _add_train_vae(sub)
     return p
 
 

@@ -1,6 +1,6 @@
 """Generation: txt2img, img2img, inpainting, base -> refiner, hires fix. One `Pipeline`, components loaded once.
 
-The sampling path of SDXL.md §4: per-image seeded CPU noise, sigmas from a named schedule,
+The sampling path of docs/samplers.md §1: per-image seeded CPU noise, sigmas from a named schedule,
 a sampler over a denoiser D(x, sigma) that wraps the UNet with the eps parameterisation
 and classifier-free guidance. Latents stay float32 between steps; the UNet runs in the
 pipeline's dtype.
@@ -92,7 +92,7 @@ class GeneratorNoise:
         self.generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
 
     def randn(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
-        """(N, *shape) float32: row i drawn from generator i (SDXL.md §4, diffusers' generator-list convention)."""
+        """(N, *shape) float32: row i drawn from generator i (docs/samplers.md §1; diffusers' generator lists)."""
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(device)
 
     def sampler(self, like: torch.Tensor):
@@ -212,7 +212,7 @@ class Pipeline:
 
     @staticmethod
     def micro(req: Request, negative: bool) -> dict:
-        """Micro-conditioning values of a request (`conditioning.micro_values`: sizes = output size, crop (0, 0))."""
+        """Micro-conditioning values of a request (docs/conditioning.md §2: sizes = output size, crop (0, 0))."""
         if negative:
             return micro_values(req.height, req.width, req.negative_original_size or req.original_size,
                                 req.negative_crop or req.crop, req.negative_target_size or req.target_size,
@@ -221,7 +221,8 @@ class Pipeline:
 
     @torch.no_grad()
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
-        """(cond, uncond) for a batch, one prompt per image or one for all (`Conditioner.guided`); no uncond at cfg 1."""
+        """(cond, uncond) for a batch, one prompt per image or one for all; no uncond at cfg 1 (`Conditioner.guided`,
+        docs/conditioning.md §3)."""
         prompts = prompt_rows(req.prompt, req.prompt_2, req.batch)
         negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
         return model.conditioner.guided(self.tokenizer, prompts, self.micro(req, False), negatives,

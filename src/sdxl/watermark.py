@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -71,16 +73,13 @@ def detect_watermark(image: Image.Image) -> tuple[int, str]:
     return matches, verdict(matches)
 
 
-def detect_main(paths: list[str]) -> int:
-    """`sdxl detect-watermark IMAGE...`: one line per image, e.g. `a.png: 44/48 bits match: very likely watermarked`."""
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except FileNotFoundError:
-            raise SDXLError(f"{path}: no such file") from None
-        except (OSError, ValueError):  # PIL.UnidentifiedImageError and truncated files are OSErrors
-            raise SDXLError(f"{path}: not a readable image") from None
-        matches, text = detect_watermark(image)
-        print(f"{path}: {matches}/{len(WATERMARK_BITS)} bits match: {text}")
-    return 0
+def detect_file(path: str | Path) -> tuple[int, str]:
+    """`detect_watermark` of an image file; a missing or unreadable file raises SDXLError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        raise SDXLError(f"{path}: no such file") from None
+    except (OSError, ValueError):  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise SDXLError(f"{path}: not a readable image") from None
+    return detect_watermark(image)

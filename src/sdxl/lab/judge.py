@@ -21,15 +21,15 @@ casts, blur, low resolution and noise, so that imperfect generated images are st
 
 The shipped judge (`assets/judge.safetensors` + `assets/judge.json`) was trained with
 
-    python -m sdxl.lab.judge --steps 1600 --seed 0 --pool 20000 --out src/sdxl/assets/judge
+    sdxl judge train --steps 1600 --seed 0 --pool 20000 --out src/sdxl/assets/judge
 
-(from the repository root; about 4 minutes on 2 CPU cores, bit-for-bit reproducible there);
-`judge.json` records the command and the held-out accuracy.
+(from the repository root; about 4 minutes on 2 CPU cores, bit-for-bit reproducible there). `judge.json`
+records the command (the shipped one names it `python -m sdxl.lab.judge`, its form before it moved into
+`sdxl`) and the held-out accuracy.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -45,6 +45,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sdxl.errors import SDXLError
 from sdxl.lab.world import COLOURS, REGIONS, SHAPES, Claims, Scene, label_map, parse_caption, render, sample_scene
 from sdxl.train.lr import learning_rate
 
@@ -393,31 +394,23 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl.lab.judge", description="Train the world judge, evaluate, save.")
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
-    p.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
-    p.add_argument("--out", default=str(ASSETS / "judge"), help="path without suffix: writes .safetensors and .json")
-    args = p.parse_args(argv)
+def train_and_evaluate(out: str | Path, steps: int = 1600, seed: int = 0, batch: int = 64, lr: float = 2e-3,
+                       pool: int = 20000, heldout_n: int = 2000, command: str = "") -> dict:
+    """Train a judge, read `heldout_n` fresh scenes (clean 64 px; 32-128 px at aspect 1:2..2:1), save
+    `out`.safetensors and `out`.json (recording `command` and the held-out results); return those results."""
+    if min(steps, batch, pool, heldout_n) < 1 or not lr > 0:
+        raise SDXLError(f"steps, batch, pool and heldout must be at least 1 and lr positive, got {steps}, {batch}, "
+                        f"{pool}, {heldout_n}, {lr}")
     start = time.time()
-    judge = train_judge(args.steps, args.seed, args.batch, args.lr, args.pool)
+    judge = train_judge(steps, seed, batch, lr, pool)
     seconds = time.time() - start
     results = {}
     for name, vary in (("clean_64px", False), ("sizes_32_128px_aspect_1:2_2:1", True)):
-        images, scenes = heldout(args.heldout, vary=vary)
-        results[name] = {"labels": cell_accuracy(judge, images, scenes), "prompts": prompt_report(judge, images, scenes)}
-        print(f"held-out {name}:", json.dumps({k: round(v, 4) for r in results[name].values() for k, v in r.items()}))
-    command = f"python -m sdxl.lab.judge --steps {args.steps} --seed {args.seed} --pool {args.pool} --out {args.out}"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    judge.save(args.out, {"train": {"command": command, "batch": args.batch, "lr": args.lr, "seconds": round(seconds),
-                                    "threads": torch.get_num_threads()},
-                          "heldout": {"n": args.heldout, "seed": 12345, **results}})
-    print(f"saved {Path(args.out).with_suffix('.safetensors')} ({seconds:.0f}s training)")
-
-
-if __name__ == "__main__":
-    main()
+        images, scenes = heldout(heldout_n, vary=vary)
+        results[name] = {"labels": cell_accuracy(judge, images, scenes),
+                         "prompts": prompt_report(judge, images, scenes)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    judge.save(out, {"train": {"command": command, "batch": batch, "lr": lr, "seconds": round(seconds),
+                               "threads": torch.get_num_threads()},
+                     "heldout": {"n": heldout_n, "seed": 12345, **results}})
+    return results

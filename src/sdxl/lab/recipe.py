@@ -1,9 +1,9 @@
 """The recipe of the embedded default model: world data, VAE, base, refiner, and the eval variants.
 
-    python -m sdxl.lab.recipe --out runs/default  # data, vae, init, vae-decoder, base, refiner, export
-                                                     # (to runs/default/assets; copy to src/sdxl/assets to ship)
-    python -m sdxl.lab.recipe --out runs/default --stages variants,export-variants
-    python -m sdxl.lab.recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
+    sdxl recipe --out runs/default  # data, vae, init, vae-decoder, base, refiner, export
+                                    # (to runs/default/assets; copy to src/sdxl/assets to ship)
+    sdxl recipe --out runs/default --stages variants,export-variants
+    sdxl recipe --out runs/default --jobs 6 --workers 2  # independent trainings at once (a GPU)
 
 Everything is a small SDXL-family model that `sdxl.formats.checkpoint` reads from shapes alone:
 - text encoders: CLIP-L-style and bigG-style, width 64, two layers, frozen at their random
@@ -30,7 +30,6 @@ and crops at random, so small originals arrive blurred and off-bucket aspects ar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -259,77 +258,84 @@ def export_variants(out: Path, dest: Path, command: str) -> None:
     (dest / "variants.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl.lab.recipe", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/default", help="working folder (resumable: finished stages are kept)")
-    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every step and image count (tests: 0.01)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (base, refiner, variants)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes per training")
-    p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
-                   help="cache latents and text embeddings (one crop per image); auto: only without a GPU")
-    p.add_argument("--assets", help="where export writes the default model (default OUT/assets; the shipped one is "
-                                    "src/sdxl/assets, never overwritten unless named here)")
-    p.add_argument("--variants-dir", help="where export-variants writes (default OUT/variants; eval reads bench/variants)")
-    p.add_argument("--deadline", type=float, default=math.inf,
-                   help="epoch seconds: trainings stop there and keep their latest checkpoint (time-boxed runs)")
-    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in a --jobs child process
-    args = p.parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise SystemExit(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
-    out = Path(args.out)
+@dataclasses.dataclass(frozen=True)
+class RecipeRun:
+    """One run of the recipe (`sdxl recipe`): which stages, where, and how big."""
+
+    out: Path
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    scale: float = 1.0  # every step and image count multiplied (tests: 0.001)
+    jobs: int = 1  # trainings at once, each in its own process
+    workers: int = 0  # data-loading processes per training
+    cache: str = "auto"  # cache latents and text embeddings: auto (only without a GPU), yes, no
+    assets: Path | None = None  # where export writes (default OUT/assets)
+    variants_dir: Path | None = None  # where export-variants writes (default OUT/variants)
+    deadline: float = math.inf  # epoch seconds: trainings stop there and keep their latest checkpoint
+    variant: str = ""  # one variant only (a --jobs child process)
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise SDXLError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+        if self.variant and self.variant not in VARIANTS:
+            raise SDXLError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if self.cache not in ("auto", "yes", "no"):
+            raise SDXLError(f"cache must be auto, yes or no, got {self.cache!r}")
+        if self.jobs < 1 or self.workers < 0 or not self.scale > 0:
+            raise SDXLError(f"need jobs >= 1, workers >= 0 and scale > 0, got jobs {self.jobs}, "
+                            f"workers {self.workers}, scale {self.scale}")
+
+
+def run(r: RecipeRun, command: str) -> None:
+    """Run the stages in order; `command` is recorded in the exported files' metadata."""
+    r.validate()
+    out = Path(r.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m sdxl.lab.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
-    started = time.perf_counter()
-    cache = args.cache == "yes" or args.cache == "auto" and not torch.cuda.is_available()
-    if args.variant or args.jobs > 1:  # share the cores: OpenMP threads of several processes fighting are far slower
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
-    try:
-        if "data" in stages:
-            make_data(out, args.scale, args.jobs)
-        if "vae" in stages:
-            make_vae(out, args.scale, args.workers)
-        if "init" in stages:
-            make_init(out)
-        if "vae-decoder" in stages:
-            make_vae_decoder(out, args.scale, args.workers)
-        jobs = [(s, "") for s in ("base", "refiner") if s in stages]
-        jobs += [("variants", v) for v in ((args.variant,) if args.variant else VARIANTS) if "variants" in stages]
-        if args.jobs > 1 and len(jobs) > 1:
-            run_parallel(jobs, args)
-        else:
-            for stage, variant in jobs:
-                run_training(stage, out, args.scale, args.workers, variant, cache, args.deadline)
-        if "export" in stages:
-            export(out, Path(args.assets or out / "assets"), command)
-        if "export-variants" in stages:
-            export_variants(out, Path(args.variants_dir or out / "variants"), command)
-    except SDXLError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"recipe stages {','.join(stages)} done in {time.perf_counter() - started:.0f} s", flush=True)
+    cache = r.cache == "yes" or r.cache == "auto" and not torch.cuda.is_available()
+    if r.variant or r.jobs > 1:  # share the cores: OpenMP threads of several processes fighting are far slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // r.jobs))
+    if "data" in r.stages:
+        make_data(out, r.scale, r.jobs)
+    if "vae" in r.stages:
+        make_vae(out, r.scale, r.workers)
+    if "init" in r.stages:
+        make_init(out)
+    if "vae-decoder" in r.stages:
+        make_vae_decoder(out, r.scale, r.workers)
+    jobs = [(s, "") for s in ("base", "refiner") if s in r.stages]
+    jobs += [("variants", v) for v in ((r.variant,) if r.variant else VARIANTS) if "variants" in r.stages]
+    if r.jobs > 1 and len(jobs) > 1:
+        run_parallel(jobs, r)
+    else:
+        for stage, variant in jobs:
+            run_training(stage, out, r.scale, r.workers, variant, cache, r.deadline)
+    if "export" in r.stages:
+        export(out, Path(r.assets or out / "assets"), command)
+    if "export-variants" in r.stages:
+        export_variants(out, Path(r.variants_dir or out / "variants"), command)
 
 
-def run_parallel(jobs: list[tuple[str, str]], args) -> None:
-    """Each training in its own process, `args.jobs` at a time; one log per job under --out."""
+def run_parallel(jobs: list[tuple[str, str]], r: RecipeRun) -> None:
+    """Each training in its own `sdxl recipe` process, `r.jobs` at a time; one log per job under `r.out`."""
     pending, running = list(jobs), []
     while pending or running:
-        while pending and len(running) < args.jobs:
+        while pending and len(running) < r.jobs:
             stage, variant = pending.pop(0)
-            cmd = [sys.executable, "-m", "sdxl.lab.recipe", "--out", args.out, "--stages", stage, "--scale",
-                   str(args.scale), "--workers", str(args.workers), "--cache", args.cache, "--jobs", str(args.jobs),
-                   "--deadline", str(args.deadline)]
+            cmd = [sys.executable, "-m", "sdxl.cli", "recipe", "--out", str(r.out), "--stages", stage, "--scale",
+                   str(r.scale), "--workers", str(r.workers), "--cache", r.cache, "--jobs", str(r.jobs),
+                   "--deadline", str(r.deadline)]
             cmd += ["--variant", variant] if variant else []
-            log = open(Path(args.out) / f"job-{stage}{'-' + variant if variant else ''}.log", "w")
+            log = open(Path(r.out) / f"job-{stage}{'-' + variant if variant else ''}.log", "w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ), cmd))
         time.sleep(1)
         for proc, cmd in list(running):
             if proc.poll() is not None:
                 running.remove((proc, cmd))
                 if proc.returncode:
-                    raise SDXLError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see its job-*.log in {args.out}")
+                    raise SDXLError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see its job-*.log in {r.out}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command lives in sdxl.cli; this keeps `python -m sdxl.lab.recipe` working
+    from sdxl import cli
+
+    sys.exit(cli.main(["recipe", *sys.argv[1:]]))

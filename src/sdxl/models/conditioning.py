@@ -1,7 +1,7 @@
 """The conditioner: text encoders and micro-conditioning -> (crossattn, vector).
 
 A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml
-(SDXL report §2.2; SDXL.md §3). Module paths equal the checkpoint keys below
+(SDXL report §2.2; docs/conditioning.md §1). Module paths equal the checkpoint keys below
 `conditioner.`: `embedders.N` in the reference order, which fixes the concatenation order.
 """
 
@@ -102,8 +102,8 @@ class Conditioner(nn.Module):
 
     @property
     def zeroes_empty_text(self) -> bool:
-        """The base's empty prompt is the zero embedding, the refiner's the encoding of "" (diffusers'
-        `force_zeros_for_empty_prompt`; sgm zeroes dropped captions, `GeneralConditioner.forward` ucg_rate)."""
+        """The base's empty prompt is the zero embedding, the refiner's the encoding of "" (docs/conditioning.md §3:
+        sgm's `force_uc_zero_embeddings=["txt"]`, diffusers' `force_zeros_for_empty_prompt`)."""
         return self.cfg.clip_l is not None
 
     @property
@@ -174,8 +174,8 @@ class Conditioner(nn.Module):
         """Text embeddings + micro-conditioning -> Conditioning; the one place training and inference meet.
 
         Rows marked `empty` stand for the empty prompt (a dropped caption, an empty negative prompt): the base
-        zeroes their crossattn and pooled (SDXL report §2.2's unconditional branch, sgm's zeroed ucg embeddings);
-        the refiner keeps the encoding of "" that the caller gave. vector = pooled ++ Fourier(micro) (sgm order)."""
+        zeroes their crossattn and pooled, the refiner keeps the encoding of "" that the caller gave
+        (docs/conditioning.md §3). vector = pooled ++ Fourier(micro) in embedder order (§1)."""
         if self.zeroes_empty_text:
             empty = torch.as_tensor(empty, device=pooled.device).expand(pooled.shape[0])
             crossattn = torch.where(empty[:, None, None], crossattn.new_zeros(()), crossattn)
@@ -223,7 +223,7 @@ def prompt_rows(prompt: str | tuple[str, ...], prompt_2: str | tuple[str | None,
 def micro_values(height: int, width: int, original_size: tuple[int, int] | None = None,
                  crop: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = 6.0) -> dict:
-    """Micro-conditioning of an image of height x width (report §2.2): sizes default to it, crop to (0, 0); the
-    aesthetic score is the refiner's (sgm's default 6)."""
+    """Micro-conditioning of an image of height x width (report §2.2; docs/conditioning.md §2): sizes default to it,
+    crop to (0, 0); the aesthetic score is the refiner's (sgm's default 6)."""
     return {"original_size": original_size or (height, width), "crop_coords_top_left": crop,
             "target_size": target_size or (height, width), "aesthetic_score": aesthetic_score}

@@ -1,4 +1,4 @@
-"""The CLIP byte-level BPE tokenizer shared by both SDXL text encoders (SDXL.md section 3).
+"""The CLIP byte-level BPE tokenizer shared by both SDXL text encoders (docs/architecture.md §4).
 
 Ports openai/CLIP `simple_tokenizer.py` onto the `tokenizers` library with the normalisation
 of transformers' `CLIPTokenizer` (what diffusers uses): NFC, lower case, split on whitespace.

@@ -188,8 +188,13 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
     return x
 
 
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
-    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b)."""
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
+                    lower_order_final=False):
+    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b); k-diffusion `sample_dpmpp_2m`.
+
+    `lower_order_final=True` is diffusers' rule (`DPMSolverMultistepScheduler`'s default): below 15
+    steps the last step is first order. Into sigma = 0 it is first order anyway (x = D).
+    """
     s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
@@ -200,7 +205,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_samp
         else:
             h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
             d = denoised
-            if old_denoised is not None:
+            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
@@ -210,8 +215,11 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_samp
 
 
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
-                        eta=1.0, s_noise=1.0, solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE (Lu et al., 2022b; k-diffusion `sample_dpmpp_2m_sde`), noise per step."""
+                        eta=1.0, s_noise=1.0, solver_type="midpoint", lower_order_final=False):
+    """DPM-Solver++(2M) SDE (Lu et al., 2022b; k-diffusion `sample_dpmpp_2m_sde`), noise per step.
+
+    `lower_order_final`: diffusers' rule, as in `sample_dpmpp_2m`.
+    """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
@@ -226,7 +234,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
             eta_h = eta * h
             phi_1 = -math.expm1(-h - eta_h)
             x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi_1 * denoised
-            if old_denoised is not None:
+            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
                 r = h_last / h
                 c = 0.5 * phi_1 if solver_type == "midpoint" else phi_1 / (-h - eta_h) + 1
                 x = x + (c / r) * (denoised - old_denoised)
@@ -238,8 +246,12 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
 
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
-                        eta=1.0, s_noise=1.0):
-    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step."""
+                        eta=1.0, s_noise=1.0, lower_order_final=False):
+    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step.
+
+    `lower_order_final=True` is diffusers' rule: below 15 steps the last step is first order and the
+    one before it at most second order.
+    """
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(s) - 1):
@@ -253,7 +265,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
             h_eta = h * (eta + 1)
             x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None:
+            cap = _order_cap(i, len(s) - 1, lower_order_final)
+            if h_2 is not None and cap >= 3:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -261,7 +274,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
+            elif h_1 is not None and cap >= 2:
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
@@ -430,6 +443,11 @@ def _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
     if gamma > 0:
         x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
     return x, sigma_hat
+
+
+def _order_cap(i: int, steps: int, lower_order_final: bool) -> int:
+    """Highest order allowed at step i: diffusers' `lower_order_final` lowers the last steps below 15 steps."""
+    return steps - i if lower_order_final and steps < 15 else 3
 
 
 def _lms_coefficient(s: list[float], i: int, j: int, order: int) -> float:

@@ -1,7 +1,7 @@
 """Noise schedules: functions that return the descending sigmas a sampler walks, ending in 0.
 
 SDXL was trained as a discrete DDPM (1000 steps, scaled-linear betas, eps prediction); in
-sigma form (k-diffusion/EDM, SDXL.md §4) timestep t has noise level
+sigma form (k-diffusion/EDM, docs/samplers.md §1) timestep t has noise level
 `sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`. A schedule picks `steps` of those levels
 (or levels in between) and appends 0. Names follow the tools users know: `sgm` is the
 reference code's, `leading`/`trailing` are diffusers' spacings, `karras`, `exponential`,

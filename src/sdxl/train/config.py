@@ -57,7 +57,7 @@ class TrainConfig:
     crop_conditioning: bool = True  # False: crop_coords_top_left is always (0, 0)
     cache_dir: str = ""  # cache VAE latents and text embeddings here (safetensors); one crop per image
     num_workers: int = 0  # DataLoader worker processes
-    # --- the objective (SDXL.md §4) -------------------------------------------------------------
+    # --- the objective (docs/training.md §1) ----------------------------------------------------
     offset_noise: float = 0.05  # noise += offset_noise * randn(B, C, 1, 1)
     timestep_range: tuple[int, int] = (0, 1000)  # t drawn from [lo, hi): the refiner trains on (0, 200)
     min_snr_gamma: float = 0.0  # > 0: min-SNR loss weighting (Hang et al. 2023), typically 5

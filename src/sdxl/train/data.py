@@ -1,6 +1,6 @@
 """Training data: captioned images, aspect-ratio buckets, resize-and-crop, and an optional latent/text cache.
 
-The SDXL report's recipe (§2.2-2.5, SDXL.md §5): every image goes to the bucket whose aspect
+The SDXL report's recipe (§2.2-2.5, App. I; docs/training.md §3): every image goes to the bucket whose aspect
 ratio is nearest its own (buckets: h, w multiples of 64 with h * w close to 1024^2, from 1:4
 to 4:1); it is resized so its shortest side (relative to the bucket) fits, then cropped at
 random; the model is told the file's real size (`original_size`), the crop offset

@@ -1,6 +1,6 @@
 """The training loop of `sdxl train CONFIG.toml`: read it top to bottom, `train` first.
 
-Objective (SDXL.md §4): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
+Objective (docs/training.md §1): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
 x = x0 + sigma * eps and the UNet sees c_in * x = x / sqrt(sigma^2 + 1) at timestep t, which
 is exactly sqrt(abar) x0 + sqrt(1 - abar) eps and exactly what inference (`GuidedDenoiser`)
 feeds it. Conditioning goes through the model's own Conditioner, as at inference.

@@ -9,12 +9,11 @@ The latent scale is folded into the weights at the end: SDXL checkpoints do not 
 `scaling_factor`, and loaders apply 0.13025, so `quant_conv` / `post_quant_conv` are rescaled
 until latents x 0.13025 have unit variance, which the diffusion schedule assumes (LDM §3).
 
-    python -m sdxl.train.vae --dataset runs/default/data --out runs/default/vae.safetensors --steps 1500
+    sdxl train-vae --dataset runs/default/data --out runs/default/vae.safetensors --set steps=1500
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -163,26 +162,3 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
     if not quiet:
         print(f"wrote {out}: PSNR {psnr:.1f} dB on fresh crops, latent scale x{k:.3g} folded in")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl.train.vae", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", required=True, help="the VAE file to write (.safetensors)")
-    for name, default in VAETrainConfig.__dataclass_fields__.items():
-        if name in ("dataset", "vae"):
-            continue
-        if isinstance(default.default, bool):
-            p.add_argument("--" + name.replace("_", "-"), action="store_true")
-        else:
-            p.add_argument("--" + name.replace("_", "-"), type=type(default.default), default=default.default)
-    args = vars(p.parse_args(argv))
-    out = args.pop("out")
-    try:
-        train_vae(VAETrainConfig(**args), out)
-    except SDXLError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
