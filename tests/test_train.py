@@ -537,3 +537,24 @@ def test_a_bad_value_in_the_file_is_named_as_the_files(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: steps: expected an integer, got 'many'" in err and err.count("\n") == 1
+
+
+# --- the learning rate (one helper for the UNet, VAE and judge trainers) ----------------------------
+
+@pytest.mark.parametrize("step,schedule,expected", [
+    (0, "cosine", 0.5), (1, "cosine", 1.0),  # linear warm-up over 2 steps
+    (2, "cosine", 1.0), (6, "cosine", 0.55), (10, "cosine", 0.1),  # half cosine from 1 to the floor 0.1
+    (6, "constant", 1.0),
+])
+def test_learning_rate_warms_up_then_follows_its_schedule(step, schedule, expected):
+    from sdxl.train.lr import learning_rate
+
+    assert learning_rate(step, 10, 1.0, warmup=2, schedule=schedule, floor=0.1) == pytest.approx(expected)
+
+
+def test_the_log_records_the_schedules_rates(tmp_path):
+    out = tmp_path / "run"
+    loop.train(tiny(steps=4, checkpoint_every=4, lr_schedule="cosine", warmup_steps=1, lr_min=1e-4), out, quiet=True)
+    expected = [1e-3, 1e-3, 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 3)),
+                1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3))]
+    assert [r["lr"] for r in steps_logged(out)] == pytest.approx(expected)
