@@ -9,8 +9,11 @@ from conftest import tiny_checkpoints
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdxl.formats import checkpoint as ck
 from sdxl.cli import main
+from sdxl.formats import checkpoint as ck
+from sdxl.formats.png import file_hash
+from sdxl.pipeline import Pipeline
+from sdxl.request import Request
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
 
@@ -30,7 +33,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def test_generate_writes_png_with_metadata_and_never_overwrites(files, tmp_path, capsys):
+def test_generate_writes_png_with_metadata(files, tmp_path, capsys):
     base, _ = files
     out = tmp_path / "a.png"
     code, text, _ = run(capsys, "generate", "a red circle", "--model", base, "--seed", 5, "-o", out, *FAST)
@@ -40,10 +43,16 @@ def test_generate_writes_png_with_metadata_and_never_overwrites(files, tmp_path,
     params = info["parameters"]
     assert params.startswith("a red circle\n")
     for field in ("Steps: 2", "Sampler: Euler", "Schedule type: Uniform", "CFG scale: 5.0", "Seed: 5", "Size: 64x64",
-                  "Model: tiny", "Model hash: "):
+                  "Model: tiny", f"Model hash: {file_hash(base)[:10]}"):
         assert field in params
     rec = json.loads(info["sdxl-recipe"])
     assert rec["seed"] == 5 and rec["steps"] == 2 and rec["models"]["model"] == str(base)
+
+
+def test_generate_never_overwrites(files, tmp_path, capsys):
+    base, _ = files
+    out = tmp_path / "a.png"
+    run(capsys, "generate", "a red circle", "--model", base, "--seed", 5, "-o", out, *FAST)
     # the same command again: a new name, the first file untouched, the same image
     before = out.read_bytes()
     code, text, _ = run(capsys, "generate", "a red circle", "--model", base, "--seed", 5, "-o", out, *FAST)
@@ -63,12 +72,20 @@ def test_from_png_reproduces_exactly(files, tmp_path, capsys):
     assert "Negative prompt: blurry" in params and "Sampler: DPM++ 2M SDE" in params and "Schedule type: Karras" in params
 
 
-def test_batch_seeds_and_watermark(files, tmp_path, capsys):
+def test_batch_image_i_uses_seed_plus_i(files, tmp_path, capsys):
     base, _ = files
     code, _, _ = run(capsys, "generate", "a star", "--model", base, "--seed", 3, "--batch", "2", "-o", tmp_path / "b.png",
                      *FAST)
     assert code == 0
     assert json.loads(Image.open(tmp_path / "b-1.png").info["sdxl-recipe"])["seed_of_image"] == 4
+    code, _, _ = run(capsys, "generate", "a star", "--model", base, "--seed", 4, "-o", tmp_path / "single.png", *FAST)
+    # the same noise; batched and single fp32 convolutions round differently, by at most a few 1/255 steps
+    diff = np.abs(pixels(tmp_path / "b-1.png").astype(int) - pixels(tmp_path / "single.png"))
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_watermark_on_by_default(files, tmp_path, capsys):
+    base, _ = files
     big = ["a star", "--model", base, "--seed", 4, "--steps", 2, "--width", 256, "--height", 256, "-q", "--dtype", "fp32"]
     run(capsys, "generate", *big, "-o", tmp_path / "marked.png")
     run(capsys, "generate", *big, "-o", tmp_path / "plain.png", "--no-watermark")
@@ -79,8 +96,8 @@ def test_batch_seeds_and_watermark(files, tmp_path, capsys):
     assert code == 0 and text.count("/48 bits match: ") == 2
 
 
-def test_save_latent_then_refine_a_chosen_one(files, tmp_path, capsys):
-    base, ref = files
+def test_save_latent(files, tmp_path, capsys):
+    base, _ = files
     lat = tmp_path / "draft.safetensors"
     code, _, _ = run(capsys, "generate", "a boat", "--model", base, "--seed", 1, "--batch", 2, "--save-latent", lat,
                      "-o", tmp_path / "draft.png", *FAST)
@@ -91,6 +108,16 @@ def test_save_latent_then_refine_a_chosen_one(files, tmp_path, capsys):
 
     with safe_open(lat, "pt") as f:
         assert json.loads(f.metadata()["recipe"])["prompt"] == "a boat"
+    pipe = Pipeline.load(base, device="cpu", dtype=torch.float32)
+    want = pipe.generate(Request("a boat", width=64, height=64, steps=2, seed=1, batch=2)).latents
+    assert torch.equal(t, want)
+
+
+def test_refine_a_chosen_saved_latent(files, tmp_path, capsys):
+    base, ref = files
+    lat = tmp_path / "draft.safetensors"
+    run(capsys, "generate", "a boat", "--model", base, "--seed", 1, "--batch", 2, "--save-latent", lat,
+        "-o", tmp_path / "draft.png", *FAST)
     code, text, _ = run(capsys, "generate", "a boat", "--model", base, "--refiner", ref, "--latent", lat,
                         "--latent-index", 1, "--refiner-strength", 0.3, "--seed", 2, "-o", tmp_path / "refined.png", *FAST)
     assert code == 0 and "refined.png" in text
@@ -98,18 +125,34 @@ def test_save_latent_then_refine_a_chosen_one(files, tmp_path, capsys):
     assert code == 2 and "out of range" in err
 
 
-def test_img2img_and_inpaint_from_cli(files, tmp_path, capsys):
+def as_pipeline_makes(base, **kw) -> np.ndarray:
+    """The image the library's Pipeline gives for a Request: what the CLI must write."""
+    pipe = Pipeline.load(base, device="cpu", dtype=torch.float32)
+    return np.asarray(pipe.generate(Request(width=64, height=64, steps=2, seed=1, **kw)).images[0])
+
+
+def test_img2img_from_cli(files, tmp_path, capsys):
+    base, _ = files
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
+    code, _, _ = run(capsys, "generate", "a circle", "--model", base, "--init-image", tmp_path / "init.png",
+                     "--strength", 0.6, "--seed", 1, "-o", tmp_path / "i2i.png", *FAST)
+    assert code == 0
+    want = as_pipeline_makes(base, prompt="a circle", init_image=Image.open(tmp_path / "init.png"), strength=0.6)
+    assert np.array_equal(pixels(tmp_path / "i2i.png"), want)
+
+
+def test_inpaint_from_cli(files, tmp_path, capsys):
     base, _ = files
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 32))
     mask.save(tmp_path / "mask.png")
     code, _, _ = run(capsys, "generate", "a circle", "--model", base, "--init-image", tmp_path / "init.png",
-                     "--strength", 0.6, "-o", tmp_path / "i2i.png", *FAST)
-    assert code == 0
-    code, _, _ = run(capsys, "generate", "a circle", "--model", base, "--init-image", tmp_path / "init.png",
-                     "--mask", tmp_path / "mask.png", "-o", tmp_path / "inp.png", *FAST)
+                     "--mask", tmp_path / "mask.png", "--seed", 1, "-o", tmp_path / "inp.png", *FAST)
     assert code == 0 and Image.open(tmp_path / "inp.png").size == (64, 64)
+    want = as_pipeline_makes(base, prompt="a circle", init_image=Image.open(tmp_path / "init.png"),
+                             mask=Image.open(tmp_path / "mask.png"), strength=1.0)
+    assert np.array_equal(pixels(tmp_path / "inp.png"), want)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -149,24 +192,34 @@ def test_prompts_file_and_rank_share(files, tmp_path, capsys, monkeypatch):
     assert rec["prompt"] == "a blue square" and rec["seed"] == 11
 
 
-def test_lora_flag_changes_the_image_and_is_replayed(files, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lora(files, tmp_path_factory):
     from sdxl.formats.lora import add_lora, save_lora
 
-    base, _ = files
-    model = ck.load(base)
+    model = ck.load(files[0])
     params = add_lora(model, rank=4, unet=True)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.3)
-    save_lora(model, tmp_path / "style.safetensors")
-    common = ["a star", "--model", base, "--seed", 2, *FAST]
+    return save_lora(model, tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+def test_lora_flag_changes_the_image(files, lora, tmp_path, capsys):
+    common = ["a star", "--model", files[0], "--seed", 2, *FAST]
     run(capsys, "generate", *common, "-o", tmp_path / "plain.png")
-    code, text, _ = run(capsys, "generate", *common, "--lora", f"{tmp_path / 'style.safetensors'}:0.7",
-                        "-o", tmp_path / "lora.png")
+    code, text, _ = run(capsys, "generate", *common, "--lora", f"{lora}:0.7", "-o", tmp_path / "lora.png")
     assert code == 0 and "LoRA" in text and "weight 0.7" in text
     assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "lora.png"))
+
+
+def test_lora_is_replayed_from_png(files, lora, tmp_path, capsys):
+    run(capsys, "generate", "a star", "--model", files[0], "--seed", 2, *FAST, "--lora", f"{lora}:0.7",
+        "-o", tmp_path / "lora.png")
     code, _, _ = run(capsys, "generate", "--from-png", tmp_path / "lora.png", "-o", tmp_path / "again.png", "-q",
                      "--no-watermark")
     assert code == 0 and np.array_equal(pixels(tmp_path / "lora.png"), pixels(tmp_path / "again.png"))
-    code, _, err = run(capsys, "generate", *common, "--lora", tmp_path / "missing.safetensors")
-    assert code == 2 and "missing.safetensors" in err
+
+
+def test_missing_lora_is_named(files, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "a star", "--model", files[0], *FAST, "--lora", tmp_path / "missing.safetensors")
+    assert code == 2 and "missing.safetensors" in err and err.count("\n") == 1

@@ -220,67 +220,85 @@ def _renamed(sd: dict, rename) -> dict:
     return {rename(k): v for k, v in sd.items()}
 
 
-def test_other_spellings_load_the_same(tmp_path):
-    """kohya files with diffusers UNet names or `lora_te_`, older diffusers names, transformers 5 names, PEFT metadata."""
+@pytest.fixture(scope="module")
+def spellings(tmp_path_factory):
+    """A trained tiny base LoRA, the model it merges into (reference), and its kohya, PEFT and unscaled PEFT tensors."""
     model = trained(TINY_BASE, DEFAULT_TARGETS)
     ref = fresh()
-    load_lora(ref, save_lora(model, tmp_path / "ref.safetensors"))
-    ref = ref.state_dict()
-    kohya, peft = lora_state_dict(model, "kohya"), lora_state_dict(model, "peft")
-    site_of = {s.kohya: s for s, _ in lora_modules(model)} | {s.peft: s for s, _ in lora_modules(model)}
-
-    def kohya_diffusers_names(k):  # lora_unet_<diffusers path>, lora_te_ for CLIP-L
-        name, _, rest = k.partition(".")
-        s = site_of[name]
-        if s.component == "unet":
-            return "lora_unet_" + s.theirs.replace(".", "_") + "." + rest
-        return name.replace("lora_te1_", "lora_te_") + "." + rest
-
-    def old_diffusers(k):  # diffusers < 0.21: attention processors and text encoder patches
-        name, suffix = k.rsplit(".lora_", 1)
-        s = site_of[name]
-        role = "down" if suffix.startswith("A") else "up"
-        if s.component == "unet" and s.theirs.split(".")[-1] in ("to_q", "to_k", "to_v"):
-            attn, proj = s.theirs.rsplit(".", 1)
-            return f"unet.{attn}.processor.{proj}_lora.{role}.weight"
-        if s.component == "unet" and s.theirs.endswith("to_out.0"):
-            return f"unet.{s.theirs.removesuffix('.to_out.0')}.processor.to_out_lora.{role}.weight"
-        if s.component == "unet":
-            return f"unet.{s.theirs}.lora.{role}.weight"
-        return f"{s.peft}.lora_linear_layer.{role}.weight"
-
-    def transformers5(k):  # no `unet.` prefix; CLIPTextModel without `text_model.`
-        return k.removeprefix("unet.").replace("text_encoder.text_model.", "text_encoder.")
-
-    variants = {"kohya-diffusers": (_renamed(kohya, kohya_diffusers_names), None, "kohya"),
-                "old-diffusers": (_renamed(peft, old_diffusers), None, "diffusers-old"),
-                "transformers5": (_renamed(peft, transformers5), None, "peft")}
-    # PEFT with alpha in diffusers' adapter metadata instead of folded into lora_B
+    load_lora(ref, save_lora(model, tmp_path_factory.mktemp("spellings") / "ref.safetensors"))
     unscaled = {f"{s.peft}.lora_{ab}.weight": getattr(m, layer).weight.detach()
                 for s, m in lora_modules(model) for ab, layer in (("A", "lora_down"), ("B", "lora_up"))}
-    meta = {"lora_adapter_metadata": json.dumps({f"{c}.{k}": v for c in ("unet", "text_encoder", "text_encoder_2")
-                                                 for k, v in (("r", 4), ("lora_alpha", 2.0), ("alpha_pattern", {}))})}
-    variants["peft-metadata"] = (unscaled, meta, "peft")
-    for name, (sd, meta, fmt) in variants.items():
-        path = tmp_path / f"{name}.safetensors"
-        save_file(sd, path, metadata=meta)
-        got = fresh()
-        report = load_lora(got, path)
-        assert report.format == fmt and report.total == len(lora_modules(model)), name
-        for k, v in got.state_dict().items():
-            torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+    return {"model": model, "ref": ref.state_dict(), "kohya": lora_state_dict(model, "kohya"),
+            "peft": lora_state_dict(model, "peft"), "unscaled": unscaled,
+            "site_of": {s.kohya: s for s, _ in lora_modules(model)} | {s.peft: s for s, _ in lora_modules(model)}}
 
-    # alpha_pattern: one module with another alpha
-    meta = json.loads(variants["peft-metadata"][1]["lora_adapter_metadata"])
-    meta["unet.alpha_pattern"] = {"mid_block.attentions.0.proj_in": 8.0}
-    save_file(unscaled, tmp_path / "pattern.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+
+def kohya_diffusers_names(site_of: dict, k: str) -> str:
+    """lora_unet_<diffusers path>, lora_te_ for CLIP-L (both read by ComfyUI)."""
+    name, _, rest = k.partition(".")
+    s = site_of[name]
+    if s.component == "unet":
+        return "lora_unet_" + s.theirs.replace(".", "_") + "." + rest
+    return name.replace("lora_te1_", "lora_te_") + "." + rest
+
+
+def old_diffusers(site_of: dict, k: str) -> str:
+    """diffusers < 0.21: attention processors and text encoder patches."""
+    name, suffix = k.rsplit(".lora_", 1)
+    s = site_of[name]
+    role = "down" if suffix.startswith("A") else "up"
+    if s.component == "unet" and s.theirs.split(".")[-1] in ("to_q", "to_k", "to_v"):
+        attn, proj = s.theirs.rsplit(".", 1)
+        return f"unet.{attn}.processor.{proj}_lora.{role}.weight"
+    if s.component == "unet" and s.theirs.endswith("to_out.0"):
+        return f"unet.{s.theirs.removesuffix('.to_out.0')}.processor.to_out_lora.{role}.weight"
+    if s.component == "unet":
+        return f"unet.{s.theirs}.lora.{role}.weight"
+    return f"{s.peft}.lora_linear_layer.{role}.weight"
+
+
+def transformers5(site_of: dict, k: str) -> str:
+    """No `unet.` prefix; CLIPTextModel without `text_model.`."""
+    return k.removeprefix("unet.").replace("text_encoder.text_model.", "text_encoder.")
+
+
+def adapter_metadata(**extra) -> dict:
+    """diffusers' lora_adapter_metadata: rank 4, alpha 2 for every component, plus `extra` (component.key)."""
+    meta = {f"{c}.{k}": v for c in ("unet", "text_encoder", "text_encoder_2")
+            for k, v in (("r", 4), ("lora_alpha", 2.0), ("alpha_pattern", {}))}
+    return {"lora_adapter_metadata": json.dumps(meta | extra)}
+
+
+@pytest.mark.parametrize("variant,source,rename,fmt", [
+    ("kohya-diffusers", "kohya", kohya_diffusers_names, "kohya"),
+    ("old-diffusers", "peft", old_diffusers, "diffusers-old"),
+    ("transformers5", "peft", transformers5, "peft"),
+    ("peft-metadata", "unscaled", None, "peft"),  # alpha in diffusers' adapter metadata, not folded into lora_B
+])
+def test_other_spellings_load_the_same(spellings, tmp_path, variant, source, rename, fmt):
+    """kohya files with diffusers UNet names or `lora_te_`, older diffusers names, transformers 5 names, PEFT metadata."""
+    sd = spellings[source] if rename is None else _renamed(spellings[source], lambda k: rename(spellings["site_of"], k))
+    path = tmp_path / f"{variant}.safetensors"
+    save_file(sd, path, metadata=adapter_metadata() if source == "unscaled" else None)
+    got = fresh()
+    report = load_lora(got, path)
+    assert report.format == fmt and report.total == len(lora_modules(spellings["model"]))
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, spellings["ref"][k], rtol=1e-6, atol=1e-6, msg=lambda m: f"{variant} {k}: {m}")
+
+
+def test_peft_alpha_pattern_gives_one_module_another_alpha(spellings, tmp_path):
+    meta = adapter_metadata(**{"unet.alpha_pattern": {"mid_block.attentions.0.proj_in": 8.0}})
+    save_file(spellings["unscaled"], tmp_path / "pattern.safetensors", metadata=meta)
     got = fresh()
     load_lora(got, tmp_path / "pattern.safetensors")
-    base = fresh().state_dict()
+    base, ref = fresh().state_dict(), spellings["ref"]
     key = "model.diffusion_model.middle_block.1.proj_in.weight"
     torch.testing.assert_close(got.state_dict()[key] - base[key], 4 * (ref[key] - base[key]), rtol=1e-5, atol=1e-6)
 
-    # the refiner's only text encoder (bigG) as `lora_te_`, as ComfyUI names it
+
+def test_refiner_bigg_as_lora_te(tmp_path):
+    """The refiner's only text encoder (bigG) as `lora_te_`, as ComfyUI names it."""
     refiner = trained(TINY_REFINER, DEFAULT_TARGETS)
     ref = fresh(TINY_REFINER)
     load_lora(ref, save_lora(refiner, tmp_path / "refiner.safetensors"))
@@ -345,7 +363,7 @@ def test_sd15_and_base_loras_on_the_wrong_model(tmp_path):
                  f"{name}.alpha": torch.tensor(4.0)}
     save_file(sd15, tmp_path / "sd15.safetensors")
     model = fresh()
-    before = model.state_dict()
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() holds the live tensors
     # (SD 1.5's down_blocks.1 attention has SDXL's diffusers name: kohya spellings of diffusers names are read too)
     with pytest.raises(SDXLError, match=r"1 of 3 LoRA modules address nothing in this sdxl-custom model "
                                         r"\(lora_unet_down_blocks_0_attentions_0_proj_in\)"):
@@ -362,29 +380,30 @@ def test_sd15_and_base_loras_on_the_wrong_model(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_non_finite_and_incomplete_loras_change_nothing(tmp_path):
-    sd = lora_state_dict(trained(TINY_BASE, DEFAULT_TARGETS))
+def _nan_in_last_module(sd: dict) -> dict:
     k = sorted(sd)[-2]  # the last module, so that earlier ones would already be merged by a careless loader
     bad = dict(sd)
     bad[k] = sd[k].clone()
     bad[k].view(-1)[0] = float("nan")
-    save_file(bad, tmp_path / "nan.safetensors")
+    return bad
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_nan_in_last_module, "non-finite"),
+    (lambda sd: {**sd, "lora_unet_middle_block_1_proj_in.alpha": torch.tensor(float("inf"))},
+     "lora_unet_middle_block_1_proj_in: non-finite"),
+    (lambda sd: {k: v for k, v in sd.items() if k != "lora_unet_middle_block_1_proj_in.lora_up.weight"},
+     "lora_unet_middle_block_1_proj_in lacks lora_up"),
+    (lambda sd: {"lora_unet_middle_block_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, "no plain LoRA.*LoHa"),
+    (lambda sd: {"x": torch.zeros(1)}, "no plain LoRA"),
+], ids=["nan", "inf-alpha", "no-up", "loha", "other"])
+def test_non_finite_and_incomplete_loras_change_nothing(tmp_path, damage, message):
+    sd = lora_state_dict(trained(TINY_BASE, DEFAULT_TARGETS))
+    save_file(damage(sd), tmp_path / "bad.safetensors")
     model = fresh()
-    before = model.state_dict()
-    with pytest.raises(SDXLError, match="non-finite"):
-        load_lora(model, tmp_path / "nan.safetensors")
-    save_file({**sd, "lora_unet_middle_block_1_proj_in.alpha": torch.tensor(float("inf"))}, tmp_path / "inf.safetensors")
-    with pytest.raises(SDXLError, match="lora_unet_middle_block_1_proj_in: non-finite"):
-        load_lora(model, tmp_path / "inf.safetensors")
-    save_file({k: v for k, v in sd.items() if k != "lora_unet_middle_block_1_proj_in.lora_up.weight"}, tmp_path / "half.safetensors")
-    with pytest.raises(SDXLError, match="lora_unet_middle_block_1_proj_in lacks lora_up"):
-        load_lora(model, tmp_path / "half.safetensors")
-    save_file({"lora_unet_middle_block_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, tmp_path / "loha.safetensors")
-    with pytest.raises(SDXLError, match="no plain LoRA.*LoHa"):
-        load_lora(model, tmp_path / "loha.safetensors")
-    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata=None)
-    with pytest.raises(SDXLError, match="no plain LoRA"):
-        load_lora(model, tmp_path / "other.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() holds the live tensors
+    with pytest.raises(SDXLError, match=message):
+        load_lora(model, tmp_path / "bad.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

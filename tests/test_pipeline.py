@@ -5,6 +5,8 @@ run fp32 on CPU with Euler and diffusers' default `leading` spacing, and draw th
 from per-image generators seeded seed+i. Tolerances: latents and pixels within 1e-4.
 """
 
+import contextlib
+import copy
 import dataclasses
 import warnings
 
@@ -14,11 +16,14 @@ import torch
 from conftest import randomize
 from PIL import Image
 
+from sdxl.errors import SDXLError
 from sdxl.formats import checkpoint as ck
 from sdxl.models.model import TINY_BASE, TINY_REFINER, SDXLModel
+from sdxl.models.unet import TINY_BASE as TINY_UNET
+from sdxl.models.vae import AutoencoderKL, VAEConfig
 from sdxl.pipeline import Pipeline
 from sdxl.request import Request
-from sdxl.models.unet import TINY_BASE as TINY_UNET
+from sdxl.sampling.samplers import GeneratorNoise
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 SIZE = 64  # pixels; the tiny VAE downsamples by 2, so latents are 32x32
@@ -43,6 +48,12 @@ def ours(models):
 
 def generators(seed, n):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) in [-1, 1], as the pipeline reads an image."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None] * 2 - 1
 
 
 def picture(seed=0) -> Image.Image:
@@ -107,9 +118,10 @@ def test_inpaint_matches_diffusers(models, ours):
                  guidance_scale=5.0, generator=generators(5, 1), output_type="latent").images
     mine = ours.generate(req).latents
     torch.testing.assert_close(mine, lat, **TOL)
-    # outside the mask the image's latent is kept exactly
-    known = ours.encode_image(ours._image_tensor(picture(1), SIZE, SIZE)[None], __import__("sdxl.pipeline").pipeline.GeneratorNoise(5, 1))
-    keep = torch.nn.functional.interpolate(ours._mask_tensor(mask, SIZE, SIZE), size=(32, 32)) < 0.5
+    # outside the mask the image's latent is kept exactly: the posterior sample drawn first from seed 5
+    known = ours.encode_image(pixels(picture(1)), GeneratorNoise([5]))
+    repaint = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None]
+    keep = torch.nn.functional.interpolate(repaint, size=(32, 32)) < 0.5
     torch.testing.assert_close(mine[keep.expand_as(mine)], known[keep.expand_as(known)])
 
 
@@ -197,11 +209,43 @@ def test_img2img_strength_edges(ours, strength):
     assert torch.isfinite(out.latents).all() and out.images[0].size == (SIZE, SIZE)
 
 
-def test_refiner_sdedit_and_hires_fix(ours):
-    out = ours.generate(Request("x", width=SIZE, height=SIZE, steps=4, seed=0, refiner_strength=0.3, hires_scale=1.5))
-    assert out.latents.shape == (1, 4, 48, 48) and out.images[0].size == (96, 96)
-    pix = ours.generate(Request("x", width=SIZE, height=SIZE, steps=4, seed=0, hires_scale=1.25, hires_upscale="pixel"))
-    assert pix.images[0].size == (80, 80)
+def test_refiner_sdedit_matches_diffusers_img2img(models, ours):
+    """Base, then the refiner as SDEdit at strength 0.3: diffusers' txt2img, then its img2img on the refiner with the
+    base latent and the same generator (second draw: the SDEdit noise)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    _, _, d = models
+    base = StableDiffusionXLPipeline.from_pretrained(d / "base")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(d / "refiner")
+    req = Request("a lighthouse", width=SIZE, height=SIZE, steps=10, schedule="leading", seed=13, refiner_strength=0.3)
+    g = generators(13, 1)
+    lat = base(req.prompt, height=SIZE, width=SIZE, num_inference_steps=10, generator=g, output_type="latent").images
+    lat = refiner(req.prompt, image=lat, strength=0.3, num_inference_steps=10, generator=g, output_type="latent").images
+    torch.testing.assert_close(ours.generate(req).latents, lat, rtol=1e-4, atol=5e-4)  # two models, as the hand-off
+
+
+@pytest.mark.parametrize("upscale", ["latent", "pixel"])
+def test_hires_fix_matches_diffusers_img2img(models, ours, upscale):
+    """Hires fix = our txt2img, a bicubic upscale (of the latent, or of the decoded pixels), then diffusers' img2img
+    at the larger size with the generator that drew the initial noise (pixel: posterior sample, then noise)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    _, _, d = models
+    theirs = StableDiffusionXLImg2ImgPipeline.from_pretrained(d / "base", requires_aesthetics_score=False)
+    req = Request("a house", width=SIZE, height=SIZE, steps=6, schedule="leading", seed=17, hires_scale=1.5,
+                  hires_upscale=upscale, hires_strength=0.5)
+    low = ours.generate(dataclasses.replace(req, hires_scale=None)).latents
+    if upscale == "latent":
+        image = torch.nn.functional.interpolate(low, size=(48, 48), mode="bicubic", align_corners=False)
+    else:
+        image = torch.nn.functional.interpolate(ours.decode(low), size=(96, 96), mode="bicubic").clamp(0, 1)
+    g = generators(17, 1)
+    torch.randn((1, 4, 32, 32), generator=g[0])  # the draw of the initial noise at 64x64
+    lat = theirs(req.prompt, image=image, strength=0.5, num_inference_steps=6, generator=g, output_type="latent",
+                 original_size=(96, 96), target_size=(96, 96)).images
+    mine = ours.generate(req).latents
+    assert mine.shape == (1, 4, 48, 48)
+    torch.testing.assert_close(mine, lat, **TOL)
 
 
 def test_bad_requests(ours):
@@ -236,25 +280,68 @@ def test_tiled_vae_has_no_seams_and_matches_untiled_when_one_tile(ours):
     assert seam_ratio(tiled, seams) < 1.25 * seam_ratio(full, seams)
 
 
-def test_non_finite_vae_output_retried_in_fp32(ours, monkeypatch):
-    """fp16 VAE overflow -> the decode is retried in fp32 with a warning."""
-    calls = []
-    real = ours.vae.decode
+def nan_in_low_precision(monkeypatch, method: str) -> list:
+    """Make `AutoencoderKL.<method>` give NaN whenever it runs in bf16 (an fp16 overflow, as seen on real VAEs)."""
+    calls, real = [], getattr(AutoencoderKL, method)
 
-    def flaky(z):
-        calls.append(z.dtype)
-        out = real(z)
-        return out * float("nan") if z.dtype == torch.bfloat16 else out
+    def flaky(self, x):
+        calls.append(x.dtype)
+        out = real(self, x)
+        if x.dtype != torch.bfloat16:
+            return out
+        return out * float("nan") if method == "decode" else type(out)(out.mean * float("nan"), out.logvar)
 
-    monkeypatch.setattr(ours.vae, "decode", flaky)
-    monkeypatch.setattr(ours, "vae_dtype", torch.bfloat16)
-    ours.vae.to(torch.bfloat16)
-    try:
-        with pytest.warns(UserWarning, match="retrying in float32"):
-            pix = ours.decode(torch.randn(1, 4, 8, 8))
-    finally:
-        ours.vae.float()
-    assert calls == [torch.bfloat16, torch.float32] and torch.isfinite(pix).all()
+    monkeypatch.setattr(AutoencoderKL, method, flaky)
+    return calls
+
+
+def test_vae_decode_overflow_is_retried_in_fp32(models, monkeypatch):
+    base, _, _ = models
+    pipe = Pipeline(base, dtype=torch.float32, vae_dtype=torch.bfloat16, channels_last=False)
+    calls = nan_in_low_precision(monkeypatch, "decode")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="VAE decode in torch.bfloat16 gave non-finite values; retrying in float32"):
+        pix = pipe.decode(z)
+    assert calls == [torch.bfloat16, torch.float32]
+    # the float32 retry runs the bf16 weights in float32: within bf16 rounding of the fp32 pipeline's decode
+    torch.testing.assert_close(pix, Pipeline(base, dtype=torch.float32).decode(z), rtol=0, atol=0.03)
+
+
+def test_vae_encode_overflow_is_retried_in_fp32(models, monkeypatch):
+    base, _, _ = models
+    pipe = Pipeline(base, dtype=torch.float32, vae_dtype=torch.bfloat16, channels_last=False)
+    calls = nan_in_low_precision(monkeypatch, "encode")
+    with pytest.warns(UserWarning, match="VAE encode in torch.bfloat16 gave non-finite values; retrying in float32"):
+        out = pipe.generate(Request("x", width=SIZE, height=SIZE, steps=2, seed=0, init_image=picture(),
+                                    strength=0.5))
+    assert calls == [torch.bfloat16, torch.float32] and torch.isfinite(out.latents).all()
+
+
+@pytest.mark.parametrize("vae_dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_the_vae_decoder_is_an_error_not_a_black_image(models, vae_dtype):
+    """A VAE decoder holding NaN: after the float32 retry the output is checked again; no advice to use fp32."""
+    base, _, _ = models
+    broken = SDXLModel.from_parts(unet=base.unet, conditioner=base.conditioner, vae=AutoencoderKL(base.vae.cfg))
+    broken.vae.load_state_dict(base.vae.state_dict())
+    with torch.no_grad():
+        broken.vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    pipe = Pipeline(broken, dtype=torch.float32, vae_dtype=vae_dtype, channels_last=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bf16 retry warning
+        with pytest.raises(SDXLError, match=r"VAE \(decode\) gave non-finite values \(NaN/Inf\) even in float32") as e:
+            pipe.generate(Request("x", width=SIZE, height=SIZE, steps=1, seed=0))
+    assert "--dtype fp32" not in str(e.value)
+
+
+def test_non_finite_sampling_in_fp32_does_not_advise_fp32(models):
+    base, _, _ = models
+    unet = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        unet.out[2].bias.fill_(float("inf"))
+    pipe = Pipeline(SDXLModel.from_parts(unet=unet, conditioner=base.conditioner, vae=base.vae), dtype=torch.float32)
+    with pytest.raises(SDXLError, match=r"sampling gave non-finite values \(NaN/Inf\) even in float32") as e:
+        pipe.generate(Request("x", width=SIZE, height=SIZE, steps=2, seed=0))
+    assert "--dtype fp32" not in str(e.value)
 
 
 def test_outpainting_by_padding(ours):
@@ -310,3 +397,78 @@ def test_unet_only_refiner_shares_the_base_text_encoder(models, tmp_path):
     save_file({k: v.contiguous() for k, v in wrong.state_dict().items()}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(SDXLError, match="does not fit the base's bigG"):
         Pipeline.load(tmp_path / "base.safetensors", tmp_path / "wrong.safetensors", **kw)
+
+
+def test_pipeline_leaves_the_callers_models_as_they_were(models):
+    """dtype, training mode, requires_grad, memory format and values of the given modules are unchanged after
+    building a bf16, channels-last Pipeline and generating (refiner and VAE included)."""
+    base, refiner = (copy.deepcopy(m).train() for m in models[:2])
+
+    def state(m):
+        return [(k, v.dtype, v.requires_grad, v.is_contiguous(), v.clone()) for k, v in m.named_parameters()]
+
+    before = [state(base), state(refiner)]
+    pipe = Pipeline(base, refiner, dtype=torch.bfloat16, vae_dtype=torch.float16, channels_last=True)
+    pipe.generate(Request("x", width=SIZE, height=SIZE, steps=2, seed=0, refiner_strength=0.5))
+    with contextlib.suppress(SDXLError), pytest.warns(UserWarning, match="retrying in float32"):
+        pipe.decode(torch.full((1, 4, 8, 8), 1e4))  # fp16 overflow: the float32 retry runs on a copy
+    for b, a in zip(before, [state(base), state(refiner)]):
+        assert [x[:4] for x in a] == [x[:4] for x in b]
+        assert all(torch.equal(x[4], y[4]) for x, y in zip(a, b))
+    assert all(m.training for m in [*base.modules(), *refiner.modules()])
+    # the pipeline's own copies are what it was asked for
+    assert next(pipe.base.unet.parameters()).dtype == torch.bfloat16 and not pipe.base.unet.training
+    assert next(pipe.vae.parameters()).dtype == torch.float16
+    assert pipe.base.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inpainting_keeps_the_pixels_outside_the_mask(ours):
+    """The original pixels are pasted back outside the mask after decoding (A1111's and diffusers' overlay)."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 8, 48, 40))
+    out = ours.generate(Request("a tree", width=SIZE, height=SIZE, steps=3, seed=5, init_image=picture(1), mask=mask,
+                                strength=0.8)).images[0]
+    got, want, m = np.asarray(out), np.asarray(picture(1)), np.asarray(mask) > 0
+    assert np.array_equal(got[~m], want[~m])
+    assert np.abs(got[m].astype(int) - want[m]).mean() > 5  # the masked region was repainted
+
+
+def test_mask_goes_through_its_images_resize(ours):
+    """A 100x100 image and mask at 96x96: the mask is resized as its image, not refused."""
+    image, mask = picture(3).resize((100, 100)), Image.new("L", (100, 100), 0)
+    mask.paste(255, (0, 0, 50, 100))
+    out = ours.generate(Request("x", width=96, height=96, steps=2, seed=0, init_image=image, mask=mask))
+    got, want = np.asarray(out.images[0]), np.asarray(image.resize((96, 96), Image.LANCZOS))
+    assert out.images[0].size == (96, 96)
+    assert np.array_equal(got[:, 49:], want[:, 49:])  # the kept half is the resized original
+
+
+@pytest.fixture(scope="module")
+def eight_x():
+    """A tiny base with an 8x VAE and a UNet with two downsamples: pixel sizes must be multiples of 32 for the
+    latent to halve twice evenly, as SDXL's."""
+    cfg = dataclasses.replace(TINY_BASE, unet=dataclasses.replace(TINY_UNET, channel_mult=(1, 2, 2),
+                                                                  transformer_depth=(0, 1, 0)),
+                              vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+    torch.manual_seed(3)
+    return Pipeline(randomize(SDXLModel(cfg), 3, 0.05), dtype=torch.float32, channels_last=False)
+
+
+@pytest.mark.parametrize("width,height", [(136, 128), (296, 200)])
+def test_sizes_multiple_of_8_not_of_the_unets(eight_x, width, height):
+    """136x128 (latent 17x16) and 296x200 (an init image of 300x200 at multiples of 8) give images of that size."""
+    out = eight_x.generate(Request("x", width=width, height=height, steps=2, seed=0))
+    assert out.images[0].size == (width, height) and torch.isfinite(out.latents).all()
+
+
+def test_load_shares_the_loaded_weights(tmp_path, monkeypatch):
+    """Pipeline.load owns what it loads: channels-last in place, so the pipeline holds no second copy."""
+    from conftest import tiny_checkpoints
+
+    base_file, refiner_file = tiny_checkpoints(tmp_path)
+    loaded, real = [], ck.load
+    monkeypatch.setattr(ck, "load", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    pipe = Pipeline.load(base_file, refiner_file, dtype=torch.float32)
+    for mine, theirs in ((pipe.base, loaded[0]), (pipe.refiner, loaded[1])):
+        assert [p.data_ptr() for p in mine.parameters()] == [p.data_ptr() for p in theirs.parameters()]
+    assert pipe.base.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -188,3 +188,29 @@ def test_write_files_round_trip(tok, hf_dir):
 def test_rejects_other_vocabulary(tok):
     with pytest.raises(SDXLError, match="49408"):
         Tokenizer({"a": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, [])
+
+
+# --- prompts: A1111's weights and windows (sdxl.models.prompts) ----------------------------------
+
+@pytest.mark.parametrize("text,runs", [
+    ("a (red:1.2.3) cat", [("a (red:1.2.3) cat", 1.0)]),  # a malformed weight stays literal text
+    ("(x (red:1.2.3))", [("x (red:1.2.3)", 1.1)]),  # ... inside brackets that still count
+    ("a (red:1.5) cat", [("a ", 1.0), ("red", 1.5), (" cat", 1.0)]),
+])
+def test_prompt_weights(text, runs):
+    from sdxl.models.prompts import parse_weights
+
+    assert [(t, pytest.approx(w)) for t, w in parse_weights(text)] == runs
+
+
+@pytest.mark.parametrize("text,windows", [("a cat BREAK", 1), ("a cat", 1), ("BREAK", 1), ("a BREAK b", 2),
+                                          ("a BREAK BREAK b", 3), (" ".join(["word"] * 75), 1),
+                                          (" ".join(["word"] * 76), 2)])
+def test_prompt_windows_as_a1111(tok, text, windows):
+    """A1111's tokenize_line: a trailing BREAK adds no empty window; a full window closes only when more follows."""
+    from sdxl.models.prompts import tokenize
+
+    got = tokenize(text, tok, PAD_BIGG)
+    assert got.ids.shape == (windows, 77)
+    if text == "a cat BREAK":
+        assert torch.equal(got.ids, tokenize("a cat", tok, PAD_BIGG).ids)

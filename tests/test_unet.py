@@ -57,6 +57,24 @@ def test_unet_matches_diffusers(case):
     torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("case,size", [("refiner", (15, 21)), ("base", (17, 9))])
+def test_odd_latent_sizes_match_diffusers(case, size):
+    """Latents not a multiple of the UNet's 2^downsamples (SDXL at 1000x1000: 125x125): a downsample rounds up and
+    the upsample returns to the skip's size, as diffusers' `forward_upsample_size`."""
+    cfg, micro = CASES[case]
+    ours, theirs = diffusers_pair(cfg)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, cfg.in_channels, *size, generator=g)
+    ctx = torch.randn(1, 5, cfg.context_dim, generator=g)
+    ids = micro_ids(micro, 1)
+    pooled = torch.randn(1, cfg.adm_in_channels - 256 * ids.shape[1], generator=g)
+    with torch.no_grad():
+        a = ours(x, torch.tensor([400.0]), ctx, torch.cat([pooled, FourierEmbedder(256)(ids)], dim=1))
+        b = theirs(x, torch.tensor([400.0]), ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    assert a.shape == (1, cfg.out_channels, *size)
+    torch.testing.assert_close(a, b, **TOL)
+
+
 def test_unet_table_round_trip_is_bit_exact():
     _, theirs = diffusers_pair(U.TINY_REFINER)
     sd = theirs.state_dict()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_shapes
 from torch import nn
 
 from sdxl.formats.convert import vae_table
@@ -18,7 +18,6 @@ diffusers = pytest.importorskip("diffusers")
 
 THREE_LEVELS = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # levels 1, 2 equal width: catches index bugs
 CONFIGS = {"tiny": TINY_VAE, "three_levels": THREE_LEVELS}
-KEYS_TSV = Path("/work/shared/reference/sdxl_base_1.0_single_file_keys.tsv")
 PREFIX = "first_stage_model."
 
 # fp32 parity: the same ops in a different order; up to 6e-6 seen (decode), so 3e-5 leaves headroom.
@@ -137,18 +136,9 @@ def test_config_from_shapes_rejects_foreign_keys():
         config_from_shapes({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)})
 
 
-def reference_shapes() -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in KEYS_TSV.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        if name.startswith(PREFIX):
-            out[name[len(PREFIX):]] = tuple(int(s) for s in shape.strip("[]").split(", ") if s)
-    return out
-
-
-@pytest.mark.skipif(not KEYS_TSV.exists(), reason="reference key list not available")
 def test_full_size_on_meta_matches_official_keys():
-    ref = reference_shapes()
+    """Against the official key list kept in tests/reference (it used to be read from outside the repository)."""
+    ref = {k[len(PREFIX):]: v for k, v in reference_shapes("sdxl_base_1.0").items() if k.startswith(PREFIX)}
     vae = AutoencoderKL(SDXL_VAE, device="meta")
     assert all(p.is_meta for p in vae.parameters())
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == ref
@@ -193,3 +183,25 @@ def test_channels_last_fp32_matches(tiny_pair):
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ours.decode(z), **FP32)
     torch.testing.assert_close(cl.encode(x.to(memory_format=torch.channels_last)).mean, ours.encode(x).mean, **FP32)
+
+
+@torch.no_grad()
+def test_tiled_in_bf16_runs_and_matches_fp32(tiny_pair):
+    """Tiling in bf16 (the pipeline tiles latents over 128x128, 1024 px on SDXL): the statistics probe shrinks the
+    input with antialiasing, which has no bf16 kernel; it runs in float32 and the result matches the fp32 tiling.
+    Smooth inputs, as images and latents are (a shrunk white-noise image has other statistics)."""
+    cfg, _, ours = tiny_pair
+    low = AutoencoderKL(cfg).to(torch.bfloat16)
+    low.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(4)
+    smooth = lambda c, n: torch.nn.functional.interpolate(  # noqa: E731
+        torch.rand(1, c, n // 8, n // 8, generator=g) * 2 - 1, size=(n, n), mode="bicubic")
+    z, x = smooth(4, 72), smooth(3, 144)
+    tiles = dict(decode=dict(tile=48, overlap=16, stats_size=32), encode=dict(tile=96, overlap=32, stats_size=48))
+    img, want_img = low.decode_tiled(z.bfloat16(), **tiles["decode"]), ours.decode_tiled(z, **tiles["decode"])
+    mean = low.encode_tiled(x.bfloat16(), **tiles["encode"]).mean
+    want_mean = ours.encode_tiled(x, **tiles["encode"]).mean
+    assert img.dtype == mean.dtype == torch.bfloat16 and img.shape == want_img.shape
+    # bf16 through the network, as test_low_precision_and_channels_last
+    torch.testing.assert_close(img.float(), want_img, atol=5e-2 * want_img.abs().max().item(), rtol=5e-2)
+    torch.testing.assert_close(mean.float(), want_mean, atol=5e-2 * want_mean.abs().max().item(), rtol=5e-2)

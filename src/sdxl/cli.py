@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
+
+
+class UsageError(SDXLError):
+    """A flag argparse could not read; printed as one line like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -33,10 +45,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 # --- generate --------------------------------------------------------------------------------
 
-DEFAULTS = {"negative": "", "steps": None, "sampler": "euler", "scheduler": "sgm", "cfg": None, "width": None,
-            "height": None, "batch": 1, "strength": None, "refiner_switch": None, "hires_strength": 0.5,
-            "hires_upscale": "latent", "guidance_rescale": 0.0, "output": "sdxl.png", "aesthetic_score": 6.0,
-            "negative_aesthetic_score": 2.5, "latent_index": None}
+OUTPUT = "sdxl.png"
+# generate's flags whose Request field has another name; every other flag named like a field sets that field
+FLAG_FIELDS = {"negative": "negative_prompt", "negative_2": "negative_prompt_2", "scheduler": "schedule"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# what --model gets when its file records no native settings: SDXL's (SDXL report §2.3, sgm's sampling defaults)
+SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -56,135 +70,238 @@ def _quad(text: str) -> tuple[int, int, int, int]:
     return v
 
 
-def _image(path: str | None):
-    if path is None:
-        return None
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class Models:
+    """The files a generation uses, resolved once from flags, a recipe and the default model."""
+
+    model: str
+    refiner: str | None
+    vae: str | None
+    loras: tuple[str, ...]
+    native: dict  # resolution, steps, cfg, refiner_switch
+    native_from: str  # where the native settings come from, for the message
+    default_refiner: bool  # the default model's refiner, chosen without --refiner
+
+    def table(self) -> dict[str, str | None]:
+        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
+        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
+            f"lora{i}": spec for i, spec in enumerate(self.loras)}
+
+
+def _native_settings(model: str) -> tuple[dict, str]:
+    """Native resolution/steps/cfg of a checkpoint: what training recorded in it (sdxl.train.config), else SDXL's."""
+    if Path(model).suffix != ".safetensors" or not Path(model).is_file():
+        return SDXL_NATIVE, "SDXL's default"
+    from sdxl.formats.checkpoint import SafetensorsFile
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise SDXLError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise SDXLError(f"{path}: not a readable image ({type(e).__name__})") from None
+        cfg = json.loads(SafetensorsFile(model).metadata.get("sdxl.train.config", "{}"))
+        native = {"resolution": int(cfg["resolution"]), "steps": int(cfg.get("sample_steps", 40)),
+                  "cfg": float(cfg.get("sample_cfg", 5.0)), "refiner_switch": 0.8}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return SDXL_NATIVE, "SDXL's default"
+    ok = 8 <= native["resolution"] <= 4096 and native["resolution"] % 8 == 0 and 1 <= native["steps"] <= 1000
+    return (native, f"recorded in {model} by training") if ok else (SDXL_NATIVE, "SDXL's default")
 
 
-def _request_from_args(args, model_info) -> "Request":
-    """CLI flags (over a --from-png recipe, over the defaults) -> a Request."""
-    from sdxl.formats.png import read_recipe, request_fields_from_recipe
-    from sdxl.request import Request
-
-    base = request_fields_from_recipe(read_recipe(args.from_png), Request) if args.from_png else {}
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    merged = dict(base)
-    flag_to_field = {"negative": "negative_prompt", "scheduler": "schedule", "prompt_2": "prompt_2",
-                     "negative_2": "negative_prompt_2", "original_size": "original_size", "crop": "crop",
-                     "target_size": "target_size", "negative_original_size": "negative_original_size",
-                     "negative_crop": "negative_crop", "negative_target_size": "negative_target_size"}
-    for flag in ("prompt", "negative", "prompt_2", "negative_2", "width", "height", "steps", "sampler", "scheduler",
-                 "cfg", "guidance_rescale", "seed", "batch", "strength", "refiner_switch", "refiner_strength",
-                 "refiner_steps", "outpaint", "hires_scale", "hires_upscale", "hires_strength", "hires_steps", "original_size",
-                 "crop", "target_size", "negative_original_size", "negative_crop", "negative_target_size",
-                 "aesthetic_score", "negative_aesthetic_score"):
-        name = flag_to_field.get(flag, flag)
-        if flag in given:
-            merged[name] = given[flag]
-        elif name not in merged and DEFAULTS.get(flag) is not None:
-            merged[name] = DEFAULTS[flag]
-    if args.guidance_interval is not None:
-        merged["guidance_interval"] = tuple(args.guidance_interval)
-    if merged.get("prompt") is None:
-        raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
-    if "seed" not in merged:
-        import secrets
-
-        merged["seed"] = secrets.randbelow(2**32)
-    init = _image(args.init_image)
-    mask = _image(args.mask)
-    native = model_info["resolution"]
-    if init is not None and "width" not in merged:
-        merged["width"], merged["height"] = (v // 8 * 8 for v in init.size)
-        if merged.get("outpaint"):  # the canvas grows by the (rounded-up) pads
-            l, t, r, b = (-(-p // 8) * 8 for p in merged["outpaint"])
-            merged["width"], merged["height"] = merged["width"] + l + r, merged["height"] + t + b
-    merged.setdefault("width", native)
-    merged.setdefault("height", native)
-    merged.setdefault("steps", model_info["steps"])
-    merged.setdefault("cfg", model_info["cfg"])
-    if init is not None:
-        merged.setdefault("strength", 0.75 if mask is None else 1.0)
-    return Request(**merged, init_image=init, mask=mask)
-
-
-def _resolve_models(args: argparse.Namespace) -> tuple[dict, bool]:
-    """Without --model, the embedded default (and its refiner, unless --refiner or --no-refiner) at its native
-    settings; returns (native settings, whether the default refiner was chosen)."""
-    if args.model is not None:
-        return {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}, False
+def _models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
+            loras: list[str] | None = None) -> Models:
+    """Without a model, the embedded default (and its refiner unless one is given or --no-refiner)."""
+    if model is not None:
+        native, source = _native_settings(model)
+        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
-    args.model = str(info["base"])
-    default_refiner = args.refiner is None and info.get("refiner") is not None and not args.no_refiner
+    default_refiner = refiner is None and info.get("refiner") is not None and not no_refiner
     if default_refiner:
-        args.refiner = str(info["refiner"])
-    return info, default_refiner
+        refiner = str(info["refiner"])
+    native = {k: info[k] for k in SDXL_NATIVE}
+    return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
+                  "the default model's", default_refiner)
 
 
-def _device_and_dtype(args: argparse.Namespace):
-    """--device and --dtype, or the best available device and its default dtype."""
+def _generate_models(args: argparse.Namespace, rec) -> Models:
+    """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
+    from sdxl.formats.png import file_hash
+
+    recorded = rec.models if rec else {}
+    loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
+    m = _models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
+                args.vae or recorded.get("vae"), loras)
+    for key, path in m.table().items():
+        want = rec.hashes.get(key) if rec else None
+        if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
+            warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
+                          "the image will differ")
+    return m
+
+
+def _device_and_dtype(device: str | None, dtype: str | None):
+    """(device, torch dtype, why): --device and --dtype, or the best device and its default dtype, and the reason."""
     import torch
 
     from sdxl.pipeline import default_device, default_dtype
 
-    device = args.device or default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    return device, dtype or default_dtype(device)
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError:
+        raise SDXLError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type):
+        raise SDXLError(f"--device {device}: {dev.type} is not available here; use cpu"
+                        + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SDXLError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dtype is not None:
+        return str(dev), getattr(torch, DTYPES[dtype]), "as asked"
+    chosen = default_dtype(dev)
+    if dev.type != "cpu":
+        why = f"the default on {dev.type}"
+    elif chosen == torch.bfloat16:
+        why = "this CPU has AMX or AVX512-BF16, where bf16 runs several times faster; --dtype fp32 for references"
+    else:
+        why = "this CPU lacks AMX and AVX512-BF16, where bf16 would be far slower"
+    return str(dev), chosen, why
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
+def _read_prompts(args: argparse.Namespace) -> list[str | None]:
+    """The prompt argument, or the lines of --prompts (UTF-8), or [None] (the recipe's prompt)."""
+    if not args.prompts:
+        return [args.prompt]
+    from sdxl.images import regular_file
 
-    import torch
-    from tqdm import tqdm
+    path = regular_file(args.prompts, "--prompts", "file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SDXLError(f"--prompts {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()] or [None]
 
-    from sdxl.formats.png import a1111_parameters, next_free, recipe, save_png
+
+def _settings(args: argparse.Namespace, rec, models: Models, init, mask) -> dict:
+    """Request settings: flags over the recipe over the model's native settings (and the init image's size)."""
+    from sdxl.request import NOT_SETTINGS, Request
+
+    names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
+    flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
+    s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
+    if init is not None and "width" not in s and "height" not in s:
+        s["width"], s["height"] = (v // 8 * 8 for v in init.size)
+        if s.get("outpaint"):  # the canvas grows by the (rounded-up) pads
+            left, top, right, bottom = (-(-p // 8) * 8 for p in s["outpaint"])
+            s["width"], s["height"] = s["width"] + left + right, s["height"] + top + bottom
+    elif "width" not in s and "height" not in s and models.native_from != "SDXL's default":
+        size = models.native["resolution"]
+        print(f"size {size}x{size}: the native resolution {models.native_from}")
+    s.setdefault("width", models.native["resolution"])
+    s.setdefault("height", models.native["resolution"])
+    s.setdefault("steps", models.native["steps"])
+    s.setdefault("cfg", models.native["cfg"])
+    if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
+        s["refiner_switch"] = models.native["refiner_switch"]
+    if init is not None and "strength" not in s:
+        s["strength"] = 0.75 if mask is None else 1.0
+    return s
+
+
+def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | None]:
+    """--latent/--latent-index, or the saved latent the recipe records (its hash must still match)."""
+    if args.latent or not (rec and rec.latent):
+        return args.latent, args.latent_index
+    from sdxl.formats.png import file_hash
+
+    path, index = rec.latent["file"], rec.latent["index"]
+    where = f"{args.from_png} was made from the saved latent {path} (index {index})"
+    if not Path(path).is_file():
+        raise SDXLError(f"{where}, which is not there; pass that file with --latent")
+    if (have := file_hash(path)[:10]) != rec.latent["hash"]:
+        raise SDXLError(f"{where}, which has changed since (hash {have}, recorded {rec.latent['hash']}); "
+                        "replaying would give another image")
+    return path, index if args.latent_index is None else args.latent_index
+
+
+def _requests(args: argparse.Namespace, rec, models: Models, latent) -> list:
+    """One Request per prompt, built once from flags over the recipe over the native settings, all validated
+    before anything big is loaded. --prompts: prompt k uses seed + k * batch."""
+    from sdxl.images import load_image
+    from sdxl.request import Request
+
+    init = load_image(args.init_image, "--init-image") if args.init_image else None
+    mask = load_image(args.mask, "--mask") if args.mask else None
+    settings = _settings(args, rec, models, init, mask)
+    prompts = _read_prompts(args)
+    if prompts[0] is None and settings.get("prompt") is None:
+        raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
+    first = Request.from_dict(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), "generate")
+    first = replace(first, init_image=init, mask=mask, init_latent=latent)
+    reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
+    for req in reqs:
+        req.validate(has_refiner=models.refiner is not None)
+    return reqs
+
+
+def _load_latent(path: str, index: int | None):
+    """A latent written by --save-latent: its shape checked from the header (limits named) before reading it."""
+    from sdxl.formats.checkpoint import SafetensorsFile
+    from sdxl.request import MAX_BATCH, MAX_SIDE
+
+    f = SafetensorsFile(path)
+    if "latent" not in f:
+        raise SDXLError(f"{path}: holds no tensor named 'latent' (write one with --save-latent)")
+    shape = f.shapes()["latent"]
+    if len(shape) != 4 or shape[1] != 4:
+        raise SDXLError(f"{path}: latent has shape {tuple(shape)}, expected (N, 4, H/8, W/8)")
+    if shape[0] > MAX_BATCH or max(shape[2:]) > MAX_SIDE // 8:
+        raise SDXLError(f"{path}: latent of shape {tuple(shape)} is over the limit of {MAX_BATCH} latents of "
+                        f"{MAX_SIDE // 8}x{MAX_SIDE // 8} ({MAX_SIDE} pixels a side)")
+    if index is not None and not 0 <= index < shape[0]:
+        raise SDXLError(f"--latent-index {index} is out of range: {path} holds {shape[0]} latents")
+    t = f["latent"].float()
+    t = t if index is None else t[index:index + 1]
+    if not bool(t.isfinite().all()):
+        raise SDXLError(f"{path}: the latent holds non-finite values")
+    return t.clone()
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    """The output paths, checked before the work: a writable folder (missing ones are made), a name that fits."""
+    import errno
+    import os
+    import tempfile
+
+    out = Path(args.output or OUTPUT)
+    targets = [out] + ([Path(args.save_latent)] if args.save_latent else [])
+    for target in targets:
+        flag = "-o" if target is out else "--save-latent"
+        room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
+        longest, most = max(len(p.encode()) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
+        if longest + room > most:
+            raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most {most - room}, "
+                            "leaving room for numbered names)")
+        if target.is_dir():
+            raise SDXLError(f"{flag} {target} is a folder; give a file name such as {target / OUTPUT}")
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise SDXLError(f"{flag} {target}: {folder} is a file, not a folder")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            why = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
+            raise SDXLError(f"{flag} {target}: cannot write in {folder} ({why}); choose another folder") from None
+    return targets
+
+
+def _load_pipeline(args: argparse.Namespace, models: Models, device, dtype):
     from sdxl.pipeline import Pipeline
 
-    if args.from_png:  # the recipe's model files and dtype, unless given
-        from sdxl.formats.png import read_recipe
-
-        rec = read_recipe(args.from_png)
-        models = rec.get("models", {})
-        for k in ("model", "refiner", "vae"):
-            if getattr(args, k, None) is None and models.get(k):
-                setattr(args, k, models[k])
-        args.lora = args.lora or [v for k, v in sorted(models.items()) if k.startswith("lora")] or None
-        args.dtype = args.dtype or rec.get("dtype")
-    info, default_refiner = _resolve_models(args)
-    if default_refiner and args.refiner_switch is None and args.refiner_strength is None:
-        args.refiner_switch = info["refiner_switch"]
-    prompts = [args.prompt] if args.prompt is not None else []
-    if args.prompts:
-        try:
-            prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
-        except OSError:
-            raise SDXLError(f"{args.prompts}: cannot read the prompts file") from None
-    rank, world = _distributed_rank()
-    jobs = [(i, p) for i, p in enumerate(prompts or [None]) if i % world == rank]
-
-    device, dtype = _device_and_dtype(args)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    start = time.perf_counter()
-    first_args = argparse.Namespace(**vars(args))
-    first_args.prompt = jobs[0][1] if jobs and jobs[0][1] is not None else args.prompt
-    req0 = _request_from_args(first_args, info)  # validates the flags before loading anything big
-    req0.validate(has_refiner=args.refiner is not None)
     tiling = {"on": True, "off": False}.get(args.vae_tiling)
-    pipe = Pipeline.load(args.model, args.refiner, args.vae, device=device, dtype=dtype, vae_tiling=tiling)
-    for spec in args.lora or []:
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=tiling)
+    for spec in models.loras:
         from sdxl.formats.lora import load_lora
 
         path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
@@ -194,89 +311,68 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise SDXLError(f"--lora {spec}: the weight after ':' must be a number, e.g. style.safetensors:0.8") from None
         report = load_lora(pipe.base, path, multiplier)
         print(f"LoRA {path}: {report.total} layers, weight {multiplier}")
-    init_latent = None
-    if args.latent:
-        init_latent = _load_latent(args.latent, args.latent_index)
-    models = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
-    models |= {f"lora{i}": spec for i, spec in enumerate(args.lora or [])}
+    return pipe
+
+
+def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype_name: str, latent) -> None:
+    """The PNGs (infotext and recipe) and, with --save-latent, the latents of one request."""
+    from sdxl.formats.png import a1111_parameters, recipe, save_png
+
+    images = result.images
+    if not args.no_watermark:
+        from sdxl.watermark import add_watermark
+
+        images = add_watermark(images)
+    out = Path(args.output or OUTPUT)
+    if args.prompts:
+        out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
+    table = models.table()
+    for i, im in enumerate(images):
+        target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+        rec = recipe(req, table, latent) | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype_name}
+        print(f"wrote {save_png(im, target, a1111_parameters(req, table, i), rec)}")
+    if args.save_latent:
+        from sdxl.formats.files import write_tensors
+
+        Path(args.save_latent).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"recipe": json.dumps(recipe(req, table, latent)), "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
+        print(f"wrote {write_tensors(args.save_latent, {'latent': result.latents}, meta, mode='free')}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from sdxl.formats.png import read_recipe
+
+    rec = read_recipe(args.from_png) if args.from_png else None
+    models = _generate_models(args, rec)
+    device, dtype, why = _device_and_dtype(args.device, args.dtype or (rec.dtype if rec else None))
+    latent_file, latent_index = _replayed_latent(args, rec)
+    init_latent = _load_latent(latent_file, latent_index) if latent_file else None
+    rank, world = _distributed_rank()
+    reqs = [(k, r) for k, r in enumerate(_requests(args, rec, models, init_latent)) if k % world == rank]
+    _outputs(args)
+    start = time.perf_counter()
+    pipe = _load_pipeline(args, models, device, dtype)
+    dtype_name = {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
+    latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
-    for k, prompt in jobs:
-        a = argparse.Namespace(**vars(args))
-        if prompt is not None:
-            a.prompt = prompt
-        req = _request_from_args(a, info)
-        if args.prompts:
-            req = replace(req, seed=req.seed + k * req.batch)
-        if init_latent is not None:
-            req = replace(req, init_latent=init_latent, width=init_latent.shape[-1] * pipe.latent_factor,
+    for k, req in reqs:
+        if init_latent is not None:  # the size in pixels needs the VAE's factor, known once it is loaded
+            req = replace(req, width=init_latent.shape[-1] * pipe.latent_factor,
                           height=init_latent.shape[-2] * pipe.latent_factor)
-        bar = tqdm(total=_total_steps(req), desc=f"seed {req.seed}", unit="step", disable=args.quiet)
-
-        counted = [0]
-
-        def tick(_info, bar=bar, counted=counted):
-            bar.update(1)
-            counted[0] += 1
-
-        result = pipe.generate(req, callback=tick)
-        steps_done += counted[0]
-        bar.close()
-        images = result.images
-        if not args.no_watermark:
-            from sdxl.watermark import add_watermark
-
-            images = add_watermark(images)
-        out = Path(args.output or DEFAULTS["output"])
-        if args.prompts:
-            out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
-        for i, im in enumerate(images):
-            target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-            rec = recipe(req, models) | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype_name}
-            written = save_png(im, target, a1111_parameters(req, models, i), rec)
-            print(f"wrote {written}")
-        if args.save_latent:
-            from safetensors.torch import save_file
-
-            path = next_free(args.save_latent)
-            meta = {"recipe": json.dumps(recipe(req, models)), "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
-            save_file({"latent": result.latents.contiguous().cpu()}, str(path), metadata=meta)
-            print(f"wrote {path}")
+            req.validate(has_refiner=models.refiner is not None)
+        with tqdm(total=pipe.plan(req).total_steps, desc=f"seed {req.seed}", unit="step", disable=args.quiet) as bar:
+            counted = []
+            result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
+        steps_done += len(counted)
+        _write(args, k, req, result, models, dtype_name, latent)
     wall = time.perf_counter() - start
-    print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}")
+    print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, "
+          f"{dtype_name} ({why})")
     return 0
-
-
-def _total_steps(req) -> int:
-    """Model evaluations the progress bar counts: one callback per sampler step (all stages)."""
-    from sdxl.sampling import schedules
-
-    n = len(schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.steps), req.strength)) - 1 \
-        if (req.init_image is not None or req.init_latent is not None) and req.refiner_strength is None else req.steps
-    if req.refiner_strength is not None:
-        n = (0 if req.init_latent is not None else n) + len(schedules.img2img_sigmas(
-            schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps), req.refiner_strength)) - 1
-    if req.hires_scale:
-        n += len(schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.hires_steps or req.steps),
-                                          req.hires_strength)) - 1
-    return n
-
-
-def _load_latent(path: str, index: int | None):
-    from sdxl.formats.checkpoint import SafetensorsFile
-
-    f = SafetensorsFile(path)
-    if "latent" not in f:
-        raise SDXLError(f"{path}: holds no tensor named 'latent' (write one with --save-latent)")
-    t = f["latent"].float()
-    if t.ndim != 4 or t.shape[1] != 4:
-        raise SDXLError(f"{path}: latent has shape {tuple(t.shape)}, expected (N, 4, H/8, W/8)")
-    if index is not None:
-        if not 0 <= index < t.shape[0]:
-            raise SDXLError(f"--latent-index {index} is out of range: {path} holds {t.shape[0]} latents")
-        t = t[index:index + 1]
-    if not bool(t.isfinite().all()):
-        raise SDXLError(f"{path}: the latent holds non-finite values")
-    return t.clone()
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -296,7 +392,30 @@ def _peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
 
 
+def _add_image_flags(g) -> None:
+    """generate's img2img, inpainting, hires-fix and micro-conditioning flags."""
+    g.add_argument("--init-image", help="img2img: start from this image")
+    g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
+    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
+    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
+    g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
+    g.add_argument("--hires-upscale", choices=("latent", "pixel"))
+    g.add_argument("--hires-strength", type=float)
+    g.add_argument("--hires-steps", type=int)
+    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
+    g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
+    g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
+    g.add_argument("--negative-original-size", type=_pair)
+    g.add_argument("--negative-crop", type=_pair)
+    g.add_argument("--negative-target-size", type=_pair)
+    g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+
+
 def _add_generate(sub) -> None:
+    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
+    from sdxl.sampling import names
+
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
                        description="Generate images. Without --model, the embedded small default model is used.")
     g.add_argument("prompt", nargs="?", help="the prompt (A1111 weighting: (word:1.2), (word), [word]; BREAK)")
@@ -314,41 +433,28 @@ def _add_generate(sub) -> None:
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--sampler", help="euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, lms, dpmpp_2m, dpmpp_2m_sde, "
-                                     "dpmpp_3m_sde, dpmpp_sde, dpmpp_2s_ancestral, ddim, uni_pc")
-    g.add_argument("--scheduler", help="sgm (default), leading, trailing, karras, exponential, sgm_uniform, simple, ddim_uniform")
+    g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
+    g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
+    g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     g.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023), e.g. 0.7")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")
-    g.add_argument("--seed", type=int, help="image i of a batch uses seed+i (default: random, printed and saved)")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--batch", type=int)
-    g.add_argument("--init-image", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
-    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
-    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
-    g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
-    g.add_argument("--hires-upscale", choices=("latent", "pixel"))
-    g.add_argument("--hires-strength", type=float)
-    g.add_argument("--hires-steps", type=int)
-    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
-    g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
-    g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
-    g.add_argument("--negative-original-size", type=_pair)
-    g.add_argument("--negative-crop", type=_pair)
-    g.add_argument("--negative-target-size", type=_pair)
-    g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
-    g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+    g.add_argument("--seed", type=int, help="image i of a batch uses seed+i (default or -1: random, printed and saved)")
+    g.add_argument("--width", type=int, help=f"a multiple of 8, at most {MAX_SIDE} (default: the model's native)")
+    g.add_argument("--height", type=int, help=f"a multiple of 8, at most {MAX_SIDE}")
+    g.add_argument("--batch", type=int, help=f"images per prompt, at most {MAX_BATCH}")
+    _add_image_flags(g)
     g.add_argument("--save-latent", help="also write the final latents to this safetensors file (tensor 'latent')")
     g.add_argument("--latent", help="start from a latent written by --save-latent (with --refiner-strength: refine it)")
     g.add_argument("--latent-index", type=int, help="which latent of that file")
     g.add_argument("--no-watermark", action="store_true", help="omit the invisible watermark")
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
     g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp16/bf16 on GPU, bf16 on CPUs with AMX, else fp32")
+    g.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where the CPU has AMX or "
+                        "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
+                        "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
@@ -373,9 +479,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if bad or not args.experiments:
         given = ",".join(map(str, args.experiments)) or "(none)"
         raise SDXLError(f"--experiments takes numbers from 1,2,3,4, got {given}")
-    info, _ = _resolve_models(args)
-    if args.no_refiner:
-        args.refiner = None
+    m = _models(args.model, args.refiner, args.no_refiner)
+    info = m.native
     variants = Path(args.variants) if args.variants else Path("bench/variants")
     variants = variants if args.variants or variants.is_dir() else None
     settings = evaluate.Settings(resolution=args.resolution or info["resolution"], n=args.n, steps=args.steps,
@@ -383,9 +488,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                  cfg=info["cfg"], refiner_switch=info["refiner_switch"], seed=args.seed,
                                  batch=args.batch, quiet=args.quiet)
     settings.validate()
-    device, dtype = _device_and_dtype(args)
-    pipe = Pipeline.load(args.model, args.refiner, device=device, dtype=dtype)
-    models = {"model": args.model, "refiner": args.refiner, "dtype": str(dtype).removeprefix("torch."),
+    device, dtype, _ = _device_and_dtype(args.device, args.dtype)
+    pipe = Pipeline.load(m.model, m.refiner, device=device, dtype=dtype)
+    models = {"model": m.model, "refiner": m.refiner, "dtype": str(dtype).removeprefix("torch."),
               "device": str(device)}
     _, table = evaluate.run(pipe, settings, sorted(set(args.experiments)), variants, out, models)
     print(table)
@@ -563,7 +668,7 @@ def _add_detect_watermark(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
+    p = _Parser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key check")
     q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
@@ -580,15 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
     warnings.formatwarning = lambda message, *args, **kw: f"sdxl: warning: {message}\n"
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
         return args.func(args)
     except SDXLError as e:
         print(f"sdxl: error: {e}", file=sys.stderr)

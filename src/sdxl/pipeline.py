@@ -3,11 +3,14 @@
 The sampling path of docs/samplers.md §1: per-image seeded CPU noise, sigmas from a named schedule,
 a sampler over a denoiser D(x, sigma) that wraps the UNet with the eps parameterisation
 and classifier-free guidance. Latents stay float32 between steps; the UNet runs in the
-pipeline's dtype.
+pipeline's dtype. `Pipeline.plan` lists the sampler runs (stages) of a request; `generate`
+makes the initial latent, runs the plan's stages, pastes the known region and decodes.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -16,21 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from sdxl.sampling import samplers as samplers_
 from sdxl.sampling import schedules
+from sdxl.sampling.samplers import GeneratorNoise
 from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
 from sdxl.errors import SDXLError
 from sdxl.request import Request
-from sdxl.models.model import SDXLModel
+from sdxl.models.model import BUCKETS, SDXLModel
 from sdxl.models.tokenizer import Tokenizer
-
-# The report's multi-aspect buckets (SDXL report, Appendix I), pixel sizes (width, height).
-BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
-           (1536, 640), (640, 1536), (1088, 960), (960, 1088), (1280, 768), (768, 1280), (1408, 704), (704, 1408),
-           (1472, 704), (704, 1472), (1600, 640), (640, 1600), (1664, 576), (576, 1664), (1728, 576), (576, 1728),
-           (1792, 576), (576, 1792), (1856, 512), (512, 1856), (1920, 512), (512, 1920), (1984, 512), (512, 1984),
-           (2048, 512), (512, 2048), (1024, 960), (960, 1024)]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -56,10 +54,51 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One sampler run of a generation: which model walks which sigmas, starting from what.
+
+    `start`: "noise" (txt2img), "image" (the init image's latent, noised to sigmas[0]), "latent" (a saved
+    latent, noised to sigmas[0]) or "previous" (the stage before: continued by a hand-off, re-noised by
+    SDEdit and hires). A stage of 0 steps still starts (hires then only upscales).
+    """
+
+    name: str  # "base", "refiner" (hand-off), "refiner-sdedit", "hires"
+    model: str  # "base" | "refiner"
+    sigmas: torch.Tensor  # (steps + 1,) descending, float64
+    start: str  # "noise" | "image" | "latent" | "previous"
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages of a request, in the order `generate` runs them."""
+
+    stages: tuple[Stage, ...]
+
+    @property
+    def total_steps(self) -> int:
+        """What a progress bar counts: one callback per sampler step, all stages."""
+        return sum(stage.steps for stage in self.stages)
+
+
 @dataclass
 class Result:
     latents: torch.Tensor  # (N, 4, H/8, W/8) float32, scaled (what the UNet sees, diffusers' output_type="latent")
-    images: list[Image.Image]
+    images: list[Image.Image]  # decoded; inpainting: the original pixels pasted outside the mask
+
+
+@dataclass
+class _Start:
+    """The first stage's input, and what inpainting adds to the base's stages."""
+
+    x: torch.Tensor  # (N, 4, h, w) float32
+    extra: torch.Tensor | None = None  # 9-channel UNet: mask ++ masked-image latent
+    blend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (keep, known latent, noise)
+    skip_first_blend: bool = False
 
 
 def outpaint_request(req: Request) -> Request:
@@ -83,20 +122,6 @@ def outpaint_request(req: Request) -> Request:
     mask[inner] = 0
     return replace(req, init_image=Image.fromarray(a), mask=Image.fromarray(mask), width=a.shape[1],
                    height=a.shape[0], outpaint=None, strength=1.0)
-
-
-class GeneratorNoise:
-    """Per-image CPU generators seeded seed+i: the initial noise, then every stochastic sampler's noise."""
-
-    def __init__(self, seed: int, batch: int):
-        self.generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-
-    def randn(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
-        """(N, *shape) float32: row i drawn from generator i (docs/samplers.md §1; diffusers' generator lists)."""
-        return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(device)
-
-    def sampler(self, like: torch.Tensor):
-        return lambda sigma, sigma_next: self.randn(tuple(like.shape[1:]), like.device)
 
 
 class GuidedDenoiser:
@@ -151,7 +176,6 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
     """A UNet-only refiner file gets the base's bigG encoder (shared, not copied), with the refiner's
     micro-conditioning. The official refiner's bigG equals the base's; diffusers' docs share it the same way."""
     from sdxl.models.conditioning import Conditioner, conditioner_config
-    from sdxl.models.model import ModelConfig
 
     bigg, unet = base.conditioner.bigg, refiner.unet.cfg
     cfg = conditioner_config(None, bigg.cfg, unet.adm_in_channels)
@@ -161,45 +185,83 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
                         "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
     conditioner = Conditioner(cfg, device="meta")
     conditioner.embedders[0] = bigg
-    refiner.conditioner, refiner.cfg = conditioner, ModelConfig(unet, cfg, None)
-    return refiner
+    return SDXLModel.from_parts(unet=refiner.unet, conditioner=conditioner)
+
+
+def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
+    """`module` on device/dtype, in eval mode, without gradients, leaving the given module as it was.
+
+    Tensors already on that device and dtype are shared, not copied; one `memo` across calls keeps modules
+    shared between models shared (a refiner with the base's bigG).
+    """
+    memo = {} if memo is None else memo
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in memo:
+            v = t.detach().to(device, dtype if t.is_floating_point() else t.dtype)
+            memo[id(t)] = nn.Parameter(v, requires_grad=False) if isinstance(t, nn.Parameter) else v
+    return copy.deepcopy(module, memo).eval()
+
+
+def _finite(out) -> bool:
+    """A VAE output (pixels, or a posterior's mean and log-variance) holds no NaN/Inf."""
+    tensors = (out.mean, out.logvar) if hasattr(out, "logvar") else (out,)
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def non_finite_error(what: str, dtype: torch.dtype) -> SDXLError:
+    """One line for NaN/Inf: in fp16/bf16 an overflow (advise float32), in float32 broken weights or inputs."""
+    if dtype == torch.float32:
+        return SDXLError(f"{what} gave non-finite values (NaN/Inf) even in float32: the model's weights or the "
+                         "input (init image, saved latent) hold NaN/Inf; check the checkpoint files")
+    return SDXLError(f"{what} gave non-finite values (NaN/Inf) in {dtype} (overflow?); retry with --dtype fp32")
 
 
 class Pipeline:
-    """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`."""
+    """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`.
+
+    The pipeline works on its own copies of the given modules (tensors shared where device and dtype
+    already match): the caller's models keep their dtype, mode, requires_grad and memory format.
+    """
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
                  vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
                  vae_tiling: bool | None = None):
         self.device, self.dtype, self.vae_tiling = torch.device(device), dtype, vae_tiling
-        self.tokenizer = tokenizer or Tokenizer.default()
-        self.base = self._prepare(base, dtype, channels_last)
-        self.refiner = self._prepare(refiner, dtype, channels_last) if refiner is not None else None
-        self.vae = base.vae.to(self.device, vae_dtype or dtype).eval()
-        if channels_last:
-            self.vae.to(memory_format=torch.channels_last)
         self.vae_dtype = vae_dtype or dtype
+        self.tokenizer = tokenizer or Tokenizer.default()
+        memo = {}
+        self.base = self._own(base, memo, channels_last)
+        self.refiner = self._own(refiner, memo, channels_last, ("unet", "conditioner")) if refiner is not None else None
+        self.vae = self.base.vae
         self.scaling_factor = self.vae.cfg.scaling_factor
-        self.latent_factor = 2 ** (len(self.vae.cfg.ch_mult) - 1)  # 8 for SDXL
+        self.latent_factor = self.vae.factor  # 8 for SDXL
         self.sigmas_train = schedules.discrete_sigmas()
 
-    def _prepare(self, m: SDXLModel, dtype, channels_last: bool) -> SDXLModel:
-        m = m.to(self.device).eval().requires_grad_(False)
-        m.unet.to(dtype)
-        m.conditioner.to(dtype)
+    def _own(self, m: SDXLModel, memo: dict, channels_last: bool,
+             names=("unet", "conditioner", "vae")) -> SDXLModel:
+        """The pipeline's copy of a model: UNet and text encoders in `dtype`, the VAE in `vae_dtype`."""
+        parts = {name: own_copy(part, self.device, self.vae_dtype if name == "vae" else self.dtype, memo)
+                 for name, part in m.components().items() if name in names}
         if channels_last:
-            m.unet.to(memory_format=torch.channels_last)
-        return m
+            for name in ("unet", "vae"):
+                if name in parts:
+                    parts[name].to(memory_format=torch.channels_last)
+        return SDXLModel.from_parts(**parts)
 
     @classmethod
-    def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, **kw) -> "Pipeline":
+    def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
+             **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae)
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"))
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))
-        return cls(base, ref, device, dtype, **kw)
+        if channels_last:  # these are ours: converted in place, the Pipeline shares them instead of copying
+            for m in (base.unet, base.vae, ref.unet if ref is not None else None):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        return cls(base, ref, device, dtype, channels_last=channels_last, **kw)
 
     # --- conditioning ------------------------------------------------------------------------
 
@@ -235,28 +297,32 @@ class Pipeline:
         """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior with each image's generator."""
         images = images.to(self.device, self.vae_dtype)
         f = self.latent_factor
-        dist = (self.vae.encode_tiled if self._tiled(images[:, :, ::f, ::f]) else self.vae.encode)(images)
+        dist = self._vae("encode", images, self._tiled(images[:, :, ::f, ::f]))
         eps = noise.randn(tuple(dist.mean.shape[1:]), self.device)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> pixels in [0, 1]; non-finite output (fp16 overflow) is retried in fp32."""
+        """Scaled latents -> pixels in [0, 1]."""
         z = (latents / self.scaling_factor).to(self.device, self.vae_dtype)
         if self.vae_dtype != torch.float32:
             z = z.contiguous(memory_format=torch.channels_last)
-        decode = self.vae.decode_tiled if self._tiled(z) else self.vae.decode
-        x = decode(z).float()
-        if not torch.isfinite(x).all():
-            if self.vae_dtype == torch.float32:
-                raise SDXLError("the VAE produced non-finite values even in float32; the latents or weights are broken")
-            warnings.warn(f"VAE decode in {self.vae_dtype} gave non-finite values; retrying in float32")
-            self.vae.float()
-            try:
-                x = (self.vae.decode_tiled if self._tiled(z) else self.vae.decode)(z.float()).float()
-            finally:
-                self.vae.to(self.vae_dtype)
-        return (x / 2 + 0.5).clamp(0, 1)
+        return (self._vae("decode", z, self._tiled(z)).float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae(self, method: str, x: torch.Tensor, tiled: bool):
+        """The VAE's `encode` or `decode` (tiled or not); non-finite output (fp16/bf16 overflow) is retried on a
+        float32 copy of the VAE and checked again, so NaN never reaches an image."""
+        name = f"{method}_tiled" if tiled else method
+        out = getattr(self.vae, name)(x)
+        if _finite(out):
+            return out
+        if self.vae_dtype == torch.float32:
+            raise non_finite_error(f"the VAE ({method})", torch.float32)
+        warnings.warn(f"VAE {method} in {self.vae_dtype} gave non-finite values; retrying in float32")
+        out = getattr(own_copy(self.vae, self.device, torch.float32), name)(x.float())
+        if not _finite(out):
+            raise non_finite_error(f"the VAE ({method})", torch.float32)
+        return out
 
     def _tiled(self, latents: torch.Tensor) -> bool:
         """Tile the VAE when asked, or automatically for latents over 128x128 (1024x1024 pixels)."""
@@ -264,7 +330,172 @@ class Pipeline:
             return self.vae_tiling
         return latents.shape[-2] * latents.shape[-1] > 128 * 128
 
-    # --- sampling ----------------------------------------------------------------------------
+    @staticmethod
+    def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+        """An init image or its mask at the output size: resized (Lanczos) the same way when the size differs."""
+        return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+    def _image_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        a = np.asarray(self._fit(image.convert("RGB"), width, height), dtype=np.float32) / 255.0
+        return torch.from_numpy(a).permute(2, 0, 1) * 2 - 1  # (3, H, W) in [-1, 1]
+
+    def _mask_tensor(self, mask: Image.Image, image_size: tuple[int, int], width: int, height: int) -> torch.Tensor:
+        """(1, 1, H, W) in [0, 1], 1 = repaint: the mask through its image's resize, grey levels (its blur) kept."""
+        if mask.size != image_size:
+            raise SDXLError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {image_size[0]}x{image_size[1]}; "
+                            "they must match")
+        m = np.asarray(self._fit(mask.convert("L"), width, height), dtype=np.float32) / 255.0
+        return torch.from_numpy(m)[None, None]
+
+    def _overlay(self, req: Request, pixels: torch.Tensor) -> torch.Tensor:
+        """Inpainting: the original pixels outside the mask, blended by the mask's grey levels, over the decoded
+        image (A1111's `apply_overlay`, diffusers' `VaeImageProcessor.apply_overlay`): the VAE round trip does
+        not shift what was kept."""
+        if req.mask is None:
+            return pixels
+        h, w = pixels.shape[-2:]
+        image = (self._image_tensor(req.init_image, w, h)[None] + 1) / 2
+        m = self._mask_tensor(req.mask, req.init_image.size, w, h)
+        return pixels * m.to(pixels) + image.to(pixels) * (1 - m.to(pixels))
+
+    # --- the plan ----------------------------------------------------------------------------
+
+    def plan(self, req: Request) -> Plan:
+        """The stages `generate` runs for a request: base (split at a refiner hand-off), refiner SDEdit, hires."""
+        if req.outpaint is not None:
+            req = outpaint_request(req)
+        first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
+        stages = []
+        if req.init_latent is None or req.refiner_strength is None:  # a saved latent with a refiner strength: no base
+            sigmas = schedules.get_sigmas(req.schedule, req.steps)
+            if first != "noise":
+                sigmas = schedules.img2img_sigmas(sigmas, req.strength)
+            if req.refiner_switch is None:
+                stages.append(Stage("base", "base", sigmas, first))
+            else:
+                k = self._switch_index(sigmas, req.refiner_switch)
+                stages += [Stage("base", "base", sigmas[:k + 1], first),
+                           Stage("refiner", "refiner", sigmas[k:], "previous")]
+        if req.refiner_strength is not None:
+            sigmas = schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps)
+            stages.append(Stage("refiner-sdedit", "refiner", schedules.img2img_sigmas(sigmas, req.refiner_strength),
+                                "previous" if stages else first))
+        if req.hires_scale:
+            sigmas = schedules.get_sigmas(req.schedule, req.hires_steps or req.steps)
+            stages.append(Stage("hires", "base", schedules.img2img_sigmas(sigmas, req.hires_strength), "previous"))
+        return Plan(tuple(stages))
+
+    def _switch_index(self, sigmas: torch.Tensor, frac: float) -> int:
+        """Steps whose timestep is >= round(1000 * (1 - frac)) go to the base (diffusers' denoising_end)."""
+        cutoff = int(round(len(self.sigmas_train) * (1 - frac)))
+        t = schedules.sigma_to_t(sigmas[:-1].float(), self.sigmas_train)
+        return int((t >= cutoff).sum())
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, req: Request, callback=None) -> Result:
+        """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), outpainting, refiner, hires.
+
+        `callback` gets k-diffusion's step dict once per sampler step, `plan(req).total_steps` times in all.
+        """
+        req = self._checked(req)
+        plan = self.plan(req)
+        noise = GeneratorNoise(range(req.seed, req.seed + req.batch))
+        start = self._initial(req, plan.stages[0], noise)
+        x = start.x
+        denoising = [s for s in plan.stages if s.name != "hires"]
+        for stage in denoising:
+            x = self._run_stage(req, stage, x, start, noise, callback)
+        if start.blend is not None:  # paste the known region exactly (diffusers' last blend)
+            keep, known, _ = start.blend
+            x = x * (1 - keep) + known * keep
+        for stage in plan.stages[len(denoising):]:
+            x = self._hires(req, stage, x, noise, callback)
+        return Result(x, self.to_pil(self._overlay(req, self.decode(x))))
+
+    def _checked(self, req: Request) -> Request:
+        """The request as run: outpainting turned into inpainting, validated, an off-bucket size warned about."""
+        if req.outpaint is not None:
+            req = outpaint_request(req)
+        req.validate(self.refiner is not None)
+        if self.base.cfg.architecture in ("sdxl-base", "sdxl-inpaint") and (req.width, req.height) not in BUCKETS:
+            w, h = min(BUCKETS, key=lambda b: abs(math.log(b[0] / b[1] * req.height / req.width)))
+            warnings.warn(f"{req.width}x{req.height} is not one of SDXL's trained sizes; results may degrade "
+                          f"(the nearest aspect ratio it was trained on: {w}x{h})")
+        return req
+
+    def _latent_shape(self, req: Request) -> tuple[int, int, int]:
+        f = self.latent_factor
+        return self.vae.cfg.embed_dim, req.height // f, req.width // f
+
+    def _initial(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
+        """The first stage's input: scaled noise, or a saved latent or the init image noised to its first sigma."""
+        shape = self._latent_shape(req)
+        if req.init_latent is not None:
+            known = req.init_latent.float().to(self.device)
+            if known.shape[1:] != shape:
+                raise SDXLError(f"the saved latent is {tuple(known.shape)}, expected (N, {', '.join(map(str, shape))})")
+            known = known.expand(req.batch, -1, -1, -1) if known.shape[0] == 1 else known
+            return _Start(known + noise.randn(shape, self.device) * first.sigmas[0])
+        if req.init_image is not None:
+            return self._from_image(req, first, noise)
+        return _Start(noise.randn(shape, self.device) * self._init_scale(req, first.sigmas))
+
+    def _from_image(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
+        """img2img and inpainting. Draws per image generator, as diffusers: image posterior, initial noise,
+        masked-image posterior."""
+        shape = self._latent_shape(req)
+        image = self._image_tensor(req.init_image, req.width, req.height)
+        mask = None
+        if req.mask is not None:
+            mask = (self._mask_tensor(req.mask, req.init_image.size, req.width, req.height) >= 0.5).float()
+        nine = mask is not None and self.base.cfg.unet.in_channels == 9
+        full_strength = req.strength >= 1.0
+        batch_of = lambda im: im[None].expand(req.batch, -1, -1, -1)  # noqa: E731
+        known = self.encode_image(batch_of(image), noise) if not (nine and full_strength) else None
+        first_noise = noise.randn(shape, self.device)
+        x = (first_noise * self._init_scale(req, first.sigmas) if full_strength
+             else known + first_noise * first.sigmas[0])
+        if mask is None:
+            return _Start(x)
+        m = F.interpolate(mask, size=shape[1:]).to(self.device)  # nearest, (1, 1, h, w)
+        if nine:  # the inpainting UNet sees mask and masked-image latent as input channels
+            masked = self.encode_image(batch_of(image * (mask[0] < 0.5)), noise)
+            return _Start(x, extra=torch.cat([m.expand(req.batch, -1, -1, -1), masked], dim=1))
+        return _Start(x, blend=(1 - m, known, first_noise), skip_first_blend=full_strength)  # latent blending
+
+    def _init_scale(self, req: Request, sigmas: torch.Tensor) -> float:
+        """Initial noise scale sqrt(sigma_0^2 + 1): sgm's EDMSampler, ComfyUI (max_denoise) and diffusers' `leading`
+        init_noise_sigma; diffusers' `trailing` uses sigma_0."""
+        s = float(sigmas[0])
+        return s if req.schedule == "trailing" else math.sqrt(s * s + 1)
+
+    def _run_stage(self, req: Request, stage: Stage, x: torch.Tensor, start: _Start, noise: GeneratorNoise,
+                   callback) -> torch.Tensor:
+        """A base or refiner stage; refiner SDEdit first re-noises the previous result to its first sigma."""
+        if stage.name == "refiner-sdedit" and stage.start == "previous":
+            x = x + noise.randn(tuple(x.shape[1:]), self.device) * stage.sigmas[0]
+        if stage.steps == 0:
+            return x
+        model = self.base if stage.model == "base" else self.refiner
+        on_base = stage.name == "base"
+        return self._sample(model, req, x, stage.sigmas, noise, callback, start.extra if on_base else None,
+                            start.blend, start.skip_first_blend and on_base)
+
+    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback) -> torch.Tensor:
+        """A1111's hires fix: upscale (latent or pixels) then img2img at the larger size."""
+        w, h = (int(round(v * req.hires_scale / 8)) * 8 for v in (req.width, req.height))
+        big = replace(req, width=w, height=h, strength=req.hires_strength, hires_scale=None, init_image=None,
+                      mask=None, init_latent=None, refiner_switch=None, refiner_strength=None,
+                      steps=req.hires_steps or req.steps)
+        if req.hires_upscale == "pixel":
+            up = F.interpolate(self.decode(x), size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+            known = self.encode_image(up * 2 - 1, noise)
+        else:
+            known = F.interpolate(x, size=(h // self.latent_factor, w // self.latent_factor), mode="bicubic",
+                                  align_corners=False)
+        x = known + noise.randn(tuple(known.shape[1:]), self.device) * stage.sigmas[0]
+        return self._sample(self.base, big, x, stage.sigmas, noise, callback) if stage.steps else x
 
     def _sample(self, model: SDXLModel, req: Request, x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise,
                 callback=None, extra=None, blend=None, skip_first_blend=False) -> torch.Tensor:
@@ -274,7 +505,10 @@ class Pipeline:
                                   blend, skip_first_blend)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
-            return fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
+            x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
+        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it
+            raise non_finite_error("sampling", self.dtype)
+        return x
 
     @staticmethod
     def _guidance_sigmas(req: Request) -> tuple[float, float]:
@@ -282,118 +516,6 @@ class Pipeline:
         full = schedules.get_sigmas(req.schedule, req.steps).double()
         lo, hi = req.guidance_interval
         return float(full[min(req.steps, math.ceil(hi * req.steps))]), float(full[min(req.steps, math.ceil(lo * req.steps))])
-
-    def _image_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        a = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return a * 2 - 1  # (3, H, W) in [-1, 1]
-
-    def _mask_tensor(self, mask: Image.Image, width: int, height: int) -> torch.Tensor:
-        if mask.size != (width, height):
-            raise SDXLError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}; they must match")
-        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-        return (m >= 0.5).float()[None, None]  # (1, 1, H, W), 1 = repaint
-
-    def generate(self, req: Request, callback=None) -> Result:
-        """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), outpainting, refiner, hires fix."""
-        if req.outpaint is not None:
-            req = outpaint_request(req)
-        req.validate(self.refiner is not None)
-        if self.base.cfg.architecture in ("sdxl-base", "sdxl-inpaint") and (req.width, req.height) not in BUCKETS:
-            w, h = min(BUCKETS, key=lambda b: abs(math.log(b[0] / b[1] * req.height / req.width)))
-            warnings.warn(f"{req.width}x{req.height} is not one of SDXL's trained sizes; results may degrade "
-                          f"(the nearest aspect ratio it was trained on: {w}x{h})")
-        noise = GeneratorNoise(req.seed, req.batch)
-        f = self.latent_factor
-        shape = (self.vae.cfg.embed_dim, req.height // f, req.width // f)
-        sigmas = schedules.get_sigmas(req.schedule, req.steps)
-        extra = blend = None
-        skip_first, run_base = False, True
-        if req.init_latent is not None:  # refine a saved latent (draft, then refine)
-            known = req.init_latent.float().to(self.device)
-            if known.shape[1:] != shape:
-                raise SDXLError(f"the saved latent is {tuple(known.shape)}, expected (N, {', '.join(map(str, shape))})")
-            x = known = known.expand(req.batch, -1, -1, -1) if known.shape[0] == 1 else known
-            if req.refiner_strength is not None:  # draft, then refine: the refiner alone (SDEdit)
-                run_base = False
-            else:
-                sigmas = schedules.img2img_sigmas(sigmas, req.strength)
-                x = known + noise.randn(shape, self.device) * sigmas[0]
-        elif req.init_image is not None:
-            # Draw order per image generator, as diffusers: image posterior, initial noise, masked-image posterior.
-            image = self._image_tensor(req.init_image, req.width, req.height)
-            mask = self._mask_tensor(req.mask, req.width, req.height) if req.mask is not None else None
-            nine = mask is not None and self.base.cfg.unet.in_channels == 9
-            full_strength = req.strength >= 1.0
-            batch_of = lambda im: im[None].expand(req.batch, -1, -1, -1)  # noqa: E731
-            known = self.encode_image(batch_of(image), noise) if not (nine and full_strength) else None
-            first = noise.randn(shape, self.device)
-            sigmas = schedules.img2img_sigmas(sigmas, req.strength)
-            if mask is not None:
-                m = F.interpolate(mask, size=shape[1:]).to(self.device)  # nearest, (1, 1, h, w)
-                if nine:  # the inpainting UNet sees mask and masked-image latent as input channels
-                    masked = self.encode_image(batch_of(image * (mask[0] < 0.5)), noise)
-                    extra = torch.cat([m.expand(req.batch, -1, -1, -1), masked], dim=1)
-                else:  # latent blending of the known region
-                    blend = (1 - m, known, first)
-                    skip_first = full_strength
-            x = first * self._init_scale(req, sigmas) if full_strength else known + first * sigmas[0]
-        else:
-            x = noise.randn(shape, self.device) * self._init_scale(req, sigmas)
-
-        steps_base = sigmas
-        refine_sigmas = None
-        if req.refiner_switch is not None and self.refiner is not None:
-            k = self._switch_index(sigmas, req.refiner_switch)
-            steps_base, refine_sigmas = sigmas[:k + 1], sigmas[k:]
-        if run_base and len(steps_base) > 1:
-            x = self._sample(self.base, req, x, steps_base, noise, callback, extra, blend, skip_first)
-        if refine_sigmas is not None and len(refine_sigmas) > 1:
-            x = self._sample(self.refiner, req, x, refine_sigmas, noise, callback, None, blend)
-        if req.refiner_strength is not None and self.refiner is not None:
-            rs = schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps),
-                                          req.refiner_strength)
-            x = self._sample(self.refiner, req, x + noise.randn(shape, self.device) * rs[0], rs, noise, callback,
-                             None, blend)
-        if blend is not None:  # paste the known region exactly (diffusers' last blend)
-            x = x * (1 - blend[0]) + blend[1] * blend[0]
-        if req.hires_scale:
-            x = self._hires(req, x, noise, callback)
-        if not torch.isfinite(x).all():
-            raise SDXLError(f"sampling produced non-finite latents in {self.dtype} (overflow?); "
-                            "retry with --dtype fp32 (or bf16)")
-        return Result(x, self.to_pil(self.decode(x)))
-
-    def _init_scale(self, req: Request, sigmas: torch.Tensor) -> float:
-        """Initial noise scale sqrt(sigma_0^2 + 1): sgm's EDMSampler, ComfyUI (max_denoise) and diffusers' `leading`
-        init_noise_sigma; diffusers' `trailing` uses sigma_0."""
-        s = float(sigmas[0])
-        return s if req.schedule == "trailing" else math.sqrt(s * s + 1)
-
-    def _switch_index(self, sigmas: torch.Tensor, frac: float) -> int:
-        """Steps whose timestep is >= round(1000 * (1 - frac)) go to the base (diffusers' denoising_end)."""
-        cutoff = int(round(len(self.sigmas_train) * (1 - frac)))
-        t = schedules.sigma_to_t(sigmas[:-1].float(), self.sigmas_train)
-        return int((t >= cutoff).sum())
-
-    def _hires(self, req: Request, x: torch.Tensor, noise: GeneratorNoise, callback) -> torch.Tensor:
-        """A1111's hires fix: upscale (latent or pixels) then img2img at the larger size."""
-        w, h = (int(round(v * req.hires_scale / 8)) * 8 for v in (req.width, req.height))
-        big = replace(req, width=w, height=h, strength=req.hires_strength, hires_scale=None, init_image=None,
-                      mask=None, init_latent=None, refiner_switch=None, refiner_strength=None,
-                      steps=req.hires_steps or req.steps)
-        if req.hires_upscale == "pixel":
-            pixels = self.decode(x)
-            up = F.interpolate(pixels, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-            known = self.encode_image(up * 2 - 1, noise)
-        else:
-            known = F.interpolate(x, size=(h // self.latent_factor, w // self.latent_factor), mode="bicubic",
-                                  align_corners=False)
-        sigmas = schedules.img2img_sigmas(schedules.get_sigmas(big.schedule, big.steps), big.strength)
-        start = known + noise.randn(tuple(known.shape[1:]), self.device) * sigmas[0]
-        return self._sample(self.base, big, start, sigmas, noise, callback)
 
     @staticmethod
     def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -6,14 +6,29 @@ and `Request.validate` runs once, before anything big is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 from PIL import Image
 
 from sdxl.errors import SDXLError
-from sdxl.sampling import samplers as samplers_
-from sdxl.sampling import schedules
+from sdxl.sampling import names, schedules
+
+# Upper limits, so that a typo fails at once instead of running for hours or exhausting memory.
+MAX_SIDE = 4096  # pixels a side, also after the hires fix (SDXL's largest bucket is 2048)
+MAX_STEPS = 1000  # the training schedule's timesteps
+MAX_BATCH = 64  # images per prompt; more: several runs or --prompts
+MAX_CFG = 100.0
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range; image i uses seed + i
+RANDOM_SEED = -1  # as A1111 and its clients: a fresh random seed
+MAX_MICRO = 65536  # micro-conditioning sizes and coordinates
+# Field annotation -> (accepted Python types, words for errors).
+_SCALARS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+# Request fields that hold images or tensors: never read from a dict of settings; the CLI flag that gives each.
+NOT_SETTINGS = {"init_image": "--init-image", "mask": "--mask", "init_latent": "--latent"}
 
 
 @dataclass(frozen=True)
@@ -59,20 +74,168 @@ class Request:
     hires_strength: float = 0.5
     hires_steps: int | None = None
 
+    @classmethod
+    def fields_from_dict(cls, d, source: str) -> dict:
+        """Settings from a JSON-like dict (CLI flags, a PNG recipe, an HTTP body) -> typed keyword arguments.
+
+        Each value is checked against its field's annotation (lists become tuples); errors name the field.
+        """
+        if not isinstance(d, Mapping):
+            raise SDXLError(f"{source}: expected an object of settings, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        out = {}
+        for name, value in d.items():
+            if name in NOT_SETTINGS:
+                raise SDXLError(f"{source}: {name} cannot be given as a setting; pass the file with "
+                                f"{NOT_SETTINGS[name]}")
+            if name not in known:
+                raise SDXLError(f"{source}: unknown setting {name!r}")
+            out[name] = _typed(name, value, known[name], source)
+        return out
+
+    @classmethod
+    def from_dict(cls, d, source: str) -> "Request":
+        """A Request from settings (see `fields_from_dict`); no seed or seed -1 means a random seed, as A1111."""
+        kw = cls.fields_from_dict(d, source)
+        if "prompt" not in kw or kw["prompt"] is None:
+            raise SDXLError(f"{source}: no prompt")
+        if kw.get("seed", RANDOM_SEED) == RANDOM_SEED:
+            kw["seed"] = secrets.randbelow(2**32)
+        return cls(**kw)
+
     def validate(self, has_refiner: bool) -> None:
-        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
-            raise SDXLError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
-        if self.sampler not in samplers_.SAMPLERS:
-            raise SDXLError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(samplers_.SAMPLERS)}")
-        if self.schedule not in schedules.SCHEDULES:
-            raise SDXLError(f"unknown scheduler {self.schedule!r}; choose one of: {', '.join(schedules.SCHEDULES)}")
-        for name in ("strength", "hires_strength", "refiner_switch", "refiner_strength"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise SDXLError(f"{name.replace('_', '-')} must be in [0, 1], got {v}")
-        if self.steps < 1 or self.batch < 1:
-            raise SDXLError(f"steps and batch must be at least 1, got {self.steps} and {self.batch}")
-        if (self.refiner_switch is not None or self.refiner_strength is not None) and not has_refiner:
-            raise SDXLError("a refiner switch or strength was given but no refiner is loaded (--refiner PATH)")
-        if self.mask is not None and self.init_image is None:
-            raise SDXLError("a mask needs an init image (--init-image)")
+        """The value rules, for every source; raises SDXLError naming the setting and its allowed range."""
+        _check_finite(self)
+        _check_sizes(self)
+        _check_counts(self)
+        _check_fractions(self)
+        _check_inputs(self, has_refiner)
+
+
+def _typed(name: str, value, annotation: str, source: str):
+    """`value` checked against a field annotation such as "int", "float | None", "tuple[int, int] | None",
+    "str | tuple[str, ...]"; lists become tuples. The first alternative that fits wins."""
+    kinds = [k for k in annotation.split(" | ") if k != "None"]
+    if value is None and len(kinds) < annotation.count("|") + 1:
+        return None
+    for kind in kinds:
+        try:
+            return _as(value, kind)
+        except (TypeError, ValueError):
+            continue
+    if not all(k in _SCALARS or k.startswith("tuple[") for k in kinds):
+        raise SDXLError(f"{source}: {name} cannot be given as a setting")
+    raise SDXLError(f"{source}: {name} must be {' or '.join(map(_words, kinds))}, got {value!r:.60}")
+
+
+def _as(value, kind: str):
+    """`value` as `kind` ("int", "float", "str", "tuple[int, int]", "tuple[str, ...]"); TypeError if it is not one."""
+    if kind.startswith("tuple["):
+        parts = [p.strip() for p in kind[6:-1].split(",")]
+        if parts[-1] == "...":
+            parts = parts[:1] * len(value) if isinstance(value, (list, tuple)) else []
+        if not isinstance(value, (list, tuple)) or len(value) != len(parts) or not parts:
+            raise TypeError(kind)
+        return tuple(_as(v, p) for v, p in zip(value, parts))
+    types = _SCALARS[kind][0] if kind in _SCALARS else ()
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(kind)
+    return float(value) if kind == "float" else value
+
+
+def _words(kind: str) -> str:
+    """"tuple[int, int]" -> "a list of 2 integers"; "int" -> "an integer"."""
+    if not kind.startswith("tuple["):
+        return _SCALARS[kind][1] if kind in _SCALARS else kind
+    parts = [p.strip() for p in kind[6:-1].split(",")]
+    noun = _SCALARS[parts[0]][1].split()[-1] + "s"
+    return f"a list of {noun}" if parts[-1] == "..." else f"a list of {len(parts)} {noun}"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_finite(r: Request) -> None:
+    for f in fields(r):
+        v = getattr(r, f.name)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+            raise SDXLError(f"{_flag(f.name)} must be a finite number, got {v}")
+
+
+def _check_sizes(r: Request) -> None:
+    if r.width % 8 or r.height % 8 or r.width <= 0 or r.height <= 0:
+        raise SDXLError(f"width and height must be positive multiples of 8, got {r.width}x{r.height}")
+    if max(r.width, r.height) > MAX_SIDE:
+        raise SDXLError(f"{r.width}x{r.height} is over the limit of {MAX_SIDE} pixels a side; give a smaller "
+                        "--width/--height")
+    if r.hires_scale is not None:
+        if not 1.0 <= r.hires_scale <= MAX_SIDE / 8:
+            raise SDXLError(f"hires-scale must be at least 1 (e.g. 1.5 or 2), got {r.hires_scale}")
+        big = [int(round(v * r.hires_scale / 8)) * 8 for v in (r.width, r.height)]
+        if max(big) > MAX_SIDE:
+            raise SDXLError(f"hires-scale {r.hires_scale} makes {big[0]}x{big[1]}, over the limit of {MAX_SIDE} "
+                            "pixels a side; give a smaller --hires-scale")
+    micro = [r.original_size, r.crop, r.target_size, r.negative_original_size, r.negative_crop,
+             r.negative_target_size, r.outpaint]
+    if any(not 0 <= v <= MAX_MICRO for t in micro if t is not None for v in t):
+        raise SDXLError(f"micro-conditioning sizes, crops and outpaint pads must be in 0..{MAX_MICRO}")
+
+
+def _check_counts(r: Request) -> None:
+    if r.sampler not in names.A1111_SAMPLERS:
+        raise SDXLError(f"unknown sampler {r.sampler!r}; choose one of: {names.sampler_help()}")
+    if r.schedule not in schedules.SCHEDULES:
+        raise SDXLError(f"unknown scheduler {r.schedule!r}; choose one of: {names.schedule_help()}")
+    for name in ("steps", "refiner_steps", "hires_steps"):
+        n = getattr(r, name)
+        if n is not None and not 1 <= n <= MAX_STEPS:
+            raise SDXLError(f"{_flag(name)} must be in 1..{MAX_STEPS}, got {n}")
+        if n is not None:
+            try:
+                schedules.get_sigmas(r.schedule, n)
+            except ValueError as e:
+                raise SDXLError(f"{_flag(name)} {n}: {e}") from None
+    if not 1 <= r.batch <= MAX_BATCH:
+        raise SDXLError(f"batch must be in 1..{MAX_BATCH}, got {r.batch}; for more images run again or use --prompts")
+    if not 0 <= r.seed <= MAX_SEED - (r.batch - 1):
+        raise SDXLError(f"seed must be in 0..2**64-1 (image i of a batch uses seed + i; {RANDOM_SEED}: random), "
+                        f"got {r.seed}")
+    if not 0.0 <= r.cfg <= MAX_CFG:
+        raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):  # the refiner's range (LAION aesthetics, 0..10)
+        if not 0.0 <= getattr(r, name) <= 10.0:
+            raise SDXLError(f"{_flag(name)} must be in 0..10, got {getattr(r, name)}")
+
+
+def _check_fractions(r: Request) -> None:
+    for name in ("strength", "hires_strength", "refiner_switch", "refiner_strength", "guidance_rescale"):
+        v = getattr(r, name)
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise SDXLError(f"{_flag(name)} must be in [0, 1], got {v}")
+    lo, hi = r.guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise SDXLError(f"guidance-interval must be START END with 0 <= START <= END <= 1, got {lo:g} {hi:g}")
+    if r.hires_upscale not in ("latent", "pixel"):
+        raise SDXLError(f"hires-upscale must be latent or pixel, got {r.hires_upscale!r}")
+
+
+def _check_inputs(r: Request, has_refiner: bool) -> None:
+    for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+        value = getattr(r, name)
+        for text in value if isinstance(value, tuple) else (value or "",):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = text[e.start].encode("utf-8", "surrogateescape")
+                raise SDXLError(f"{_flag(name)} holds a byte that is not UTF-8 text ({bad!r} at character "
+                                f"{e.start}); write the prompt in UTF-8") from None
+    if (r.refiner_switch is not None or r.refiner_strength is not None) and not has_refiner:
+        raise SDXLError("a refiner switch or strength was given but no refiner is loaded (--refiner PATH)")
+    if (r.mask is not None or r.outpaint is not None) and r.init_image is None:
+        raise SDXLError(f"{'a mask' if r.mask is not None else 'outpainting'} needs an init image (--init-image)")
+    if r.strength != 1.0 and r.init_image is None and r.init_latent is None:
+        raise SDXLError(f"strength {r.strength} applies to img2img; give --init-image (or --latent), or drop it")
+    if r.init_image is not None and min(r.init_image.size) < 8:
+        w, h = r.init_image.size
+        raise SDXLError(f"the init image is {w}x{h} pixels; it must be at least 8x8")

@@ -60,13 +60,13 @@ def verdict(matches: int) -> str:
     return next(text for most, text in VERDICTS if matches <= most)
 
 
-def detect_watermark(image: Image.Image) -> tuple[int, str]:
+def detect_watermark(image: Image.Image, name: str | None = None) -> tuple[int, str]:
     """(bits matching WATERMARK_BITS, verdict) as the reference's scripts/demo/detect.py reads them."""
     from imwatermark import WatermarkDecoder
 
     width, height = image.size
     if not _fits(width, height):
-        name = getattr(image, "filename", "") or "the image"
+        name = name or getattr(image, "filename", "") or "the image"
         raise SDXLError(f"{name} is {width}x{height}; the watermark can only be read from images of at least 256x256")
     bits = WatermarkDecoder("bits", len(WATERMARK_BITS)).decode(_bgr(image), "dwtDct")
     matches = sum(int(b) == w for b, w in zip(bits, WATERMARK_BITS))
@@ -74,12 +74,7 @@ def detect_watermark(image: Image.Image) -> tuple[int, str]:
 
 
 def detect_file(path: str | Path) -> tuple[int, str]:
-    """`detect_watermark` of an image file; a missing or unreadable file raises SDXLError naming it."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except FileNotFoundError:
-        raise SDXLError(f"{path}: no such file") from None
-    except (OSError, ValueError):  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise SDXLError(f"{path}: not a readable image") from None
-    return detect_watermark(image)
+    """`detect_watermark` of an image file, read through `sdxl.images` (regular files, size limits, EXIF)."""
+    from sdxl.images import load_image
+
+    return detect_watermark(load_image(path, "detect-watermark", "file"), str(path))

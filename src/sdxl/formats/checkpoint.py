@@ -1,17 +1,17 @@
 """Where a checkpoint gets read and written: single-file safetensors, diffusers folders, standalone VAEs.
 
 Files are recognised by their bytes, never by their names; pickles (`.ckpt`, `.pt`,
-`.bin`, or renamed) are refused and never unpickled. Safetensors files are parsed and
-checked header-first, then memory-mapped: a tensor's bytes are read when it is used.
-Models are built on the meta device and materialised straight from the file.
+`.bin`, or renamed) are refused and never unpickled. Safetensors files are read through
+files.py (the safetensors library's validation, memory-mapped: a tensor's bytes are read
+when it is used). Models are built on the meta device and materialised straight from the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
-import mmap
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,100 +26,11 @@ from sdxl.formats.convert import Entry, check, to_ours, to_theirs, unet_table
 from sdxl.formats.convert import IGNORE as TEXT_IGNORE
 from sdxl.formats.convert import bigg_table, clip_l_table, vae_table
 from sdxl.errors import CheckpointError, first_few
+from sdxl.formats.files import DTYPES, SafetensorsFile, TensorInfo, write_json, write_tensors  # noqa: F401 (re-exported)
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # Tolerated and ignored: an int buffer some released files carry (docs/formats.md §1).
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def _refuse_pickle(path: Path, head: bytes) -> None:
-    """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse."""
-    if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        raise CheckpointError(f"{path}: is a Python pickle (a PyTorch .ckpt/.pt/.bin file); pickles can run arbitrary "
-                              "code and are never loaded here: use the .safetensors release of this model")
-
-
-class SafetensorsFile(Mapping):
-    """A safetensors file: header parsed and checked up front, tensors memory-mapped when asked for."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            _refuse_pickle(self.path, head)
-            if size < 8:
-                raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors file (truncated?)")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, MAX_HEADER):
-                raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length ({n} bytes) "
-                                      f"exceeds the file ({size} bytes)")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw)
-            assert isinstance(header, dict)
-        except (ValueError, AssertionError, UnicodeDecodeError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); re-download the file") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._start, data_size = 8 + n, size - 8 - n
-        self.infos: dict[str, TensorInfo] = {}
-        bad, need = [], 0
-        for key, h in header.items():
-            try:
-                info = TensorInfo(h["dtype"], tuple(int(d) for d in h["shape"]), *map(int, h["data_offsets"]))
-                ok = (info.dtype in DTYPES and all(d >= 0 for d in info.shape) and 0 <= info.begin <= info.end
-                      and info.end - info.begin == math.prod(info.shape) * DTYPES[info.dtype].itemsize)
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                bad.append(key)
-                continue
-            self.infos[key] = info
-            need = max(need, info.end)
-        if bad:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: {len(bad)} malformed tensor entr"
-                                  f"{'y' if len(bad) == 1 else 'ies'} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-        if need > data_size:
-            raise CheckpointError(f"{self.path}: truncated: the header describes {need} bytes of tensor data but the file "
-                                  f"holds {data_size}; re-download it")
-        self._mm: mmap.mmap | None = None
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: i.shape for k, i in self.infos.items()}
-
-    def __len__(self) -> int:
-        return len(self.infos)
-
-    def __iter__(self):
-        return iter(self.infos)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        """The tensor, backed by a private (copy-on-write) memory map of the file: no read until used."""
-        info = self.infos[key]
-        dtype = DTYPES[info.dtype]
-        if info.begin == info.end:
-            return torch.empty(info.shape, dtype=dtype)
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        offset = self._start + info.begin
-        if offset % dtype.itemsize:  # unaligned: copy those bytes
-            return torch.frombuffer(bytearray(self._mm[offset:self._start + info.end]), dtype=dtype).view(info.shape)
-        return torch.frombuffer(self._mm, dtype=dtype, count=math.prod(info.shape), offset=offset).view(info.shape)
 
 
 class ShardedFiles(Mapping):
@@ -160,13 +71,19 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "check
                               f"first_stage_model. (keys: {first_few(shapes)})")
     if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
         raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
+    first = tuple(u.get("input_blocks.0.0.weight", (0, 0, 3, 3)))
+    if len(first) != 4 or first[2:] != (3, 3):
+        raise CheckpointError(f"{name}: {PREFIXES['unet']}input_blocks.0.0.weight has shape {first}, but the UNet's first "
+                              "convolution is (channels, in_channels, 3, 3): a corrupt or transposed checkpoint")
     try:
         unet_cfg = unet.config_from_shapes(u) if u else None
         cond_cfg = _conditioner_config(c, unet_cfg) if c else None
         vae_cfg = vae.config_from_shapes(_sub(v, "")) if v else None
-    except (KeyError, ValueError, StopIteration, IndexError, ZeroDivisionError) as e:
+        cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+        expected_shapes(cfg)  # builds it (on meta): shapes no SDXL-family model has fail here
+    except (KeyError, ValueError, StopIteration, IndexError, ZeroDivisionError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{name}: unknown architecture: not an SDXL-family layout ({type(e).__name__}: {e})") from None
-    return ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    return cfg
 
 
 def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
@@ -180,9 +97,19 @@ def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
     return conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
 
 
+@functools.lru_cache(maxsize=8)
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape a checkpoint of this config holds (built on the meta device)."""
+    """Every tensor name and shape a checkpoint of this config holds (built on the meta device; do not modify)."""
     return {k: tuple(t.shape) for k, t in SDXLModel(cfg, device="meta").state_dict().items()}
+
+
+def check_float(name: str, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Every weight of a model or LoRA is floating point: an integer label on one means a corrupt file."""
+    bad = [f"{k} {str(d).removeprefix('torch.')}" for k, d in dtypes.items()
+           if not d.is_floating_point and not k.endswith(IGNORED_SUFFIXES)]
+    if bad:
+        raise CheckpointError(f"{name}: {len(bad)} tensor{'s' if len(bad) != 1 else ''} with a non-float dtype where "
+                              f"weights belong ({first_few(bad)}); the file is corrupt: re-download or re-save it")
 
 
 def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str], list[str]]:
@@ -214,6 +141,7 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
     """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
     f = SafetensorsFile(path)
     cfg = config_from_shapes(f.shapes(), str(f.path))
+    check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
@@ -222,21 +150,13 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
 
 def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
                      overwrite: bool = False) -> Path:
-    """Write the official single-file layout; atomic (temporary file, then rename); never overwrites unless asked."""
-    from safetensors.torch import save_file
-
+    """Write the official single-file layout; atomic (files.write_file); never overwrites unless asked."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; choose another name (nothing was overwritten)")
-    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
              for k, t in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_tensors(path, state, metadata, mode="replace" if overwrite else "new")
 
 
 # --- diffusers folders ------------------------------------------------------------------------
@@ -254,11 +174,10 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
             return SafetensorsFile(folder / f"{name}.safetensors")
         index = folder / f"{name}.safetensors.index.json"
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: corrupt shard index (no weight_map)") from None
-            return ShardedFiles([SafetensorsFile(folder / s) for s in shards])
+            shards = _read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(s, str) and "/" not in s for s in shards.values()):
+                raise CheckpointError(f"{index}: corrupt shard index (weight_map is not an object of file names)")
+            return ShardedFiles([SafetensorsFile(folder / s) for s in sorted(set(shards.values()))])
     pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights ({first_few(pickles)}); pickles can run arbitrary code and are "
@@ -267,12 +186,44 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
 
 
 def _read_json(path: Path) -> dict:
+    """A diffusers JSON file (model_index.json, config.json, shard index): a JSON object, or a one-line error."""
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a diffusers component folder needs its config.json") from None
-    except ValueError:
+        raise CheckpointError(f"{path}: missing; a diffusers folder needs model_index.json and a config.json per component") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder; a diffusers folder needs this to be a JSON file") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path}: not valid JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(d).__name__}, not an object; is this a diffusers folder?")
+    return d
+
+
+# Config fields that count layers or levels (a huge value would build a huge model before any check).
+_COUNTS = ("channel_mult", "ch_mult", "num_res_blocks", "transformer_depth", "transformer_depth_middle", "layers")
+
+
+def _component_config(path: Path, convert):
+    """Our config from a diffusers component's config.json: missing or malformed keys are one-line errors."""
+    d = _read_json(path)
+    try:
+        cfg = convert(d)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e}; is this a diffusers {path.parent.name} config?") from None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        top = 1000 if f.name in _COUNTS else 1 << 20
+        if isinstance(v, str) or v is None:
+            continue
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= top
+                   for x in (v if isinstance(v, tuple) else (v,))):
+            raise CheckpointError(f"{path}: {f.name} = {v!r} is not a plausible value (0..{top})")
+    return cfg
 
 
 def unet_config_from_diffusers(d: dict) -> unet.UNetConfig:
@@ -319,6 +270,7 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
     """The config and the per-component conversion of a diffusers folder; `meta`: stand-ins built from headers only."""
     index = _read_json(folder / "model_index.json")
     present = lambda sub: index.get(sub) not in (None, [None, None])  # noqa: E731
+    conf = lambda sub, convert: _component_config(folder / sub / "config.json", convert)  # noqa: E731
 
     def weights(sub: str) -> Mapping[str, torch.Tensor]:
         w = _open_weights(folder / sub, _WEIGHTS[sub], variant)
@@ -329,12 +281,15 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
 
     parts, unet_cfg, cond_cfg, vae_cfg = [], None, None, None
     if "unet" in components and present("unet"):
-        unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+        unet_cfg = conf("unet", unet_config_from_diffusers)
         parts.append(_Part("unet", PREFIXES["unet"], unet_table(unet_cfg), weights("unet")))
     if "conditioner" in components and present("text_encoder_2"):
-        bigg = text_config_from_diffusers(_read_json(folder / "text_encoder_2" / "config.json"))
-        clip_l = text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json")) if present("text_encoder") else None
-        cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
+        bigg = conf("text_encoder_2", text_config_from_diffusers)
+        clip_l = conf("text_encoder", text_config_from_diffusers) if present("text_encoder") else None
+        try:
+            cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{folder}: text encoders and UNet do not fit together ({e})") from None
         if clip_l:
             w = weights("text_encoder")
             if not any(k.startswith("text_model.") for k in w):  # transformers 5 saves CLIPTextModel without it
@@ -343,11 +298,16 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         parts.append(_Part("text_encoder_2", f"conditioner.embedders.{1 if clip_l else 0}.", bigg_table(bigg),
                            weights("text_encoder_2"), TEXT_IGNORE))
     if "vae" in components and present("vae"):
-        vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+        vae_cfg = conf("vae", vae_config_from_diffusers)
         parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
     if not parts:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
-    return ModelConfig(unet_cfg, cond_cfg, vae_cfg), parts
+    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    try:
+        expected_shapes(cfg)  # builds it (on meta)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
+        raise CheckpointError(f"{folder}: its config.json files describe no SDXL-family model ({type(e).__name__}: {e})") from None
+    return cfg, parts
 
 
 def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
@@ -358,6 +318,7 @@ def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, varia
     ours = {}
     for p in parts:
         ours |= _prefixed(p.prefix, to_ours(p.table, p.weights, str(folder / p.sub), p.ignore))
+    check_float(str(folder), {k: t.dtype for k, t in ours.items()})
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(folder), missing, unexpected, wrong)
@@ -385,8 +346,6 @@ def _legacy_vae_names(w: Mapping) -> dict:
 
 def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -> Path:
     """Write a diffusers folder that diffusers' `StableDiffusionXLPipeline.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
     from sdxl.models.tokenizer import Tokenizer
 
     folder = Path(folder)
@@ -397,9 +356,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
     def write(sub: str, table: list[Entry], prefix: str, stem: str, config: dict):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         theirs = to_theirs(table, _sub(sd, prefix))
-        save_file({k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in theirs.items()},
-                  str(folder / sub / f"{stem}.safetensors"))
-        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+        write_tensors(folder / sub / f"{stem}.safetensors",
+                      {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in theirs.items()})
+        write_json(folder / sub / "config.json", config)
 
     index = {"_class_name": "StableDiffusionXLPipeline" if not cfg.is_refiner else "StableDiffusionXLImg2ImgPipeline",
              "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not cfg.is_refiner}
@@ -425,9 +384,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_json(folder / "model_index.json", index)
     return folder
 
 
@@ -479,16 +438,25 @@ def _write_tokenizer(folder: Path, tok, pad: str) -> None:
     tok.write_files(folder)
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad, "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
+    write_json(folder / "tokenizer_config.json", cfg)
+    write_json(folder / "special_tokens_map.json", {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
 
 
 # --- any of the above ---------------------------------------------------------------------------
 
+# What `--model` needs from a checkpoint, and where a missing part comes from.
+_NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model and --refiner take checkpoints with one (a VAE alone "
+                   "goes with --vae)",
+           "conditioner": "no text encoders (conditioner.*): --model takes a full checkpoint (a UNet-only refiner goes "
+                          "with --refiner, after a full --model)",
+           "vae": "no VAE (first_stage_model.*): give one with --vae FILE"}
+
+
 def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
-         components=("unet", "conditioner", "vae")) -> SDXLModel:
-    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE."""
+         components=("unet", "conditioner", "vae"), require=()) -> SDXLModel:
+    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE; `require`:
+    components that must be there (an error naming what is missing and which flag supplies it); a UNet,
+    when among `components`, always is (every use of a checkpoint needs one)."""
     path = Path(path)
     if path.is_dir():
         model = load_diffusers(path, device, dtype, components=components)
@@ -499,6 +467,9 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
     if vae_path is not None:
         model.first_stage_model = load_vae(vae_path, device, dtype)
         model.cfg = ModelConfig(model.cfg.unet, model.cfg.conditioner, model.first_stage_model.cfg)
+    absent = [_NEEDED[c] for c in (*require, *(("unet",) if "unet" in components else ())) if c not in model.components()]
+    if absent:
+        raise CheckpointError(f"{path}: has {absent[0]}")
     return model
 
 
@@ -506,7 +477,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
     """A standalone VAE: single file (official names, with or without `first_stage_model.`, or diffusers names), or a diffusers vae folder."""
     path = Path(path)
     if path.is_dir():
-        cfg = vae_config_from_diffusers(_read_json(path / "config.json"))
+        cfg = _component_config(path / "config.json", vae_config_from_diffusers)
         w = _open_weights(path, _WEIGHTS["vae"], None)
         sd, name = to_ours(vae_table(cfg), _legacy_vae_names(w), str(path)), str(path)
     else:
@@ -521,6 +492,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
             sd = dict(f)
         else:
             raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {first_few(shapes)})")
+    check_float(name, {k: t.dtype for k, t in sd.items()})
     try:
         cfg = vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()})
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
@@ -579,6 +551,7 @@ def inspect(path) -> dict:
     f = SafetensorsFile(path)
     shapes = f.shapes()
     cfg = config_from_shapes(shapes, str(f.path))
+    check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
     return {"format": "single-file", "architecture": cfg.architecture, "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
             "components": _component_params(shapes, cfg), "missing_keys": missing, "unexpected_keys": unexpected,
@@ -588,8 +561,9 @@ def inspect(path) -> dict:
 def _inspect_diffusers(folder: Path) -> dict:
     cfg, parts = _diffusers_parts(folder, None, ("unet", "conditioner", "vae"), meta=True)
     names = {"unet": "unet", "text_encoder": "text_encoder_l", "text_encoder_2": "text_encoder_g", "vae": "vae"}
-    components, counts, missing, unexpected, wrong = {}, {}, [], [], []
+    components, missing, unexpected, wrong = {}, [], [], []
     for p in parts:
+        check_float(str(folder / p.sub), {k: t.dtype for k, t in p.weights.items()})
         components[names[p.sub]] = {"params": sum(t.numel() for k, t in p.weights.items() if not k.endswith(IGNORED_SUFFIXES))}
         m, u = check(p.table, p.weights, p.ignore)
         missing += [f"{p.sub}/{k}" for k in m]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdxl.formats.checkpoint import SafetensorsFile
-from sdxl.errors import first_few
+from sdxl.errors import CheckpointError, SDXLError, first_few
 from sdxl.formats.convert import bigg_table, clip_l_table, unet_table
-from sdxl.errors import CheckpointError, SDXLError
+from sdxl.formats.checkpoint import check_float
+from sdxl.formats.files import SafetensorsFile, write_tensors
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 from sdxl.models.text_encoders import MultiheadSelfAttention
 
@@ -169,6 +168,7 @@ class Site:
     component: str  # "unet", "text_encoder" (CLIP-L) or "text_encoder_2" (bigG), as in diffusers
     theirs: str  # the diffusers/transformers module path inside that component
     rows: int | None = None  # bigG in_proj only: 0 q, 1 k, 2 v
+    transposed: bool = False  # bigG text_projection: open_clip's (width, proj) Parameter is transformers' Linear.weight.T
 
     @property
     def kohya(self) -> str:
@@ -196,7 +196,7 @@ def _component_tables(cfg: ModelConfig):
 
 @functools.lru_cache(maxsize=8)
 def sites(cfg: ModelConfig) -> tuple[Site, ...]:
-    """Every Linear and Conv2d of the UNet and text encoders of `cfg`, and bigG's q/k/v slices; names from convert.py."""
+    """Every Linear and Conv2d of the UNet and text encoders, bigG's q/k/v slices and text_projection (convert.py names)."""
     layers = dict(SDXLModel(ModelConfig(cfg.unet, cfg.conditioner, None), device="meta").named_modules())
     out = []
     for component, prefix, table in _component_tables(cfg):
@@ -208,6 +208,8 @@ def sites(cfg: ModelConfig) -> tuple[Site, ...]:
             elif e.op == "cat0" and e.ours.endswith("in_proj_weight"):  # bigG: q, k, v stacked on dim 0
                 path = prefix + e.ours.removesuffix("_weight")
                 out += [Site(path, component, t.removesuffix(".weight"), i) for i, t in enumerate(e.theirs)]
+            elif e.op == "transpose":  # bigG text_projection (kohya: lora_te2_text_projection)
+                out.append(Site(prefix + e.ours, component, e.theirs[0].removesuffix(".weight"), transposed=True))
     return tuple(out)
 
 
@@ -261,7 +263,7 @@ def add_lora(model: SDXLModel, rank: int = 16, alpha: float | None = None, unet:
         chosen |= {"text_encoder", "text_encoder_2"}
     wrapped: list[nn.Module] = []
     for s in sites(model.cfg):
-        if s.component not in chosen or not _matches(s.path, targets) or s.rows not in (None, 0):
+        if s.component not in chosen or not _matches(s.path, targets) or s.rows not in (None, 0) or s.transposed:
             continue
         path = s.path.removesuffix(".in_proj") if s.rows is not None else s.path
         parent, name, layer = _locate(model, path)
@@ -326,8 +328,6 @@ def lora_state_dict(model: nn.Module, format: str = "kohya") -> dict[str, torch.
 def save_lora(model: nn.Module, path, format: str = "kohya", metadata: dict | None = None,
               dtype: torch.dtype | None = None) -> Path:
     """Write the model's LoRA as safetensors; atomic, never overwrites. A peft `path` may be a folder (-> PEFT_FILE)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.is_dir():
         if format != "peft":
@@ -345,29 +345,7 @@ def save_lora(model: nn.Module, path, format: str = "kohya", metadata: dict | No
         if len({(m.rank, m.alpha) for m in mods}) == 1:
             meta |= {"ss_network_dim": str(mods[0].rank), "ss_network_alpha": f"{mods[0].alpha:g}"}
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    _write_new(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    return path
-
-
-def _write_new(path: Path, write) -> None:
-    """Write through a temporary file, then link it into place: fails rather than replace an existing file."""
-    if path.exists():
-        raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)")
-    if not path.parent.is_dir():
-        raise SDXLError(f"{path.parent}: no such folder")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        try:
-            os.link(tmp, path)  # atomic, and refuses an existing target
-        except FileExistsError:
-            raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)") from None
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise SDXLError(f"{path}: already exists; choose another name (nothing was overwritten)") from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return write_tensors(path, state, meta, mode="new")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -413,7 +391,7 @@ def _peft_scales(meta: dict[str, str], name: str) -> dict[str, dict]:
     try:
         flat = json.loads(raw)
         assert isinstance(flat, dict)
-    except (ValueError, AssertionError):
+    except (ValueError, AssertionError, RecursionError):
         raise CheckpointError(f"{name}: corrupt lora_adapter_metadata (not a JSON object)") from None
     out: dict[str, dict] = {}
     for k, v in flat.items():
@@ -421,7 +399,27 @@ def _peft_scales(meta: dict[str, str], name: str) -> dict[str, dict]:
         out.setdefault(comp, {})[key] = v
     if any(c.get("use_dora") for c in out.values()):
         raise CheckpointError(f"{name}: a DoRA adapter; only plain LoRA is supported")
+    for comp, c in out.items():
+        _check_peft_config(c, f"{name}: lora_adapter_metadata {comp}")
     return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_peft_config(c: dict, where: str) -> None:
+    """The LoraConfig fields `_peft_scale` reads: numbers, and an alpha_pattern of valid regular expressions."""
+    if "lora_alpha" in c and not _number(c["lora_alpha"]):
+        raise CheckpointError(f"{where}: lora_alpha = {c['lora_alpha']!r} is not a number")
+    pattern = c.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_number(v) for v in pattern.values()):
+        raise CheckpointError(f"{where}: alpha_pattern = {pattern!r} is not an object of numbers")
+    for p in pattern:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise CheckpointError(f"{where}: alpha_pattern key {p!r} is not a valid regular expression ({e})") from None
 
 
 def _peft_scale(config: dict, theirs: str, rank: int) -> float:
@@ -438,13 +436,32 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
     """Merge a LoRA file (kohya, diffusers/PEFT, or older diffusers names; detected from the keys) into the model.
 
     Adds `multiplier * alpha / rank * up @ down` to each addressed weight. Everything is checked
-    before the first weight changes: keys this model does not have, wrong shapes, non-finite values.
+    before the first weight changes: keys this model does not have, a layer named twice, wrong shapes,
+    non-float or non-finite values.
     """
     path = Path(path)
     if path.is_dir():
         path = path / PEFT_FILE
     f = SafetensorsFile(path)  # refuses pickles unread
     name = str(f.path)
+    check_float(name, f.dtypes())
+    groups = _groups(f, name, _names(model.cfg), model.cfg.architecture)
+    fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
+           "peft" if any(".lora_A." in k for k in f) else "diffusers-old")
+    plan = _plan(model, f, groups, _peft_scales(f.metadata, name), name)
+    report = LoadReport(f.path, fmt, float(multiplier))
+    with torch.no_grad():
+        for site, weight, up, down, scale in plan:
+            delta = delta_weight(up.to(weight.device), down.to(weight.device), weight.shape, multiplier * scale)
+            if not torch.isfinite(delta).all():
+                raise CheckpointError(f"{name}: {site.kohya}: the LoRA product overflows (non-finite)")
+            weight.add_(delta.to(weight.dtype))
+            report.applied[site.component] += 1
+    return report
+
+
+def _groups(f: SafetensorsFile, name: str, names: dict[str, Site], architecture: str) -> dict[str, dict[str, str]]:
+    """File keys by module name and role; every module must address a site of the model, each site only once."""
     groups: dict[str, dict[str, str]] = {}  # module name -> role -> file key
     unsupported = []
     for key in f:
@@ -454,20 +471,27 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
     if unsupported:
         raise CheckpointError(f"{name}: {len(unsupported)} tensor{'s' if len(unsupported) != 1 else ''} that are no plain LoRA "
-                        f"({first_few(unsupported)}); LoHa, LoKr, DoRA and other LyCORIS types are not supported")
+                              f"({first_few(unsupported)}); LoHa, LoKr, DoRA and other LyCORIS types are not supported")
     if not groups:
         raise CheckpointError(f"{name}: holds no LoRA tensors")
-    names = _names(model.cfg)
     unknown = sorted(g for g in groups if g not in names)
     if unknown:
         raise CheckpointError(f"{name}: {len(unknown)} of {len(groups)} LoRA modules address nothing in this "
-                        f"{model.cfg.architecture} model ({first_few(unknown)}); is it a LoRA for another model "
-                        "(SD 1.x/2.x, the SDXL base vs refiner) or for a component not loaded?")
-    fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
-           "peft" if any(".lora_A." in k for k in f) else "diffusers-old")
-    peft_cfg = _peft_scales(f.metadata, name)
+                              f"{architecture} model ({first_few(unknown)}); is it a LoRA for another model "
+                              "(SD 1.x/2.x, the SDXL base vs refiner) or for a component not loaded?")
+    spellings: dict[Site, list[str]] = {}
+    for module in groups:
+        spellings.setdefault(names[module], []).append(module)
+    twice = [" and ".join(ms) for ms in spellings.values() if len(ms) > 1]
+    if twice:
+        raise CheckpointError(f"{name}: {len(twice)} layer{'s' if len(twice) != 1 else ''} listed under two names "
+                              f"({first_few(twice)}); merging both would apply them twice: keep one spelling")
+    return groups
 
-    plan, problems = [], []
+
+def _plan(model: SDXLModel, f: SafetensorsFile, groups: dict, peft_cfg: dict, name: str) -> list[tuple]:
+    """(site, weight, up, down, scale) per module, after checking shapes and values; an error lists every bad one."""
+    names, plan, problems = _names(model.cfg), [], []
     for module, roles in groups.items():
         site = names[module]
         if "down" not in roles or "up" not in roles:
@@ -482,35 +506,29 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0) -> LoadReport:
                     and up.shape[:2] == (weight.shape[0], rank)
                     and down.flatten(1).shape[1] == math.prod(weight.shape[1:])
                     and (down.ndim == 2 or weight.ndim == 2 or down.shape[2:] == weight.shape[2:]))
-        if not shape_ok:
+        if rank == 0 and down.ndim:
+            problems.append(f"{module}: rank 0 (lora_down {tuple(down.shape)} is empty)")
+        elif not shape_ok:
             problems.append(f"{module}: down {tuple(down.shape)} up {tuple(up.shape)} for a weight {tuple(weight.shape)}")
-            continue
-        if not all(bool(torch.isfinite(t).all()) for t in (down, up) + ((alpha,) if alpha is not None else ())):
-            problems.append(f"{module}: non-finite (NaN or inf) values")
-            continue
-        if alpha is not None:
-            scale = float(alpha) / rank
+        elif alpha is not None and alpha.numel() != 1:
+            problems.append(f"{module}: alpha holds {alpha.numel()} values, expected one")
+        elif not all(bool(torch.isfinite(t.float()).all()) for t in (down, up) + ((alpha,) if alpha is not None else ())):
+            problems.append(f"{module}: non-finite (NaN or inf) values")  # float(): isfinite has no float8 kernel
         else:
-            scale = _peft_scale(peft_cfg.get(site.component, {}), site.theirs, rank)
-        plan.append((site, weight, up, down, scale))
+            scale = (float(alpha.float()) / rank if alpha is not None
+                     else _peft_scale(peft_cfg.get(site.component, {}), site.theirs, rank))
+            plan.append((site, weight, up, down, scale))
     if problems:
         raise CheckpointError(f"{name}: {len(problems)} bad LoRA module{'s' if len(problems) != 1 else ''}: {first_few(problems)}")
-
-    report = LoadReport(f.path, fmt, float(multiplier))
-    with torch.no_grad():
-        for site, weight, up, down, scale in plan:
-            delta = delta_weight(up.to(weight.device), down.to(weight.device), weight.shape, multiplier * scale)
-            if not torch.isfinite(delta).all():
-                raise CheckpointError(f"{name}: {site.kohya}: the LoRA product overflows (non-finite)")
-            weight.add_(delta.to(weight.dtype))
-            report.applied[site.component] += 1
-    return report
+    return plan
 
 
 def _site_weight(layer: nn.Module, site: Site) -> torch.Tensor:
     """The weight tensor (or bigG's q/k/v row slice of it) that a site's LoRA changes."""
     if isinstance(layer, _WRAPPERS):
         layer = layer.base
+    if site.transposed:
+        return layer.t()  # a view of the Parameter, shaped as transformers' Linear weight
     if site.rows is None:
         return layer.weight
     w = layer.in_proj_weight.shape[1]

@@ -5,34 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import fields
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from sdxl.errors import SDXLError
+from sdxl.formats.files import candidates, write_file
+from sdxl.request import NOT_SETTINGS, Request
+from sdxl.sampling.names import to_a1111
 
 RECIPE_KEY = "sdxl-recipe"
-# Our names -> the names A1111 writes in its infotext (modules/sd_samplers_kdiffusion.py, sd_schedulers.py).
-A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2",
-                  "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-                  "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_sde": "DPM++ SDE", "dpmpp_2s_ancestral": "DPM++ 2S a",
-                  "ddim": "DDIM", "uni_pc": "UniPC"}
-A1111_SCHEDULES = {"sgm": "Uniform", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-                   "simple": "Simple", "ddim_uniform": "DDIM", "leading": "Leading", "trailing": "Trailing"}
-# Request fields that are images or tensors: not part of a JSON recipe.
-NOT_IN_RECIPE = ("init_image", "mask", "init_latent")
+DTYPES = ("fp32", "bf16", "fp16")
+MODEL_KEY = re.compile(r"model|refiner|vae|lora\d+")
 
 
 def next_free(path: str | os.PathLike) -> Path:
-    """`path` if nothing is there, else the first of stem-1.png, stem-2.png, ... that is free."""
-    path = Path(path)
-    if not path.exists():
-        return path
-    i = 1
-    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
-        i += 1
-    return candidate
+    """The name `write_file(path, ..., mode="free")` would take now: `path`, else stem-1.png, stem-2.png, ...
+
+    Only a preview: another process may take it before it is written; writers use write_file."""
+    return next(c for c in candidates(path) if not c.exists())
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -61,11 +54,14 @@ def file_hash(path: str | os.PathLike) -> str:
     return cache[key]
 
 
-def recipe(req, models: dict[str, str | None]) -> dict:
-    """The JSON recipe of a request: every field but images/tensors, plus the model files and their hashes."""
-    d = {k: v for k, v in request_dict(req).items() if k not in NOT_IN_RECIPE}
+def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None) -> dict:
+    """The JSON recipe of a request: every setting (not images/tensors), the model files and their hashes, and
+    the saved latent it started from (file, index, hash), if any."""
+    d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
     d["models"] = {k: v for k, v in models.items() if v}
     d["hashes"] = {k: file_hash(v)[:10] for k, v in models.items() if v and Path(v).is_file()}
+    if latent is not None:
+        d["latent"] = {"file": str(latent[0]), "index": latent[1], "hash": file_hash(latent[0])[:10]}
     return d
 
 
@@ -76,8 +72,8 @@ def request_dict(req) -> dict:
 
 def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py)."""
-    pairs = {"Steps": req.steps, "Sampler": A1111_SAMPLERS[req.sampler], "Schedule type": A1111_SCHEDULES[req.schedule],
-             "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
+    sampler, schedule = to_a1111(req.sampler, req.schedule)
+    pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
     model = models.get("model")
     if model:
         pairs["Model hash"] = file_hash(model)[:10] if Path(model).is_file() else None
@@ -113,41 +109,63 @@ def _quote(v) -> str:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe_: dict) -> Path:
-    """Write a PNG with `parameters` and the recipe as text chunks, at `path` or the next free name."""
+    """Write a PNG with `parameters` and the recipe as text chunks, at `path` or the next free name (never replacing)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     info.add_text(RECIPE_KEY, json.dumps(recipe_))
-    out = next_free(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, out)
-    return out
-
-
-def read_recipe(path: str | os.PathLike) -> dict:
-    """The recipe a PNG of ours carries; a clear error for other images."""
+    path = Path(path)
     try:
-        with Image.open(path) as im:
-            text = im.info.get(RECIPE_KEY)
-    except FileNotFoundError:
-        raise SDXLError(f"{path}: no such file") from None
-    except OSError:
-        raise SDXLError(f"{path}: not a readable image") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDXLError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), mode="free")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A PNG's recipe, checked: Request settings, model files and hashes, dtype, and the saved latent it used."""
+
+    settings: dict
+    models: dict[str, str]
+    hashes: dict[str, str]
+    dtype: str | None = None
+    latent: dict | None = None  # {"file": str, "index": int | None, "hash": str}
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    """The recipe a PNG of ours carries, every field type-checked; a clear error for other images."""
+    from sdxl.images import opened
+
+    with opened(path, "--from-png") as im:
+        text = im.info.get(RECIPE_KEY)
     if text is None:
         raise SDXLError(f"{path}: carries no sdxl recipe (only PNGs written by `sdxl generate` do)")
     try:
-        return json.loads(text)
-    except ValueError:
-        raise SDXLError(f"{path}: its sdxl recipe is not valid JSON") from None
+        d = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SDXLError(f"{path}: its sdxl recipe is not valid JSON (or nested too deeply)") from None
+    return parse_recipe(d, f"{path}: its sdxl recipe")
 
 
-def request_fields_from_recipe(d: dict, request_cls) -> dict:
-    """Recipe dict -> keyword arguments for Request (lists back to tuples)."""
-    names = {f.name for f in fields(request_cls)}
-    out = {}
-    for k, v in d.items():
-        if k in names:
-            out[k] = tuple(v) if isinstance(v, list) else v
-    return out
-
+def parse_recipe(d, source: str) -> Recipe:
+    """A recipe dict -> Recipe; the settings go through Request's rules, the rest is checked here."""
+    if not isinstance(d, dict):
+        raise SDXLError(f"{source} is not a JSON object")
+    d = dict(d)
+    models, hashes = d.pop("models", {}), d.pop("hashes", {})
+    for name, table in (("models", models), ("hashes", hashes)):
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise SDXLError(f"{source}: {name} must be an object of file names, got {table!r:.60}")
+    if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
+        raise SDXLError(f"{source}: unknown model entry {bad[0]!r} (expected model, refiner, vae, lora0, ...)")
+    dtype, latent = d.pop("dtype", None), d.pop("latent", None)
+    if dtype is not None and dtype not in DTYPES:
+        raise SDXLError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r:.60}")
+    if latent is not None and not (isinstance(latent, dict) and isinstance(latent.get("file"), str)
+                                   and isinstance(latent.get("hash"), str)
+                                   and (latent.get("index") is None or type(latent.get("index")) is int)):
+        raise SDXLError(f"{source}: latent must be an object with file, index and hash, got {latent!r:.60}")
+    for key in ("index", "seed_of_image"):  # which image of the batch this PNG is; informational
+        if type(d.pop(key, 0)) is not int:
+            raise SDXLError(f"{source}: {key} must be an integer")
+    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent)

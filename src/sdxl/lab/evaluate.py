@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sdxl.errors import SDXLError
 from sdxl.lab.judge import Judge, frechet_distance, prompt_report
-from sdxl.models.model import DiffusionWrapper, ModelConfig, SDXLModel
+from sdxl.models.model import SDXLModel
 from sdxl.pipeline import Pipeline
 from sdxl.request import Request
 from sdxl.sampling.samplers import SAMPLERS
@@ -92,10 +92,7 @@ def with_unet(base: SDXLModel, unet) -> SDXLModel:
         raise SDXLError(f"the UNet takes context_dim {unet.cfg.context_dim} and adm_in_channels "
                         f"{unet.cfg.adm_in_channels} but the base's text encoders give {c.context_dim} and "
                         f"{c.vector_dim}: it belongs to another model")
-    model = SDXLModel(ModelConfig(None, None, None))
-    model.cfg = ModelConfig(unet.cfg, c, base.cfg.vae)
-    model.model, model.conditioner, model.first_stage_model = DiffusionWrapper(unet), base.conditioner, base.vae
-    return model
+    return SDXLModel.from_parts(unet=unet, conditioner=base.conditioner, vae=base.vae)
 
 
 def variant_pipeline(pipe: Pipeline, path: str | Path) -> Pipeline:

@@ -49,6 +49,14 @@ SDXL_INPAINT = ModelConfig(unet_.SDXL_INPAINT, SDXL_BASE_CONDITIONER, vae_.SDXL_
 TINY_BASE = ModelConfig(unet_.TINY_BASE, ConditionerConfig(CLIP_TINY, OPENCLIP_TINY, BASE_MICRO), vae_.TINY_VAE)
 TINY_REFINER = ModelConfig(unet_.TINY_REFINER, ConditionerConfig(None, OPENCLIP_TINY, REFINER_MICRO), vae_.TINY_VAE)
 
+# The sizes the official base was trained at: the report's multi-aspect buckets (SDXL report, Appendix I),
+# pixel (width, height). `sdxl.train.data.make_buckets(1024, 64, 4.0)` gives all but 1024x960 and 960x1024.
+BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+           (1536, 640), (640, 1536), (1088, 960), (960, 1088), (1280, 768), (768, 1280), (1408, 704), (704, 1408),
+           (1472, 704), (704, 1472), (1600, 640), (640, 1600), (1664, 576), (576, 1664), (1728, 576), (576, 1728),
+           (1792, 576), (576, 1792), (1856, 512), (512, 1856), (1920, 512), (512, 1920), (1984, 512), (512, 1984),
+           (2048, 512), (512, 2048), (1024, 960), (960, 1024))
+
 
 class DiffusionWrapper(nn.Module):
     """sgm `OpenAIWrapper`: only here so the UNet's keys start with `model.diffusion_model.`."""
@@ -70,6 +78,20 @@ class SDXLModel(nn.Module):
             self.conditioner = Conditioner(cfg.conditioner, device, dtype)
         if cfg.vae is not None:
             self.first_stage_model = AutoencoderKL(cfg.vae, device, dtype)
+
+    @classmethod
+    def from_parts(cls, unet: UNet | None = None, conditioner: Conditioner | None = None,
+                   vae: AutoencoderKL | None = None) -> "SDXLModel":
+        """A model holding these modules (shared, not copied); its config is theirs."""
+        model = cls(ModelConfig(None, None, None))
+        model.cfg = ModelConfig(*(None if m is None else m.cfg for m in (unet, conditioner, vae)))
+        if unet is not None:
+            model.model = DiffusionWrapper(unet)
+        if conditioner is not None:
+            model.conditioner = conditioner
+        if vae is not None:
+            model.first_stage_model = vae
+        return model
 
     @property
     def unet(self) -> UNet:

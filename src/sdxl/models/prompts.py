@@ -38,8 +38,13 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
             round_open.append(len(runs))
         elif tok == "[":
             square_open.append(len(runs))
-        elif weight is not None and round_open:
+        elif weight is not None and round_open and _is_number(weight):
             scale(round_open.pop(), float(weight))
+        elif weight is not None and round_open:  # a malformed weight, e.g. (red:1.2.3): the text stays literal
+            start = round_open.pop()
+            runs.insert(start, ["(", 1.0])
+            runs.append([tok, 1.0])
+            square_open[:] = [i + (i >= start) for i in square_open]
         elif tok == ")" and round_open:
             scale(round_open.pop(), 1.1)
         elif tok == "]" and square_open:
@@ -65,6 +70,14 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged] or [("", 1.0)]
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class TokenWindows:
     """One prompt as 77-token windows: ids (n, 77) and per-token weights (n, 77)."""
@@ -78,17 +91,26 @@ class TokenWindows:
 
 
 def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) -> TokenWindows:
-    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG)."""
-    windows: list[tuple[list[int], list[float]]] = [([], [])]
+    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG).
+
+    As A1111's `tokenize_line`: BREAK and a full window close the current window; a last window stays only
+    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one.
+    """
+    windows: list[tuple[list[int], list[float]]] = []
+    current: tuple[list[int], list[float]] = ([], [])
     for run, weight in parse_weights(text):
         if weight == -1.0:  # BREAK
-            windows.append(([], []))
+            windows.append(current)
+            current = ([], [])
             continue
         for i in tokenizer.ids(run):
-            if len(windows[-1][0]) == WINDOW:
-                windows.append(([], []))
-            windows[-1][0].append(i)
-            windows[-1][1].append(weight)
+            if len(current[0]) == WINDOW:
+                windows.append(current)
+                current = ([], [])
+            current[0].append(i)
+            current[1].append(weight)
+    if current[0] or not windows:
+        windows.append(current)
     while len(windows) < min_windows:
         windows.append(([], []))
     ids, weights = [], []

@@ -173,19 +173,26 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Nearest 2x, or to `size` (the skip's size where a downsample rounded an odd side up), as diffusers'
+        `forward_upsample_size` and ComfyUI's `output_shape` do, so any latent size works."""
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A block of layers; each gets what it needs (sgm `TimestepEmbedSequential`)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -240,7 +247,9 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W)."""
+        """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W).
+
+        Any H, W: a downsample rounds an odd side up and the matching upsample goes back to the skip's size."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         emb = emb + self.label_emb(y.to(dtype))
@@ -251,13 +260,14 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
 
-    def _run(self, block: TimestepEmbedSequential, h, emb, context):
+    def _run(self, block: TimestepEmbedSequential, h, emb, context, size=None):
         if self.gradient_checkpointing and self.training:
-            return torch.utils.checkpoint.checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return torch.utils.checkpoint.checkpoint(block, h, emb, context, size, use_reentrant=False)
+        return block(h, emb, context, size)
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> UNetConfig:

@@ -290,7 +290,9 @@ def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
     """x resized (area-preserving aspect) so its longer side is at most `size`."""
     h, w = x.shape[-2:]
     s = min(1.0, size / max(h, w))
-    return F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", antialias=True)
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    # float32: antialiased interpolation has no bf16/fp16 kernel on CPU
+    return F.interpolate(x.float(), size=size, mode="bilinear", antialias=True).to(x.dtype)
 
 
 class _shared_norm_stats:

@@ -57,30 +57,41 @@ class EpsDenoiser:
         return x - (s * eps).to(x.dtype)
 
 
-def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> NoiseSampler:
-    """Noise from one CPU `torch.Generator(seed)` stream per image, drawn in float32, moved to x's device/dtype.
+class GeneratorNoise:
+    """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise.
 
-    Each call returns (B, C, H, W) noise whose image b comes from `seeds[b]` alone, so results
-    do not depend on the device or on the batch an image is in. The first `skip` draws
-    of x's shape are discarded: with skip=1 the stream continues after the initial latent
-    (`randn((1, C, H, W), generator=Generator().manual_seed(seed))`), as one diffusers
-    generator per image does in text-to-image, instead of repeating the initial noise.
-    Count every x-shaped draw the caller took from the seed (diffusers' img2img takes two:
-    the VAE posterior sample and the noise).
+    Row b of every draw comes from `seeds[b]` alone, so an image does not depend on the device or on the
+    batch it is in (docs/samplers.md §1; diffusers' generator lists). The pipeline draws from it in order: the VAE
+    posterior sample, the initial noise, then each stochastic sampler step (`sampler`).
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+    def randn(self, shape: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+        """(N, *shape): row i drawn as `randn((1, *shape), generator=generators[i])` in float32."""
+        rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.cat(rows).to(device, dtype)
+
+    def sampler(self, like: Tensor) -> NoiseSampler:
+        """A `noise_sampler(sigma, sigma_next)` giving noise of `like`'s shape, device and dtype."""
+        return lambda sigma, sigma_next: self.randn(like.shape[1:], like.device, like.dtype)
+
+
+def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> NoiseSampler:
+    """`GeneratorNoise(seeds).sampler(x)` after discarding the first `skip` draws of x's shape.
+
+    With skip=1 the stream continues after the initial latent (`randn((1, C, H, W),
+    generator=Generator().manual_seed(seed))`), as one diffusers generator per image does in
+    text-to-image, instead of repeating the initial noise. Count every x-shaped draw the caller
+    took from the seed (diffusers' img2img takes two: the VAE posterior sample and the noise).
     """
     if len(seeds) != x.shape[0]:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for a batch of {x.shape[0]}")
-    shape = (1, *x.shape[1:])
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-    for g in generators:
-        for _ in range(skip):
-            torch.randn(shape, generator=g, dtype=torch.float32)
-
-    def sample(sigma: float, sigma_next: float) -> Tensor:
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        return noise.to(x.device, x.dtype)
-
-    return sample
+    noise = GeneratorNoise(seeds)
+    for _ in range(skip):
+        noise.randn(x.shape[1:])
+    return noise.sampler(x)
 
 
 def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sdxl.errors import SDXLError
+from sdxl.formats import files
+from sdxl.formats.files import fsync as _fsync
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -47,23 +49,13 @@ def latest(output: Path) -> Path | None:
     return folder
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """One safetensors file, flushed to disk."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync(path)
+    """One safetensors file of this run's checkpoint, flushed to disk (files.write_tensors, replacing)."""
+    files.write_tensors(path, tensors, metadata, mode="replace")
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    _fsync(path)
+    files.write_json(path, obj, mode="replace", indent=1)
 
 
 def _barrier() -> None:

@@ -346,11 +346,9 @@ def text_cache_file(cache_dir: Path, caption: str, fingerprint: str) -> Path:
 
 
 def _save_atomic(tensors: dict, f: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from sdxl.formats.files import write_tensors
 
-    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, f)  # concurrent writers of one file (ranks, parallel trainings) write the same bytes
+    write_tensors(f, tensors, metadata, mode="replace")  # concurrent writers of one file (ranks, runs) write the same bytes
 
 
 @torch.no_grad()
