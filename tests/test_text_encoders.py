@@ -203,10 +203,8 @@ def test_full_size_matches_official_keys(file, prefix, cls, cfg, count):
         assert out.shape == (2, 77, cfg.width)
 
 
-def test_meta_build_is_cheap():
-    import time
-
-    t = time.perf_counter()
-    OpenCLIPTextEmbedder(OPENCLIP_BIGG, device="meta")
-    CLIPTextEmbedder(CLIP_L, device="meta")
-    assert time.perf_counter() - t < 2.0
+def test_meta_build_allocates_nothing():
+    """Full-size encoders built on the meta device hold no storage: every parameter and buffer stays on meta."""
+    for model in (OpenCLIPTextEmbedder(OPENCLIP_BIGG, device="meta"), CLIPTextEmbedder(CLIP_L, device="meta")):
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert tensors and all(t.device.type == "meta" for t in tensors)
