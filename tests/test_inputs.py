@@ -315,7 +315,7 @@ GOOD = {"prompt": "a star", "width": 64, "height": 64, "steps": 2, "seed": 3}
     (GOOD | {"width": "abc"}, "its sdxl recipe: width must be an integer, got 'abc'"),
     (GOOD | {"cfg": "high"}, "cfg must be a number, got 'high'"),
     (GOOD | {"crop": [0]}, "crop must be a list of 2 integers, got [0]"),
-    (GOOD | {"prompt": 7}, "prompt must be a string, got 7"),
+    (GOOD | {"prompt": 7}, "prompt must be a string or a list of strings, got 7"),
     (GOOD | {"init_image": "x.png"}, "init_image cannot be given as a setting; pass the file with --init-image"),
     (GOOD | {"seed": 2**64}, "seed must be in 0..2**64-1"),
     (GOOD | {"dtype": "fp8"}, "dtype must be one of fp32, bf16, fp16"),
