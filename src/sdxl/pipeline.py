@@ -183,9 +183,7 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
         raise SDXLError(f"{name}: a UNet-only refiner (context {unet.context_dim}, vector {unet.adm_in_channels}) "
                         f"does not fit the base's bigG encoder (width {bigg.cfg.width}, pooled {bigg.cfg.proj_dim}) "
                         "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
-    conditioner = Conditioner(cfg, device="meta")
-    conditioner.embedders[0] = bigg
-    return SDXLModel.from_parts(unet=refiner.unet, conditioner=conditioner)
+    return SDXLModel.from_parts(unet=refiner.unet, conditioner=Conditioner.from_parts(cfg, bigg))
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
