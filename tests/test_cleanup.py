@@ -78,3 +78,76 @@ def test_write_samples_leaves_training_state_alone(tmp_path):
     assert (tmp_path / "samples" / "step-000001-0.png").is_file()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert all(m.training for m in model.modules())
+
+
+# --- file I/O through sdxl.formats.files ------------------------------------------------------------
+
+def test_a_pickled_optimizer_file_is_refused_in_one_line(tmp_path):
+    """checkpointing.load reads through SafetensorsFile: a pickle is refused unread, a corrupt file named."""
+    import pickle
+
+    from sdxl.errors import CheckpointError
+    from sdxl.train import checkpointing
+
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "optimizer.safetensors").write_bytes(pickle.dumps({"state": {}}, protocol=4))
+    with pytest.raises(CheckpointError) as e:
+        checkpointing.load(tmp_path, 0)
+    assert str(e.value).startswith(f"{tmp_path / 'optimizer.safetensors'}: is a Python pickle")
+    (tmp_path / "optimizer.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(CheckpointError) as e:
+        checkpointing.load(tmp_path, 0)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'optimizer.safetensors'}: corrupt safetensors header")
+    assert "\n" not in message and "re-download" not in message
+
+
+def test_latest_pointer_is_written_through_write_file(tmp_path, monkeypatch):
+    """The `latest` pointer is replaced atomically by files.write_file, naming the new folder."""
+    from sdxl.formats import files
+    from sdxl.train import checkpointing
+
+    written = []
+    real = files.write_file
+    monkeypatch.setattr(files, "write_file", lambda path, *a, **k: written.append(path) or real(path, *a, **k))
+    for step in (1, 2):
+        checkpointing.save(tmp_path, step, {"w": torch.ones(2)}, {"state": {}, "param_groups": []}, None,
+                           {"step": step}, keep=2)
+    assert (tmp_path / "latest").read_text() == "step-000002\n"
+    assert written.count(tmp_path / "latest") == 2
+    assert torch.equal(checkpointing.load(tmp_path / "step-000002", 0)["trained"]["w"], torch.ones(2))
+
+
+def test_a_corrupt_cache_file_is_skipped_and_named(tmp_path):
+    """A damaged latent cache file: that image is skipped, and the reason names the cache file and the fix."""
+    from sdxl.formats.files import write_tensors
+    from sdxl.train import data
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    good = tmp_path / "good.safetensors"
+    write_tensors(good, {"mean": torch.zeros(4, 16, 16), "std": torch.ones(4, 16, 16)},
+                  {"crop_coords_top_left": "[0, 0]"})
+    text = tmp_path / "text.safetensors"
+    write_tensors(text, {"crossattn": torch.zeros(77, 8), "pooled": torch.zeros(8)})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:-3])
+    items = [data.Item(str(image), "a", (32, 32)), data.Item(str(image), "b", (32, 32))]
+    ds = data.CachedDataset(items, [(32, 32)], [0, 0], 0, False, 6.0, [bad, good], [text, text])
+    sample = ds[(0, 0, 0)]
+    assert sample["caption"] == "b" and torch.equal(sample["std"], torch.ones(4, 16, 16))
+    assert sample["failed"] == [f"{bad}: truncated: the header describes 8192 bytes of tensor data but the file "
+                                "holds 8189; delete it: it is rebuilt"]
+
+
+def test_recipe_unet_only_writes_the_unet_in_fp16(base, tmp_path):
+    from sdxl.formats.files import SafetensorsFile
+    from sdxl.lab import recipe
+
+    ck.save_single_file(base, tmp_path / "full.safetensors")
+    (tmp_path / "unet.safetensors").write_bytes(b"an older export")
+    recipe.unet_only(tmp_path / "full.safetensors", tmp_path / "unet.safetensors", {"sdxl.lab.recipe": "test"})
+    f = SafetensorsFile(tmp_path / "unet.safetensors")
+    want = {"model.diffusion_model." + k: v for k, v in base.unet.state_dict().items()}
+    assert f.metadata == {"sdxl.lab.recipe": "test"} and set(f) == set(want)
+    assert all(f[k].dtype == torch.float16 and torch.equal(f[k], v.half()) for k, v in want.items())
