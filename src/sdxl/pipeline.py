@@ -449,7 +449,7 @@ class Pipeline:
                 known = " or ".join(repr(k) for k, m in models.items() if m is not None)
                 raise SDXLError(f"embeddings: {name!r} is not a model of this pipeline; give {known}")
             unet = models[name].unet.cfg
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Conditioning)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Conditioning)
                     and (pair[1] is None or isinstance(pair[1], Conditioning))):
                 raise SDXLError(f"embeddings[{name!r}]: expected the (cond, uncond) pair that Pipeline.conditioning "
                                 "returns")
@@ -480,10 +480,11 @@ class Pipeline:
             return self.conditioning(model, req)
         if not resized:
             return pair
-        pooled = model.conditioner.cfg.bigg.proj_dim
-        return tuple(None if c is None else Conditioning(c.crossattn, torch.cat(
-            [c.vector[:, :pooled], model.conditioner.encode_micro(self.micro(req, negative), req.batch).to(c.vector)],
-            dim=-1)) for c, negative in zip(pair, (False, True)))
+        pooled = model.conditioner.cfg.bigg.proj_dim  # vector = pooled ++ Fourier(micro) (`Conditioner.forward`)
+        micro = [model.conditioner.encode_micro(self.micro(req, negative), req.batch) for negative in (False, True)]
+        return tuple(None if c is None else
+                     Conditioning(c.crossattn, torch.cat([c.vector[:, :pooled], m.to(c.vector)], dim=-1))
+                     for c, m in zip(pair, micro))
 
     def _latent_shape(self, req: Request) -> tuple[int, int, int]:
         f = self.latent_factor
