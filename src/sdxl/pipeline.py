@@ -183,9 +183,7 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
         raise SDXLError(f"{name}: a UNet-only refiner (context {unet.context_dim}, vector {unet.adm_in_channels}) "
                         f"does not fit the base's bigG encoder (width {bigg.cfg.width}, pooled {bigg.cfg.proj_dim}) "
                         "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
-    conditioner = Conditioner(cfg, device="meta")
-    conditioner.embedders[0] = bigg
-    return SDXLModel.from_parts(unet=refiner.unet, conditioner=conditioner)
+    return SDXLModel.from_parts(unet=refiner.unet, conditioner=Conditioner.from_parts(cfg, bigg))
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
@@ -206,6 +204,20 @@ def _finite(out) -> bool:
     """A VAE output (pixels, or a posterior's mean and log-variance) holds no NaN/Inf."""
     tensors = (out.mean, out.logvar) if hasattr(out, "logvar") else (out,)
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def blur_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A1111's `mask_blur` (modules/processing.py): a Gaussian of standard deviation `radius` pixels over a kernel
+    2 * int(2.5 * radius + 0.5) + 1 wide, as its cv2.GaussianBlur, edges replicated; (1, 1, H, W). Pixels farther
+    than the kernel's half width outside the mask stay exactly 0."""
+    if radius == 0:
+        return mask
+    half = int(2.5 * radius + 0.5)
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-x * x / (2 * radius * radius))
+    k = (k / k.sum()).to(mask.dtype)
+    mask = F.conv2d(F.pad(mask, (half, half, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))  # rows
+    return F.conv2d(F.pad(mask, (0, 0, half, half), mode="replicate"), k.view(1, 1, -1, 1))  # columns
 
 
 def non_finite_error(what: str, dtype: torch.dtype) -> SDXLError:
@@ -355,8 +367,8 @@ class Pipeline:
             return pixels
         h, w = pixels.shape[-2:]
         image = (self._image_tensor(req.init_image, w, h)[None] + 1) / 2
-        m = self._mask_tensor(req.mask, req.init_image.size, w, h)
-        return pixels * m.to(pixels) + image.to(pixels) * (1 - m.to(pixels))
+        m = blur_mask(self._mask_tensor(req.mask, req.init_image.size, w, h), req.mask_blur).to(pixels)
+        return pixels * m + image.to(pixels) * (1 - m)
 
     # --- the plan ----------------------------------------------------------------------------
 
@@ -393,24 +405,27 @@ class Pipeline:
 
     # --- generation --------------------------------------------------------------------------
 
-    def generate(self, req: Request, callback=None) -> Result:
+    def generate(self, req: Request, callback=None, embeddings: dict | None = None) -> Result:
         """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), outpainting, refiner, hires.
 
         `callback` gets k-diffusion's step dict once per sampler step, `plan(req).total_steps` times in all.
+        `embeddings`: {"base" and/or "refiner": the (cond, uncond) pair `conditioning(model, req)` returns}, used
+        instead of encoding the prompt (encode once, generate many); hires gets its own size's micro-conditioning.
         """
         req = self._checked(req)
+        embeddings = self._checked_embeddings(req, embeddings or {})
         plan = self.plan(req)
         noise = GeneratorNoise(range(req.seed, req.seed + req.batch))
         start = self._initial(req, plan.stages[0], noise)
         x = start.x
         denoising = [s for s in plan.stages if s.name != "hires"]
         for stage in denoising:
-            x = self._run_stage(req, stage, x, start, noise, callback)
+            x = self._run_stage(req, stage, x, start, noise, callback, embeddings)
         if start.blend is not None:  # paste the known region exactly (diffusers' last blend)
             keep, known, _ = start.blend
             x = x * (1 - keep) + known * keep
         for stage in plan.stages[len(denoising):]:
-            x = self._hires(req, stage, x, noise, callback)
+            x = self._hires(req, stage, x, noise, callback, embeddings)
         return Result(x, self.to_pil(self._overlay(req, self.decode(x))))
 
     def _checked(self, req: Request) -> Request:
@@ -423,6 +438,53 @@ class Pipeline:
             warnings.warn(f"{req.width}x{req.height} is not one of SDXL's trained sizes; results may degrade "
                           f"(the nearest aspect ratio it was trained on: {w}x{h})")
         return req
+
+    def _checked_embeddings(self, req: Request, embeddings: dict) -> dict:
+        """`generate`'s precomputed (cond, uncond) pairs, checked against the request and each model's shapes and
+        moved to the pipeline's device and dtype; a one-line SDXLError for anything that does not fit."""
+        models = {"base": self.base, "refiner": self.refiner}
+        out = {}
+        for name, pair in embeddings.items():
+            if models.get(name) is None:
+                known = " or ".join(repr(k) for k, m in models.items() if m is not None)
+                raise SDXLError(f"embeddings: {name!r} is not a model of this pipeline; give {known}")
+            unet = models[name].unet.cfg
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Conditioning)
+                    and (pair[1] is None or isinstance(pair[1], Conditioning))):
+                raise SDXLError(f"embeddings[{name!r}]: expected the (cond, uncond) pair that Pipeline.conditioning "
+                                "returns")
+            cond, uncond = pair
+            windows = cond.crossattn.shape[1] if cond.crossattn.ndim == 3 else 0
+            want = ((req.batch, windows, unet.context_dim), (req.batch, unet.adm_in_channels))
+            for what, c in (("cond", cond), ("uncond", uncond)):
+                got = None if c is None else (tuple(c.crossattn.shape), tuple(c.vector.shape))
+                if what == "uncond" and c is None and req.cfg == 1.0:
+                    continue
+                if got != want or windows == 0 or windows % 77:
+                    raise SDXLError(f"embeddings[{name!r}]: {what} crossattn and vector are {got}, expected {want} "
+                                    f"with 77 * windows tokens for batch {req.batch} (cfg {req.cfg}); pass "
+                                    "Pipeline.conditioning(model, request) of this request")
+                if not (torch.isfinite(c.crossattn).all() and torch.isfinite(c.vector).all()):
+                    raise SDXLError(f"embeddings[{name!r}]: {what} holds non-finite values (NaN/Inf)")
+            dtype = next(models[name].unet.parameters()).dtype
+            out[name] = tuple(None if c is None else Conditioning(c.crossattn.to(self.device, dtype),
+                                                                  c.vector.to(self.device, dtype)) for c in pair)
+        return out
+
+    def _conditioning(self, model: SDXLModel, req: Request, embeddings: dict,
+                      resized: bool = False) -> tuple[Conditioning, Conditioning | None]:
+        """The given embeddings of this model, else the prompt encoded; `resized` (hires): the vector's
+        micro-conditioning is that of `req`'s size, the pooled text embedding kept."""
+        pair = embeddings.get("base" if model is self.base else "refiner")
+        if pair is None:
+            return self.conditioning(model, req)
+        if not resized:
+            return pair
+        pooled = model.conditioner.cfg.bigg.proj_dim  # vector = pooled ++ Fourier(micro) (`Conditioner.forward`)
+        micro = [model.conditioner.encode_micro(self.micro(req, negative), req.batch) for negative in (False, True)]
+        return tuple(None if c is None else
+                     Conditioning(c.crossattn, torch.cat([c.vector[:, :pooled], m.to(c.vector)], dim=-1))
+                     for c, m in zip(pair, micro))
 
     def _latent_shape(self, req: Request) -> tuple[int, int, int]:
         f = self.latent_factor
@@ -471,7 +533,7 @@ class Pipeline:
         return s if req.schedule == "trailing" else math.sqrt(s * s + 1)
 
     def _run_stage(self, req: Request, stage: Stage, x: torch.Tensor, start: _Start, noise: GeneratorNoise,
-                   callback) -> torch.Tensor:
+                   callback, embeddings: dict) -> torch.Tensor:
         """A base or refiner stage; refiner SDEdit first re-noises the previous result to its first sigma."""
         if stage.name == "refiner-sdedit" and stage.start == "previous":
             x = x + noise.randn(tuple(x.shape[1:]), self.device) * stage.sigmas[0]
@@ -479,10 +541,11 @@ class Pipeline:
             return x
         model = self.base if stage.model == "base" else self.refiner
         on_base = stage.name == "base"
-        return self._sample(model, req, x, stage.sigmas, noise, callback, start.extra if on_base else None,
-                            start.blend, start.skip_first_blend and on_base)
+        return self._sample(model, self._conditioning(model, req, embeddings), req, x, stage.sigmas, noise, callback,
+                            start.extra if on_base else None, start.blend, start.skip_first_blend and on_base)
 
-    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback) -> torch.Tensor:
+    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback,
+               embeddings: dict) -> torch.Tensor:
         """A1111's hires fix: upscale (latent or pixels) then img2img at the larger size."""
         w, h = (int(round(v * req.hires_scale / 8)) * 8 for v in (req.width, req.height))
         big = replace(req, width=w, height=h, strength=req.hires_strength, hires_scale=None, init_image=None,
@@ -495,11 +558,15 @@ class Pipeline:
             known = F.interpolate(x, size=(h // self.latent_factor, w // self.latent_factor), mode="bicubic",
                                   align_corners=False)
         x = known + noise.randn(tuple(known.shape[1:]), self.device) * stage.sigmas[0]
-        return self._sample(self.base, big, x, stage.sigmas, noise, callback) if stage.steps else x
+        if not stage.steps:
+            return x
+        return self._sample(self.base, self._conditioning(self.base, big, embeddings, resized=True), big, x,
+                            stage.sigmas, noise, callback)
 
-    def _sample(self, model: SDXLModel, req: Request, x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise,
-                callback=None, extra=None, blend=None, skip_first_blend=False) -> torch.Tensor:
-        cond, uncond = self.conditioning(model, req)
+    def _sample(self, model: SDXLModel, conditioning: tuple[Conditioning, Conditioning | None], req: Request,
+                x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
+                skip_first_blend=False) -> torch.Tensor:
+        cond, uncond = conditioning
         sigma_range = self._guidance_sigmas(req)
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale, sigma_range, extra,
                                   blend, skip_first_blend)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.formats.files import write_tensors
 from sdxl.models.conditioning import BASE_MICRO, REFINER_MICRO, ConditionerConfig
 from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
@@ -209,12 +210,10 @@ def trained_file(out: Path, stage: str) -> Path:
 
 
 def unet_only(src: Path, dst: Path, metadata: dict) -> None:
-    """The UNet of a single file (`model.diffusion_model.*`), fp16."""
-    from safetensors.torch import save_file
-
+    """The UNet of a single file (`model.diffusion_model.*`), fp16; replaces `dst` (the exported asset)."""
     f = checkpoint_io.SafetensorsFile(src)
-    state = {k: f[k].to(torch.float16).contiguous() for k in f.shapes() if k.startswith("model.diffusion_model.")}
-    save_file(state, str(dst), metadata=metadata)
+    state = {k: f[k].to(torch.float16) for k in f.shapes() if k.startswith("model.diffusion_model.")}
+    write_tensors(dst, state, metadata, mode="replace")
 
 
 def record(out: Path, stage: str) -> dict:

@@ -86,10 +86,24 @@ class Conditioner(nn.Module):
     """Base: [CLIP-L, bigG, original_size, crop, target]; refiner: [bigG, original_size, crop, aesthetic]."""
 
     def __init__(self, cfg: ConditionerConfig = SDXL_BASE_CONDITIONER, device=None, dtype=None):
-        super().__init__()
-        self.cfg = cfg
         text = [CLIPTextEmbedder(cfg.clip_l, device, dtype)] if cfg.clip_l else []
-        text.append(OpenCLIPTextEmbedder(cfg.bigg, device, dtype))
+        self._assemble(cfg, text + [OpenCLIPTextEmbedder(cfg.bigg, device, dtype)])
+
+    @classmethod
+    def from_parts(cls, cfg: ConditionerConfig, bigg: OpenCLIPTextEmbedder,
+                   clip_l: CLIPTextEmbedder | None = None) -> "Conditioner":
+        """A conditioner around these text encoders (shared, not copied), with `cfg`'s micro-conditioning."""
+        given = (None if clip_l is None else clip_l.cfg, bigg.cfg)
+        if given != (cfg.clip_l, cfg.bigg):
+            raise ValueError(f"Conditioner.from_parts: encoders {given} do not match the config's "
+                             f"{(cfg.clip_l, cfg.bigg)}")
+        conditioner = cls.__new__(cls)
+        conditioner._assemble(cfg, ([clip_l] if clip_l is not None else []) + [bigg])
+        return conditioner
+
+    def _assemble(self, cfg: ConditionerConfig, text: list[nn.Module]) -> None:
+        nn.Module.__init__(self)
+        self.cfg = cfg
         self.embedders = nn.ModuleList(text + [FourierEmbedder(cfg.fourier_dim) for _ in cfg.micro])
 
     @property

@@ -192,23 +192,14 @@ def coerce(value, tp, name: str):
         if not isinstance(value, dict):
             raise bad
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
+    if tp in _SCALARS:  # a bool is a Python int, but not a config integer or number
+        if not isinstance(value, _SCALARS[tp]) or (isinstance(value, bool) and tp is not bool):
             raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
+        return float(value) if tp is float else value
     raise TypeError(f"{name}: unsupported config type {tp}")
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}  # config type -> accepted Python types
 
 
 def parse_value(text: str):

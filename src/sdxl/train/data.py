@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdxl.errors import SDXLError
+from sdxl.formats.files import SafetensorsFile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -261,7 +262,8 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 return self._sample(i, self.bucket_of[index], k, pos) | {"failed": failed}
             except Exception as e:  # a corrupt file must not end the run; PIL raises many types
-                failed.append(f"{self.items[i].path}: unreadable ({type(e).__name__})")
+                failed.append(str(e) if isinstance(e, SDXLError)  # a corrupt cache file names itself
+                              else f"{self.items[i].path}: unreadable ({type(e).__name__})")
         # not raised here: from a DataLoader worker it would arrive wrapped in the worker's traceback
         return {"error": f"every image of bucket {self.buckets[self.bucket_of[index]]} is unreadable "
                          f"({len(failed)} tried, e.g. {failed[0]})", "failed": failed, "key": (k, pos)}
@@ -308,14 +310,11 @@ class CachedDataset(ImageDataset):
         self.files, self.text_files = files, text_files
 
     def _sample(self, i: int, b: int, k: int, pos: int) -> dict:
-        from safetensors import safe_open
-
         item = self.items[i]
-        with safe_open(str(self.files[i]), "pt") as f:
-            latent = {name: f.get_tensor(name) for name in ("mean", "std")}
-            meta = f.metadata()
-        with safe_open(str(self.text_files[i]), "pt") as f:
-            text = {name: f.get_tensor(name) for name in ("crossattn", "pooled")}
+        f = SafetensorsFile(self.files[i], fix="delete it: it is rebuilt")
+        latent, meta = {name: f[name] for name in ("mean", "std")}, f.metadata
+        f = SafetensorsFile(self.text_files[i], fix="delete it: it is rebuilt")
+        text = {name: f[name] for name in ("crossattn", "pooled")}
         return {**latent, **text, "caption": item.caption, "original_size": item.size,
                 "crop_coords_top_left": tuple(json.loads(meta["crop_coords_top_left"])),
                 "target_size": self.buckets[b], "key": (k, pos),

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sdxl.formats import checkpoint as checkpoint_io
-from sdxl.errors import SDXLError
+from sdxl.errors import CheckpointError, SDXLError
 from sdxl.models.model import SDXLModel
 from sdxl.sampling.schedules import discrete_sigmas
 from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
@@ -514,12 +514,10 @@ def save_checkpoint(output: Path, run: Run) -> Path:
 
 def restore(folder: Path, run: Run, log) -> None:
     """Load weights, optimizer, EMA, step, data position and RNG states from a checkpoint folder."""
-    from safetensors import SafetensorError
-
     try:
         ckpt = checkpointing.load(folder, run.dist.rank)
         _apply_checkpoint(folder, ckpt, run)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, CheckpointError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SDXLError(f"{folder}: the checkpoint cannot be read ({detail}); point {folder.parent / 'latest'} at "
                         "an earlier step-* folder or start again in a new --output") from None
@@ -570,18 +568,11 @@ def write_samples(run: Run, tokenizer, output: Path, step: int) -> None:
     size = cfg.sample_size or cfg.resolution
     folder = output / "samples"
     folder.mkdir(exist_ok=True)
-    was_training = {m: m.training for m in (model.unet, model.conditioner)}
     pipe = Pipeline(model, device=run.dist.device, dtype=torch.float32, tokenizer=tokenizer, channels_last=False)
-    try:
-        for i, prompt in enumerate(cfg.sample_prompts):
-            req = Request(prompt, width=size, height=size, steps=cfg.sample_steps, cfg=cfg.sample_cfg,
-                          seed=cfg.sample_seed + i)
-            pipe.generate(req).images[0].save(folder / f"{checkpointing.folder_name(step)}-{i}.png")
-    finally:  # the Pipeline froze the model for inference
-        for p in run.trained.values():
-            p.requires_grad_(True)
-        for m, mode in was_training.items():
-            m.train(mode)
+    for i, prompt in enumerate(cfg.sample_prompts):  # the Pipeline works on its own copies: training state untouched
+        req = Request(prompt, width=size, height=size, steps=cfg.sample_steps, cfg=cfg.sample_cfg,
+                      seed=cfg.sample_seed + i)
+        pipe.generate(req).images[0].save(folder / f"{checkpointing.folder_name(step)}-{i}.png")
 
 
 def write_final(run: Run, output: Path) -> Path:
