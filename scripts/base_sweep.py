@@ -48,7 +48,7 @@ def fill(out: Path, rank: int, world: int) -> None:
     items, _ = data.scan(cfg.dataset, out)
     buckets = data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)
     bucket_of = [data.nearest_bucket(it.size, buckets) for it in items]
-    loop.build_cache(cfg, model, Tokenizer.default(), items, buckets, bucket_of, rank, world)
+    loop.build_cache(cfg, model, Tokenizer.default(), items, buckets, bucket_of, loop.Dist(rank, world, device))
 
 
 def score(path: Path, n: int) -> dict:

@@ -1,6 +1,28 @@
 import pytest
 import torch
 
+# `sdxl generate` flags for a tiny model: 2 steps at 64x64 in fp32, quiet, no watermark
+FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """`sdxl *argv` in this process: (exit code, stdout, stderr)."""
+    from sdxl.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def draft_and_refine(capsys, base, refiner, folder, strength: float, out):
+    """`generate` 2 drafts (seed 1) saving their latent, then refine draft 1 from it (seed 2) into `out`:
+    ((exit code, stdout, stderr) of the refinement, the latent file)."""
+    lat = folder / "draft.safetensors"
+    run(capsys, "generate", "a boat", "--model", base, "--seed", 1, "--batch", 2, "--save-latent", lat,
+        "-o", folder / "draft.png", *FAST)
+    return run(capsys, "generate", "a boat", "--model", base, "--refiner", refiner, "--latent", lat, "--latent-index", 1,
+               "--refiner-strength", strength, "--seed", 2, "-o", out, *FAST), lat
+
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
     """Perturb every parameter (weights, biases, norm affines) so that no path is a no-op."""

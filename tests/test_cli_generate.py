@@ -5,28 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_checkpoints
+from conftest import FAST, draft_and_refine, run, tiny_checkpoints
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdxl.cli import main
 from sdxl.formats import checkpoint as ck
 from sdxl.formats.png import file_hash
 from sdxl.pipeline import Pipeline
 from sdxl.request import Request
 
-FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return tiny_checkpoints(tmp_path_factory.mktemp("cli"))
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def pixels(path) -> np.ndarray:
@@ -115,11 +106,7 @@ def test_save_latent(files, tmp_path, capsys):
 
 def test_refine_a_chosen_saved_latent(files, tmp_path, capsys):
     base, ref = files
-    lat = tmp_path / "draft.safetensors"
-    run(capsys, "generate", "a boat", "--model", base, "--seed", 1, "--batch", 2, "--save-latent", lat,
-        "-o", tmp_path / "draft.png", *FAST)
-    code, text, _ = run(capsys, "generate", "a boat", "--model", base, "--refiner", ref, "--latent", lat,
-                        "--latent-index", 1, "--refiner-strength", 0.3, "--seed", 2, "-o", tmp_path / "refined.png", *FAST)
+    (code, text, _), lat = draft_and_refine(capsys, base, ref, tmp_path, 0.3, tmp_path / "refined.png")
     assert code == 0 and "refined.png" in text
     code, _, err = run(capsys, "generate", "a boat", "--model", base, "--latent", lat, "--latent-index", 5, *FAST)
     assert code == 2 and "out of range" in err

@@ -1,7 +1,7 @@
 """The commands that moved into `sdxl` (cli.py): judge train, recipe, train-vae, detect-watermark.
 
 Each runs through `sdxl.cli.main` as a user would; bad input gives exit code 2 and one line on stderr.
-The recipe's full run at a tiny scale is in test_recipe.py (it goes through `main(["recipe", ...])` too).
+The recipe's stages at a tiny scale are in test_recipe.py (called directly; its data stage through `main(["recipe", ...])`).
 """
 
 import json

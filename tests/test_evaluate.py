@@ -1,7 +1,11 @@
 """`sdxl eval` on tiny random models: measures, UNet swapping, each experiment's rows, the CLI end to end."""
 
+import contextlib
+import io
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,14 +105,18 @@ def test_with_unet_swaps_the_unet_only(files):
     ours = latents(model)
     torch.testing.assert_close(ours, latents(whole))
     assert not torch.allclose(ours, latents(ck.load(base_path)))
+
+
+def test_with_unet_refuses_a_unet_of_another_model(files):
+    base = ck.load(files[0])
     with pytest.raises(SDXLError, match="context_dim 128 and adm_in_channels 1376 but the base's"):
         ev.with_unet(base, SDXLModel(TINY_REFINER, device="meta").unet)
 
 
 def test_batched_prompts_equal_single_runs(pipe, scenes):
     prompts = [s.caption for s in scenes]
-    req = S.request(prompt=prompts[0], seed=5, batch=2, crop=(8, 0), refiner_switch=0.8)
-    batched = ev._stacked(pipe, prompts).generate(req).latents
+    req = S.request(prompt=tuple(prompts), seed=5, batch=2, crop=(8, 0), refiner_switch=0.8)
+    batched = pipe.generate(req).latents
     singles = [pipe.generate(S.request(prompt=p, seed=5 + i, crop=(8, 0), refiner_switch=0.8)).latents
                for i, p in enumerate(prompts)]
     # as in test_pipeline: across batch sizes only fp32 GEMM blocking differs, so compare at the latents' scale
@@ -125,20 +133,26 @@ def test_prompt_experiment(pipe, judge, scenes, tmp_path):
     assert Image.open(tmp_path / "grid_prompts.png").size == (150 + 2 * 68, 2 * 68)  # cells of 64 px + 4 px gap
 
 
-def test_crop_and_size_experiments_on_variants(pipe, judge, scenes, files, tmp_path):
-    _, _, folder = files
-    variants = {n: ev.variant_pipeline(pipe, folder / f"{n}.safetensors") for n in ev.VARIANTS["size"] + ("no-crop",)}
+@pytest.fixture(scope="module")
+def variants(pipe, files) -> dict:
+    return {n: ev.variant_pipeline(pipe, files[2] / f"{n}.safetensors") for n in ev.VARIANTS["size"] + ("no-crop",)}
+
+
+def test_crop_experiment_on_variants(variants, judge, scenes, tmp_path):
     crop = ev.crop_experiment(variants, judge, scenes, S32, tmp_path)["rows"]
     assert [(r["variant"], r["crop"]) for r in crop] == [
         (v, c) for v in ("full", "no-crop") for c in ("0,0", "0,8", "8,0", "8,8")]  # r/4 = 8 px at 32
     assert all(fraction(r["border_cut"]) and fraction(r["accuracy"]) for r in crop)
+    assert Image.open(tmp_path / "grid_crop.png").height == 8 * 36
+
+
+def test_size_experiment_on_variants(variants, judge, scenes, tmp_path):
     size = ev.size_experiment(variants, judge, scenes, S32, tmp_path)
     assert [r["variant"] for r in size["rows"]] == ["full", "no-size", "no-size-drop-small"]
     assert all(r["fd"] >= 0 and fraction(r["accuracy"]) for r in size["rows"])
     assert [(r["variant"], r["original_size"]) for r in size["sharpness"]] == [
         ("full", 8), ("full", 16), ("full", 32), ("full", 64), ("no-size", "default"), ("no-size-drop-small", "default")]
     assert all(r["sharpness"] > 0 for r in size["sharpness"])
-    assert Image.open(tmp_path / "grid_crop.png").height == 8 * 36
     assert Image.open(tmp_path / "grid_size.png").height == 6 * 36
 
 
@@ -149,23 +163,47 @@ def test_aspect_experiment(pipe, judge, scenes, tmp_path):
     assert Image.open(tmp_path / "grid_aspect.png").size == (150 + 2 * 100, 3 * 100)
 
 
-def test_cli_end_to_end_deterministic_and_never_overwrites(files, tmp_path, capsys):
+FAST32 = [*FAST, "--resolution", 32]  # the CLI's plumbing; the experiments' sizes are tested above at 64
+
+
+@pytest.fixture(scope="module")
+def cli_run(files, tmp_path_factory) -> tuple[int, str, Path]:
+    """`sdxl eval` with base and refiner, experiments 1 and 4: (exit code, stdout, --out)."""
     base, ref, _ = files
-    out = tmp_path / "out"
-    models = ["--model", base, "--refiner", ref]
-    code, text, _ = run(capsys, *models, "--experiments", "1,4", "--out", out, *FAST)
+    out = tmp_path_factory.mktemp("cli") / "out"
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        code = main(["eval", *map(str, ["--model", base, "--refiner", ref, "--experiments", "1,4", "--out", out,
+                                        *FAST32])])
+    return code, text.getvalue(), out
+
+
+def test_cli_eval_writes_tables_results_and_grids(cli_run, files):
+    code, text, out = cli_run
     assert code == 0
     assert "## 1. Prompt accuracy" in text and "| model | sampler | steps | accuracy |" in text
-    assert "## 4. Multi-aspect" in text and "| base+refiner | 96x64 |" in text
+    assert "## 4. Multi-aspect" in text and "| base+refiner | 32x32 |" in text
     assert {p.name for p in out.iterdir()} == {"results.json", "grid_prompts.png", "grid_aspect.png"}
     first = json.loads((out / "results.json").read_text())
-    assert first["settings"]["n"] == 2 and first["settings"]["other_steps"] == 2 and first["models"]["model"] == str(base)
+    assert first["settings"]["n"] == 2 and first["settings"]["other_steps"] == 2
+    assert first["models"]["model"] == str(files[0])
     assert first["prompts"] == [s.caption for s in ev.eval_scenes(2, 0)]
     assert len(first["prompt_accuracy"]["rows"]) == 2 and len(first["aspect"]["rows"]) == 3
-    # again into the same folder: refused, before any model is read; with --overwrite the same numbers
-    code, _, err = run(capsys, "--model", tmp_path / "missing.safetensors", "--out", out, *FAST)
+
+
+def test_cli_eval_never_replaces_results_before_reading_a_model(cli_run, tmp_path, capsys):
+    _, _, out = cli_run
+    before = (out / "results.json").read_bytes()
+    code, _, err = run(capsys, "--model", tmp_path / "missing.safetensors", "--out", out, *FAST32)
     assert code == 2 and "results.json exists" in err and "--overwrite" in err and err.count("\n") == 1
-    code, _, _ = run(capsys, *models, "--experiments", "1", "--out", out, "--overwrite", *FAST)
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_cli_eval_overwrite_repeats_the_same_numbers(cli_run, files, tmp_path, capsys):
+    base, ref, _ = files
+    out = shutil.copytree(cli_run[2], tmp_path / "out")
+    first = json.loads((out / "results.json").read_text())
+    code, _, _ = run(capsys, "--model", base, "--refiner", ref, "--experiments", "1", "--out", out, "--overwrite",
+                     *FAST32)
     assert code == 0
     again = json.loads((out / "results.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_checkpoints
+from conftest import FAST, draft_and_refine, randomize, run, tiny_checkpoints
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
@@ -25,18 +25,10 @@ from sdxl.sampling import names
 from sdxl.sampling.samplers import SAMPLERS
 from sdxl.sampling.schedules import SCHEDULES
 
-FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return tiny_checkpoints(tmp_path_factory.mktemp("inputs"))
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def refused(capsys, message: str, *argv) -> str:
@@ -111,11 +103,7 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
 
 def test_from_png_replays_a_saved_latent(files, tmp_path, capsys):
     base, ref = files
-    lat = tmp_path / "d.safetensors"
-    run(capsys, "generate", "a boat", "--model", base, "--batch", 2, "--seed", 1, "--save-latent", lat,
-        "-o", tmp_path / "draft.png", *FAST)
-    code, _, _ = run(capsys, "generate", "a boat", "--model", base, "--refiner", ref, "--latent", lat,
-                     "--latent-index", 1, "--refiner-strength", 0.5, "--seed", 2, "-o", tmp_path / "r.png", *FAST)
+    (code, _, _), lat = draft_and_refine(capsys, base, ref, tmp_path, 0.5, tmp_path / "r.png")
     assert code == 0
     rec = json.loads(Image.open(tmp_path / "r.png").info["sdxl-recipe"])
     assert rec["latent"] == {"file": str(lat), "index": 1, "hash": file_hash(lat)[:10]}
@@ -315,7 +303,7 @@ GOOD = {"prompt": "a star", "width": 64, "height": 64, "steps": 2, "seed": 3}
     (GOOD | {"width": "abc"}, "its sdxl recipe: width must be an integer, got 'abc'"),
     (GOOD | {"cfg": "high"}, "cfg must be a number, got 'high'"),
     (GOOD | {"crop": [0]}, "crop must be a list of 2 integers, got [0]"),
-    (GOOD | {"prompt": 7}, "prompt must be a string, got 7"),
+    (GOOD | {"prompt": 7}, "prompt must be a string or a list of strings, got 7"),
     (GOOD | {"init_image": "x.png"}, "init_image cannot be given as a setting; pass the file with --init-image"),
     (GOOD | {"seed": 2**64}, "seed must be in 0..2**64-1"),
     (GOOD | {"dtype": "fp8"}, "dtype must be one of fp32, bf16, fp16"),

@@ -105,18 +105,22 @@ def test_img2img_matches_diffusers(models, ours):
     torch.testing.assert_close(ours.generate(req).latents, lat, **TOL)
 
 
-def test_inpaint_matches_diffusers(models, ours):
+def inpaint_both(folder, ours: Pipeline, prompt: str, box, image_seed: int, seed: int, steps: int):
+    """(our latents, diffusers' latents, mask): inpainting picture(image_seed) inside `box` at strength 1, leading."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    _, _, d = models
-    theirs = StableDiffusionXLInpaintPipeline.from_pretrained(d / "base", requires_aesthetics_score=False)
+    theirs = StableDiffusionXLInpaintPipeline.from_pretrained(folder, requires_aesthetics_score=False)
     mask = Image.new("L", (SIZE, SIZE), 0)
-    mask.paste(255, (16, 8, 48, 40))
-    req = Request("a tree", width=SIZE, height=SIZE, steps=4, schedule="leading", seed=5, init_image=picture(1),
-                  mask=mask, strength=1.0)
-    lat = theirs(req.prompt, image=picture(1), mask_image=mask, strength=1.0, height=SIZE, width=SIZE, num_inference_steps=4,
-                 guidance_scale=5.0, generator=generators(5, 1), output_type="latent").images
-    mine = ours.generate(req).latents
+    mask.paste(255, box)
+    req = Request(prompt, width=SIZE, height=SIZE, steps=steps, schedule="leading", seed=seed,
+                  init_image=picture(image_seed), mask=mask, strength=1.0)
+    lat = theirs(prompt, image=picture(image_seed), mask_image=mask, strength=1.0, height=SIZE, width=SIZE,
+                 num_inference_steps=steps, guidance_scale=5.0, generator=generators(seed, 1), output_type="latent").images
+    return ours.generate(req).latents, lat, mask
+
+
+def test_inpaint_matches_diffusers(models, ours):
+    mine, lat, mask = inpaint_both(models[2] / "base", ours, "a tree", (16, 8, 48, 40), 1, 5, 4)
     torch.testing.assert_close(mine, lat, **TOL)
     # outside the mask the image's latent is kept exactly: the posterior sample drawn first from seed 5
     known = ours.encode_image(pixels(picture(1)), GeneratorNoise([5]))
@@ -126,20 +130,12 @@ def test_inpaint_matches_diffusers(models, ours):
 
 
 def test_nine_channel_inpaint_matches_diffusers(tmp_path):
-    from diffusers import StableDiffusionXLInpaintPipeline
-
     cfg = dataclasses.replace(TINY_BASE, unet=dataclasses.replace(TINY_UNET, in_channels=9))
     torch.manual_seed(2)
     model = randomize(SDXLModel(cfg), 2, 0.05)
     ck.save_diffusers(model, tmp_path / "inpaint")
-    theirs = StableDiffusionXLInpaintPipeline.from_pretrained(tmp_path / "inpaint", requires_aesthetics_score=False)
-    mask = Image.new("L", (SIZE, SIZE), 0)
-    mask.paste(255, (0, 0, 40, 24))
-    req = Request("a boat", width=SIZE, height=SIZE, steps=3, schedule="leading", seed=9, init_image=picture(2),
-                  mask=mask, strength=1.0)
-    lat = theirs(req.prompt, image=picture(2), mask_image=mask, strength=1.0, height=SIZE, width=SIZE, num_inference_steps=3,
-                 guidance_scale=5.0, generator=generators(9, 1), output_type="latent").images
-    mine = Pipeline(model, dtype=torch.float32, channels_last=False).generate(req).latents
+    ours = Pipeline(model, dtype=torch.float32, channels_last=False)
+    mine, lat, _ = inpaint_both(tmp_path / "inpaint", ours, "a boat", (0, 0, 40, 24), 2, 9, 3)
     torch.testing.assert_close(mine, lat, **TOL)
 
 
@@ -423,11 +419,12 @@ def test_pipeline_leaves_the_callers_models_as_they_were(models):
 
 
 def test_inpainting_keeps_the_pixels_outside_the_mask(ours):
-    """The original pixels are pasted back outside the mask after decoding (A1111's and diffusers' overlay)."""
+    """The original pixels are pasted back outside the mask after decoding (A1111's and diffusers' overlay); with
+    mask blur 0 every one of them (blur 4: tests/test_cleanup.py)."""
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (16, 8, 48, 40))
     out = ours.generate(Request("a tree", width=SIZE, height=SIZE, steps=3, seed=5, init_image=picture(1), mask=mask,
-                                strength=0.8)).images[0]
+                                strength=0.8, mask_blur=0)).images[0]
     got, want, m = np.asarray(out), np.asarray(picture(1)), np.asarray(mask) > 0
     assert np.array_equal(got[~m], want[~m])
     assert np.abs(got[m].astype(int) - want[m]).mean() > 5  # the masked region was repainted
@@ -437,7 +434,7 @@ def test_mask_goes_through_its_images_resize(ours):
     """A 100x100 image and mask at 96x96: the mask is resized as its image, not refused."""
     image, mask = picture(3).resize((100, 100)), Image.new("L", (100, 100), 0)
     mask.paste(255, (0, 0, 50, 100))
-    out = ours.generate(Request("x", width=96, height=96, steps=2, seed=0, init_image=image, mask=mask))
+    out = ours.generate(Request("x", width=96, height=96, steps=2, seed=0, init_image=image, mask=mask, mask_blur=0))
     got, want = np.asarray(out.images[0]), np.asarray(image.resize((96, 96), Image.LANCZOS))
     assert out.images[0].size == (96, 96)
     assert np.array_equal(got[:, 49:], want[:, 49:])  # the kept half is the resized original

@@ -18,14 +18,31 @@ from sdxl.train.vae import SMALL_VAE, VAETrainConfig, fold_latent_scale, train_v
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+SCALE = 0.001  # 20 images; VAE 2 steps, decoder 1, base 6, refiner 2, each variant 3
+SMALL = {"batch_size": 4}  # the recipe's 32 images per step would only make the tests slower
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Every stage at scale 0.001: 20 images, a few steps each; the exported files."""
+    """Every stage of the recipe at SCALE, small batches, with the latent cache; the exported files."""
     out = tmp_path_factory.mktemp("recipe")
-    assert main(["recipe", "--out", str(out / "run"), "--scale", "0.001", "--assets", str(out / "assets"),
-                 "--variants-dir", str(out / "variants"),
-                 "--stages", "data,vae,init,vae-decoder,base,refiner,variants,export,export-variants"]) == 0
+    work = out / "run"
+    recipe.make_data(work, SCALE, 1)
+    recipe.make_vae(work, SCALE, 0, SMALL | {"probe": 8})
+    recipe.make_init(work)
+    recipe.make_vae_decoder(work, SCALE, 0, {"batch_size": 2, "probe": 4})
+    for stage, variant in [("base", ""), ("refiner", "")] + [("variants", v) for v in recipe.VARIANTS]:
+        recipe.run_training(stage, work, SCALE, 0, variant, cache=True, overrides=SMALL)
+    recipe.export(work, out / "assets", "test")
+    recipe.export_variants(work, out / "variants", "test")
     return out
+
+
+def test_recipe_command_runs_the_stages_it_is_given(tmp_path):
+    """`sdxl recipe` (the full run at SCALE is the fixture above, called stage by stage with small batches)."""
+    assert main(["recipe", "--out", str(tmp_path / "run"), "--scale", "0.0005", "--stages", "data"]) == 0
+    assert (tmp_path / "run" / "data" / "done").is_file() and len(list((tmp_path / "run" / "data").glob("*.png"))) == 10
+    assert not (tmp_path / "run" / "vae.safetensors").exists()
 
 
 def test_latent_scale_is_folded_into_the_weights():
@@ -46,7 +63,7 @@ def test_vae_trainer_decoder_only_keeps_the_latent_space(run, tmp_path):
     meta = json.loads((run / "run" / "vae.json").read_text())
     assert meta["steps"] == 2 and math.isfinite(meta["psnr_db"])
     cfg = VAETrainConfig(dataset=str(run / "run" / "data"), init=str(first), decoder_only=True, crop=0,
-                         batch_size=2, steps=2)
+                         batch_size=2, steps=2, probe=2)
     second = train_vae(cfg, tmp_path / "dec.safetensors", quiet=True)
     a, b = load_file(str(first)), load_file(str(second))
     enc = [k for k in a if ".encoder." in k or ".quant_conv." in k]
@@ -107,7 +124,7 @@ def test_deadline_keeps_the_latest_checkpoint(run, monkeypatch):
     out = run / "run"
     cfg = recipe.train_config("variants", out, 0.003, 0, "no-crop")  # 6 steps
     monkeypatch.setattr(recipe, "train_config", lambda *a, **k: __import__("dataclasses").replace(
-        cfg, checkpoint_every=2))
+        cfg, checkpoint_every=2, **SMALL))
     clock = iter(range(10**6))
     monkeypatch.setattr(recipe, "now", lambda: next(clock))  # one tick per step: past the deadline at step 3
     path = recipe.run_training("variants", out, 0.003, 0, "deadline-test", deadline=1.5)

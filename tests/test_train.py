@@ -4,6 +4,7 @@ atomic checkpoints, corrupt images, non-finite steps and config errors. Tiny mod
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,10 +164,30 @@ def test_training_feeds_the_unet_what_inference_does(tmp_path):
     abar = torch.cumprod(1 - betas, 0)[t].float()
     assert torch.allclose(x_train, abar.sqrt() * inputs["latents"] + (1 - abar).sqrt() * inputs["noise"], atol=1e-5)
     assert torch.allclose(ctx_train, ctx_inf, atol=1e-5) and torch.allclose(vec_train, vec_inf, atol=1e-5)
-    # a dropped caption is the base's empty prompt: zero text embedding, micro-conditioning kept
-    inputs["drop"][:] = True
+
+
+def test_a_dropped_caption_is_the_bases_empty_prompt():
+    """Caption dropout at training = an empty negative prompt at inference: zero text, micro-conditioning kept."""
+    from sdxl.pipeline import Pipeline
+    from sdxl.request import Request
+
+    cfg = tiny(caption_dropout=1.0)
+    torch.manual_seed(0)
+    model = loop.build_model(cfg, torch.device("cpu"))
+    tok = loop.Tokenizer.default()
+    batch = {"key": [(7, 0)], "failed": [], "caption": ["a red circle"], "pixels": torch.zeros(1, 3, 32, 64),
+             "original_size": torch.tensor([[50.0, 90.0]]), "crop_coords_top_left": torch.tensor([[3.0, 11.0]]),
+             "target_size": torch.tensor([[32.0, 64.0]]), "aesthetic_score": torch.tensor([[6.0]])}
+    inputs = loop.prepare(batch, model, tok, cfg, torch.device("cpu"), None)
+    assert inputs["drop"].tolist() == [True]
+    seen = []
+    model.unet.forward = lambda *a: seen.append(a) or torch.zeros_like(a[0])
     loop.Objective(model, cfg)(inputs)
-    assert seen[-1][2].abs().max() == 0 and torch.equal(seen[-1][3][:, -6 * 256:], vec_inf[:, -6 * 256:])
+    pipe = Pipeline(model, dtype=torch.float32, tokenizer=tok, channels_last=False)
+    req = Request("a red circle", width=64, height=32, original_size=(50, 90), crop=(3, 11), target_size=(32, 64))
+    _, uncond = pipe.conditioning(model, req)
+    assert seen[0][2].abs().max() == 0 and uncond.crossattn.abs().max() == 0
+    torch.testing.assert_close(seen[0][3], uncond.vector, rtol=0, atol=1e-6)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -214,8 +235,6 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     with pytest.raises(Stop):
         loop.train(cfg, tmp_path / "b", quiet=True, on_step=stop_at(3))
     assert checkpointing.latest(tmp_path / "b").name == "step-000002"
-    with pytest.raises(SDXLError, match="already holds a run"):
-        loop.train(cfg, tmp_path / "b", quiet=True)
     resumed = loop.train(cfg, tmp_path / "b", resume=True, quiet=True)
     assert max_diff(weights(straight), weights(resumed)) == 0.0
     for name in ("trained", "optimizer", "ema"):
@@ -225,8 +244,6 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert losses_b[2] == losses_b[3] and [r["loss"] for r in steps_logged(tmp_path / "a")] == [
         loss for _, loss in dict(losses_b).items()]
     assert events(tmp_path / "b", "resumed")[0]["step"] == 2
-    with pytest.raises(SDXLError, match="nothing to resume"):
-        loop.train(cfg, tmp_path / "c", resume=True, quiet=True)
 
 
 # adam_eps 1e-4: with the default 1e-8 Adam turns rounding noise in gradients that are zero in exact arithmetic
@@ -289,10 +306,8 @@ def test_lora_changes_only_lora_weights(tmp_path):
         assert all(k.removesuffix(".weight").removesuffix("_weight").endswith(DEFAULT_TARGETS) for k in changed)
 
 
-def test_refiner_trains_on_the_first_200_noise_levels(tmp_path, monkeypatch):
-    seen = []
-    real = loop.Objective.forward
-    monkeypatch.setattr(loop.Objective, "forward", lambda self, inputs: seen.append(inputs) or real(self, inputs))
+def test_refiner_trains_on_the_first_200_noise_levels(tmp_path, seen_inputs):
+    seen = seen_inputs
     final = loop.train(tiny(model_config="tiny-refiner", timestep_range=(0, 200), steps=3, checkpoint_every=3,
                             bigg={"layers": 2}, clip_l={}), tmp_path / "run", quiet=True)
     assert max(int(i["t"].max()) for i in seen) < 200 and len({int(t) for i in seen for t in i["t"]}) > 1
@@ -300,33 +315,51 @@ def test_refiner_trains_on_the_first_200_noise_levels(tmp_path, monkeypatch):
     assert ck.load(final).cfg.is_refiner
 
 
-def test_micro_conditioning_ablations_and_dropping_small_images(tmp_path, monkeypatch):
-    """The report's ablations (§2.2): no size conditioning tells the bucket's size, no crop conditioning (0, 0);
-    min_original_size drops the small images before bucketing."""
+@pytest.fixture
+def seen_inputs(monkeypatch) -> list[dict]:
+    """Every batch the objective sees."""
     seen = []
     real = loop.Objective.forward
     monkeypatch.setattr(loop.Objective, "forward", lambda self, inputs: seen.append(inputs) or real(self, inputs))
+    return seen
+
+
+@pytest.fixture
+def sized_images(tmp_path) -> Path:
     folder = tmp_path / "data"
     folder.mkdir()
     for i, (h, w) in enumerate([(20, 60), (24, 40), (48, 96), (64, 40), (80, 80)]):
         Image.new("RGB", (w, h), (i * 40, 0, 0)).save(folder / f"{i}.png")
-    loop.train(tiny(dataset=str(folder), steps=3, checkpoint_every=3, size_conditioning=False,
+    return folder
+
+
+def test_micro_conditioning_ablations_tell_the_bucket_size_and_no_crop(tmp_path, seen_inputs, sized_images):
+    """The report's ablations (§2.2): no size conditioning tells the bucket's size, no crop conditioning (0, 0)."""
+    loop.train(tiny(dataset=str(sized_images), steps=3, checkpoint_every=3, size_conditioning=False,
                     crop_conditioning=False), tmp_path / "a", quiet=True)
-    for inputs in seen:
+    for inputs in seen_inputs:
         m = inputs["micro"]
         assert torch.equal(m["original_size"], m["target_size"]) and m["crop_coords_top_left"].abs().max() == 0
-    seen.clear()
-    loop.train(tiny(dataset=str(folder), steps=6, checkpoint_every=6), tmp_path / "b", quiet=True)
-    sizes = {tuple(map(int, s)) for i in seen for s in i["micro"]["original_size"]}
-    crops = {tuple(map(int, c)) for i in seen for c in i["micro"]["crop_coords_top_left"]}
-    assert (20, 60) in sizes and crops != {(0, 0)}  # the real sizes and offsets when on
-    seen.clear()
-    loop.train(tiny(dataset=str(folder), steps=4, checkpoint_every=4, min_original_size=40), tmp_path / "c",
+
+
+def test_micro_conditioning_tells_real_sizes_and_crops(tmp_path, seen_inputs, sized_images):
+    loop.train(tiny(dataset=str(sized_images), steps=6, checkpoint_every=6), tmp_path / "b", quiet=True)
+    sizes = {tuple(map(int, s)) for i in seen_inputs for s in i["micro"]["original_size"]}
+    crops = {tuple(map(int, c)) for i in seen_inputs for c in i["micro"]["crop_coords_top_left"]}
+    assert (20, 60) in sizes and crops != {(0, 0)}
+
+
+def test_min_original_size_drops_small_images_before_bucketing(tmp_path, seen_inputs, sized_images):
+    loop.train(tiny(dataset=str(sized_images), steps=4, checkpoint_every=4, min_original_size=40), tmp_path / "c",
                quiet=True)
-    assert {tuple(map(int, s)) for i in seen for s in i["micro"]["original_size"]} <= {(48, 96), (64, 40), (80, 80)}
+    assert {tuple(map(int, s)) for i in seen_inputs for s in i["micro"]["original_size"]} <= {
+        (48, 96), (64, 40), (80, 80)}
     assert events(tmp_path / "c", "data")[0]["dropped_small"] == 2
-    with pytest.raises(SDXLError, match="smaller than min_original_size"):
-        loop.train(tiny(dataset=str(folder), min_original_size=500), tmp_path / "d", quiet=True)
+
+
+def test_every_image_smaller_than_min_original_size_is_one_line(tmp_path, sized_images):
+    with pytest.raises(SDXLError, match="every image is smaller than min_original_size 500"):
+        loop.train(tiny(dataset=str(sized_images), min_original_size=500), tmp_path / "d", quiet=True)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -354,7 +387,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not list(out.glob(".tmp-*")) and (out / "final.safetensors").is_file()
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+@pytest.fixture
+def some_corrupt(tmp_path) -> Path:
+    """Five good images, one that is not an image, one cut in half (its header reads)."""
     d = tmp_path / "imgs"
     d.mkdir()
     rng = np.random.default_rng(0)
@@ -364,12 +399,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     (d / "garbage.png").write_bytes(b"not an image at all")  # fails when scanned
     good = (d / "0.png").read_bytes()
     (d / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, pixels missing: fails when loaded
+    return d
+
+
+def test_a_manifest_skips_broken_lines_missing_and_unreadable_files(tmp_path, some_corrupt):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join([json.dumps({"file": "imgs/1.png", "caption": "one"}), "{broken",
                                    json.dumps({"file": "imgs/missing.png", "caption": "gone"}),
                                    json.dumps({"file": "imgs/truncated.png", "caption": "half"})]))
     items, skipped = data.scan(str(manifest), tmp_path)
     assert [Path(it.path).name for it in items] == ["1.png", "truncated.png"] and len(skipped) == 2
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, some_corrupt):
+    d = some_corrupt
     out = tmp_path / "run"
     loop.train(tiny(dataset=str(d), steps=4, checkpoint_every=4), out, quiet=True)
     ev = events(out, "data")[0]
@@ -399,37 +442,55 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert {float(v) for k, v in opt.items() if k.endswith("/step")} == {3.0}
 
 
-def test_cache_is_written_once_and_used(tmp_path):
-    shapes = data.make_synthetic(12, tmp_path / "shapes")
-    same = dict(dataset=str(shapes), steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see below
-    cfg = tiny(cache_dir=str(tmp_path / "cache"), **same)
-    a = loop.train(cfg, tmp_path / "a", quiet=True)
+CACHED = dict(steps=2, checkpoint_every=2, random_crop=False, adam_eps=1e-4)  # eps: see TWO below
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> dict:
+    """One cached run ("a") on 12 images: its output, the cache's files and their modification times."""
+    d = tmp_path_factory.mktemp("cached")
+    shapes = data.make_synthetic(12, d / "shapes")
+    same = dict(CACHED, dataset=str(shapes))
+    a = loop.train(tiny(cache_dir=str(d / "cache"), **same), d / "a", quiet=True)
+    latents, texts = (sorted((d / "cache" / kind).glob("*.safetensors")) for kind in ("latents", "text"))
     captions = {p.read_text() for p in shapes.glob("*.txt")}
-    latents, texts = sorted((tmp_path / "cache" / "latents").glob("*.safetensors")), sorted(
-        (tmp_path / "cache" / "text").glob("*.safetensors"))
-    assert len(latents) == 12 and len(texts) == len(captions)  # one file per image, one per distinct caption
-    stamps = [f.stat().st_mtime_ns for f in latents + texts]
+    return {"dir": d, "a": a, "same": same, "files": latents + texts, "counts": (len(latents), len(texts)),
+            "captions": captions, "stamps": [f.stat().st_mtime_ns for f in latents + texts]}
+
+
+def test_cache_holds_one_file_per_image_and_per_caption(cached):
+    assert cached["counts"] == (12, len(cached["captions"]))
+
+
+def test_a_second_run_reads_the_cache_and_equals_an_uncached_one(cached, tmp_path):
+    cfg = tiny(cache_dir=str(cached["dir"] / "cache"), **cached["same"])
     b = loop.train(cfg, tmp_path / "b", quiet=True)
-    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps  # not re-encoded
+    assert [f.stat().st_mtime_ns for f in cached["files"]] == cached["stamps"]  # not re-encoded
     # with the same (centre) crops the cache changes nothing but float rounding in the encoders
-    plain = loop.train(tiny(**same), tmp_path / "c", quiet=True)
+    plain = loop.train(tiny(**cached["same"]), tmp_path / "c", quiet=True)
     assert max_diff(weights(b), weights(plain)) < 1e-5
 
-    # named by the weights, not the checkpoint: a continuation from a's result reuses every file...
-    from_file = {k: v for k, v in {**TINY, **same}.items() if k not in config.SECTIONS}
-    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(a)}), tmp_path / "d",
-               quiet=True)
-    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == sorted(latents + texts)
-    assert [f.stat().st_mtime_ns for f in latents + texts] == stamps
-    # ...and other text encoders (same VAE) get their own text files but the same latents
-    model = ck.load(a, dtype=torch.float32)
+
+def from_file(cached, model: Path, cache: Path) -> config.TrainConfig:
+    values = {k: v for k, v in {**TINY, **cached["same"]}.items() if k not in config.SECTIONS}
+    return config.build({**values, "cache_dir": str(cache), "model": str(model)})
+
+
+def test_the_cache_is_named_by_weights_so_a_continuation_reuses_it(cached, tmp_path):
+    loop.train(from_file(cached, cached["a"], cached["dir"] / "cache"), tmp_path / "d", quiet=True)
+    assert sorted((cached["dir"] / "cache").rglob("*.safetensors")) == sorted(cached["files"])
+    assert [f.stat().st_mtime_ns for f in cached["files"]] == cached["stamps"]
+
+
+def test_other_text_encoders_get_their_own_text_files_and_the_same_latents(cached, tmp_path):
+    model = ck.load(cached["a"], dtype=torch.float32)
     with torch.no_grad():
         model.conditioner.bigg.model.positional_embedding.add_(0.5)
     other = ck.save_single_file(model, tmp_path / "other.safetensors")
-    loop.train(config.build({**from_file, "cache_dir": str(tmp_path / "cache"), "model": str(other)}), tmp_path / "e",
-               quiet=True)
-    assert sorted((tmp_path / "cache" / "latents").glob("*.safetensors")) == latents
-    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 2 * len(captions)
+    cache = shutil.copytree(cached["dir"] / "cache", tmp_path / "cache")
+    loop.train(from_file(cached, other, cache), tmp_path / "e", quiet=True)
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 12
+    assert len(list((cache / "text").glob("*.safetensors"))) == 2 * len(cached["captions"])
 
 
 def test_text_cache_is_shared_out_whatever_order_the_ranks_run_in(tmp_path):
@@ -445,29 +506,55 @@ def test_text_cache_is_shared_out_whatever_order_the_ranks_run_in(tmp_path):
 
 # --- config ----------------------------------------------------------------------------------------
 
-def test_config_overrides_and_one_line_errors(tmp_path, capsys):
+def test_config_overrides_reach_fields_and_tables():
     cfg = config.load(EXAMPLE, ["lr=3e-4", "sample_prompts=[\"a\", \"b\"]", "unet.model_channels=128",
                                 "timestep_range=[0, 200]", "dataset=some/folder", "lora_alpha=none"])
     assert cfg.lr == 3e-4 and cfg.sample_prompts == ("a", "b") and cfg.unet["model_channels"] == 128
     assert cfg.timestep_range == (0, 200) and cfg.dataset == "some/folder" and cfg.lora_alpha is None
     assert cfg.model_config_resolved().unet.model_channels == 128
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "steps=abc"], "--set steps: expected an integer, got 'abc'"),
+    (["--set", "steps=1.5"], "--set steps: expected an integer, got 1.5"),
+    (["--set", "lr=fast"], "--set lr: expected a number, got 'fast'"),
+    (["--set", "lrr=1"], "unknown setting 'lrr' (did you mean 'lr'?)"),
+    (["--set", "train=full"], "--set train: expected one of 'unet', 'lora', got 'full'"),
+    (["--set", "unet.model_channels=wide"], "--set unet.model_channels: expected an integer"),
+    (["--set", "unet.widht=3"], "unknown setting 'unet.widht'"),
+    (["--set", "steps"], "expected key=value"),
+    (["--set", "caption_dropout=2"], "caption_dropout must be in [0, 1]"),
+])
+def test_a_bad_override_is_one_line(capsys, argv, message):
+    code = main(["train", str(EXAMPLE), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_bad_value_in_the_file_is_named_as_the_files(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('dataset = "x"\nsteps = "many"\n')
-    cases = [
-        (["--set", "steps=abc"], "--set steps: expected an integer, got 'abc'"),
-        (["--set", "steps=1.5"], "--set steps: expected an integer, got 1.5"),
-        (["--set", "lr=fast"], "--set lr: expected a number, got 'fast'"),
-        (["--set", "lrr=1"], "unknown setting 'lrr' (did you mean 'lr'?)"),
-        (["--set", "train=full"], "--set train: expected one of 'unet', 'lora', got 'full'"),
-        (["--set", "unet.model_channels=wide"], "--set unet.model_channels: expected an integer"),
-        (["--set", "unet.widht=3"], "unknown setting 'unet.widht'"),
-        (["--set", "steps"], "expected key=value"),
-        (["--set", "caption_dropout=2"], "caption_dropout must be in [0, 1]"),
-    ]
-    for argv, message in cases:
-        code = main(["train", str(EXAMPLE), *argv])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: steps: expected an integer, got 'many'" in err and err.count("\n") == 1
+
+
+# --- the learning rate (one helper for the UNet, VAE and judge trainers) ----------------------------
+
+@pytest.mark.parametrize("step,schedule,expected", [
+    (0, "cosine", 0.5), (1, "cosine", 1.0),  # linear warm-up over 2 steps
+    (2, "cosine", 1.0), (6, "cosine", 0.55), (10, "cosine", 0.1),  # half cosine from 1 to the floor 0.1
+    (6, "constant", 1.0),
+])
+def test_learning_rate_warms_up_then_follows_its_schedule(step, schedule, expected):
+    from sdxl.train.lr import learning_rate
+
+    assert learning_rate(step, 10, 1.0, warmup=2, schedule=schedule, floor=0.1) == pytest.approx(expected)
+
+
+def test_the_log_records_the_schedules_rates(tmp_path):
+    out = tmp_path / "run"
+    loop.train(tiny(steps=4, checkpoint_every=4, lr_schedule="cosine", warmup_steps=1, lr_min=1e-4), out, quiet=True)
+    expected = [1e-3, 1e-3, 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 3)),
+                1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3))]
+    assert [r["lr"] for r in steps_logged(out)] == pytest.approx(expected)

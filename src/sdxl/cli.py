@@ -291,6 +291,7 @@ def _add_image_flags(g) -> None:
     g.add_argument("--init-image", help="img2img: start from this image")
     g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
+    g.add_argument("--mask-blur", type=int, metavar="PX", help="blur of the pasted-back mask edge (default 4)")
     g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
     g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
     g.add_argument("--hires-upscale", choices=("latent", "pixel"))

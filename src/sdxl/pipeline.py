@@ -24,12 +24,11 @@ from torch import nn
 from sdxl.sampling import samplers as samplers_
 from sdxl.sampling import schedules
 from sdxl.sampling.samplers import GeneratorNoise
-from sdxl.models.conditioning import Conditioning
+from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
 from sdxl.errors import SDXLError
 from sdxl.request import Request
 from sdxl.models.model import BUCKETS, SDXLModel
-from sdxl.models.prompts import apply_weights, tokenize
-from sdxl.models.tokenizer import PAD_BIGG, PAD_CLIP_L, Tokenizer
+from sdxl.models.tokenizer import Tokenizer
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -184,9 +183,7 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
         raise SDXLError(f"{name}: a UNet-only refiner (context {unet.context_dim}, vector {unet.adm_in_channels}) "
                         f"does not fit the base's bigG encoder (width {bigg.cfg.width}, pooled {bigg.cfg.proj_dim}) "
                         "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
-    conditioner = Conditioner(cfg, device="meta")
-    conditioner.embedders[0] = bigg
-    return SDXLModel.from_parts(unet=refiner.unet, conditioner=conditioner)
+    return SDXLModel.from_parts(unet=refiner.unet, conditioner=Conditioner.from_parts(cfg, bigg))
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
@@ -207,6 +204,20 @@ def _finite(out) -> bool:
     """A VAE output (pixels, or a posterior's mean and log-variance) holds no NaN/Inf."""
     tensors = (out.mean, out.logvar) if hasattr(out, "logvar") else (out,)
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def blur_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A1111's `mask_blur` (modules/processing.py): a Gaussian of standard deviation `radius` pixels over a kernel
+    2 * int(2.5 * radius + 0.5) + 1 wide, as its cv2.GaussianBlur, edges replicated; (1, 1, H, W). Pixels farther
+    than the kernel's half width outside the mask stay exactly 0."""
+    if radius == 0:
+        return mask
+    half = int(2.5 * radius + 0.5)
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-x * x / (2 * radius * radius))
+    k = (k / k.sum()).to(mask.dtype)
+    mask = F.conv2d(F.pad(mask, (half, half, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))  # rows
+    return F.conv2d(F.pad(mask, (0, 0, half, half), mode="replicate"), k.view(1, 1, -1, 1))  # columns
 
 
 def non_finite_error(what: str, dtype: torch.dtype) -> SDXLError:
@@ -269,58 +280,27 @@ class Pipeline:
     @torch.no_grad()
     def encode_text(self, model: SDXLModel, prompt: str, prompt_2: str | None,
                     min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A (weighted, long) prompt -> crossattn (1, 77 * windows, C), pooled (1, P); pooled from the first window."""
-        cond = model.conditioner
-        w_g = tokenize(prompt_2 if prompt_2 is not None else prompt, self.tokenizer, PAD_BIGG, min_windows)
-        w_l = tokenize(prompt, self.tokenizer, PAD_CLIP_L, max(min_windows, len(w_g.ids))) if cond.clip_l else None
-        if w_l is not None and len(w_l.ids) > len(w_g.ids):
-            w_g = tokenize(prompt_2 if prompt_2 is not None else prompt, self.tokenizer, PAD_BIGG, len(w_l.ids))
-        dev = self.device
-        hidden_g, pooled = cond.bigg(w_g.ids.to(dev))
-        if w_g.weighted:
-            hidden_g = torch.stack([apply_weights(h, w.to(dev)) for h, w in zip(hidden_g, w_g.weights)])
-        parts = [hidden_g]
-        if w_l is not None:
-            hidden_l = cond.clip_l(w_l.ids.to(dev))
-            if w_l.weighted:
-                hidden_l = torch.stack([apply_weights(h, w.to(dev)) for h, w in zip(hidden_l, w_l.weights)])
-            parts.insert(0, hidden_l)
-        crossattn = torch.cat(parts, dim=-1)  # (windows, 77, C)
-        return crossattn.reshape(1, -1, crossattn.shape[-1]), pooled[:1], len(w_g.ids)
+        """A (weighted, long) prompt -> crossattn (1, 77 * windows, C), pooled (1, P), windows (`Conditioner`)."""
+        crossattn, pooled = model.conditioner.encode_prompt(prompt, prompt_2, self.tokenizer, min_windows)
+        return crossattn, pooled, crossattn.shape[1] // 77
 
     @staticmethod
     def micro(req: Request, negative: bool) -> dict:
         """Micro-conditioning values of a request (docs/conditioning.md §2: sizes = output size, crop (0, 0))."""
-        h, w = req.height, req.width
-        orig = req.original_size or (h, w)
-        target = req.target_size or (h, w)
         if negative:
-            orig = req.negative_original_size or orig
-            target = req.negative_target_size or target
-        return {"original_size": orig, "crop_coords_top_left": (req.negative_crop or req.crop) if negative else req.crop,
-                "target_size": target,
-                "aesthetic_score": req.negative_aesthetic_score if negative else req.aesthetic_score}
+            return micro_values(req.height, req.width, req.negative_original_size or req.original_size,
+                                req.negative_crop or req.crop, req.negative_target_size or req.target_size,
+                                req.negative_aesthetic_score)
+        return micro_values(req.height, req.width, req.original_size, req.crop, req.target_size, req.aesthetic_score)
 
     @torch.no_grad()
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
-        """(cond, uncond); the base zeroes the uncond text when the negative prompt is empty (docs/conditioning.md §3)."""
-        cond_mod = model.conditioner
-        c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2)
-        need_uncond = req.cfg != 1.0
-        uncond = None
-        if need_uncond:
-            if not model.cfg.is_refiner and not req.negative_prompt and not req.negative_prompt_2:
-                u_x, u_p = torch.zeros_like(c_x), torch.zeros_like(c_p)
-            else:
-                u_x, u_p, m = self.encode_text(model, req.negative_prompt, req.negative_prompt_2, n)
-                if m > n:  # the negative prompt is longer: pad the positive with empty windows
-                    c_x, c_p, n = self.encode_text(model, req.prompt, req.prompt_2, m)
-            u_vec = cond_mod.encode_micro(self.micro(req, True), 1).to(u_p)
-            uncond = Conditioning(u_x.expand(req.batch, -1, -1), torch.cat([u_p, u_vec], -1).expand(req.batch, -1))
-        c_vec = cond_mod.encode_micro(self.micro(req, False), 1).to(c_p)
-        cond = Conditioning(c_x.expand(req.batch, -1, -1), torch.cat([c_p, c_vec], -1).expand(req.batch, -1))
-        return cond, uncond
-
+        """(cond, uncond) for a batch, one prompt per image or one for all; no uncond at cfg 1 (`Conditioner.guided`,
+        docs/conditioning.md §3)."""
+        prompts = prompt_rows(req.prompt, req.prompt_2, req.batch)
+        negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
+        return model.conditioner.guided(self.tokenizer, prompts, self.micro(req, False), negatives,
+                                        self.micro(req, True))
 
     # --- images <-> latents ------------------------------------------------------------------
 
@@ -387,8 +367,8 @@ class Pipeline:
             return pixels
         h, w = pixels.shape[-2:]
         image = (self._image_tensor(req.init_image, w, h)[None] + 1) / 2
-        m = self._mask_tensor(req.mask, req.init_image.size, w, h)
-        return pixels * m.to(pixels) + image.to(pixels) * (1 - m.to(pixels))
+        m = blur_mask(self._mask_tensor(req.mask, req.init_image.size, w, h), req.mask_blur).to(pixels)
+        return pixels * m + image.to(pixels) * (1 - m)
 
     # --- the plan ----------------------------------------------------------------------------
 
@@ -425,24 +405,27 @@ class Pipeline:
 
     # --- generation --------------------------------------------------------------------------
 
-    def generate(self, req: Request, callback=None) -> Result:
+    def generate(self, req: Request, callback=None, embeddings: dict | None = None) -> Result:
         """Run a request: txt2img, img2img (init_image + strength), inpainting (+ mask), outpainting, refiner, hires.
 
         `callback` gets k-diffusion's step dict once per sampler step, `plan(req).total_steps` times in all.
+        `embeddings`: {"base" and/or "refiner": the (cond, uncond) pair `conditioning(model, req)` returns}, used
+        instead of encoding the prompt (encode once, generate many); hires gets its own size's micro-conditioning.
         """
         req = self._checked(req)
+        embeddings = self._checked_embeddings(req, embeddings or {})
         plan = self.plan(req)
         noise = GeneratorNoise(range(req.seed, req.seed + req.batch))
         start = self._initial(req, plan.stages[0], noise)
         x = start.x
         denoising = [s for s in plan.stages if s.name != "hires"]
         for stage in denoising:
-            x = self._run_stage(req, stage, x, start, noise, callback)
+            x = self._run_stage(req, stage, x, start, noise, callback, embeddings)
         if start.blend is not None:  # paste the known region exactly (diffusers' last blend)
             keep, known, _ = start.blend
             x = x * (1 - keep) + known * keep
         for stage in plan.stages[len(denoising):]:
-            x = self._hires(req, stage, x, noise, callback)
+            x = self._hires(req, stage, x, noise, callback, embeddings)
         return Result(x, self.to_pil(self._overlay(req, self.decode(x))))
 
     def _checked(self, req: Request) -> Request:
@@ -455,6 +438,53 @@ class Pipeline:
             warnings.warn(f"{req.width}x{req.height} is not one of SDXL's trained sizes; results may degrade "
                           f"(the nearest aspect ratio it was trained on: {w}x{h})")
         return req
+
+    def _checked_embeddings(self, req: Request, embeddings: dict) -> dict:
+        """`generate`'s precomputed (cond, uncond) pairs, checked against the request and each model's shapes and
+        moved to the pipeline's device and dtype; a one-line SDXLError for anything that does not fit."""
+        models = {"base": self.base, "refiner": self.refiner}
+        out = {}
+        for name, pair in embeddings.items():
+            if models.get(name) is None:
+                known = " or ".join(repr(k) for k, m in models.items() if m is not None)
+                raise SDXLError(f"embeddings: {name!r} is not a model of this pipeline; give {known}")
+            unet = models[name].unet.cfg
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Conditioning)
+                    and (pair[1] is None or isinstance(pair[1], Conditioning))):
+                raise SDXLError(f"embeddings[{name!r}]: expected the (cond, uncond) pair that Pipeline.conditioning "
+                                "returns")
+            cond, uncond = pair
+            windows = cond.crossattn.shape[1] if cond.crossattn.ndim == 3 else 0
+            want = ((req.batch, windows, unet.context_dim), (req.batch, unet.adm_in_channels))
+            for what, c in (("cond", cond), ("uncond", uncond)):
+                got = None if c is None else (tuple(c.crossattn.shape), tuple(c.vector.shape))
+                if what == "uncond" and c is None and req.cfg == 1.0:
+                    continue
+                if got != want or windows == 0 or windows % 77:
+                    raise SDXLError(f"embeddings[{name!r}]: {what} crossattn and vector are {got}, expected {want} "
+                                    f"with 77 * windows tokens for batch {req.batch} (cfg {req.cfg}); pass "
+                                    "Pipeline.conditioning(model, request) of this request")
+                if not (torch.isfinite(c.crossattn).all() and torch.isfinite(c.vector).all()):
+                    raise SDXLError(f"embeddings[{name!r}]: {what} holds non-finite values (NaN/Inf)")
+            dtype = next(models[name].unet.parameters()).dtype
+            out[name] = tuple(None if c is None else Conditioning(c.crossattn.to(self.device, dtype),
+                                                                  c.vector.to(self.device, dtype)) for c in pair)
+        return out
+
+    def _conditioning(self, model: SDXLModel, req: Request, embeddings: dict,
+                      resized: bool = False) -> tuple[Conditioning, Conditioning | None]:
+        """The given embeddings of this model, else the prompt encoded; `resized` (hires): the vector's
+        micro-conditioning is that of `req`'s size, the pooled text embedding kept."""
+        pair = embeddings.get("base" if model is self.base else "refiner")
+        if pair is None:
+            return self.conditioning(model, req)
+        if not resized:
+            return pair
+        pooled = model.conditioner.cfg.bigg.proj_dim  # vector = pooled ++ Fourier(micro) (`Conditioner.forward`)
+        micro = [model.conditioner.encode_micro(self.micro(req, negative), req.batch) for negative in (False, True)]
+        return tuple(None if c is None else
+                     Conditioning(c.crossattn, torch.cat([c.vector[:, :pooled], m.to(c.vector)], dim=-1))
+                     for c, m in zip(pair, micro))
 
     def _latent_shape(self, req: Request) -> tuple[int, int, int]:
         f = self.latent_factor
@@ -503,7 +533,7 @@ class Pipeline:
         return s if req.schedule == "trailing" else math.sqrt(s * s + 1)
 
     def _run_stage(self, req: Request, stage: Stage, x: torch.Tensor, start: _Start, noise: GeneratorNoise,
-                   callback) -> torch.Tensor:
+                   callback, embeddings: dict) -> torch.Tensor:
         """A base or refiner stage; refiner SDEdit first re-noises the previous result to its first sigma."""
         if stage.name == "refiner-sdedit" and stage.start == "previous":
             x = x + noise.randn(tuple(x.shape[1:]), self.device) * stage.sigmas[0]
@@ -511,10 +541,11 @@ class Pipeline:
             return x
         model = self.base if stage.model == "base" else self.refiner
         on_base = stage.name == "base"
-        return self._sample(model, req, x, stage.sigmas, noise, callback, start.extra if on_base else None,
-                            start.blend, start.skip_first_blend and on_base)
+        return self._sample(model, self._conditioning(model, req, embeddings), req, x, stage.sigmas, noise, callback,
+                            start.extra if on_base else None, start.blend, start.skip_first_blend and on_base)
 
-    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback) -> torch.Tensor:
+    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback,
+               embeddings: dict) -> torch.Tensor:
         """A1111's hires fix: upscale (latent or pixels) then img2img at the larger size."""
         w, h = (int(round(v * req.hires_scale / 8)) * 8 for v in (req.width, req.height))
         big = replace(req, width=w, height=h, strength=req.hires_strength, hires_scale=None, init_image=None,
@@ -527,11 +558,15 @@ class Pipeline:
             known = F.interpolate(x, size=(h // self.latent_factor, w // self.latent_factor), mode="bicubic",
                                   align_corners=False)
         x = known + noise.randn(tuple(known.shape[1:]), self.device) * stage.sigmas[0]
-        return self._sample(self.base, big, x, stage.sigmas, noise, callback) if stage.steps else x
+        if not stage.steps:
+            return x
+        return self._sample(self.base, self._conditioning(self.base, big, embeddings, resized=True), big, x,
+                            stage.sigmas, noise, callback)
 
-    def _sample(self, model: SDXLModel, req: Request, x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise,
-                callback=None, extra=None, blend=None, skip_first_blend=False) -> torch.Tensor:
-        cond, uncond = self.conditioning(model, req)
+    def _sample(self, model: SDXLModel, conditioning: tuple[Conditioning, Conditioning | None], req: Request,
+                x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
+                skip_first_blend=False) -> torch.Tensor:
+        cond, uncond = conditioning
         sigma_range = self._guidance_sigmas(req)
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale, sigma_range, extra,
                                   blend, skip_first_blend)

@@ -25,6 +25,7 @@ MAX_CFG = 100.0
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range; image i uses seed + i
 RANDOM_SEED = -1  # as A1111 and its clients: a fresh random seed
 MAX_MICRO = 65536  # micro-conditioning sizes and coordinates
+MAX_MASK_BLUR = 64  # pixels, as A1111's slider
 # Field annotation -> (accepted Python types, words for errors).
 _SCALARS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
 # Request fields that hold images or tensors: never read from a dict of settings; the CLI flag that gives each.
@@ -35,7 +36,7 @@ NOT_SETTINGS = {"init_image": "--init-image", "mask": "--mask", "init_latent": "
 class Request:
     """Everything that determines an image; the same Request and weights give the same image."""
 
-    prompt: str
+    prompt: str | tuple[str, ...]  # one for every image, or one per image (len = batch)
     negative_prompt: str = ""
     prompt_2: str | None = None  # for the bigG encoder; default: the same prompt
     negative_prompt_2: str | None = None
@@ -62,6 +63,7 @@ class Request:
     init_image: Image.Image | None = field(default=None, compare=False)
     strength: float = 1.0
     mask: Image.Image | None = field(default=None, compare=False)
+    mask_blur: int = 4  # pixels: the Gaussian blur of the mask where the original is pasted back (A1111's default)
     init_latent: torch.Tensor | None = field(default=None, compare=False)  # a saved base latent to refine
     outpaint: tuple[int, int, int, int] | None = None  # pad the init image (left, top, right, bottom) and paint there
     # refiner: hand-off at a fraction of one schedule (ensemble of experts), or SDEdit afterwards
@@ -203,6 +205,8 @@ def _check_counts(r: Request) -> None:
                         f"got {r.seed}")
     if not 0.0 <= r.cfg <= MAX_CFG:
         raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
+    if not 0 <= r.mask_blur <= MAX_MASK_BLUR:
+        raise SDXLError(f"mask-blur must be in 0..{MAX_MASK_BLUR} pixels, got {r.mask_blur}")
     for name in ("aesthetic_score", "negative_aesthetic_score"):  # the refiner's range (LAION aesthetics, 0..10)
         if not 0.0 <= getattr(r, name) <= 10.0:
             raise SDXLError(f"{_flag(name)} must be in 0..10, got {getattr(r, name)}")

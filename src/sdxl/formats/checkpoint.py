@@ -465,8 +465,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     if vae_path is not None:
-        model.first_stage_model = load_vae(vae_path, device, dtype)
-        model.cfg = ModelConfig(model.cfg.unet, model.cfg.conditioner, model.first_stage_model.cfg)
+        parts = model.components()
+        model = SDXLModel.from_parts(parts.get("unet"), parts.get("conditioner"), load_vae(vae_path, device, dtype)).eval()
     absent = [_NEEDED[c] for c in (*require, *(("unet",) if "unet" in components else ())) if c not in model.components()]
     if absent:
         raise CheckpointError(f"{path}: has {absent[0]}")

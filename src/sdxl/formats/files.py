@@ -50,7 +50,8 @@ def refuse_pickle(path: Path, head: bytes) -> None:
 class SafetensorsFile(Mapping):
     """A safetensors file: validated by the safetensors library on opening, tensors memory-mapped when asked for."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fix: str | None = "re-download the file"):
+        """`fix`: what the error for a corrupt file advises (None: nothing, the caller says it)."""
         self.path = Path(path)
         head, size = _head(self.path)
         refuse_pickle(self.path, head)
@@ -63,7 +64,8 @@ class SafetensorsFile(Mapping):
         try:
             self._f = safe_open(str(self.path), framework="pt", device="cpu")  # a private (copy-on-write) map
         except SafetensorError as e:
-            raise CheckpointError(f"{self.path}: {_reason(str(e), self.path, n, size)}; re-download the file") from None
+            advice = f"; {fix}" if fix else ""
+            raise CheckpointError(f"{self.path}: {_reason(str(e), self.path, n, size)}{advice}") from None
         self.metadata: dict[str, str] = self._f.metadata() or {}
         self.infos: dict[str, TensorInfo] = {}
         for key in self._f.keys():

@@ -82,6 +82,8 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
         pairs["CFG Rescale phi"] = req.guidance_rescale
     if req.init_image is not None:
         pairs["Denoising strength"] = req.strength
+    if req.mask is not None or req.outpaint is not None:
+        pairs["Mask blur"] = req.mask_blur
     if models.get("refiner"):
         pairs["Refiner"] = Path(models["refiner"]).stem
         if req.refiner_switch is not None:

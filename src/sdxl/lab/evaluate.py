@@ -14,7 +14,6 @@ run is generated with seed + i, so a run repeats exactly; prompts are batched `S
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -28,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sdxl.models.conditioning import Conditioning
 from sdxl.errors import SDXLError
 from sdxl.lab.judge import Judge, frechet_distance, prompt_report
 from sdxl.models.model import SDXLModel
@@ -107,7 +105,9 @@ def variant_pipeline(pipe: Pipeline, path: str | Path) -> Pipeline:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier run's results unless asked."""
+    """Refuse an --out that is not a folder, and an earlier run's results unless asked to replace them."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SDXLError(f"--out {out} is a file; name a folder for the results and image grids")
     if (Path(out) / "results.json").exists() and not overwrite:
         raise SDXLError(f"{Path(out) / 'results.json'} exists; choose another --out or pass --overwrite")
 
@@ -118,33 +118,14 @@ def missing_variants(folder: Path | None, names) -> list[str]:
 
 # --- generation and measures ------------------------------------------------------------------
 
-def _stacked(pipe: Pipeline, prompts: list[str]) -> Pipeline:
-    """A shallow copy of `pipe` whose conditioning puts prompt i in batch row i.
-
-    `Pipeline.generate` takes one prompt; its batch of B with seed s draws the noise of B single
-    images with seeds s..s+B-1, so one batched run equals B per-prompt runs.
-    """
-    view = copy.copy(pipe)
-
-    def conditioning(model, req):
-        pairs = [Pipeline.conditioning(pipe, model, replace(req, prompt=p, batch=1)) for p in prompts]
-        if len({tuple(c.crossattn.shape) for c, _ in pairs}) > 1:
-            raise SDXLError("prompts longer than 75 tokens cannot share a batch with shorter ones; use --batch 1")
-        uncond = None if pairs[0][1] is None else Conditioning.cat([u for _, u in pairs])
-        return Conditioning.cat([c for c, _ in pairs]), uncond
-
-    view.conditioning = conditioning
-    return view
-
-
 def generate(pipe: Pipeline, prompts: list[str], req: Request, s: Settings, desc: str = "") -> list[Image.Image]:
-    """One image per prompt, prompt i with seed `s.seed + i`, `s.batch` prompts per sampling run."""
+    """One image per prompt, prompt i with seed `s.seed + i`, `s.batch` prompts per sampling run (one prompt per
+    batch row; a batch of B with seed s draws the noise of B single images with seeds s..s+B-1)."""
     images = []
     with tqdm(total=len(prompts), desc=desc, unit="img", disable=s.quiet, leave=False, file=sys.stderr) as bar:
         for i in range(0, len(prompts), s.batch):
-            chunk = prompts[i:i + s.batch]
-            req_i = replace(req, prompt=chunk[0], seed=s.seed + i, batch=len(chunk))
-            images += (_stacked(pipe, chunk) if len(chunk) > 1 else pipe).generate(req_i).images
+            chunk = tuple(prompts[i:i + s.batch])
+            images += pipe.generate(replace(req, prompt=chunk, seed=s.seed + i, batch=len(chunk))).images
             bar.update(len(chunk))
     return images
 

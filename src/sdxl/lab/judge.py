@@ -31,7 +31,6 @@ records the command (the shipped one names it `python -m sdxl.lab.judge`, its fo
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -43,11 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sdxl.errors import SDXLError
+from sdxl.formats.files import SafetensorsFile, write_json, write_tensors
 from sdxl.lab.world import COLOURS, REGIONS, SHAPES, Claims, Scene, label_map, parse_caption, render, sample_scene
+from sdxl.train.lr import learning_rate
 
 ASSETS = Path(__file__).parent.parent / "assets"
 COLOUR_NAMES = tuple(COLOURS)
@@ -154,10 +154,9 @@ class Judge(nn.Module):
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """`path` (.safetensors) plus its config beside it (.json); `extra` is stored in the JSON (training facts)."""
         path = Path(path).with_suffix(".safetensors")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path))
-        path.chmod(0o644)  # safetensors writes 0600
+        write_tensors(path, self.state_dict(), mode="replace")
         meta = {"config": asdict(self.config), **(extra or {})}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_json(path.with_suffix(".json"), meta, mode="replace", indent=1)
 
     @classmethod
     def load(cls, path: str | Path = ASSETS / "judge.safetensors", device: str | torch.device = "cpu") -> "Judge":
@@ -168,7 +167,7 @@ class Judge(nn.Module):
         if (config.colours, config.shapes, config.regions) != (COLOUR_NAMES, SHAPE_CLASSES, REGIONS):
             raise ValueError(f"{path}: judge classes differ from world.py's colours/shapes/regions; retrain it")
         judge = cls(config)
-        judge.load_state_dict(load_file(str(path)), strict=True)
+        judge.load_state_dict(dict(SafetensorsFile(path)), strict=True)
         return judge.to(device).eval()
 
 
@@ -284,8 +283,7 @@ def train_judge(steps: int = 1600, seed: int = 0, batch: int = 64, lr: float = 2
     judge = Judge(config)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 0
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: learning_rate(i, steps, 1.0, warmup))  # x lr
     judge.train()
     for step in range(1, steps + 1):
         bucket = data[int(torch.multinomial(torch.tensor(share), 1, generator=g))]

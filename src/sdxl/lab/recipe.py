@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.formats.files import write_tensors
 from sdxl.models.conditioning import BASE_MICRO, REFINER_MICRO, ConditionerConfig
 from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
@@ -95,17 +96,19 @@ def make_data(out: Path, scale: float, jobs: int) -> Path:
     return folder
 
 
-def make_vae(out: Path, scale: float, workers: int) -> Path:
+def make_vae(out: Path, scale: float, workers: int, overrides: dict | None = None) -> Path:
+    """The VAE on 64 px crops; `overrides` (VAETrainConfig fields) are for tests."""
     from sdxl.train.vae import VAETrainConfig, train_vae
 
     path = out / "vae.safetensors"
     if not path.is_file():
-        train_vae(VAETrainConfig(dataset=str(out / "data"), steps=scaled(STEPS["vae"], scale), num_workers=workers,
-                                 resolution=RESOLUTION), path)
+        values = dict(dataset=str(out / "data"), steps=scaled(STEPS["vae"], scale), num_workers=workers,
+                      resolution=RESOLUTION)
+        train_vae(VAETrainConfig(**values | (overrides or {})), path)
     return path
 
 
-def make_vae_decoder(out: Path, scale: float, workers: int) -> Path:
+def make_vae_decoder(out: Path, scale: float, workers: int, overrides: dict | None = None) -> Path:
     """The decoder again, on whole 128^2 buckets: the first VAE saw 64 px crops, and its decoder (mid-block
     attention included) does not carry over to 16x16 latents. The encoder, hence every UNet's latent space, stays
     (as Stability's ft-MSE VAE decoders did for SD 1.x)."""
@@ -113,9 +116,10 @@ def make_vae_decoder(out: Path, scale: float, workers: int) -> Path:
 
     path = out / "vae_decoder.safetensors"
     if not path.is_file():
-        train_vae(VAETrainConfig(dataset=str(out / "data"), init=str(out / "vae.safetensors"), decoder_only=True,
-                                 crop=0, batch_size=8, steps=scaled(STEPS["vae-decoder"], scale), lr=3e-4,
-                                 warmup_steps=20, num_workers=workers, resolution=RESOLUTION), path)
+        values = dict(dataset=str(out / "data"), init=str(out / "vae.safetensors"), decoder_only=True, crop=0,
+                      batch_size=8, steps=scaled(STEPS["vae-decoder"], scale), lr=3e-4, warmup_steps=20,
+                      num_workers=workers, resolution=RESOLUTION)
+        train_vae(VAETrainConfig(**values | (overrides or {})), path)
     return path
 
 
@@ -206,12 +210,10 @@ def trained_file(out: Path, stage: str) -> Path:
 
 
 def unet_only(src: Path, dst: Path, metadata: dict) -> None:
-    """The UNet of a single file (`model.diffusion_model.*`), fp16."""
-    from safetensors.torch import save_file
-
+    """The UNet of a single file (`model.diffusion_model.*`), fp16; replaces `dst` (the exported asset)."""
     f = checkpoint_io.SafetensorsFile(src)
-    state = {k: f[k].to(torch.float16).contiguous() for k in f.shapes() if k.startswith("model.diffusion_model.")}
-    save_file(state, str(dst), metadata=metadata)
+    state = {k: f[k].to(torch.float16) for k in f.shapes() if k.startswith("model.diffusion_model.")}
+    write_tensors(dst, state, metadata, mode="replace")
 
 
 def record(out: Path, stage: str) -> dict:

@@ -107,10 +107,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, noise_sampler
     """Algorithm 2 (Euler steps) from Karras et al. (2022); the sgm reference's EulerEDMSampler."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = _denoise(model, x, sigma_hat, extra_args)
-        _report(callback, x, i, s[i], sigma_hat, denoised)
-        x = x + (x - denoised) / sigma_hat * (s[i + 1] - sigma_hat)
+        x, sigma_hat, d = _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler,
+                                              (s_churn, s_tmin, s_tmax, s_noise))
+        x = x + d * (s[i + 1] - sigma_hat)
     return x
 
 
@@ -119,8 +118,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, noi
     """Ancestral sampling with Euler method steps (k-diffusion `sample_euler_ancestral`)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         x = x + (x - denoised) / s[i] * (sigma_down - s[i])
         if sigma_up > 0:
@@ -133,10 +131,8 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, noise_sampler=
     """Algorithm 2 (Heun steps) from Karras et al. (2022); an Euler step into sigma = 0."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = _denoise(model, x, sigma_hat, extra_args)
-        _report(callback, x, i, s[i], sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat, d = _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler,
+                                              (s_churn, s_tmin, s_tmax, s_noise))
         dt = s[i + 1] - sigma_hat
         if s[i + 1] == 0:
             x = x + d * dt
@@ -152,17 +148,9 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, noise_sampler
     """DPM-Solver-2 steps (Lu et al., 2022) with Algorithm 2 of Karras et al. (2022): midpoint in log sigma."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = _denoise(model, x, sigma_hat, extra_args)
-        _report(callback, x, i, s[i], sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
-        if s[i + 1] == 0:
-            x = x + d * (s[i + 1] - sigma_hat)
-        else:
-            sigma_mid = math.exp((math.log(sigma_hat) + math.log(s[i + 1])) / 2)
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = (x_2 - _denoise(model, x_2, sigma_mid, extra_args)) / sigma_mid
-            x = x + d_2 * (s[i + 1] - sigma_hat)
+        x, sigma_hat, d = _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler,
+                                              (s_churn, s_tmin, s_tmax, s_noise))
+        x = _dpm_2_step(model, x, d, sigma_hat, s[i + 1], extra_args)
     return x
 
 
@@ -171,19 +159,23 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, noi
     """Ancestral sampling with DPM-Solver-2 steps (k-diffusion `sample_dpm_2_ancestral`)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
-        d = (x - denoised) / s[i]
-        if sigma_down == 0:
-            x = x + d * (sigma_down - s[i])
-        else:
-            sigma_mid = math.exp((math.log(s[i]) + math.log(sigma_down)) / 2)
-            x_2 = x + d * (sigma_mid - s[i])
-            d_2 = (x_2 - _denoise(model, x_2, sigma_mid, extra_args)) / sigma_mid
-            x = x + d_2 * (sigma_down - s[i])
+        x = _dpm_2_step(model, x, (x - denoised) / s[i], s[i], sigma_down, extra_args)
+        if sigma_down != 0:  # k-diffusion adds no noise after the Euler step into 0
             x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * sigma_up)
     return x
+
+
+def _dpm_2_step(model, x, d, sigma, sigma_next, extra_args):
+    """DPM-Solver-2 from sigma to sigma_next along the derivative d: through the midpoint in log sigma; an Euler
+    step into sigma = 0."""
+    if sigma_next == 0:
+        return x + d * (sigma_next - sigma)
+    sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = (x_2 - _denoise(model, x_2, sigma_mid, extra_args)) / sigma_mid
+    return x + d_2 * (sigma_next - sigma)
 
 
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, order=4):
@@ -191,8 +183,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
     s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
     ds = []  # derivatives at s[i], s[i-1], ... (newest last)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         ds = (ds + [(x - denoised) / s[i]])[-order:]
         coeffs = [_lms_coefficient(s, i, j, len(ds)) for j in range(len(ds))]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
@@ -209,8 +200,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_samp
     s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         if s[i + 1] == 0:
             x = denoised
         else:
@@ -236,8 +226,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         if s[i + 1] == 0:
             x = denoised
         else:
@@ -266,8 +255,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         h = None
         if s[i + 1] == 0:
             x = denoised
@@ -304,8 +292,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, noise_sam
     """
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         if s[i + 1] == 0:
             x = denoised  # an Euler step into sigma = 0
             continue
@@ -329,8 +316,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     """Ancestral sampling with DPM-Solver++(2S) second-order steps (k-diffusion `sample_dpmpp_2s_ancestral`)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta)
         if sigma_down == 0:
             x = denoised  # an Euler step into sigma = 0
@@ -358,8 +344,7 @@ def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, noise_sample
     history = []  # (sigma, denoised), newest last
     x_last, last_order = None, None
     for i in range(n):
-        denoised = _denoise(model, x, s[i], extra_args)
-        _report(callback, x, i, s[i], s[i], denoised)
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
         if i > 0:  # UniC: correct the predicted x with the model output at it (no extra evaluation)
             x = _unipc_update(x_last, history, s[i], last_order, variant, model_t=denoised)
         history = (history + [(s[i], denoised)])[-order:]
@@ -442,18 +427,29 @@ def _denoise(model, x: Tensor, sigma: float, extra_args: dict) -> Tensor:
     return model(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **extra_args)
 
 
+def _main_step_denoised(model, x: Tensor, s: list[float], i: int, extra_args: dict, callback) -> Tensor:
+    """D(x) at s[i], the main model call of step i, reported to the callback."""
+    denoised = _denoise(model, x, s[i], extra_args)
+    _report(callback, x, i, s[i], s[i], denoised)
+    return denoised
+
+
 def _report(callback, x, i, sigma, sigma_hat, denoised):
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
-def _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
-    """Karras et al. (2022) Algorithm 2 lines 4-6: raise sigma by gamma and add the matching noise."""
+def _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler, churn):
+    """Karras et al. (2022) Algorithm 2 lines 4-7: raise sigma by gamma and add the matching noise, denoise there;
+    returns (x, sigma_hat, d = (x - D(x)) / sigma_hat). `churn`: (s_churn, s_tmin, s_tmax, s_noise)."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
     gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.0
     sigma_hat = s[i] * (gamma + 1)
     if gamma > 0:
         x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
-    return x, sigma_hat
+    denoised = _denoise(model, x, sigma_hat, extra_args)
+    _report(callback, x, i, s[i], sigma_hat, denoised)
+    return x, sigma_hat, (x - denoised) / sigma_hat
 
 
 def _order_cap(i: int, steps: int, lower_order_final: bool) -> int:

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from sdxl.errors import SDXLError
 from sdxl.formats import files
@@ -149,11 +148,7 @@ def save(output: Path, step: int, trained: dict[str, torch.Tensor], optimizer: d
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(output)
-        pointer = output / f".latest.tmp-{os.getpid()}"
-        pointer.write_text(final.name + "\n", encoding="utf-8")
-        _fsync(pointer)
-        os.replace(pointer, output / "latest")
-        _fsync(output)
+        files.write_file(output / "latest", lambda tmp: tmp.write_text(final.name + "\n", encoding="utf-8"), "replace")
         prune(output, keep)
     _barrier()
     return final
@@ -170,18 +165,16 @@ def prune(output: Path, keep: int) -> None:
 
 def load(folder: Path, rank: int) -> dict:
     """A checkpoint's contents: trained, optimizer (state dict), ema (or None), state (JSON), rng (tensors, meta)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
 
     def read(name: str) -> tuple[dict, dict]:
-        with safe_open(str(folder / name), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        f = files.SafetensorsFile(folder / name, fix=None)  # the caller says what to do
+        return dict(f), f.metadata
 
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     opt_tensors, opt_meta = read("optimizer.safetensors")
     rng_file = folder / f"rng-rank{rank}.safetensors"
     rng = read(rng_file.name if rng_file.is_file() else "rng-rank0.safetensors")
-    ema = load_file(str(folder / "ema.safetensors")) if (folder / "ema.safetensors").is_file() else None
-    return {"trained": load_file(str(folder / "trained.safetensors")), "ema": ema, "state": state, "rng": rng,
+    ema = read("ema.safetensors")[0] if (folder / "ema.safetensors").is_file() else None
+    return {"trained": read("trained.safetensors")[0], "ema": ema, "state": state, "rng": rng,
             "optimizer": optimizer_from_tensors(opt_tensors, opt_meta)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 from sdxl.errors import SDXLError
 from sdxl.models.model import SDXL_BASE, SDXL_REFINER, TINY_BASE, TINY_REFINER, ModelConfig
+from sdxl.models.tokenizer import MAX_LENGTH, VOCAB_SIZE
 
 NAMED_MODELS = {"tiny": TINY_BASE, "tiny-refiner": TINY_REFINER, "sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER}
 SECTIONS = ("unet", "vae", "clip_l", "bigg")  # TOML tables overriding parts of `model_config`
@@ -98,6 +100,8 @@ class TrainConfig:
             raise SDXLError(f"[clip_l] given, but {self.model_config!r} has no CLIP-L encoder")
         cond = dataclasses.replace(cond, clip_l=_replace(cond.clip_l, self.clip_l, "clip_l"),
                                    bigg=_replace(cond.bigg, self.bigg, "bigg"))
+        _check_text_encoder(cond.clip_l, "clip_l")
+        _check_text_encoder(cond.bigg, "bigg")
         # the UNet's inputs follow the text encoders unless [unet] sets them
         unet_cfg = _replace(base.unet, {"context_dim": cond.context_dim, "adm_in_channels": cond.vector_dim,
                                         **self.unet}, "unet")
@@ -111,6 +115,7 @@ class TrainConfig:
 def _replace(cfg, overrides: dict, section: str):
     if not overrides:
         return cfg
+    _check_sizes(overrides, section)
     hints = typing.get_type_hints(type(cfg))
     try:
         return dataclasses.replace(cfg, **{k: coerce(v, hints[k], f"{section}.{k}") for k, v in overrides.items()})
@@ -119,6 +124,27 @@ def _replace(cfg, overrides: dict, section: str):
 
 
 # --- reading and checking values -----------------------------------------------------------------
+
+MAY_BE_ZERO = ("transformer_depth", "transformer_depth_middle")  # a level without attention
+
+
+def _check_sizes(overrides: dict, section: str) -> None:
+    """Sizes in the model tables are positive (depths may be 0) and lists are not empty."""
+    for key, value in overrides.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and not values:
+            raise SDXLError(f"[{section}] {key}: needs at least one value, got []")
+        low = 0 if key in MAY_BE_ZERO else 1
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not (math.isfinite(v) and v >= low) for v in numbers):
+            raise SDXLError(f"[{section}] {key} must be {'at least 0' if low == 0 else 'positive'}, got {value!r}")
+
+
+def _check_text_encoder(enc, section: str) -> None:
+    if enc is not None and (enc.vocab_size < VOCAB_SIZE or enc.max_length < MAX_LENGTH):
+        raise SDXLError(f"[{section}] vocab_size {enc.vocab_size} and max_length {enc.max_length} must be at least "
+                        f"the CLIP tokenizer's {VOCAB_SIZE} and {MAX_LENGTH}")
+
 
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -166,23 +192,14 @@ def coerce(value, tp, name: str):
         if not isinstance(value, dict):
             raise bad
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
+    if tp in _SCALARS:  # a bool is a Python int, but not a config integer or number
+        if not isinstance(value, _SCALARS[tp]) or (isinstance(value, bool) and tp is not bool):
             raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
+        return float(value) if tp is float else value
     raise TypeError(f"{name}: unsupported config type {tp}")
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}  # config type -> accepted Python types
 
 
 def parse_value(text: str):
@@ -191,6 +208,8 @@ def parse_value(text: str):
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise SDXLError(f"--set {text[:40]}...: nested too deeply") from None
 
 
 def _unknown(key: str, known: list[str], where: str) -> SDXLError:
@@ -231,13 +250,40 @@ def _section_fields(model_config: str, section: str) -> dict:
     return typing.get_type_hints(cls)
 
 
+def _numbers(cfg: TrainConfig) -> dict[str, float]:
+    """Every float setting (tuples included) by name, for the one rule that they are finite."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, float):
+                out[f.name if not isinstance(v, tuple) else f"{f.name}[{i}]"] = x
+    return out
+
+
 def check(cfg: TrainConfig) -> None:
-    """Ranges and combinations the types cannot express."""
+    """Ranges and combinations the types cannot express; a NaN or Inf anywhere is refused first."""
+    for name, v in _numbers(cfg).items():
+        if not math.isfinite(v):
+            raise SDXLError(f"{name} must be a finite number, got {v}")
     lo, hi = cfg.timestep_range
     rules = [
         (cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}"),
         (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
         (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
+        (0.0 <= cfg.lr_min <= cfg.lr, f"lr_min must be in [0, lr = {cfg.lr}], got {cfg.lr_min}"),
+        (cfg.warmup_steps >= 0, f"warmup_steps must be at least 0, got {cfg.warmup_steps}"),
+        (cfg.adam_eps > 0, f"adam_eps must be positive (it keeps Adam's division finite), got {cfg.adam_eps}"),
+        (all(0.0 <= b < 1.0 for b in cfg.adam_betas), f"adam_betas must each be in [0, 1), got {list(cfg.adam_betas)}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be at least 0, got {cfg.weight_decay}"),
+        (cfg.max_grad_norm >= 0, f"max_grad_norm must be at least 0 (0: no clipping), got {cfg.max_grad_norm}"),
+        (cfg.offset_noise >= 0, f"offset_noise must be at least 0, got {cfg.offset_noise}"),
+        (cfg.min_snr_gamma >= 0, f"min_snr_gamma must be at least 0 (0: off), got {cfg.min_snr_gamma}"),
+        (cfg.lora_alpha is None or cfg.lora_alpha > 0, f"lora_alpha must be positive or none, got {cfg.lora_alpha}"),
+        (cfg.num_workers >= 0, f"num_workers must be at least 0 (0: load in the main process), got {cfg.num_workers}"),
+        (all(0 <= v < 2**63 for v in (cfg.seed, cfg.sample_seed)),
+         f"seed and sample_seed must be in [0, 2**63), got {cfg.seed} and {cfg.sample_seed}"),
+        (cfg.sample_steps >= 1 and cfg.sample_size >= 0, "sample_steps must be at least 1 and sample_size at least 0"),
         (0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}"),
         (0 <= lo < hi <= 1000, f"timestep_range must satisfy 0 <= lo < hi <= 1000, got {cfg.timestep_range}"),
         (0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -263,6 +309,8 @@ def check(cfg: TrainConfig) -> None:
     for ok, message in rules:
         if not ok:
             raise SDXLError(message)
+    if not cfg.model:
+        cfg.model_config_resolved()  # the [unet]/[vae]/[clip_l]/[bigg] sizes
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -273,8 +321,14 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
             values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SDXLError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise SDXLError(f"{path}: is a folder; give the TOML config file") from None
+        except OSError as e:
+            raise SDXLError(f"{path}: cannot read the config ({e.strerror})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SDXLError(f"{path}: not valid TOML ({e})") from None
+        except RecursionError:
+            raise SDXLError(f"{path}: not a usable config (arrays or tables nested too deeply)") from None
         if not overrides:
             return build(values, f"{path}: ")
         build(values, f"{path}: ", complete=False)  # the file's own type mistakes are named as the file's

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdxl.errors import SDXLError
+from sdxl.formats.files import SafetensorsFile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -261,8 +262,11 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 return self._sample(i, self.bucket_of[index], k, pos) | {"failed": failed}
             except Exception as e:  # a corrupt file must not end the run; PIL raises many types
-                failed.append(f"{self.items[i].path}: unreadable ({type(e).__name__})")
-        raise SDXLError(f"every image of bucket {self.buckets[self.bucket_of[index]]} is unreadable")
+                failed.append(str(e) if isinstance(e, SDXLError)  # a corrupt cache file names itself
+                              else f"{self.items[i].path}: unreadable ({type(e).__name__})")
+        # not raised here: from a DataLoader worker it would arrive wrapped in the worker's traceback
+        return {"error": f"every image of bucket {self.buckets[self.bucket_of[index]]} is unreadable "
+                         f"({len(failed)} tried, e.g. {failed[0]})", "failed": failed, "key": (k, pos)}
 
     def _sample(self, i: int, b: int, k: int, pos: int) -> dict:
         item, bucket = self.items[i], self.buckets[b]
@@ -275,7 +279,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack one bucket's samples; sizes become (B, 2) float tensors, as `Conditioner.encode_micro` takes them."""
+    """Stack one bucket's samples; sizes become (B, 2) float tensors, as `Conditioner.encode_micro` takes them.
+    A sample that could not be read at all makes the batch {"error": message} (the training loop raises it)."""
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
     out = {"key": [s["key"] for s in samples], "failed": [f for s in samples for f in s["failed"]],
            "caption": [s["caption"] for s in samples]}
     for name in ("original_size", "crop_coords_top_left", "target_size"):
@@ -302,14 +310,11 @@ class CachedDataset(ImageDataset):
         self.files, self.text_files = files, text_files
 
     def _sample(self, i: int, b: int, k: int, pos: int) -> dict:
-        from safetensors import safe_open
-
         item = self.items[i]
-        with safe_open(str(self.files[i]), "pt") as f:
-            latent = {name: f.get_tensor(name) for name in ("mean", "std")}
-            meta = f.metadata()
-        with safe_open(str(self.text_files[i]), "pt") as f:
-            text = {name: f.get_tensor(name) for name in ("crossattn", "pooled")}
+        f = SafetensorsFile(self.files[i], fix="delete it: it is rebuilt")
+        latent, meta = {name: f[name] for name in ("mean", "std")}, f.metadata
+        f = SafetensorsFile(self.text_files[i], fix="delete it: it is rebuilt")
+        text = {name: f[name] for name in ("crossattn", "pooled")}
         return {**latent, **text, "caption": item.caption, "original_size": item.size,
                 "crop_coords_top_left": tuple(json.loads(meta["crop_coords_top_left"])),
                 "target_size": self.buckets[b], "key": (k, pos),

@@ -29,6 +29,7 @@ from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
 from sdxl.models.vae import VAEConfig
 from sdxl.train import data
+from sdxl.train.lr import learning_rate
 
 # f = 8 (four levels), 4 latent channels, one ResnetBlock per level: about 1M parameters
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
@@ -52,6 +53,7 @@ class VAETrainConfig:
     num_workers: int = 0
     init: str = ""  # start from this VAE file
     decoder_only: bool = False  # train the decoder alone: the latent space (and every UNet on it) is kept
+    probe: int = 64  # fresh crops that set the latent scale and measure the PSNR at the end
 
 
 class Crops(torch.utils.data.Dataset):
@@ -126,8 +128,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
     generator = torch.Generator().manual_seed(cfg.seed)
     started, log = time.perf_counter(), []
     for step, x in enumerate(loader):
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if step >= cfg.warmup_steps else 1.0
+        lr = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, l1 = vae_loss(vae, x.to(device), cfg.kl_weight, generator)
@@ -143,9 +144,9 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             if not quiet:
                 print(json.dumps(log[-1]), flush=True)
     vae.eval()
-    # 64 crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
-    probe_crops = Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": 64}))
-    probe = torch.stack([probe_crops[k] for k in range(64)]).to(device)
+    # crops drawn with another seed (from the same images: a world without distribution shift) for the scale and PSNR
+    probe_crops = Crops(items, VAETrainConfig(**{**cfg.__dict__, "seed": cfg.seed + 1, "batch_size": cfg.probe}))
+    probe = torch.stack([probe_crops[k] for k in range(cfg.probe)]).to(device)
     k = 1.0 if cfg.decoder_only else fold_latent_scale(vae, probe, vae.cfg.scaling_factor)
     with torch.no_grad():
         mse = float((vae.decode(vae.encode(probe).mean).clamp(-1, 1) - probe).square().mean())
