@@ -1,0 +1,367 @@
+"""AUTOMATIC1111's HTTP API (`/sdapi/v1/...`) and OpenAI's `POST /v1/images/generations`, over the server's jobs.
+
+Field names, defaults and response shapes follow A1111's modules/api/models.py (a request's fields are the
+arguments of StableDiffusionProcessingTxt2Img/Img2Img, every one optional) and modules/api/api.py, as the
+`webuiapi` client sends and reads them. The pure functions (`job_spec`, `a1111_response`, `parse_infotext`,
+`openai_job_spec`) hold the rules and are tested alone; the routes only call them and the job queue.
+
+A field this server does not use is ignored (clients send dozens); a wrong type is a 422 naming the field; a value
+that would ask for something the pipeline does not do (face restoration, variation seeds, "only masked"
+inpainting, a GAN upscaler) is a 422 naming the field and what to send instead, never a silently different image.
+Omitted fields take the model's native settings (size, steps, CFG), as `sdxl generate` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+
+from PIL import Image, ImageFilter, ImageOps
+
+from sdxl.errors import SDXLError
+from sdxl.sampling import names
+
+
+class FieldError(SDXLError):
+    """A request field with a wrong type or a value this server cannot honour; `field` names it for the 422."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# A1111 request fields that this server reads -> the JSON types accepted (None is always accepted: the default).
+_INT, _FLOAT, _BOOL, _STR = "an integer", "a number", "a boolean", "a string"
+FIELDS = {
+    "prompt": _STR, "negative_prompt": _STR, "styles": "a list", "seed": _INT, "subseed": _INT,
+    "subseed_strength": _FLOAT, "seed_resize_from_w": _INT, "seed_resize_from_h": _INT,
+    "sampler_name": _STR, "sampler_index": _STR, "scheduler": _STR, "steps": _INT, "cfg_scale": _FLOAT,
+    "width": _INT, "height": _INT, "batch_size": _INT, "n_iter": _INT, "denoising_strength": _FLOAT,
+    "enable_hr": _BOOL, "hr_scale": _FLOAT, "hr_second_pass_steps": _INT, "hr_resize_x": _INT, "hr_resize_y": _INT,
+    "hr_upscaler": _STR, "hr_checkpoint_name": _STR, "hr_sampler_name": _STR, "hr_scheduler": _STR,
+    "hr_prompt": _STR, "hr_negative_prompt": _STR,
+    "refiner_checkpoint": _STR, "refiner_switch_at": _FLOAT, "override_settings": "an object",
+    "send_images": _BOOL, "save_images": _BOOL, "restore_faces": _BOOL, "tiling": _BOOL,
+    "script_name": _STR, "alwayson_scripts": "an object",
+    "init_images": "a list", "mask": _STR, "mask_blur": _INT, "inpainting_fill": _INT, "inpaint_full_res": _BOOL,
+    "inpainting_mask_invert": _INT, "resize_mode": _INT, "include_init_images": _BOOL,
+}
+# A1111's latent upscale modes (modules/shared_items.py latent_upscale_modes): all run as our latent upscale
+# (bicubic); its pixel upscalers that are plain resizes run as our pixel upscale.
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                    "Latent (nearest)", "Latent (nearest-exact)")
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+# A1111's inpainting_fill values (modules/ui.py "Masked content"): 0 fill, 1 original, 2 latent noise, 3 nothing.
+FILL, ORIGINAL = 0, 1
+# resize_mode: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale).
+JUST_RESIZE, CROP_AND_RESIZE = 0, 1
+
+
+def _typed(name: str, value, kind: str):
+    """`value` if it is of `kind` (JSON numbers with no fraction count as integers, 0/1 as booleans)."""
+    ok = {_INT: lambda v: type(v) is int or (type(v) is float and v.is_integer()),
+          _FLOAT: lambda v: type(v) in (int, float),
+          _BOOL: lambda v: type(v) is bool or (type(v) is int and v in (0, 1)),
+          _STR: lambda v: type(v) is str,
+          "a list": lambda v: type(v) is list,
+          "an object": lambda v: type(v) is dict}[kind]
+    if not ok(value):
+        raise FieldError(name, f"must be {kind}, got {json.dumps(value)[:60]}")
+    if kind == _INT:
+        return int(value)
+    if kind == _FLOAT:
+        return float(value)
+    return bool(value) if kind == _BOOL else value
+
+
+def checked_fields(payload) -> dict:
+    """The fields this server reads, type-checked; unknown fields and nulls dropped (nulls mean the default)."""
+    if not isinstance(payload, dict):
+        raise FieldError("body", f"expected a JSON object, got {type(payload).__name__}")
+    return {k: _typed(k, v, FIELDS[k]) for k, v in payload.items() if k in FIELDS and v is not None}
+
+
+def sampler_and_schedule(p: dict) -> dict:
+    """sampler_name (or sampler_index) and scheduler -> our sampler and schedule ("DPM++ 2M Karras" and
+    "DPM++ 2M" + "Karras" both name dpmpp_2m on the karras schedule)."""
+    name = p.get("sampler_name") or p.get("sampler_index")
+    if name is None and p.get("scheduler") is None:
+        return {}
+    try:
+        sampler, schedule = names.from_a1111(name or names.A1111_SAMPLERS["euler"], p.get("scheduler"))
+    except SDXLError as e:
+        raise FieldError("scheduler" if "schedule type" in str(e) else "sampler_name", str(e)) from None
+    return {"sampler": sampler, "schedule": schedule}
+
+
+def request_settings(p: dict, kind: str) -> dict:
+    """The `Request` settings of an A1111 payload (checked fields); only what the payload gives."""
+    renames = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+               "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch"}
+    s = {ours: p[theirs] for theirs, ours in renames.items() if theirs in p}
+    s.setdefault("prompt", "")
+    s |= sampler_and_schedule(p)
+    if kind == "img2img":
+        s["strength"] = p.get("denoising_strength", 0.75)  # A1111's img2img default
+    if p.get("refiner_checkpoint") not in (None, "", "None"):
+        s["refiner_switch"] = p.get("refiner_switch_at", 0.8)
+    return s | hires_settings(p)
+
+
+def hires_settings(p: dict) -> dict:
+    """enable_hr and its fields -> hires_scale, hires_upscale, hires_steps, hires_strength."""
+    if not p.get("enable_hr"):
+        return {}
+    upscaler = p.get("hr_upscaler", "Latent")
+    if upscaler not in LATENT_UPSCALERS + PIXEL_UPSCALERS:
+        raise FieldError("hr_upscaler", f"{upscaler!r} is not available here; use one of "
+                         f"{', '.join(LATENT_UPSCALERS + PIXEL_UPSCALERS)}")
+    for field in ("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
+        if p.get(field) not in (None, "", "Use same checkpoint", "Use same sampler", "Use same scheduler",
+                                p.get(field[3:])):
+            raise FieldError(field, "a second pass with its own checkpoint, sampler or prompt is not supported; "
+                             "leave it empty (the first pass's is used)")
+    s = {"hires_scale": _hires_scale(p), "hires_upscale": "latent" if upscaler in LATENT_UPSCALERS else "pixel"}
+    if p.get("hr_second_pass_steps"):
+        s["hires_steps"] = p["hr_second_pass_steps"]
+    if "denoising_strength" in p:
+        s["hires_strength"] = p["denoising_strength"]
+    return s
+
+
+def _hires_scale(p: dict) -> float:
+    """hr_scale, or the scale that hr_resize_x/hr_resize_y ask for (one scale for both sides)."""
+    rx, ry = p.get("hr_resize_x", 0), p.get("hr_resize_y", 0)
+    if not (rx or ry):
+        return p.get("hr_scale", 2.0)
+    if "width" not in p or "height" not in p:
+        raise FieldError("hr_resize_x", "hr_resize_x/hr_resize_y need width and height in the same request")
+    w, h = p["width"], p["height"]
+    scale = rx / w if rx else ry / h
+    got = [int(round(v * scale / 8)) * 8 for v in (w, h)]
+    if (rx and got[0] != rx) or (ry and got[1] != ry):
+        raise FieldError("hr_resize_x", f"{rx}x{ry} does not keep the aspect ratio of {w}x{h} (the hires fix "
+                         f"scales both sides alike); give hr_scale, or one of hr_resize_x/hr_resize_y")
+    return scale
+
+
+def refused(p: dict) -> None:
+    """A 422 for values that ask for what this pipeline does not do."""
+    rules = [("restore_faces", p.get("restore_faces"), "face restoration is not available; send false"),
+             ("tiling", p.get("tiling"), "tiling is not available; send false"),
+             ("subseed_strength", p.get("subseed_strength", 0.0) != 0.0,
+              "variation seeds are not available; send 0 (subseed is then ignored)"),
+             ("script_name", p.get("script_name") not in (None, ""), "scripts are not available; send null"),
+             ("alwayson_scripts", bool(p.get("alwayson_scripts")), "extensions' scripts are not available; send {}"),
+             ("seed_resize_from_w", p.get("seed_resize_from_w", -1) > 0 or p.get("seed_resize_from_h", -1) > 0,
+              "resizing the seed is not available; send -1 or 0")]
+    for field, bad, why in rules:
+        if bad:
+            raise FieldError(field, why)
+
+
+def model_choice(p: dict) -> dict:
+    """override_settings (sd_model_checkpoint, sd_vae) and refiner_checkpoint -> JobSpec's model, vae, refiner."""
+    o = p.get("override_settings", {})
+    out = {}
+    for key, ours in (("sd_model_checkpoint", "model"), ("sd_vae", "vae")):
+        value = o.get(key)
+        if value is not None and type(value) is not str:
+            raise FieldError(f"override_settings.{key}", f"must be a string, got {json.dumps(value)[:60]}")
+        if value not in (None, "", "Automatic", "None"):
+            out[ours] = value
+    if p.get("refiner_checkpoint") not in (None, "", "None"):
+        out["refiner"] = p["refiner_checkpoint"]
+    return out
+
+
+def decode_base64(text: str, field: str) -> bytes:
+    """A base64 image (raw, or a data: URL as browsers make it); URLs are never fetched."""
+    if re.match(r"\s*(https?|ftp|file)://", text, re.I):
+        raise FieldError(field, "URLs are never fetched; send the image itself as base64 or a data: URL")
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if not head.endswith(";base64"):
+            raise FieldError(field, "a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "is not valid base64") from None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content (modules/masking.py fill): the masked area painted with ever less blurred
+    averages of the colours around it, the known pixels kept exactly."""
+    known = image.convert("RGB").convert("RGBA")
+    known.putalpha(ImageOps.invert(mask.convert("L").point(lambda v: 255 if v >= 128 else 0)))
+    premultiplied = known.convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = premultiplied.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def inpaint_inputs(p: dict, decode) -> tuple[bytes, bytes | None]:
+    """init_images[0] and mask -> (init PNG/JPEG bytes, mask bytes), with A1111's mask options applied:
+    inpainting_mask_invert, mask_blur (Gaussian, sigma in pixels), inpainting_fill 0 (fill) or 1 (original),
+    resize_mode 0 (just resize, as the pipeline does) or 1 (crop and resize). `decode(bytes, field)` -> PIL image."""
+    images = p.get("init_images") or []
+    if len(images) != 1 or type(images[0]) is not str:
+        raise FieldError("init_images", f"send exactly one image as a base64 string, got {len(images)} items")
+    init = decode_base64(images[0], "init_images")
+    mask = decode_base64(p["mask"], "mask") if "mask" in p else None
+    resize = p.get("resize_mode", JUST_RESIZE)
+    if resize not in (JUST_RESIZE, CROP_AND_RESIZE):
+        raise FieldError("resize_mode", f"{resize} is not available; use 0 (just resize) or 1 (crop and resize)")
+    if mask is None and resize == JUST_RESIZE:
+        return init, None
+    image = decode(init, "init_images")
+    if resize == CROP_AND_RESIZE:
+        if "width" not in p or "height" not in p:
+            raise FieldError("resize_mode", "crop and resize needs width and height")
+        image = ImageOps.fit(image.convert("RGB"), (p["width"], p["height"]), Image.LANCZOS)
+    if mask is None:
+        return png_bytes(image), None
+    m = _mask(p, decode(mask, "mask"), image.size, resize)
+    if p.get("inpainting_fill", FILL) == FILL:
+        image = fill_masked(image, m)
+    return png_bytes(image), png_bytes(m)
+
+
+def _mask(p: dict, m: Image.Image, size: tuple[int, int], resize: int) -> Image.Image:
+    """The mask as A1111 prepares it (modules/processing.py init): inverted, blurred, fitted like its image."""
+    if p.get("inpaint_full_res", False):
+        raise FieldError("inpaint_full_res", "inpainting only the masked area at full resolution is not available; "
+                         "send false (the whole picture is inpainted)")
+    fill = p.get("inpainting_fill", FILL)
+    if fill not in (FILL, ORIGINAL):
+        raise FieldError("inpainting_fill", f"{fill} (latent noise/nothing) is not available; use 0 (fill) or "
+                         "1 (original)")
+    m = m.convert("L")
+    if p.get("inpainting_mask_invert"):
+        m = ImageOps.invert(m)
+    if resize == CROP_AND_RESIZE:
+        m = ImageOps.fit(m, size, Image.LANCZOS)
+    if m.size != size:
+        raise FieldError("mask", f"the mask is {m.size[0]}x{m.size[1]} but the image is {size[0]}x{size[1]}")
+    blur = p.get("mask_blur", 0)
+    if blur < 0:
+        raise FieldError("mask_blur", f"must be >= 0, got {blur}")
+    return m.filter(ImageFilter.GaussianBlur(blur)) if blur else m
+
+
+# --- infotext ---------------------------------------------------------------------------------------------------
+
+_PAIR = re.compile(r'\s*([\w][\w \-/()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict:
+    """A1111's infotext -> its fields (modules/infotext_utils.py parse_generation_parameters): "Prompt",
+    "Negative prompt", then each "Key: value" of the last line; "Size" also as "Size-1", "Size-2"."""
+    *lines, last = text.strip().split("\n") if text.strip() else [""]
+    pairs = _PAIR.findall(last)
+    if len(pairs) < 3:  # the last line is part of the prompt
+        lines, pairs = lines + [last], []
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in pairs:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
+        if key.strip() == "Size" and re.fullmatch(r"\d+x\d+", value):
+            out["Size-1"], out["Size-2"] = value.split("x")
+    return out
+
+
+# --- responses --------------------------------------------------------------------------------------------------
+
+def echoed(payload: dict) -> dict:
+    """A1111's `parameters`: the request as sent, its images dropped unless include_init_images asks for them."""
+    if payload.get("include_init_images") is True:
+        return dict(payload)
+    return {k: (None if k in ("init_images", "mask") else v) for k, v in payload.items()}
+
+
+def a1111_info(p: dict, state) -> dict:
+    """A1111's `info` (modules/processing.py Processed.js) from a finished job and its infotexts."""
+    parsed = [parse_infotext(t) for t in state.infotexts]
+    first = parsed[0] if parsed else {}
+    seed = state.seeds[0] if state.seeds else p.get("seed", -1)
+    number = lambda key, kind, default: kind(first[key]) if key in first else default  # noqa: E731
+    return {
+        "prompt": state.prompts[0] if state.prompts else p.get("prompt", ""), "all_prompts": list(state.prompts),
+        "negative_prompt": first.get("Negative prompt", p.get("negative_prompt", "")),
+        "all_negative_prompts": [d["Negative prompt"] for d in parsed],
+        "seed": seed, "all_seeds": list(state.seeds), "subseed": p.get("subseed", -1),
+        "all_subseeds": [p.get("subseed", -1)] * len(state.seeds), "subseed_strength": 0.0,
+        "width": state.width, "height": state.height,
+        "sampler_name": first.get("Sampler", p.get("sampler_name")), "scheduler": first.get("Schedule type"),
+        "cfg_scale": number("CFG scale", float, p.get("cfg_scale")), "steps": number("Steps", int, p.get("steps")),
+        "batch_size": p.get("batch_size", 1), "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"), "sd_vae_name": None,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": number("Denoising strength", float, p.get("denoising_strength")),
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": list(state.infotexts),
+        "styles": p.get("styles", []), "job_timestamp": "", "clip_skip": 1,
+        "is_using_inpainting_conditioning": False, "version": "sdxl",
+    }
+
+
+def a1111_response(payload: dict, state, images: list[bytes], send_images: bool = True) -> dict:
+    """The txt2img/img2img response: base64 PNGs (each carrying its infotext), the request echoed, info as JSON."""
+    p = checked_fields(payload)
+    return {"images": [base64.b64encode(b).decode("ascii") for b in images] if send_images else [],
+            "parameters": echoed(payload), "info": json.dumps(a1111_info(p, state))}
+
+
+# --- OpenAI -----------------------------------------------------------------------------------------------------
+
+OPENAI_FIELDS = {"prompt": _STR, "n": _INT, "size": _STR, "response_format": _STR, "model": _STR}
+OPENAI_MAX_N = 10  # OpenAI's own limit for n
+
+
+def openai_settings(payload) -> tuple[dict, str | None]:
+    """OpenAI's images/generations body (prompt, n, size "WxH", response_format b64_json, model) -> (Request
+    settings, checkpoint name or None). Other fields (quality, style, user) are ignored."""
+    if not isinstance(payload, dict):
+        raise FieldError("body", f"expected a JSON object, got {type(payload).__name__}")
+    p = {k: _typed(k, v, OPENAI_FIELDS[k]) for k, v in payload.items() if k in OPENAI_FIELDS and v is not None}
+    if not p.get("prompt"):
+        raise FieldError("prompt", "a prompt is required")
+    if p.get("response_format", "b64_json") != "b64_json":
+        raise FieldError("response_format", "only b64_json is served (no image URLs); send \"b64_json\"")
+    n = p.get("n", 1)
+    if not 1 <= n <= OPENAI_MAX_N:
+        raise FieldError("n", f"must be in 1..{OPENAI_MAX_N}, got {n}")
+    s = {"prompt": p["prompt"], "batch": n}
+    size = p.get("size", "auto")
+    if size != "auto":
+        if not (m := re.fullmatch(r"(\d+)x(\d+)", size)):
+            raise FieldError("size", f"must be WIDTHxHEIGHT such as 1024x1024, or auto, got {size!r:.40}")
+        s["width"], s["height"] = int(m[1]), int(m[2])
+    model = p.get("model")
+    return s, None if model is None or model.startswith(("dall-e", "gpt-image")) else model
+
+
+def openai_response(created: int, prompt: str, images: list[bytes]) -> dict:
+    return {"created": created,
+            "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": prompt} for b in images]}
