@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
+from sdxl.session import (DTYPES, Models, build_request, device_and_dtype, dtype_name, load_pipeline,
+                          resolve_models, split_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -48,9 +50,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 OUTPUT = "sdxl.png"
 # generate's flags whose Request field has another name; every other flag named like a field sets that field
 FLAG_FIELDS = {"negative": "negative_prompt", "negative_2": "negative_prompt_2", "scheduler": "schedule"}
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# what --model gets when its file records no native settings: SDXL's (SDXL report §2.3, sgm's sampling defaults)
-SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -70,64 +69,13 @@ def _quad(text: str) -> tuple[int, int, int, int]:
     return v
 
 
-@dataclass(frozen=True)
-class Models:
-    """The files a generation uses, resolved once from flags, a recipe and the default model."""
-
-    model: str
-    refiner: str | None
-    vae: str | None
-    loras: tuple[str, ...]
-    native: dict  # resolution, steps, cfg, refiner_switch
-    native_from: str  # where the native settings come from, for the message
-    default_refiner: bool  # the default model's refiner, chosen without --refiner
-
-    def table(self) -> dict[str, str | None]:
-        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
-        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
-            f"lora{i}": spec for i, spec in enumerate(self.loras)}
-
-
-def _native_settings(model: str) -> tuple[dict, str]:
-    """Native resolution/steps/cfg of a checkpoint: what training recorded in it (sdxl.train.config), else SDXL's."""
-    if Path(model).suffix != ".safetensors" or not Path(model).is_file():
-        return SDXL_NATIVE, "SDXL's default"
-    from sdxl.formats.checkpoint import SafetensorsFile
-
-    try:
-        cfg = json.loads(SafetensorsFile(model).metadata.get("sdxl.train.config", "{}"))
-        native = {"resolution": int(cfg["resolution"]), "steps": int(cfg.get("sample_steps", 40)),
-                  "cfg": float(cfg.get("sample_cfg", 5.0)), "refiner_switch": 0.8}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return SDXL_NATIVE, "SDXL's default"
-    ok = 8 <= native["resolution"] <= 4096 and native["resolution"] % 8 == 0 and 1 <= native["steps"] <= 1000
-    return (native, f"recorded in {model} by training") if ok else (SDXL_NATIVE, "SDXL's default")
-
-
-def _models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-            loras: list[str] | None = None) -> Models:
-    """Without a model, the embedded default (and its refiner unless one is given or --no-refiner)."""
-    if model is not None:
-        native, source = _native_settings(model)
-        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False)
-    from sdxl.default_model import default_model_paths
-
-    info = default_model_paths()
-    default_refiner = refiner is None and info.get("refiner") is not None and not no_refiner
-    if default_refiner:
-        refiner = str(info["refiner"])
-    native = {k: info[k] for k in SDXL_NATIVE}
-    return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "the default model's", default_refiner)
-
-
 def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
     from sdxl.formats.png import file_hash
 
     recorded = rec.models if rec else {}
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
-    m = _models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
+    m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
                 args.vae or recorded.get("vae"), loras)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
@@ -135,34 +83,6 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
             warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
                           "the image will differ")
     return m
-
-
-def _device_and_dtype(device: str | None, dtype: str | None):
-    """(device, torch dtype, why): --device and --dtype, or the best device and its default dtype, and the reason."""
-    import torch
-
-    from sdxl.pipeline import default_device, default_dtype
-
-    try:
-        dev = torch.device(device or default_device())
-    except RuntimeError:
-        raise SDXLError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(dev.type):
-        raise SDXLError(f"--device {device}: {dev.type} is not available here; use cpu"
-                        + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""))
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SDXLError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dtype is not None:
-        return str(dev), getattr(torch, DTYPES[dtype]), "as asked"
-    chosen = default_dtype(dev)
-    if dev.type != "cpu":
-        why = f"the default on {dev.type}"
-    elif chosen == torch.bfloat16:
-        why = "this CPU has AMX or AVX512-BF16, where bf16 runs several times faster; --dtype fp32 for references"
-    else:
-        why = "this CPU lacks AMX and AVX512-BF16, where bf16 would be far slower"
-    return str(dev), chosen, why
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
@@ -181,29 +101,16 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
     return [line.strip() for line in text.splitlines() if line.strip()] or [None]
 
 
-def _settings(args: argparse.Namespace, rec, models: Models, init, mask) -> dict:
-    """Request settings: flags over the recipe over the model's native settings (and the init image's size)."""
+def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
+    """Request settings: flags over the recipe (the model's native settings fill the rest, in build_request)."""
     from sdxl.request import NOT_SETTINGS, Request
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
     s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
-    if init is not None and "width" not in s and "height" not in s:
-        s["width"], s["height"] = (v // 8 * 8 for v in init.size)
-        if s.get("outpaint"):  # the canvas grows by the (rounded-up) pads
-            left, top, right, bottom = (-(-p // 8) * 8 for p in s["outpaint"])
-            s["width"], s["height"] = s["width"] + left + right, s["height"] + top + bottom
-    elif "width" not in s and "height" not in s and models.native_from != "SDXL's default":
+    if init is None and "width" not in s and "height" not in s and models.native_from != "SDXL's default":
         size = models.native["resolution"]
         print(f"size {size}x{size}: the native resolution {models.native_from}")
-    s.setdefault("width", models.native["resolution"])
-    s.setdefault("height", models.native["resolution"])
-    s.setdefault("steps", models.native["steps"])
-    s.setdefault("cfg", models.native["cfg"])
-    if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
-        s["refiner_switch"] = models.native["refiner_switch"]
-    if init is not None and "strength" not in s:
-        s["strength"] = 0.75 if mask is None else 1.0
     return s
 
 
@@ -223,24 +130,37 @@ def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | N
     return path, index if args.latent_index is None else args.latent_index
 
 
-def _requests(args: argparse.Namespace, rec, models: Models, latent) -> list:
+def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Models, list]:
     """One Request per prompt, built once from flags over the recipe over the native settings, all validated
-    before anything big is loaded. --prompts: prompt k uses seed + k * batch."""
+    before anything big is loaded. --prompts: prompt k uses seed + k * batch. `<lora:NAME:W>` tags in the
+    prompts join the LoRAs (the same tags in every prompt)."""
     from sdxl.images import load_image
-    from sdxl.request import Request
 
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
-    settings = _settings(args, rec, models, init, mask)
-    prompts = _read_prompts(args)
+    settings = _settings(args, rec, models, init)
+    prompts, tags = _prompt_loras(_read_prompts(args))
     if prompts[0] is None and settings.get("prompt") is None:
         raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
-    first = Request.from_dict(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), "generate")
-    first = replace(first, init_image=init, mask=mask, init_latent=latent)
+    models = replace(models, loras=models.loras + tags)
+    first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",
+                          init, mask, latent)
     reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
     for req in reqs:
         req.validate(has_refiner=models.refiner is not None)
-    return reqs
+    return models, reqs
+
+
+def _prompt_loras(prompts: list[str | None]) -> tuple[list[str | None], tuple[str, ...]]:
+    """The prompts without their `<lora:NAME:W>` tags, and the tags as --lora specs (NAME, else NAME.safetensors)."""
+    split = [split_loras(p) if p is not None else (None, ()) for p in prompts]
+    if len({tags for _, tags in split}) > 1:
+        raise SDXLError("--prompts: every prompt must carry the same <lora:...> tags (one model is loaded for all)")
+    specs = []
+    for name, weight in split[0][1]:
+        path = name if Path(name).exists() or name.endswith(".safetensors") else f"{name}.safetensors"
+        specs.append(f"{path}:{weight}")
+    return [p for p, _ in split], tuple(specs)
 
 
 def _load_latent(path: str, index: int | None):
@@ -296,46 +216,20 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     return targets
 
 
-def _load_pipeline(args: argparse.Namespace, models: Models, device, dtype):
-    from sdxl.pipeline import Pipeline
-
-    tiling = {"on": True, "off": False}.get(args.vae_tiling)
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=tiling)
-    for spec in models.loras:
-        from sdxl.formats.lora import load_lora
-
-        path, _, weight = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        try:
-            multiplier = float(weight) if weight else 1.0
-        except ValueError:
-            raise SDXLError(f"--lora {spec}: the weight after ':' must be a number, e.g. style.safetensors:0.8") from None
-        report = load_lora(pipe.base, path, multiplier)
-        print(f"LoRA {path}: {report.total} layers, weight {multiplier}")
-    return pipe
-
-
-def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype_name: str, latent) -> None:
+def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent) -> None:
     """The PNGs (infotext and recipe) and, with --save-latent, the latents of one request."""
-    from sdxl.formats.png import a1111_parameters, recipe, save_png
-
-    images = result.images
-    if not args.no_watermark:
-        from sdxl.watermark import add_watermark
-
-        images = add_watermark(images)
     out = Path(args.output or OUTPUT)
     if args.prompts:
         out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
-    table = models.table()
-    for i, im in enumerate(images):
-        target = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        rec = recipe(req, table, latent) | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype_name}
-        print(f"wrote {save_png(im, target, a1111_parameters(req, table, i), rec)}")
+    for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark):
+        print(f"wrote {w.path}")
     if args.save_latent:
         from sdxl.formats.files import write_tensors
+        from sdxl.formats.png import recipe
 
         Path(args.save_latent).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"recipe": json.dumps(recipe(req, table, latent)), "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
+        meta = {"recipe": json.dumps(recipe(req, models.table(), latent)),
+                "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
         print(f"wrote {write_tensors(args.save_latent, {'latent': result.latents}, meta, mode='free')}")
 
 
@@ -348,15 +242,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     rec = read_recipe(args.from_png) if args.from_png else None
     models = _generate_models(args, rec)
-    device, dtype, why = _device_and_dtype(args.device, args.dtype or (rec.dtype if rec else None))
+    device, dtype, why = device_and_dtype(args.device, args.dtype or (rec.dtype if rec else None))
     latent_file, latent_index = _replayed_latent(args, rec)
     init_latent = _load_latent(latent_file, latent_index) if latent_file else None
     rank, world = _distributed_rank()
-    reqs = [(k, r) for k, r in enumerate(_requests(args, rec, models, init_latent)) if k % world == rank]
+    models, reqs = _requests(args, rec, models, init_latent)
+    reqs = [(k, r) for k, r in enumerate(reqs) if k % world == rank]
     _outputs(args)
     start = time.perf_counter()
-    pipe = _load_pipeline(args, models, device, dtype)
-    dtype_name = {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
+    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling))
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
@@ -368,10 +262,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             counted = []
             result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
         steps_done += len(counted)
-        _write(args, k, req, result, models, dtype_name, latent)
+        _write(args, k, req, result, models, dtype_name(dtype), latent)
     wall = time.perf_counter() - start
     print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, "
-          f"{dtype_name} ({why})")
+          f"{dtype_name(dtype)} ({why})")
     return 0
 
 
@@ -460,6 +354,52 @@ def _add_generate(sub) -> None:
     g.set_defaults(func=_cmd_generate)
 
 
+def generate_help() -> dict[str, str]:
+    """Request field -> the help of the generate flag that sets it (the server documents its API with them)."""
+    sub = _Parser().add_subparsers()
+    _add_generate(sub)
+    flags = {a.dest: a.help for a in sub.choices["generate"]._actions if a.help}
+    return {FLAG_FIELDS.get(k, k): v for k, v in flags.items()}
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sdxl.serve.app import create_app
+    from sdxl.serve.config import ServeConfig
+
+    if args.api_auth is not None and ":" not in args.api_auth:
+        raise SDXLError("--api-auth takes USER:PASS")
+    config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
+                         args.api_auth, args.insecure, args.device, args.dtype)
+    if config.exposed() and not config.api_auth:
+        warnings.warn(f"--host {args.host} serves every machine that can reach this one, without a password")
+        if not args.insecure:
+            raise SDXLError(f"refusing to serve on {args.host} without --api-auth USER:PASS "
+                            "(or add --insecure if the network is trusted)")
+    if args.models_dir and not Path(args.models_dir).is_dir():
+        raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an HTTP server: job queue, native API, A1111 API, web page",
+                       description="Serve generation over HTTP. Without --models-dir, the embedded default model.")
+    s.add_argument("--models-dir", help="folder with checkpoints/ (or Stable-diffusion/), loras/ (or Lora/), "
+                                        "embeddings/, vae/")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="default 7860")
+    s.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth")
+    s.add_argument("--output-dir", default="outputs", help="where images and the job database go (default outputs)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-local --host without --api-auth")
+    s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
+    s.set_defaults(func=_cmd_serve)
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -479,7 +419,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if bad or not args.experiments:
         given = ",".join(map(str, args.experiments)) or "(none)"
         raise SDXLError(f"--experiments takes numbers from 1,2,3,4, got {given}")
-    m = _models(args.model, args.refiner, args.no_refiner)
+    m = resolve_models(args.model, args.refiner, args.no_refiner)
     info = m.native
     variants = Path(args.variants) if args.variants else Path("bench/variants")
     variants = variants if args.variants or variants.is_dir() else None
@@ -488,7 +428,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                  cfg=info["cfg"], refiner_switch=info["refiner_switch"], seed=args.seed,
                                  batch=args.batch, quiet=args.quiet)
     settings.validate()
-    device, dtype, _ = _device_and_dtype(args.device, args.dtype)
+    device, dtype, _ = device_and_dtype(args.device, args.dtype)
     pipe = Pipeline.load(m.model, m.refiner, device=device, dtype=dtype)
     models = {"model": m.model, "refiner": m.refiner, "dtype": str(dtype).removeprefix("torch."),
               "device": str(device)}
@@ -675,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_inspect)
     _add_generate(sub)
+    _add_serve(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_detect_watermark(sub)
