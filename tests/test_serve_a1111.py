@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from sdxl.errors import SDXLError
 from sdxl.serve import a1111
 from sdxl.serve.a1111 import FieldError
 
@@ -173,16 +174,16 @@ def _image_and_mask():
 
 def test_base64_and_data_urls_decode_to_the_same_bytes():
     image, _ = _image_and_mask()
-    assert a1111.decode_base64(_b64(image), "x") == a1111.decode_base64(_b64(image, True), "x")
+    assert a1111.image_bytes(_b64(image), "x") == a1111.image_bytes(_b64(image, True), "x")
 
 
 @pytest.mark.parametrize("text, words", [
     ("https://example.com/a.png", "never fetched"), ("file:///etc/passwd", "never fetched"),
-    ("not base64!", "not valid base64"), ("data:image/png,abc", "must be base64"),
+    ("not base64!", "not valid base64"), ("data:image/png;base64,abc", "not valid base64"), (3, "base64 string"),
 ])
 def test_bad_images_are_refused(text, words):
-    with pytest.raises(FieldError) as e:
-        a1111.decode_base64(text, "init_images")
+    with pytest.raises(SDXLError) as e:
+        a1111.image_bytes(text, "init_images")
     assert e.value.field == "init_images" and words in str(e.value)
 
 

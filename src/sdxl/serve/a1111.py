@@ -13,16 +13,24 @@ Omitted fields take the model's native settings (size, steps, CFG), as `sdxl gen
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import binascii
 import io
 import json
+import os
 import re
+import time
+from pathlib import Path
 
+from fastapi import APIRouter, HTTPException, Request
 from PIL import Image, ImageFilter, ImageOps
 
 from sdxl.errors import SDXLError
+from sdxl.formats.png import file_hash
+from sdxl.images import load_image, opened
 from sdxl.sampling import names
+from sdxl.serve.jobs import JobSpec
+from sdxl.serve.native import decode_image
 
 
 class FieldError(SDXLError):
@@ -53,7 +61,7 @@ FIELDS = {
 # (bicubic); its pixel upscalers that are plain resizes run as our pixel upscale.
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
-PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+PIXEL_UPSCALERS = ("None", "Lanczos")
 # A1111's inpainting_fill values (modules/ui.py "Masked content"): 0 fill, 1 original, 2 latent noise, 3 nothing.
 FILL, ORIGINAL = 0, 1
 # resize_mode: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale).
@@ -178,18 +186,22 @@ def model_choice(p: dict) -> dict:
     return out
 
 
-def decode_base64(text: str, field: str) -> bytes:
-    """A base64 image (raw, or a data: URL as browsers make it); URLs are never fetched."""
-    if re.match(r"\s*(https?|ftp|file)://", text, re.I):
-        raise FieldError(field, "URLs are never fetched; send the image itself as base64 or a data: URL")
-    if text.startswith("data:"):
-        head, _, text = text.partition(",")
-        if not head.endswith(";base64"):
-            raise FieldError(field, "a data: URL must be base64 (data:image/png;base64,...)")
+def image_bytes(value, field: str) -> bytes | None:
+    """A base64 image or data: URL (the native API's rule: URLs are never fetched), errors naming the field."""
     try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise FieldError(field, "is not valid base64") from None
+        return decode_image(value, field, field)
+    except SDXLError as e:
+        e.field = field
+        raise
+
+
+def job_spec(payload, kind: str, decode) -> JobSpec:
+    """A txt2img/img2img body -> the job it asks for. `decode(bytes, field)` -> PIL image (for mask options)."""
+    p = checked_fields(payload)
+    refused(p)
+    init, mask = inpaint_inputs(p, decode) if kind == "img2img" else (None, None)
+    return JobSpec(request_settings(p, kind), init_image=init, mask=mask, n_iter=p.get("n_iter", 1), source=kind,
+                   **model_choice(p))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -219,8 +231,8 @@ def inpaint_inputs(p: dict, decode) -> tuple[bytes, bytes | None]:
     images = p.get("init_images") or []
     if len(images) != 1 or type(images[0]) is not str:
         raise FieldError("init_images", f"send exactly one image as a base64 string, got {len(images)} items")
-    init = decode_base64(images[0], "init_images")
-    mask = decode_base64(p["mask"], "mask") if "mask" in p else None
+    init = image_bytes(images[0], "init_images")
+    mask = image_bytes(p["mask"], "mask") if "mask" in p else None
     resize = p.get("resize_mode", JUST_RESIZE)
     if resize not in (JUST_RESIZE, CROP_AND_RESIZE):
         raise FieldError("resize_mode", f"{resize} is not available; use 0 (just resize) or 1 (crop and resize)")
@@ -365,3 +377,246 @@ def openai_settings(payload) -> tuple[dict, str | None]:
 def openai_response(created: int, prompt: str, images: list[bytes]) -> dict:
     return {"created": created,
             "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": prompt} for b in images]}
+
+
+# --- routes -----------------------------------------------------------------------------------------------------
+# Mounted by sdxl.serve.app. Generation waits for its job (A1111's txt2img answers with the images); the waiting
+# is asynchronous, so /progress, /interrupt and other requests are answered meanwhile.
+
+router = APIRouter(tags=["AUTOMATIC1111"])
+API = "/sdapi/v1"
+POLL_SECONDS = 0.05
+
+
+async def _body(request: Request, source: str):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise FieldError("body", f"{source}: the body is not valid JSON") from None
+
+
+def _decoder(request: Request):
+    """`decode(bytes, field)` with sdxl.images' rules and the server's pixel limit."""
+    limit = request.app.state.config.limits.max_image_pixels
+    return lambda data, field: load_image(data, field, max_pixels=limit)
+
+
+async def _finished(request: Request, spec: JobSpec):
+    """Submit a job and wait for it; its state and the bytes of its PNGs. A failed job is a 500 with its error."""
+    jobs = request.app.state.jobs
+    job_id = await asyncio.to_thread(jobs.submit, spec)
+    while (state := await asyncio.to_thread(jobs.get, job_id)).state in ("queued", "running"):
+        await asyncio.sleep(POLL_SECONDS)
+    if state.state == "failed":
+        raise HTTPException(500, f"{spec.source} failed: {state.error}")
+    return state, [Path(p).read_bytes() for p in state.images]  # an interrupted job: the images it finished
+
+
+async def _generate(request: Request, kind: str) -> dict:
+    payload = await _body(request, kind)
+    spec = await asyncio.to_thread(job_spec, payload, kind, _decoder(request))
+    state, images = await _finished(request, spec)
+    return a1111_response(payload, state, images, checked_fields(payload).get("send_images", True))
+
+
+@router.post(f"{API}/txt2img", summary="A1111 txt2img: the images as base64 PNGs, the request, info as JSON")
+async def txt2img(request: Request):
+    return await _generate(request, "txt2img")
+
+
+@router.post(f"{API}/img2img", summary="A1111 img2img and inpainting (init_images, mask)")
+async def img2img(request: Request):
+    return await _generate(request, "img2img")
+
+
+@router.post("/v1/images/generations", tags=["OpenAI"], summary="OpenAI images/generations (b64_json)")
+async def openai_generations(request: Request):
+    settings, model = openai_settings(await _body(request, "images/generations"))
+    state, images = await _finished(request, JobSpec(settings, model=model, source="images/generations"))
+    return openai_response(int(time.time()), settings["prompt"], images)
+
+
+def _checkpoints(models) -> list:
+    return [m for m in models.list("checkpoints") if m.refused is None]
+
+
+def _title(models) -> str:
+    """The current checkpoint as A1111 names it in options: "name [hash]"."""
+    return next((m.title for m in _checkpoints(models) if m.name == models.current), models.current)
+
+
+@router.get(f"{API}/options")
+def get_options(request: Request):
+    models = request.app.state.models
+    current = next((m for m in _checkpoints(models) if m.name == models.current), None)
+    return getattr(request.app.state, "a1111_options", {}) | {
+        "sd_model_checkpoint": _title(models), "sd_checkpoint_hash": file_hash(current.path) if current else None,
+        "sd_vae": getattr(request.app.state, "a1111_options", {}).get("sd_vae", "Automatic"),
+        "samples_format": "png", "outdir_samples": str(request.app.state.config.output_dir)}
+
+
+@router.post(f"{API}/options")
+async def set_options(request: Request):
+    """Options are kept (and shown by GET); sd_model_checkpoint switches the model later jobs use."""
+    body = await _body(request, "options")
+    if not isinstance(body, dict):
+        raise FieldError("body", "expected a JSON object of options")
+    models = request.app.state.models
+    name = body.get("sd_model_checkpoint")
+    if name is not None:
+        if type(name) is not str:
+            raise FieldError("sd_model_checkpoint", "must be a string (a title from GET /sdapi/v1/sd-models)")
+        path = models.resolve("checkpoints", name, "sd_model_checkpoint")
+        models.current = next(m.name for m in _checkpoints(models) if m.path == path)
+    request.app.state.a1111_options = getattr(request.app.state, "a1111_options", {}) | {
+        k: v for k, v in body.items() if k != "sd_model_checkpoint"}
+    return None
+
+
+@router.get(f"{API}/sd-models")
+def sd_models(request: Request):
+    return [{"title": m.title, "model_name": m.name.rsplit(".", 1)[0], "hash": m.hash, "sha256": file_hash(m.path),
+             "filename": str(m.path), "config": None} for m in _checkpoints(request.app.state.models)]
+
+
+@router.get(f"{API}/sd-vae")
+def sd_vae(request: Request):
+    return [{"model_name": m.name, "filename": str(m.path)}
+            for m in request.app.state.models.list("vae") if m.refused is None]
+
+
+@router.get(f"{API}/loras")
+def loras(request: Request):
+    """The loras folder; NAME is what `<lora:NAME:0.8>` in a prompt takes."""
+    return [{"name": m.name.rsplit(".", 1)[0], "alias": m.name.rsplit(".", 1)[0], "path": str(m.path),
+             "metadata": {}} for m in request.app.state.models.list("loras") if m.refused is None]
+
+
+@router.get(f"{API}/embeddings")
+def embeddings(request: Request):
+    """Textual-inversion embeddings are not applied by this pipeline: every file is listed as skipped."""
+    skipped = {m.name.rsplit(".", 1)[0]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                          "shape": 0, "vectors": 0} for m in request.app.state.models.list("embeddings")}
+    return {"loaded": {}, "skipped": skipped}
+
+
+@router.post(f"{API}/refresh-checkpoints")
+@router.post(f"{API}/refresh-loras")
+def refresh():
+    """The folders are read on every listing, so there is nothing to refresh."""
+    return None
+
+
+@router.get(f"{API}/samplers")
+def samplers():
+    return [{"name": display, "aliases": [ours], "options": {}} for ours, display in names.A1111_SAMPLERS.items()]
+
+
+@router.get(f"{API}/schedulers")
+def schedulers():
+    rows = [("automatic", "Automatic")] + list(names.A1111_SCHEDULES.items())
+    return [{"name": name, "label": label, "aliases": None, "default_rho": -1.0, "need_inner_model": False}
+            for name, label in rows]
+
+
+@router.get(f"{API}/upscalers")
+def upscalers():
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+            for n in PIXEL_UPSCALERS]
+
+
+@router.get(f"{API}/latent-upscale-modes")
+def latent_upscale_modes():
+    return [{"name": n} for n in LATENT_UPSCALERS]
+
+
+@router.get(f"{API}/scripts")
+def scripts():
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get(f"{API}/prompt-styles")
+def prompt_styles():
+    return []
+
+
+@router.get(f"{API}/progress")
+def progress(request: Request, skip_current_image: bool = False):
+    """The running job: progress 0..1, ETA, A1111's state dict, the preview as base64 PNG."""
+    s = request.app.state.jobs.current()
+    flags = getattr(request.app.state, "a1111_stopped", {})
+    if s is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": progress_state(None, flags), "current_image": None,
+                "textinfo": None}
+    started = _started(request, s.id)
+    done = s.step / s.total if s.total else 0.0
+    elapsed = time.monotonic() - started
+    image = base64.b64encode(s.preview).decode("ascii") if s.preview and not skip_current_image else None
+    return {"progress": done, "eta_relative": elapsed / done - elapsed if done else 0.0,
+            "state": progress_state(s, flags), "current_image": image,
+            "textinfo": f"step {s.step} of {s.total}"}
+
+
+def progress_state(s, stopped: dict) -> dict:
+    """A1111's shared.state.dict() for a JobState (None: idle)."""
+    return {"skipped": s is not None and stopped.get("skip") == s.id,
+            "interrupted": s is not None and stopped.get("interrupt") == s.id, "stopping_generation": False,
+            "job": s.id if s else "", "job_count": s.job_count if s else 0, "job_timestamp": "", "job_no": 0,
+            "sampling_step": s.step if s else 0, "sampling_steps": s.total if s else 0}
+
+
+def _started(request: Request, job_id: str) -> float:
+    """When /progress first saw the running job (for the ETA)."""
+    seen = getattr(request.app.state, "a1111_started", (None, 0.0))
+    if seen[0] != job_id:
+        seen = request.app.state.a1111_started = (job_id, time.monotonic())
+    return seen[1]
+
+
+def _stop(request: Request, how: str) -> dict:
+    jobs = request.app.state.jobs
+    s = jobs.current()
+    if s is not None:
+        request.app.state.a1111_stopped = {how: s.id}
+    jobs.interrupt() if how == "interrupt" else jobs.skip()
+    return {}
+
+
+@router.post(f"{API}/interrupt")
+def interrupt(request: Request):
+    return _stop(request, "interrupt")
+
+
+@router.post(f"{API}/skip")
+def skip(request: Request):
+    return _stop(request, "skip")
+
+
+@router.post(f"{API}/png-info")
+async def png_info(request: Request):
+    """A PNG's infotext, parsed, and its other text chunks (the sdxl recipe among them)."""
+    body = await _body(request, "png-info")
+    data = image_bytes(body.get("image") if isinstance(body, dict) else None, "image")
+    if not data:
+        raise FieldError("image", "send the PNG as base64 or a data: URL")
+    limit = request.app.state.config.limits.max_image_pixels
+    with opened(data, "image", max_pixels=limit) as im:
+        text = {k: v for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
+    info = text.pop("parameters", "")
+    return {"info": info, "items": text, "parameters": parse_infotext(info) if info else {}}
+
+
+@router.get(f"{API}/memory")
+def memory():
+    """RAM of this machine and, on a CUDA device, its memory (A1111's shape)."""
+    page, total = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
+    free = os.sysconf("SC_AVPHYS_PAGES") * page
+    ram = {"free": free, "used": total * page - free, "total": total * page}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "no CUDA device"}}
+    free_c, total_c = torch.cuda.mem_get_info()
+    return {"ram": ram, "cuda": {"system": {"free": free_c, "used": total_c - free_c, "total": total_c},
+                                 "allocated": {"current": torch.cuda.memory_allocated(),
+                                               "peak": torch.cuda.max_memory_allocated()}}}
