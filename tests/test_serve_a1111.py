@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from sdxl.errors import SDXLError
 from sdxl.serve import a1111
@@ -118,6 +118,17 @@ def test_hires_same_prompt_and_sampler_accepted():
     s = _settings({"prompt": "p", "enable_hr": True, "hr_prompt": "p", "hr_sampler_name": "Use same sampler",
                    "hr_checkpoint_name": "Use same checkpoint"})
     assert s["hires_scale"] == 2.0
+
+
+def test_job_spec_of_a_webuiapi_body():
+    body = {"prompt": "a cat <lora:style:0.5>", "sampler_name": "DPM++ 2M Karras", "scheduler": "Automatic",
+            "sampler_index": "Euler a", "steps": 3, "n_iter": 2, "seed": -1, "override_settings": {}, "styles": [],
+            "refiner_checkpoint": "tiny_refiner", "refiner_switch_at": 0.6, "send_images": True}
+    spec = a1111.job_spec(body, "txt2img", _decode)
+    assert spec.settings == {"prompt": "a cat <lora:style:0.5>", "seed": -1, "steps": 3, "sampler": "dpmpp_2m",
+                             "schedule": "karras", "refiner_switch": 0.6}  # the queue takes the <lora:> tags out
+    assert (spec.n_iter, spec.refiner, spec.model, spec.init_image, spec.source) == (2, "tiny_refiner", None, None,
+                                                                                   "txt2img")
 
 
 def test_models_and_refiner():
@@ -273,3 +284,187 @@ def test_openai_mapping():
         with pytest.raises(FieldError) as e:
             a1111.openai_settings(bad)
         assert e.value.field == field
+
+
+# --- the real webuiapi client against a live server -------------------------------------------------------------
+
+webuiapi = pytest.importorskip("webuiapi")
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+from serve_fixtures import served, tiny_models  # noqa: E402,F401  (fixtures)
+
+from sdxl.cli import main  # noqa: E402
+
+TINY = {"steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def api(served):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=served.config.port)
+
+
+def _cli(tmp_path, capsys, tiny_models, *flags) -> list[Image.Image]:
+    out = tmp_path / "cli.png"
+    code = main(["generate", *flags, "--model", str(tiny_models / "checkpoints" / "tiny.safetensors"), "--steps", "2",
+                 "--width", "64", "--height", "64", "--dtype", "fp32", "--device", "cpu", "-q", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    return [Image.open(p) for p in sorted(tmp_path.glob("cli*.png"))]
+
+
+def _same(a: Image.Image, b: Image.Image) -> bool:
+    return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+def test_txt2img_equals_the_cli(api, tiny_models, tmp_path, capsys):
+    r = api.txt2img(prompt="a green square", negative_prompt="red", seed=11, cfg_scale=4, sampler_name="DPM++ 2M",
+                    scheduler="Karras", batch_size=2, **TINY)
+    cli = _cli(tmp_path, capsys, tiny_models, "a green square", "--negative", "red", "--seed", "11", "--cfg", "4",
+               "--sampler", "dpmpp_2m", "--scheduler", "karras", "--batch", "2")
+    assert len(r.images) == 2 and all(_same(a, b) for a, b in zip(r.images, cli))
+    assert [im.info["parameters"] for im in r.images] == [im.info["parameters"] for im in cli]
+    assert r.info["all_seeds"] == [11, 12] and r.info["seed"] == 11 and r.info["infotexts"][0] == cli[0].info[
+        "parameters"]
+    assert (r.info["sampler_name"], r.info["scheduler"], r.info["steps"], r.info["cfg_scale"]) == (
+        "DPM++ 2M", "Karras", 2, 4.0)
+    assert r.parameters["prompt"] == "a green square" and r.parameters["sampler_name"] == "DPM++ 2M"
+
+
+def test_old_style_sampler_name_gives_the_same_image(api):
+    a = api.txt2img(prompt="p", seed=3, sampler_name="DPM++ 2M Karras", **TINY)
+    b = api.txt2img(prompt="p", seed=3, sampler_name="DPM++ 2M", scheduler="Karras", **TINY)
+    assert _same(a.image, b.image) and "Schedule type: Karras" in a.info["infotexts"][0]
+
+
+def test_img2img_with_a_mask_equals_the_cli(api, tiny_models, tmp_path, capsys):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    r = api.img2img(images=[init], mask_image=mask, prompt="paint", seed=4, denoising_strength=0.8, mask_blur=0,
+                    inpainting_fill=1, inpaint_full_res=False, cfg_scale=5, sampler_name="Euler", **TINY)
+    (tmp_path / "out").mkdir()
+    cli = _cli(tmp_path / "out", capsys, tiny_models, "paint", "--seed", "4", "--init-image", str(tmp_path / "init.png"),
+               "--mask", str(tmp_path / "mask.png"), "--strength", "0.8", "--cfg", "5")
+    assert _same(r.image, cli[0]) and r.image.info["parameters"] == cli[0].info["parameters"]
+    assert np.array_equal(np.asarray(r.image)[:, 40:], np.asarray(init)[:, 40:])  # outside the mask: kept
+    assert r.parameters["init_images"] is None  # not echoed back unless include_init_images
+
+
+def test_img2img_fill_blur_and_invert_run(api):
+    init = Image.new("RGB", (64, 64), (20, 200, 20))
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (16, 16, 48, 48))
+    r = api.img2img(images=[init], mask_image=mask, prompt="x", seed=1, inpainting_mask_invert=1,
+                    inpaint_full_res=False, **TINY)  # webuiapi's fill and mask_blur 4
+    a = np.asarray(r.image).astype(int)
+    assert r.image.size == (64, 64) and np.abs(a[0, 0] - [20, 200, 20]).max() <= 3  # inverted: the border is kept
+
+
+def test_img2img_refuses_what_it_cannot_do(api):
+    init, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    with pytest.raises(RuntimeError) as e:
+        api.img2img(images=[init], mask_image=mask, prompt="x", **TINY)  # webuiapi's default: only masked
+    assert e.value.args[0] == 422 and json.loads(e.value.args[1])["field"] == "inpaint_full_res"
+    with pytest.raises(RuntimeError) as e:
+        api.img2img(images=[init], mask_image=mask, inpainting_fill=2, inpaint_full_res=False, **TINY)
+    assert json.loads(e.value.args[1])["field"] == "inpainting_fill"
+
+
+def test_options_switch_the_model(api, served, tiny_models):
+    import shutil
+
+    shutil.copy(tiny_models / "checkpoints" / "tiny.safetensors", tiny_models / "checkpoints" / "other.safetensors")
+    titles = api.util_get_model_names()
+    assert any(t.startswith("other.safetensors [") for t in titles)
+    assert api.util_get_current_model().startswith("tiny.safetensors [")
+    try:
+        api.util_set_model("other.safetensors", find_closest=False) if "other.safetensors" in titles else \
+            api.set_options({"sd_model_checkpoint": next(t for t in titles if t.startswith("other"))})
+        assert api.util_get_current_model().startswith("other.safetensors [")
+        r = api.txt2img(prompt="p", seed=1, **TINY)
+        assert "Model: other," in r.info["infotexts"][0]
+        bad = httpx.post(f"{served.url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+        assert bad.status_code == 422 and "nope" in bad.json()["detail"]
+        one = api.txt2img(prompt="p", seed=1, override_settings={"sd_model_checkpoint": "tiny"}, **TINY)
+        assert "Model: tiny," in one.info["infotexts"][0]
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny.safetensors"})
+    assert api.util_get_current_model().startswith("tiny.safetensors [")
+
+
+def test_listings(api, served):
+    names = [s["name"] for s in api.get_samplers()]
+    assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE"} <= set(names)
+    assert {"automatic", "karras", "exponential", "sgm_uniform"} <= set(api.util_get_scheduler_names())
+    assert [x["name"] for x in api.get_loras()] == ["style"]
+    assert [x["name"] for x in api.get_upscalers()] == list(a1111.PIXEL_UPSCALERS)
+    assert [x["name"] for x in api.get_latent_upscale_modes()][0] == "Latent"
+    assert api.get_sd_vae() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert api.get_memory()["ram"]["total"] > 0
+    assert api.refresh_checkpoints() is None
+    assert httpx.post(f"{served.url}/sdapi/v1/refresh-loras").status_code == 200
+
+
+def test_lora_in_the_prompt(api):
+    plain = api.txt2img(prompt="a cat", seed=5, **TINY)
+    tagged = api.txt2img(prompt="a cat <lora:style:0.8>", seed=5, **TINY)
+    assert not _same(plain.image, tagged.image) and tagged.info["all_prompts"] == ["a cat"]
+
+
+def test_progress_and_interrupt(api):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt="long", seed=2, steps=400,
+                                                                          width=64, height=64)))
+    worker.start()
+    end = time.monotonic() + 120
+    while (p := api.get_progress())["state"]["sampling_step"] < 2 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert p["state"]["sampling_steps"] == 400 and 0 < p["progress"] < 1 and p["state"]["job_count"] >= 1
+    assert Image.open(io.BytesIO(base64.b64decode(p["current_image"]))).mode == "RGB"
+    assert p["eta_relative"] >= 0 and p["textinfo"].startswith("step ")
+    assert api.interrupt() == {}
+    worker.join(timeout=120)
+    assert result["r"].images == [] and result["r"].info["all_seeds"] == []
+    idle = api.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+
+
+def test_png_info(api):
+    r = api.txt2img(prompt="a blue star", negative_prompt="green", seed=21, **TINY)
+    info = api.png_info(r.image)
+    assert info.info == r.info["infotexts"][0]
+    assert info.parameters["Prompt"] == "a blue star" and info.parameters["Negative prompt"] == "green"
+    assert info.parameters["Seed"] == "21" and info.parameters["Size-1"] == "64"
+    assert json.loads(info.json["items"]["sdxl-recipe"])["seed"] == 21
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"steps": "two"}, "steps"), ({"cfg_scale": [1]}, "cfg_scale"), ({"width": 64.5}, "width"),
+    ({"override_settings": {"sd_model_checkpoint": 1}}, "override_settings.sd_model_checkpoint"),
+    ({"restore_faces": True}, "restore_faces"), ({"sampler_name": "Restart"}, "sampler_name"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"steps": 501}, "steps"),
+])
+def test_bad_fields_are_a_422_naming_the_field(served, body, field):
+    r = httpx.post(f"{served.url}/sdapi/v1/txt2img", json={"prompt": "x"} | TINY | body, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_hires_fix_through_the_api(api):
+    r = api.txt2img(prompt="big", seed=3, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=1,
+                    denoising_strength=0.5, **TINY)
+    assert r.image.size == (96, 96) and "Hires upscale: 1.5" in r.info["infotexts"][0]
+
+
+def test_openai_images_generations(served):
+    r = httpx.post(f"{served.url}/v1/images/generations", timeout=120,
+                   json={"prompt": "a red circle", "n": 2, "size": "64x64", "response_format": "b64_json",
+                         "model": "dall-e-3"})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
+    assert len(images) == 2 and images[0].size == (64, 64) and "a red circle" in images[0].info["parameters"]
+    bad = httpx.post(f"{served.url}/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+    assert bad.status_code == 422 and bad.json()["field"] == "response_format"
