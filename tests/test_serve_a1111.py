@@ -6,11 +6,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import threading
+import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serve_fixtures import served, tiny_models  # noqa: F401  (fixtures)
 
+from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.serve import a1111
 from sdxl.serve.a1111 import FieldError
@@ -85,16 +91,16 @@ def test_img2img_strength_defaults_as_a1111():
 
 
 @pytest.mark.parametrize("payload, expected", [
-    ({"enable_hr": True}, {"hires_scale": 2.0, "hires_upscale": "latent"}),
+    ({"enable_hr": True}, {"hires_scale": 2.0, "hires_upscale": "latent", "hires_strength": 0.75}),
     ({"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 5,
       "denoising_strength": 0.4}, {"hires_scale": 1.5, "hires_upscale": "latent", "hires_steps": 5,
                                    "hires_strength": 0.4}),
     ({"enable_hr": True, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 0},
-     {"hires_scale": 2.0, "hires_upscale": "pixel"}),
-    ({"enable_hr": True, "width": 128, "height": 96, "hr_resize_x": 192},
-     {"hires_scale": 1.5, "hires_upscale": "latent", "width": 128, "height": 96}),
-    ({"enable_hr": True, "width": 128, "height": 96, "hr_resize_x": 256, "hr_resize_y": 192},
-     {"hires_scale": 2.0, "hires_upscale": "latent", "width": 128, "height": 96}),
+     {"hires_scale": 2.0, "hires_upscale": "pixel", "hires_strength": 0.75}),
+    ({"enable_hr": True, "width": 128, "height": 96, "hr_resize_x": 192, "denoising_strength": 0.5},
+     {"hires_scale": 1.5, "hires_upscale": "latent", "width": 128, "height": 96, "hires_strength": 0.5}),
+    ({"enable_hr": True, "width": 128, "height": 96, "hr_resize_x": 256, "hr_resize_y": 192, "denoising_strength": 0.5},
+     {"hires_scale": 2.0, "hires_upscale": "latent", "width": 128, "height": 96, "hires_strength": 0.5}),
     ({"enable_hr": False, "hr_scale": 3, "hr_upscaler": "R-ESRGAN 4x+"}, {}),
 ])
 def test_hires_fix(payload, expected):
@@ -149,7 +155,8 @@ def test_models_and_refiner():
     ({"restore_faces": True}, "restore_faces"), ({"tiling": True}, "tiling"),
     ({"subseed_strength": 0.5}, "subseed_strength"), ({"script_name": "x/y/z plot"}, "script_name"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
-    ({"seed_resize_from_w": 512}, "seed_resize_from_w"),
+    ({"seed_resize_from_w": 512}, "seed_resize_from_w"), ({"firstphase_width": 512}, "firstphase_width"),
+    ({"n_iter": 0}, "n_iter"),
 ])
 def test_refused_options(payload, field):
     with pytest.raises(FieldError) as e:
@@ -288,20 +295,12 @@ def test_openai_mapping():
 
 # --- the real webuiapi client against a live server -------------------------------------------------------------
 
-webuiapi = pytest.importorskip("webuiapi")
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
-from serve_fixtures import served, tiny_models  # noqa: E402,F401  (fixtures)
-
-from sdxl.cli import main  # noqa: E402
-
 TINY = {"steps": 2, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
 def api(served):
+    webuiapi = pytest.importorskip("webuiapi")
     return webuiapi.WebUIApi(host="127.0.0.1", port=served.config.port)
 
 
@@ -374,20 +373,19 @@ def test_img2img_refuses_what_it_cannot_do(api):
 
 
 def test_options_switch_the_model(api, served, tiny_models):
-    import shutil
-
     shutil.copy(tiny_models / "checkpoints" / "tiny.safetensors", tiny_models / "checkpoints" / "other.safetensors")
     titles = api.util_get_model_names()
     assert any(t.startswith("other.safetensors [") for t in titles)
     assert api.util_get_current_model().startswith("tiny.safetensors [")
     try:
-        api.util_set_model("other.safetensors", find_closest=False) if "other.safetensors" in titles else \
-            api.set_options({"sd_model_checkpoint": next(t for t in titles if t.startswith("other"))})
+        api.util_set_model("other")  # webuiapi picks the closest title and posts it as sd_model_checkpoint
         assert api.util_get_current_model().startswith("other.safetensors [")
         r = api.txt2img(prompt="p", seed=1, **TINY)
         assert "Model: other," in r.info["infotexts"][0]
-        bad = httpx.post(f"{served.url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
-        assert bad.status_code == 422 and "nope" in bad.json()["detail"]
+        for option in ("sd_model_checkpoint", "sd_vae"):
+            bad = httpx.post(f"{served.url}/sdapi/v1/options", json={option: "nope"})
+            assert bad.status_code == 422 and bad.json()["field"] == option and "nope" in bad.json()["detail"]
+        assert api.get_options()["sd_vae"] == "Automatic"
         one = api.txt2img(prompt="p", seed=1, override_settings={"sd_model_checkpoint": "tiny"}, **TINY)
         assert "Model: tiny," in one.info["infotexts"][0]
     finally:

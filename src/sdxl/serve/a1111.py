@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
@@ -50,7 +51,7 @@ FIELDS = {
     "width": _INT, "height": _INT, "batch_size": _INT, "n_iter": _INT, "denoising_strength": _FLOAT,
     "enable_hr": _BOOL, "hr_scale": _FLOAT, "hr_second_pass_steps": _INT, "hr_resize_x": _INT, "hr_resize_y": _INT,
     "hr_upscaler": _STR, "hr_checkpoint_name": _STR, "hr_sampler_name": _STR, "hr_scheduler": _STR,
-    "hr_prompt": _STR, "hr_negative_prompt": _STR,
+    "hr_prompt": _STR, "hr_negative_prompt": _STR, "firstphase_width": _INT, "firstphase_height": _INT,
     "refiner_checkpoint": _STR, "refiner_switch_at": _FLOAT, "override_settings": "an object",
     "send_images": _BOOL, "save_images": _BOOL, "restore_faces": _BOOL, "tiling": _BOOL,
     "script_name": _STR, "alwayson_scripts": "an object",
@@ -135,8 +136,7 @@ def hires_settings(p: dict) -> dict:
     s = {"hires_scale": _hires_scale(p), "hires_upscale": "latent" if upscaler in LATENT_UPSCALERS else "pixel"}
     if p.get("hr_second_pass_steps"):
         s["hires_steps"] = p["hr_second_pass_steps"]
-    if "denoising_strength" in p:
-        s["hires_strength"] = p["denoising_strength"]
+    s["hires_strength"] = p.get("denoising_strength", 0.75)  # A1111's txt2img default
     return s
 
 
@@ -165,7 +165,10 @@ def refused(p: dict) -> None:
              ("script_name", p.get("script_name") not in (None, ""), "scripts are not available; send null"),
              ("alwayson_scripts", bool(p.get("alwayson_scripts")), "extensions' scripts are not available; send {}"),
              ("seed_resize_from_w", p.get("seed_resize_from_w", -1) > 0 or p.get("seed_resize_from_h", -1) > 0,
-              "resizing the seed is not available; send -1 or 0")]
+              "resizing the seed is not available; send -1 or 0"),
+             ("firstphase_width", p.get("firstphase_width", 0) > 0 or p.get("firstphase_height", 0) > 0,
+              "the old first-pass size is not available; send 0 and give width, height and hr_scale"),
+             ("n_iter", p.get("n_iter", 1) < 1, f"must be at least 1, got {p.get('n_iter')}")]
     for field, bad, why in rules:
         if bad:
             raise FieldError(field, why)
@@ -318,7 +321,10 @@ def a1111_info(p: dict, state) -> dict:
     parsed = [parse_infotext(t) for t in state.infotexts]
     first = parsed[0] if parsed else {}
     seed = state.seeds[0] if state.seeds else p.get("seed", -1)
-    number = lambda key, kind, default: kind(first[key]) if key in first else default  # noqa: E731
+
+    def number(key: str, kind, default):
+        return kind(first[key]) if key in first else default
+
     return {
         "prompt": state.prompts[0] if state.prompts else p.get("prompt", ""), "all_prompts": list(state.prompts),
         "negative_prompt": first.get("Negative prompt", p.get("negative_prompt", "")),
@@ -415,6 +421,8 @@ async def _finished(request: Request, spec: JobSpec):
 async def _generate(request: Request, kind: str) -> dict:
     payload = await _body(request, kind)
     spec = await asyncio.to_thread(job_spec, payload, kind, _decoder(request))
+    if spec.vae is None and _options(request).get("sd_vae") not in (None, "Automatic", "None"):
+        spec = replace(spec, vae=_options(request)["sd_vae"])  # the VAE chosen in options
     state, images = await _finished(request, spec)
     return a1111_response(payload, state, images, checked_fields(payload).get("send_images", True))
 
@@ -445,19 +453,23 @@ def _title(models) -> str:
     return next((m.title for m in _checkpoints(models) if m.name == models.current), models.current)
 
 
+def _options(request: Request) -> dict:
+    """The options set by POST /options (besides the model, which the models folder keeps)."""
+    return getattr(request.app.state, "a1111_options", {})
+
+
 @router.get(f"{API}/options")
 def get_options(request: Request):
     models = request.app.state.models
     current = next((m for m in _checkpoints(models) if m.name == models.current), None)
-    return getattr(request.app.state, "a1111_options", {}) | {
+    return {"sd_vae": "Automatic", "samples_format": "png", "CLIP_stop_at_last_layers": 1} | _options(request) | {
         "sd_model_checkpoint": _title(models), "sd_checkpoint_hash": file_hash(current.path) if current else None,
-        "sd_vae": getattr(request.app.state, "a1111_options", {}).get("sd_vae", "Automatic"),
-        "samples_format": "png", "outdir_samples": str(request.app.state.config.output_dir)}
+        "outdir_samples": str(request.app.state.config.output_dir)}
 
 
 @router.post(f"{API}/options")
 async def set_options(request: Request):
-    """Options are kept (and shown by GET); sd_model_checkpoint switches the model later jobs use."""
+    """Options are kept (and shown by GET); sd_model_checkpoint and sd_vae choose what later jobs use."""
     body = await _body(request, "options")
     if not isinstance(body, dict):
         raise FieldError("body", "expected a JSON object of options")
@@ -466,11 +478,23 @@ async def set_options(request: Request):
     if name is not None:
         if type(name) is not str:
             raise FieldError("sd_model_checkpoint", "must be a string (a title from GET /sdapi/v1/sd-models)")
-        path = models.resolve("checkpoints", name, "sd_model_checkpoint")
+        path = _resolved(models, "checkpoints", name, "sd_model_checkpoint")
         models.current = next(m.name for m in _checkpoints(models) if m.path == path)
-    request.app.state.a1111_options = getattr(request.app.state, "a1111_options", {}) | {
-        k: v for k, v in body.items() if k != "sd_model_checkpoint"}
+    vae = body.get("sd_vae")
+    if vae is not None and type(vae) is not str:
+        raise FieldError("sd_vae", "must be a string (a name from GET /sdapi/v1/sd-vae, or Automatic)")
+    if vae not in (None, "Automatic", "None"):
+        _resolved(models, "vae", vae, "sd_vae")
+    request.app.state.a1111_options = _options(request) | {k: v for k, v in body.items() if k != "sd_model_checkpoint"}
     return None
+
+
+def _resolved(models, kind: str, name: str, field: str) -> Path:
+    try:
+        return models.resolve(kind, name, field)
+    except SDXLError as e:
+        e.field = field
+        raise
 
 
 @router.get(f"{API}/sd-models")
@@ -544,7 +568,7 @@ def prompt_styles():
 def progress(request: Request, skip_current_image: bool = False):
     """The running job: progress 0..1, ETA, A1111's state dict, the preview as base64 PNG."""
     s = request.app.state.jobs.current()
-    flags = getattr(request.app.state, "a1111_stopped", {})
+    flags = getattr(request.app.state, "a1111_stopped", {})  # which job /interrupt or /skip last stopped
     if s is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": progress_state(None, flags), "current_image": None,
                 "textinfo": None}
