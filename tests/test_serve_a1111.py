@@ -226,6 +226,16 @@ def test_mask_invert_blur_and_fill():
     assert not np.array_equal(init[:4], np.asarray(image)[:4])
 
 
+def test_transparent_mask_uses_its_opacity():
+    image, _ = _image_and_mask()
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 0, 0, 255), (0, 0, 16, 64))  # painted strokes on a transparent layer, as canvases send
+    p = a1111.checked_fields({"init_images": [_b64(image)], "mask": _b64(layer), "mask_blur": 0, "inpainting_fill": 1,
+                              "inpaint_full_res": False})
+    m = np.asarray(_decode(a1111.inpaint_inputs(p, _decode)[1], ""))
+    assert m[:, :16].min() == 255 and m[:, 16:].max() == 0
+
+
 def test_crop_and_resize_fits_image_and_mask_alike():
     image = Image.new("RGB", (100, 50), (200, 0, 0))
     mask = Image.new("L", (100, 50), 255)

@@ -3,7 +3,7 @@
 Field names, defaults and response shapes follow A1111's modules/api/models.py (a request's fields are the
 arguments of StableDiffusionProcessingTxt2Img/Img2Img, every one optional) and modules/api/api.py, as the
 `webuiapi` client sends and reads them. The pure functions (`job_spec`, `a1111_response`, `parse_infotext`,
-`openai_job_spec`) hold the rules and are tested alone; the routes only call them and the job queue.
+`openai_settings`) hold the rules and are tested alone; the routes only call them and the job queue.
 
 A field this server does not use is ignored (clients send dozens); a wrong type is a 422 naming the field; a value
 that would ask for something the pipeline does not do (face restoration, variation seeds, "only masked"
@@ -246,12 +246,11 @@ def inpaint_inputs(p: dict, decode) -> tuple[bytes, bytes | None]:
         if "width" not in p or "height" not in p:
             raise FieldError("resize_mode", "crop and resize needs width and height")
         image = ImageOps.fit(image.convert("RGB"), (p["width"], p["height"]), Image.LANCZOS)
-    if mask is None:
-        return png_bytes(image), None
-    m = _mask(p, decode(mask, "mask"), image.size, resize)
-    if p.get("inpainting_fill", FILL) == FILL:
+    m = _mask(p, decode(mask, "mask"), image.size, resize) if mask is not None else None
+    if m is not None and p.get("inpainting_fill", FILL) == FILL:
         image = fill_masked(image, m)
-    return png_bytes(image), png_bytes(m)
+    changed = resize == CROP_AND_RESIZE or (m is not None and p.get("inpainting_fill", FILL) == FILL)
+    return png_bytes(image) if changed else init, png_bytes(m) if m is not None else None
 
 
 def _mask(p: dict, m: Image.Image, size: tuple[int, int], resize: int) -> Image.Image:
@@ -263,6 +262,8 @@ def _mask(p: dict, m: Image.Image, size: tuple[int, int], resize: int) -> Image.
     if fill not in (FILL, ORIGINAL):
         raise FieldError("inpainting_fill", f"{fill} (latent noise/nothing) is not available; use 0 (fill) or "
                          "1 (original)")
+    if m.mode == "RGBA" and m.getextrema()[-1] != (255, 255):  # a painted layer: its opacity is the mask
+        m = m.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     m = m.convert("L")
     if p.get("inpainting_mask_invert"):
         m = ImageOps.invert(m)
