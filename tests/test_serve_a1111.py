@@ -440,6 +440,29 @@ def test_progress_and_interrupt(api):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
 
 
+def test_skip_goes_on_with_the_next_run(api):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt="two runs", seed=30, n_iter=2,
+                                                                          steps=60, width=64, height=64)))
+    worker.start()
+    end = time.monotonic() + 120
+    while (p := api.get_progress())["state"]["sampling_step"] < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert p["state"]["sampling_steps"] == 120
+    api.skip()
+    assert api.get_progress()["state"]["skipped"] is True
+    worker.join(timeout=300)
+    assert result["r"].info["all_seeds"] == [31] and len(result["r"].images) == 1  # run 0 (seed 30) skipped
+
+
+def test_openapi_documents_the_a1111_body(served):
+    schema = httpx.get(f"{served.url}/openapi.json").json()
+    body = schema["paths"]["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["steps"]["type"] == ["integer", "null"]
+    assert set(a1111.FIELDS) == set(body["properties"])
+    assert "/v1/images/generations" in schema["paths"] and "/sdapi/v1/img2img" in schema["paths"]
+
+
 def test_png_info(api):
     r = api.txt2img(prompt="a blue star", negative_prompt="green", seed=21, **TINY)
     info = api.png_info(r.image)

@@ -428,12 +428,22 @@ async def _generate(request: Request, kind: str) -> dict:
     return a1111_response(payload, state, images, checked_fields(payload).get("send_images", True))
 
 
-@router.post(f"{API}/txt2img", summary="A1111 txt2img: the images as base64 PNGs, the request, info as JSON")
+def body_schema() -> dict:
+    """The OpenAPI schema of a txt2img/img2img body: the fields read here (any other is accepted and ignored)."""
+    kinds = {_INT: "integer", _FLOAT: "number", _BOOL: "boolean", _STR: "string", "a list": "array",
+             "an object": "object"}
+    schema = {"type": "object", "properties": {k: {"type": [kinds[v], "null"]} for k, v in FIELDS.items()}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post(f"{API}/txt2img", summary="A1111 txt2img: the images as base64 PNGs, the request, info as JSON",
+             openapi_extra=body_schema())
 async def txt2img(request: Request):
     return await _generate(request, "txt2img")
 
 
-@router.post(f"{API}/img2img", summary="A1111 img2img and inpainting (init_images, mask)")
+@router.post(f"{API}/img2img", summary="A1111 img2img and inpainting (init_images, mask)",
+             openapi_extra=body_schema())
 async def img2img(request: Request):
     return await _generate(request, "img2img")
 
