@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import served, tiny_models  # noqa: F401  (fixtures)
+from serve_fixtures import live_server, served, tiny_models  # noqa: F401  (fixtures)
 
 from sdxl.cli import main
 from sdxl.errors import SDXLError
@@ -499,3 +499,21 @@ def test_openai_images_generations(served):
     assert len(images) == 2 and images[0].size == (64, 64) and "a red circle" in images[0].info["parameters"]
     bad = httpx.post(f"{served.url}/v1/images/generations", json={"prompt": "x", "response_format": "url"})
     assert bad.status_code == 422 and bad.json()["field"] == "response_format"
+
+
+def test_default_model_with_its_refiner_equals_the_cli(tmp_path, capsys):
+    """`sdxl serve` with no models folder: the embedded default model, base then its refiner, as the CLI runs it."""
+    webuiapi = pytest.importorskip("webuiapi")
+    with live_server(tmp_path / "served") as live:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=live.config.port)
+        (title,) = api.util_get_model_names()
+        assert title.startswith("default [") and api.util_get_current_model() == title
+        api.util_set_model(title)
+        r = api.txt2img(prompt="a red circle on a blue background", seed=1, steps=4, cfg_scale=5, width=128,
+                        height=128, sampler_name="Euler")
+    out = tmp_path / "cli.png"
+    assert main(["generate", "a red circle on a blue background", "--seed", "1", "--steps", "4", "--dtype", "fp32",
+                 "--device", "cpu", "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+    cli = Image.open(out)
+    assert _same(r.image, cli) and r.image.info["parameters"] == cli.info["parameters"]
+    assert "Refiner: default_refiner" in r.info["infotexts"][0]
