@@ -56,7 +56,7 @@ FIELDS = {
     "send_images": _BOOL, "save_images": _BOOL, "restore_faces": _BOOL, "tiling": _BOOL,
     "script_name": _STR, "alwayson_scripts": "an object",
     "init_images": "a list", "mask": _STR, "mask_blur": _INT, "inpainting_fill": _INT, "inpaint_full_res": _BOOL,
-    "inpainting_mask_invert": _INT, "resize_mode": _INT, "include_init_images": _BOOL,
+    "inpainting_mask_invert": _BOOL, "resize_mode": _INT, "include_init_images": _BOOL,
 }
 # A1111's latent upscale modes (modules/shared_items.py latent_upscale_modes): all run as our latent upscale
 # (bicubic); its pixel upscalers that are plain resizes run as our pixel upscale.
