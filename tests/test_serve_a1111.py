@@ -477,6 +477,11 @@ def test_png_info(api):
     ({"override_settings": {"sd_model_checkpoint": 1}}, "override_settings.sd_model_checkpoint"),
     ({"restore_faces": True}, "restore_faces"), ({"sampler_name": "Restart"}, "sampler_name"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"), ({"steps": 501}, "steps"),
+    # Request's rules and the server's limits, named as the client sent them
+    ({"cfg_scale": 1000}, "cfg_scale"), ({"batch_size": 65}, "batch_size"), ({"width": 60}, "width"),
+    ({"override_settings": {"sd_model_checkpoint": "nope"}}, "override_settings.sd_model_checkpoint"),
+    ({"prompt": "x <lora:nope:1>"}, "prompt"), ({"refiner_checkpoint": "nope"}, "refiner_checkpoint"),
+    ({"enable_hr": True, "hr_scale": 0.5}, "hr_scale"),
 ])
 def test_bad_fields_are_a_422_naming_the_field(served, body, field):
     r = httpx.post(f"{served.url}/sdapi/v1/txt2img", json={"prompt": "x"} | TINY | body, timeout=60)
@@ -497,8 +502,10 @@ def test_openai_images_generations(served):
     data = r.json()["data"]
     images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
     assert len(images) == 2 and images[0].size == (64, 64) and "a red circle" in images[0].info["parameters"]
-    bad = httpx.post(f"{served.url}/v1/images/generations", json={"prompt": "x", "response_format": "url"})
-    assert bad.status_code == 422 and bad.json()["field"] == "response_format"
+    for body, field in (({"response_format": "url"}, "response_format"), ({"size": "60x60"}, "size"),
+                        ({"n": 65}, "n")):
+        bad = httpx.post(f"{served.url}/v1/images/generations", json={"prompt": "x"} | body)
+        assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
 
 
 def test_default_model_with_its_refiner_equals_the_cli(tmp_path, capsys):

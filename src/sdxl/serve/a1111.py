@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from sdxl.errors import SDXLError
 from sdxl.formats.png import file_hash
 from sdxl.images import load_image, opened
 from sdxl.sampling import names
+from sdxl.serve.app import field_of
 from sdxl.serve.jobs import JobSpec
 from sdxl.serve.native import decode_image
 
@@ -58,6 +60,16 @@ FIELDS = {
     "init_images": "a list", "mask": _STR, "mask_blur": _INT, "inpainting_fill": _INT, "inpaint_full_res": _BOOL,
     "inpainting_mask_invert": _BOOL, "resize_mode": _INT, "include_init_images": _BOOL,
 }
+# A1111 field -> the Request field it sets directly.
+SAME_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+               "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch"}
+# Request field -> the A1111 field a client sent it as (for the 422s of Request's rules and the server's limits).
+A1111_FIELDS = {ours: theirs for theirs, ours in SAME_FIELDS.items()} | {
+    "sampler": "sampler_name", "schedule": "scheduler", "strength": "denoising_strength",
+    "hires_strength": "denoising_strength", "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps",
+    "refiner_switch": "refiner_switch_at", "model": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae", "refiner": "refiner_checkpoint", "init_image": "init_images",
+    "loras": "prompt"}  # <lora:NAME:W> tags
 # A1111's latent upscale modes (modules/shared_items.py latent_upscale_modes): all run as our latent upscale
 # (bicubic); its pixel upscalers that are plain resizes run as our pixel upscale.
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
@@ -108,9 +120,7 @@ def sampler_and_schedule(p: dict) -> dict:
 
 def request_settings(p: dict, kind: str) -> dict:
     """The `Request` settings of an A1111 payload (checked fields); only what the payload gives."""
-    renames = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
-               "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch"}
-    s = {ours: p[theirs] for theirs, ours in renames.items() if theirs in p}
+    s = {ours: p[theirs] for theirs, ours in SAME_FIELDS.items() if theirs in p}
     s.setdefault("prompt", "")
     s |= sampler_and_schedule(p)
     if kind == "img2img":
@@ -189,13 +199,21 @@ def model_choice(p: dict) -> dict:
     return out
 
 
+@contextmanager
+def naming(field: str | None = None, fields: dict | None = None):
+    """SDXLErrors raised inside name `field`, or the field of the client's API that `fields` maps theirs to."""
+    try:
+        yield
+    except SDXLError as e:
+        ours = getattr(e, "field", None) or field_of(str(e))
+        e.field = field or (fields or {}).get(ours, ours)
+        raise
+
+
 def image_bytes(value, field: str) -> bytes | None:
     """A base64 image or data: URL (the native API's rule: URLs are never fetched), errors naming the field."""
-    try:
+    with naming(field):
         return decode_image(value, field, field)
-    except SDXLError as e:
-        e.field = field
-        raise
 
 
 def job_spec(payload, kind: str, decode) -> JobSpec:
@@ -408,10 +426,12 @@ def _decoder(request: Request):
     return lambda data, field: load_image(data, field, max_pixels=limit)
 
 
-async def _finished(request: Request, spec: JobSpec):
-    """Submit a job and wait for it; its state and the bytes of its PNGs. A failed job is a 500 with its error."""
+async def _finished(request: Request, spec: JobSpec, fields: dict):
+    """Submit a job and wait for it; its state and the bytes of its PNGs. A 422 names the client's field (`fields`:
+    ours -> theirs); a failed job is a 500 with its error."""
     jobs = request.app.state.jobs
-    job_id = await asyncio.to_thread(jobs.submit, spec)
+    with naming(fields=fields):
+        job_id = await asyncio.to_thread(jobs.submit, spec)
     while (state := await asyncio.to_thread(jobs.get, job_id)).state in ("queued", "running"):
         await asyncio.sleep(POLL_SECONDS)
     if state.state == "failed":
@@ -424,7 +444,7 @@ async def _generate(request: Request, kind: str) -> dict:
     spec = await asyncio.to_thread(job_spec, payload, kind, _decoder(request))
     if spec.vae is None and _options(request).get("sd_vae") not in (None, "Automatic", "None"):
         spec = replace(spec, vae=_options(request)["sd_vae"])  # the VAE chosen in options
-    state, images = await _finished(request, spec)
+    state, images = await _finished(request, spec, A1111_FIELDS)
     return a1111_response(payload, state, images, checked_fields(payload).get("send_images", True))
 
 
@@ -451,7 +471,8 @@ async def img2img(request: Request):
 @router.post("/v1/images/generations", tags=["OpenAI"], summary="OpenAI images/generations (b64_json)")
 async def openai_generations(request: Request):
     settings, model = openai_settings(await _body(request, "images/generations"))
-    state, images = await _finished(request, JobSpec(settings, model=model, source="images/generations"))
+    spec = JobSpec(settings, model=model, source="images/generations")
+    state, images = await _finished(request, spec, {"batch": "n", "width": "size", "height": "size", "model": "model"})
     return openai_response(int(time.time()), settings["prompt"], images)
 
 
@@ -489,23 +510,16 @@ async def set_options(request: Request):
     if name is not None:
         if type(name) is not str:
             raise FieldError("sd_model_checkpoint", "must be a string (a title from GET /sdapi/v1/sd-models)")
-        path = _resolved(models, "checkpoints", name, "sd_model_checkpoint")
-        models.current = next(m.name for m in _checkpoints(models) if m.path == path)
+        with naming("sd_model_checkpoint"):
+            models.switch(name)
     vae = body.get("sd_vae")
     if vae is not None and type(vae) is not str:
         raise FieldError("sd_vae", "must be a string (a name from GET /sdapi/v1/sd-vae, or Automatic)")
     if vae not in (None, "Automatic", "None"):
-        _resolved(models, "vae", vae, "sd_vae")
+        with naming("sd_vae"):
+            models.resolve("vae", vae, "sd_vae")
     request.app.state.a1111_options = _options(request) | {k: v for k, v in body.items() if k != "sd_model_checkpoint"}
     return None
-
-
-def _resolved(models, kind: str, name: str, field: str) -> Path:
-    try:
-        return models.resolve(kind, name, field)
-    except SDXLError as e:
-        e.field = field
-        raise
 
 
 @router.get(f"{API}/sd-models")
