@@ -19,6 +19,7 @@ from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS, Request
 from sdxl.serve.models import ModelsFolder
+from sdxl.session import split_loras
 
 SLOW = {"steps": 400, "width": 64, "height": 64}  # long enough to be caught running
 
@@ -85,6 +86,28 @@ def test_lora_tag_in_prompt_loads_the_lora(served):
     assert not np.array_equal(a, b)
     missing = httpx.post(served.url + "/v1/jobs", json={"prompt": "a cat <lora:nope:1>", **FAST})
     assert missing.status_code == 422 and "'nope'" in missing.json()["detail"] and "style" in missing.json()["detail"]
+
+
+def test_split_loras():
+    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == ("a cat, sitting",
+                                                                           (("style", 0.8), ("sub/x", 1.0)))
+    assert split_loras("no tags (word:1.2)") == ("no tags (word:1.2)", ())
+    with pytest.raises(SDXLError, match="must be a number"):
+        split_loras("<lora:style:strong>")
+
+
+def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_models / "loras")  # the CLI reads <lora:NAME> as a file, NAME or NAME.safetensors
+    d = served.wait(served.submit(prompt="a dog <lora:style:0.5>", seed=8, **FAST))
+    out = tmp_path / "cli.png"
+    code = main(["generate", "a dog <lora:style:0.5>", "--model", str(tiny_models / "checkpoints" / "tiny.safetensors"),
+                 "--seed", "8", "--steps", "2", "--width", "64", "--height", "64", "--dtype", "fp32", "--device", "cpu",
+                 "-q", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    cli_im = Image.open(out)
+    assert cli_im.info["parameters"].startswith("a dog\n")
+    assert json.loads(cli_im.info["sdxl-recipe"])["models"]["lora0"] == "style.safetensors:0.5"
+    assert np.array_equal(np.asarray(png(served, d["images"][0])), np.asarray(cli_im))
 
 
 def test_progress_preview_and_cancel_running(served):
