@@ -354,6 +354,52 @@ def _add_generate(sub) -> None:
     g.set_defaults(func=_cmd_generate)
 
 
+def generate_help() -> dict[str, str]:
+    """Request field -> the help of the generate flag that sets it (the server documents its API with them)."""
+    sub = _Parser().add_subparsers()
+    _add_generate(sub)
+    flags = {a.dest: a.help for a in sub.choices["generate"]._actions if a.help}
+    return {FLAG_FIELDS.get(k, k): v for k, v in flags.items()}
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sdxl.serve.app import create_app
+    from sdxl.serve.config import ServeConfig
+
+    if args.api_auth is not None and ":" not in args.api_auth:
+        raise SDXLError("--api-auth takes USER:PASS")
+    config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
+                         args.api_auth, args.insecure, args.device, args.dtype)
+    if config.exposed() and not config.api_auth:
+        warnings.warn(f"--host {args.host} serves every machine that can reach this one, without a password")
+        if not args.insecure:
+            raise SDXLError(f"refusing to serve on {args.host} without --api-auth USER:PASS "
+                            "(or add --insecure if the network is trusted)")
+    if args.models_dir and not Path(args.models_dir).is_dir():
+        raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an HTTP server: job queue, native API, A1111 API, web page",
+                       description="Serve generation over HTTP. Without --models-dir, the embedded default model.")
+    s.add_argument("--models-dir", help="folder with checkpoints/ (or Stable-diffusion/), loras/ (or Lora/), "
+                                        "embeddings/, vae/")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="default 7860")
+    s.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth")
+    s.add_argument("--output-dir", default="outputs", help="where images and the job database go (default outputs)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-local --host without --api-auth")
+    s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
+    s.set_defaults(func=_cmd_serve)
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -569,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_inspect)
     _add_generate(sub)
+    _add_serve(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_detect_watermark(sub)

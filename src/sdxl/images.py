@@ -6,6 +6,7 @@ an `SDXLError` naming the file.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -37,13 +38,16 @@ def regular_file(path: str | os.PathLike, what: str, noun: str = "image file") -
 
 
 @contextmanager
-def opened(path: str | os.PathLike, what: str = "image", noun: str = "image file") -> Iterator[Image.Image]:
-    """The image with its header and text chunks read, pixels not yet decoded; refused over MAX_PIXELS."""
-    path = regular_file(path, what, noun)
+def opened(path: str | os.PathLike | bytes, what: str = "image", noun: str = "image file",
+           max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
+    """The image (a file, or the bytes of one) with its header and text chunks read, pixels not yet decoded;
+    refused over max_pixels."""
+    source, path = (io.BytesIO(path), f"({len(path)} bytes)") if isinstance(path, bytes) else \
+        (regular_file(path, what, noun),) * 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SDXLError(f"{what} {path}: its header claims more than {MAX_PIXELS} pixels (a decompression bomb?); "
                         "refused") from None
@@ -53,8 +57,8 @@ def opened(path: str | os.PathLike, what: str = "image", noun: str = "image file
         raise SDXLError(f"{what} {path}: not a readable image") from None
     with im:
         w, h = im.size
-        if w * h > MAX_PIXELS:
-            raise SDXLError(f"{what} {path}: {w}x{h} is more than {MAX_PIXELS} pixels; refused")
+        if w * h > max_pixels:
+            raise SDXLError(f"{what} {path}: {w}x{h} is more than {max_pixels} pixels; refused")
         yield im
 
 
@@ -69,9 +73,11 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(path: str | os.PathLike, what: str = "image", noun: str = "image file") -> Image.Image:
-    """A user's image, decoded: EXIF orientation applied, high bit depths scaled to 8 bits, file closed."""
-    with opened(path, what, noun) as im:
+def load_image(path: str | os.PathLike | bytes, what: str = "image", noun: str = "image file",
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A user's image (a file or its bytes), decoded: EXIF orientation applied, high bit depths scaled to 8 bits,
+    file closed."""
+    with opened(path, what, noun, max_pixels) as im:
         try:
             im.load()
             im = to_8bit(ImageOps.exif_transpose(im))

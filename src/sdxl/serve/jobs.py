@@ -1,0 +1,350 @@
+"""The job queue: jobs persisted in SQLite (standard library), one worker thread per device running them in order.
+
+A job's PNGs (infotext + recipe, written whole by sdxl.formats.files) are on disk before the job is recorded done.
+A server killed and restarted keeps every finished job and re-queues what was queued or running. Progress is kept
+in memory per sampler step, with a preview from a linear latent -> RGB projection.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sdxl.errors import SDXLError
+from sdxl.serve.config import Limits
+from sdxl.serve.models import ModelsFolder
+from sdxl.session import build_request, dtype_name, split_loras, write_images
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+# SDXL latent -> RGB, a linear fit (ComfyUI comfy/latent_formats.py, SDXL.latent_rgb_factors and bias)
+LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+              (-0.3165, -0.2492, -0.2188))
+LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
+    init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL)"""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One generation job as every API hands it to the queue."""
+
+    settings: dict  # Request fields as JSON values; checked by Request.fields_from_dict(settings, source)
+    model: str | None = None  # checkpoint name in the models folder; None: the current one
+    refiner: str | None = None
+    vae: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # besides the prompt's <lora:NAME:W>
+    init_image: bytes | None = None  # PNG/JPEG bytes
+    mask: bytes | None = None
+    n_iter: int = 1  # runs of `batch` images, the seed advancing by batch each run
+    source: str = "request"  # for error messages
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What `Jobs.get` reports."""
+
+    id: str
+    state: str  # queued | running | done | failed | cancelled
+    step: int  # sampler steps done
+    total: int  # sampler steps planned, all runs
+    job_count: int  # jobs queued + running
+    preview: bytes | None  # PNG of the current latent
+    images: tuple[str, ...]  # paths of the PNGs written
+    infotexts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    prompts: tuple[str, ...]
+    width: int
+    height: int
+    error: str | None
+
+
+class Cancelled(Exception):
+    """Raised from the step callback: the running job was cancelled or interrupted."""
+
+
+class Skipped(Exception):
+    """Raised from the step callback: the current run of the job is skipped (A1111's skip)."""
+
+
+@dataclass
+class _Live:
+    """The running job's progress, written by the worker and read by HTTP threads."""
+
+    id: str
+    total: int = 0
+    step: int = 0
+    latent: object = None  # the current denoised latent of the first image (cpu)
+    stop: bool = False
+    skip: bool = False
+    preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
+
+
+class Jobs:
+    """The queue: submit/get/wait/cancel from any thread; one worker thread runs the jobs."""
+
+    def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits()):
+        self.models, self.output_dir, self.limits = models, Path(output_dir), limits
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(SCHEMA)
+        self.db.execute("UPDATE jobs SET state='queued' WHERE state='running'")  # interrupted by a crash: again
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.live: _Live | None = None
+        self.closing = False
+        self.worker = threading.Thread(target=self._work, name="sdxl-worker", daemon=True)
+
+    def start(self) -> "Jobs":
+        self.worker.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker after the running job's next step (the job is queued again for the next start)."""
+        with self.changed:
+            self.closing = True
+            if self.live:
+                self.live.stop = True
+            self.changed.notify_all()
+        if self.worker.is_alive():
+            self.worker.join(timeout=60)
+
+    # --- the HTTP side ---------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> str:
+        """Validate the job at once (SDXLError names the problem), store it with its seed fixed, return its id."""
+        settings = self.check(spec)
+        job_id = secrets.token_hex(8)
+        stored = {"settings": settings, "model": spec.model or self.models.current, "refiner": spec.refiner,
+                  "vae": spec.vae, "loras": [list(x) for x in spec.loras], "n_iter": spec.n_iter,
+                  "source": spec.source}
+        with self.changed:
+            self.db.execute("INSERT INTO jobs (id, state, spec, init_image, mask, created) VALUES (?,?,?,?,?,?)",
+                            (job_id, "queued", json.dumps(stored), spec.init_image, spec.mask, time.time()))
+            self.changed.notify_all()
+        return job_id
+
+    def check(self, spec: JobSpec) -> dict:
+        """The settings as they will run (a random seed fixed now, so a restart repeats it); every limit checked."""
+        check_limits(spec, self.limits)
+        _, requests = self.prepare(spec)
+        return dict(spec.settings) | {"seed": requests[0].seed}
+
+    def get(self, job_id: str) -> JobState:
+        with self.lock:
+            row = self.db.execute("SELECT state, total, result, error FROM jobs WHERE id=?", (job_id,)).fetchone()
+            count = self.db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
+            live = self.live if self.live is not None and self.live.id == job_id else None
+        if row is None:
+            raise KeyError(job_id)
+        state, total, result, error = row
+        r = json.loads(result) if result else {}
+        step = live.step if live else (total if state == "done" else 0)
+        return JobState(job_id, state, step, live.total if live else total, count, _preview(live),
+                        tuple(r.get("images", ())), tuple(r.get("infotexts", ())), tuple(r.get("seeds", ())),
+                        tuple(r.get("prompts", ())), r.get("width", 0), r.get("height", 0), error)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobState:
+        """The job's state once it is done, failed or cancelled (or when `timeout` seconds have passed)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while (s := self.get(job_id)).state in ("queued", "running"):
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return s
+            with self.changed:
+                self.changed.wait(0.5 if left is None else min(0.5, left))
+        return s
+
+    def cancel(self, job_id: str) -> None:
+        """A queued job is cancelled at once; a running one at its next step. KeyError if unknown."""
+        with self.changed:
+            row = self.db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row[0] == "queued":
+                self.db.execute("UPDATE jobs SET state='cancelled' WHERE id=?", (job_id,))
+            elif self.live is not None and self.live.id == job_id:
+                self.live.stop = True
+            self.changed.notify_all()
+
+    def interrupt(self) -> None:
+        """Stop the running job at its next step (runs already finished keep their images)."""
+        with self.lock:
+            if self.live:
+                self.live.stop = True
+
+    def skip(self) -> None:
+        """Abandon the running job's current run of `batch` images and go on with its next."""
+        with self.lock:
+            if self.live:
+                self.live.skip = True
+
+    def current(self) -> JobState | None:
+        with self.lock:
+            job_id = self.live.id if self.live else None
+        return self.get(job_id) if job_id else None
+
+    # --- the worker ------------------------------------------------------------------------------
+
+    def prepare(self, spec: JobSpec):
+        """(Models, [Request per run]): the same rules at submit and when the job runs."""
+        settings = dict(spec.settings)
+        prompt, tags = split_loras(settings["prompt"]) if isinstance(settings.get("prompt"), str) else (None, ())
+        if prompt is not None:
+            settings["prompt"] = prompt
+        models = self.models.models(spec.model, spec.refiner, spec.vae, tuple(spec.loras) + tags)
+        init = _image(spec.init_image, "init_image", self.limits)
+        mask = _image(spec.mask, "mask", self.limits)
+        first = build_request(settings, models, spec.source, init, mask)
+        check_request_limits(first, spec.n_iter, self.limits)
+        return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
+
+    def _next(self):
+        with self.changed:
+            while not self.closing:
+                row = self.db.execute("SELECT id, spec, init_image, mask FROM jobs WHERE state='queued' "
+                                      "ORDER BY seq LIMIT 1").fetchone()
+                if row is not None:
+                    self.db.execute("UPDATE jobs SET state='running' WHERE id=?", (row[0],))
+                    self.live = _Live(row[0])
+                    return row
+                self.changed.wait()
+        return None
+
+    def _work(self) -> None:
+        while (row := self._next()) is not None:
+            job_id, stored, init, mask = row
+            d = json.loads(stored)
+            spec = JobSpec(d["settings"], d["model"], d["refiner"], d["vae"], tuple(map(tuple, d["loras"])),
+                           init, mask, d["n_iter"], d["source"])
+            state, result, error = "failed", None, None
+            try:
+                state, result = self._run(job_id, spec)
+            except SDXLError as e:
+                error = str(e)
+            except Exception as e:  # a bug or an out-of-memory: the job fails, the worker goes on
+                traceback.print_exc()
+                error = f"internal error: {type(e).__name__}: {e}"
+            self._finish(job_id, state, result, error)
+
+    def _finish(self, job_id: str, state: str, result: dict | None, error: str | None) -> None:
+        with self.changed:
+            if self.closing and state == "cancelled" and self.live and self.live.stop:
+                state = "queued"  # stopped by close(), not by a user: it runs again at the next start
+            total = self.live.total if self.live else 0
+            self.db.execute("UPDATE jobs SET state=?, total=?, result=?, error=? WHERE id=?",
+                            (state, total, json.dumps(result) if result else None, error, job_id))
+            self.live = None
+            self.changed.notify_all()
+
+    def _run(self, job_id: str, spec: JobSpec) -> tuple[str, dict]:
+        """Run every run of a job and write its PNGs; ("done" | "cancelled", results)."""
+        models, requests = self.prepare(spec)
+        pipe = self.models.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
+        self.live.total = sum(pipe.plan(r).total_steps for r in requests)
+        for stale in self.output_dir.glob(f"{job_id}-*.png"):  # from an attempt a crash cut short
+            stale.unlink()
+        result = {"images": [], "infotexts": [], "seeds": [], "prompts": [], "width": 0, "height": 0}
+        for j, req in enumerate(requests):
+            try:
+                out = pipe.generate(req, callback=self._step)
+            except Skipped:
+                self.live.skip = False
+                continue
+            except Cancelled:
+                return "cancelled", result
+            written = write_images(req, out.images, models, dtype_name(self.models.dtype),
+                                   self.output_dir / f"{job_id}-{j}.png", numbered=True)
+            result["images"] += [str(w.path) for w in written]
+            result["infotexts"] += [w.infotext for w in written]
+            result["seeds"] += [w.seed for w in written]
+            result["prompts"] += [req.prompt] * len(written)
+            result["width"], result["height"] = out.images[0].size
+        return "done", result
+
+    def _step(self, info: dict) -> None:
+        """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
+        live = self.live
+        live.step += 1
+        live.latent = info["denoised"][0].detach().float().cpu()
+        if live.stop:
+            raise Cancelled
+        if live.skip:
+            raise Skipped
+
+
+def check_limits(spec: JobSpec, limits: Limits) -> None:
+    """The limits readable from the settings alone (before anything is decoded)."""
+    s = spec.settings
+    for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+        if isinstance(s.get(name), str) and len(s[name]) > limits.max_prompt_chars:
+            raise LimitError(name, f"{name} of {len(s[name])} characters is over the limit of "
+                                   f"{limits.max_prompt_chars} (max_prompt_chars)")
+    if not isinstance(spec.n_iter, int) or isinstance(spec.n_iter, bool) or spec.n_iter < 1:
+        raise SDXLError(f"{spec.source}: n_iter must be a positive integer, got {spec.n_iter!r:.40}")
+
+
+def check_request_limits(req, n_iter: int, limits: Limits) -> None:
+    """The server's limits on a built request: size, steps, images per job."""
+    if max(req.width, req.height) > limits.max_side:
+        raise LimitError("width", f"{req.width}x{req.height} is over the limit of {limits.max_side} pixels a side "
+                                  "(max_side)")
+    for name in ("steps", "refiner_steps", "hires_steps"):
+        n = getattr(req, name)
+        if n is not None and n > limits.max_steps:
+            raise LimitError(name, f"{name} {n} is over the limit of {limits.max_steps} (max_steps)")
+    if req.batch * n_iter > limits.max_images:
+        raise LimitError("batch", f"batch {req.batch} x n_iter {n_iter} = {req.batch * n_iter} images is over the "
+                                  f"limit of {limits.max_images} (max_images)")
+
+
+class LimitError(SDXLError):
+    """A request over one of the server's limits; names the field and the limit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _image(data: bytes | None, what: str, limits: Limits):
+    """Image bytes decoded by sdxl.images' rules, refused over the server's pixel limit."""
+    if data is None:
+        return None
+    from sdxl.images import load_image
+
+    try:
+        return load_image(data, what, max_pixels=limits.max_image_pixels)
+    except SDXLError as e:
+        if "pixels" in str(e) and "refused" in str(e):
+            raise LimitError(what, f"{e} (max_image_pixels {limits.max_image_pixels})") from None
+        raise
+
+
+def _preview(live: _Live | None) -> bytes | None:
+    """A PNG of the running job's current latent (linear latent -> RGB, ComfyUI's SDXL factors), once per step."""
+    if live is None or live.latent is None:
+        return None
+    step, png = live.preview
+    if step == live.step:
+        return png
+    import torch
+    from PIL import Image
+
+    x = live.latent  # (4, h, w)
+    if x.shape[0] != 4:
+        return None
+    rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(LATENT_RGB)) + torch.tensor(LATENT_RGB_BIAS)
+    a = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().byte().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    live.preview = (live.step, buf.getvalue())
+    return live.preview[1]

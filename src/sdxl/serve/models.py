@@ -1,0 +1,168 @@
+"""The models folder in the layout A1111, Forge and ComfyUI users already have, and the pipelines loaded from it.
+
+checkpoints/ (or Stable-diffusion/), loras/ (or Lora/), embeddings/, vae/ (or VAE/). Files are listed by name and
+hash; a name from a request is resolved inside its folder only (no `..`, absolute paths or symlinks out). Pickle
+files are listed as refused and never loaded. Pipelines load on first use and stay loaded within a memory budget,
+least recently used out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdxl.errors import SDXLError
+from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
+
+# kind -> the folder names that hold it, first match wins (ours, then A1111's)
+FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
+           "embeddings": ("embeddings",), "vae": ("vae", "VAE")}
+LOADABLE = (".safetensors",)
+PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+DEFAULT = "default"  # the embedded default model's name, listed when the folder has no checkpoint
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One listed file: its name (path inside its folder), A1111-style title "name [hash]" and why it is refused."""
+
+    kind: str
+    name: str
+    path: Path
+    refused: str | None = None
+
+    @property
+    def hash(self) -> str:
+        from sdxl.formats.png import file_hash
+
+        return file_hash(self.path)[:10] if self.refused is None and self.path.is_file() else ""
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "hash": self.hash, "refused": self.refused}
+
+
+class ModelsFolder:
+    """Listing, name resolution and an LRU of loaded pipelines. Only the worker thread loads; listing is safe from
+    any thread."""
+
+    def __init__(self, root: Path | None, device: str | None = None, dtype: str | None = None,
+                 budget: int | None = None):
+        self.root = Path(root) if root is not None else None
+        self.device, self.dtype, self.dtype_why = device_and_dtype(device, dtype)
+        self.budget = budget or _default_budget(self.device)
+        self.loaded: OrderedDict[tuple, tuple[object, int]] = OrderedDict()  # files -> (pipeline, bytes), oldest first
+        self.lock = threading.Lock()
+        checkpoints = [m for m in self.list("checkpoints") if m.refused is None]
+        self.current = checkpoints[0].name if checkpoints else DEFAULT  # A1111's sd_model_checkpoint
+
+    def folder(self, kind: str) -> Path | None:
+        """The folder of a kind of file (the first of its names that exists), or None."""
+        if self.root is None:
+            return None
+        return next((self.root / n for n in FOLDERS[kind] if (self.root / n).is_dir()), None)
+
+    def list(self, kind: str) -> list[ModelFile]:
+        """The files of a kind, sorted by name; subfolders included, pickles listed as refused."""
+        folder = self.folder(kind)
+        if folder is None:
+            return [ModelFile(kind, DEFAULT, Path(resolve_models(None, None, True).model))] \
+                if kind == "checkpoints" and self.root is None else []
+        out = []
+        for path in sorted(folder.rglob("*")):
+            suffix = path.suffix.lower()
+            if not path.is_file() or suffix not in LOADABLE + PICKLES or path.name.startswith("."):
+                continue
+            if not _inside(path, folder):
+                continue
+            refused = f"{suffix} is a pickle format, never loaded; convert it to .safetensors" \
+                if suffix in PICKLES else None
+            out.append(ModelFile(kind, path.relative_to(folder).as_posix(), path, refused))
+        return out
+
+    def resolve(self, kind: str, name: str, field: str) -> Path:
+        """A listed file by name, stem or title "name [hash]", inside its folder only."""
+        clean = name.split(" [")[0].strip() if name.endswith("]") else name.strip()
+        if not clean or Path(clean).is_absolute() or ".." in Path(clean).parts or "\\" in clean:
+            raise SDXLError(f"{field} {name!r}: give a name listed in {kind}, not a path")
+        for m in self.list(kind):
+            if clean in (m.name, m.name.rsplit(".", 1)[0]):
+                if m.refused:
+                    raise SDXLError(f"{field} {name!r}: refused: {m.refused}")
+                return m.path
+        names = ", ".join(m.name for m in self.list(kind) if not m.refused) or "(none)"
+        raise SDXLError(f"{field} {name!r}: no such file in {kind}; choose one of: {names}")
+
+    def models(self, model: str | None, refiner: str | None, vae: str | None,
+               loras: tuple[tuple[str, float], ...]) -> Models:
+        """The files of a request (names resolved here), with the model's native settings."""
+        name = model or self.current
+        path = None if name == DEFAULT and self.root is None else str(self.resolve("checkpoints", name, "model"))
+        ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner else None
+        vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
+        specs = [f"{self.resolve('loras', n, 'lora')}:{w}" for n, w in loras]
+        return resolve_models(path, ref, False, vae_path, specs)
+
+    def pipeline(self, models: Models, log=print):
+        """The loaded pipeline of `models`, loading it (and unloading the least recently used) as needed."""
+        key = (models.model, models.refiner, models.vae, models.loras)
+        with self.lock:
+            if key in self.loaded:
+                self.loaded.move_to_end(key)
+                return self.loaded[key][0]
+            need = sum(_file_size(p) for p in (models.model, models.refiner) if p)
+            while self.loaded and sum(size for _, size in self.loaded.values()) + need > self.budget:
+                self.loaded.popitem(last=False)
+                _free(self.device)
+        pipe = load_pipeline(models, self.device, self.dtype, log=log)
+        with self.lock:
+            self.loaded[key] = (pipe, _pipeline_bytes(pipe))
+        return pipe
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` resolves (symlinks followed) to a place inside `folder`."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _file_size(path: str) -> int:
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _pipeline_bytes(pipe) -> int:
+    seen, total = set(), 0
+    for m in (pipe.base, pipe.refiner):
+        for t in (m.state_dict().values() if m is not None else ()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _default_budget(device: str) -> int:
+    """Half of the device's memory (a GPU's, else the machine's)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
