@@ -1,7 +1,7 @@
 """The web page (issue 12): `GET /` and its static files, and `GET /page/config`, the facts the form is built from.
 
 The page is plain HTML, CSS and JavaScript in `static/` (package data, no build step). It talks to the server's
-native API (`/v1/jobs`) and the model lists (`/sdapi/v1/sd-models`, `/sdapi/v1/loras`), same origin only.
+native API (`/v1/jobs`, `/v1/models`), same origin only.
 """
 
 from __future__ import annotations
@@ -42,18 +42,11 @@ def static(name: str) -> FileResponse:
 
 
 @router.get("/page/config")
-def config(request: Request) -> dict:
-    """Size presets (SDXL report appendix: the aspect buckets), sampler and schedule names (ours -> A1111's), and
-    the default model's native settings, which the form starts from."""
-    native, refiner, name = _default_model(request)
+def config(request: Request, model: str | None = None) -> dict:
+    """What the form is built from: size presets (the SDXL report's aspect buckets, appendix I), sampler and
+    schedule names (ours -> A1111's), and the native settings of `model` (default: the server's current one)."""
+    folder = request.app.state.models
+    models = folder.models(model or None, None, None, ())
     return {"buckets": [list(b) for b in BUCKETS], "samplers": A1111_SAMPLERS, "schedules": A1111_SCHEDULES,
-            "default_schedule": DEFAULT_SCHEDULE, "native": {**native, "sampler": "euler"},
-            "has_refiner": refiner, "default_model": name}
-
-
-def _default_model(request: Request) -> tuple[dict, bool, str]:
-    """(native settings, whether it has a refiner, its name) of the model a request without `model` gets."""
-    from sdxl.session import resolve_models
-
-    models = resolve_models(None, None, False)
-    return models.native, models.refiner is not None, f"default ({Path(models.model).stem})"
+            "default_schedule": DEFAULT_SCHEDULE, "native": models.native | {"sampler": "euler"},
+            "builtin_refiner": models.default_refiner, "model": model or folder.current}

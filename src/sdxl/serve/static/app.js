@@ -1,6 +1,6 @@
 // The sdxl web page: a form for one generation request, live progress, and a gallery of results.
 // Plain JavaScript, no build step. It talks only to its own server (same origin), through the native API
-// (POST/GET/DELETE v1/jobs) and the model lists; the browser sends the Basic auth it already holds.
+// (POST/GET/DELETE v1/jobs, GET v1/models); the browser sends the Basic auth it already holds.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -27,11 +27,6 @@ function errorText(body) {
   const d = body && body.detail;
   if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).slice(1).join(".")}: ${e.msg}`).join("; ");
   return typeof d === "string" ? d : "";
-}
-
-async function optional(path) {
-  // A list the page can do without (models, LoRAs): empty when the server does not offer it.
-  try { return await api(path); } catch { return []; }
 }
 
 // ---- the form --------------------------------------------------------------------------------------------
@@ -69,20 +64,36 @@ function matchPreset() {
 }
 
 async function setUp() {
-  const config = await api("page/config");
-  page.config = config;
+  const [config, models] = await Promise.all([api("page/config"), api("v1/models")]);
   sizePresets(config);
   fillSelect($("sampler"), Object.entries(config.samplers), config.native.sampler);
   fillSelect($("schedule"), Object.entries(config.schedules), config.default_schedule);
+  const usable = (kind) => (models[kind] || []).filter((m) => !m.refused).map((m) => [m.name, m.title]);
+  fillSelect($("model"), usable("checkpoints"), models.current);
+  fillSelect($("refiner"), usable("checkpoints"));
+  fillSelect($("vae"), [["", "the model's own"], ...usable("vae")]);
+  fillSelect($("lora"), [["", "LoRA…"], ...usable("loras")]);
+  applyNative(config);
+}
+
+function applyNative(config) {
+  // A model's native settings: the form starts from them (the size presets lead with its native size).
+  page.config = config;
+  sizePresets(config);
   $("width").value = $("height").value = config.native.resolution;
   $("steps").value = config.native.steps;
   $("cfg").value = config.native.cfg;
   $("refiner_switch").value = config.native.refiner_switch;
-  $("refiner-on").checked = config.has_refiner;
+  // The default model's refiner is part of it: the server runs it with every request, at the switch point.
+  $("refiner-on").checked = config.builtin_refiner;
+  $("refiner-on").disabled = config.builtin_refiner;
+  $("refiner").hidden = config.builtin_refiner;
+  $("refiner-builtin").hidden = !config.builtin_refiner;
   matchPreset();
-  const [models, loras] = await Promise.all([optional("sdapi/v1/sd-models"), optional("sdapi/v1/loras")]);
-  fillSelect($("model"), [["", config.default_model || "default"], ...models.map((m) => [m.model_name, m.title])]);
-  fillSelect($("lora"), [["", "LoRA…"], ...loras.map((l) => [l.name, l.alias || l.name])]);
+}
+
+async function modelChanged() {
+  try { applyNative(await api(`page/config?model=${encodeURIComponent($("model").value)}`)); } catch (e) { showError(e.message); }
 }
 
 const number = (id) => Number($(id).value);
@@ -94,8 +105,10 @@ async function jobBody() {
     sampler: $("sampler").value, schedule: $("schedule").value, cfg: number("cfg"),
     seed: number("seed"), batch: number("batch"),
   };
-  if ($("refiner-on").checked) body.refiner_switch = number("refiner_switch");
-  else body.refiner = null;
+  if ($("refiner-on").checked) {
+    body.refiner_switch = number("refiner_switch");
+    if (!page.config.builtin_refiner) body.refiner = $("refiner").value;
+  }
   if ($("hires-on").checked) {
     Object.assign(body, { hires_scale: number("hires_scale"), hires_upscale: $("hires_upscale").value,
       hires_strength: number("hires_strength") });
@@ -106,7 +119,8 @@ async function jobBody() {
     body.strength = number("strength");
     if (page.painted) body.mask = maskDataUrl();
   }
-  if ($("model").value) body.model = $("model").value;
+  body.model = $("model").value;
+  if ($("vae").value) body.vae = $("vae").value;
   return body;
 }
 
@@ -176,7 +190,7 @@ function showProgress(job) {
     ? `queued (${job.job_count || 1} in the queue)` : `step ${job.step || 0} of ${job.total || "?"}`;
   $("queue").textContent = job.job_count > 1 ? `${job.job_count} jobs in the queue` : "";
   if (job.preview) {
-    $("preview").src = job.preview;
+    $("preview").src = `data:image/png;base64,${job.preview}`;
     $("preview").hidden = false;
     $("placeholder").hidden = true;
     $("result").replaceChildren();
@@ -489,6 +503,7 @@ function wire() {
   $("seed-random").onclick = () => { $("seed").value = -1; };
   $("seed-reuse").onclick = () => { if (page.lastSeed !== null) $("seed").value = page.lastSeed; };
   $("lora-add").onclick = insertLora;
+  $("model").onchange = modelChanged;
   $("size-preset").onchange = (e) => {
     if (e.target.value) [$("width").value, $("height").value] = e.target.value.split("x");
   };
