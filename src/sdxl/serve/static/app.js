@@ -486,7 +486,8 @@ function setUpDrop() {
 // ---- wiring ---------------------------------------------------------------------------------------------
 
 function insertLora() {
-  const name = $("lora").value;
+  // A1111 names a LoRA by its file name without the extension.
+  const name = $("lora").value.replace(/\.safetensors$/i, "");
   if (!name) return;
   const tag = `<lora:${name}:${$("lora-weight").value || 1}>`;
   const box = $("prompt");
