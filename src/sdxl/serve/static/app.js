@@ -147,6 +147,8 @@ async function generate(event) {
     return;
   }
   page.job = id;
+  showImages([]);
+  showProgress({ state: "queued", step: 0, total: 0, job_count: 1 });
   busy(true);
   try {
     const job = await follow(id);
@@ -224,6 +226,7 @@ function showImages(results) {
   $("preview").hidden = true;
   $("placeholder").hidden = results.length > 0;
   $("result").replaceChildren(...results.map((r) => resultCard(r, "result-item")));
+  $("result").classList.toggle("many", results.length > 1);
 }
 
 function resultCard(r, cls) {
