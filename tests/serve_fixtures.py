@@ -71,7 +71,7 @@ class Live:
             d = httpx.get(f"{self.url}/v1/jobs/{job_id}", timeout=60, auth=self.auth()).json()
             if d["state"] not in ("queued", "running"):
                 return d
-            time.sleep(0.05)
+            time.sleep(0.2)
         raise TimeoutError(f"job {job_id} still {d['state']} after {timeout} s")
 
     def auth(self):

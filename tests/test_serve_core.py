@@ -1,0 +1,248 @@
+"""`sdxl serve`'s core on a tiny model: the native API round trip, the CLI's image, progress, cancel/skip, the
+models folder, restart after SIGKILL and many concurrent clients."""
+
+import base64
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serve_fixtures import FAST, served, served_process, tiny_models  # noqa: F401  (fixtures)
+
+from sdxl.cli import main
+from sdxl.errors import SDXLError
+from sdxl.request import NOT_SETTINGS, Request
+from sdxl.serve.models import ModelsFolder
+
+SLOW = {"steps": 400, "width": 64, "height": 64}  # long enough to be caught running
+
+
+def png(live, url: str) -> Image.Image:
+    r = httpx.get(live.url + url, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    return Image.open(io.BytesIO(r.content))
+
+
+def wait_running(live, job_id: str, timeout: float = 120) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        d = httpx.get(f"{live.url}/v1/jobs/{job_id}", timeout=30).json()
+        if d["state"] == "running" and d["step"] >= 1:
+            return d
+        time.sleep(0.02)
+    raise TimeoutError(job_id)
+
+
+def test_round_trip(served):
+    job_id = served.submit(prompt="a red circle", negative_prompt="blue", seed=3, **FAST)
+    d = served.wait(job_id)
+    assert d["state"] == "done" and d["step"] == d["total"] == 2 and d["error"] is None
+    assert d["seeds"] == [3] and d["prompts"] == ["a red circle"] and (d["width"], d["height"]) == (64, 64)
+    im = png(served, d["images"][0])
+    assert im.size == (64, 64) and im.info["parameters"] == d["infotexts"][0]
+    assert im.info["parameters"].startswith("a red circle\nNegative prompt: blue\nSteps: 2")
+    assert "Seed: 3," in im.info["parameters"] and "Model: tiny" in im.info["parameters"]
+    assert json.loads(im.info["sdxl-recipe"])["seed"] == 3
+
+
+def test_random_seed_is_fixed_at_submit(served):
+    d = served.wait(served.submit(prompt="a dot", seed=-1, **FAST))
+    assert d["state"] == "done" and 0 <= d["seeds"][0] < 2**32 and f"Seed: {d['seeds'][0]}," in d["infotexts"][0]
+
+
+def test_served_image_equals_cli(served, tiny_models, tmp_path, capsys):
+    d = served.wait(served.submit(prompt="a green square", seed=11, cfg=4.0, sampler="dpmpp_2m", batch=2, **FAST))
+    out = tmp_path / "cli.png"
+    code = main(["generate", "a green square", "--model", str(tiny_models / "checkpoints" / "tiny.safetensors"),
+                 "--seed", "11", "--cfg", "4", "--sampler", "dpmpp_2m", "--batch", "2", "--steps", "2", "--width",
+                 "64", "--height", "64", "--dtype", "fp32", "--device", "cpu", "-q", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for i in range(2):
+        served_im, cli_im = png(served, d["images"][i]), Image.open(tmp_path / f"cli-{i}.png")
+        assert np.array_equal(np.asarray(served_im), np.asarray(cli_im))
+        assert served_im.info["parameters"] == cli_im.info["parameters"]
+
+
+def test_n_iter_advances_the_seed_by_batch(served):
+    d = served.wait(served.submit(prompt="two runs", seed=100, batch=2, n_iter=2, **FAST))
+    assert d["state"] == "done" and d["seeds"] == [100, 101, 102, 103] and d["total"] == 4
+    assert [f"Seed: {s}," in t for s, t in zip(d["seeds"], d["infotexts"])] == [True] * 4
+
+
+def test_lora_tag_in_prompt_loads_the_lora(served):
+    plain = served.wait(served.submit(prompt="a cat", seed=5, **FAST))
+    tagged = served.wait(served.submit(prompt="a cat <lora:style:0.8>", seed=5, **FAST))
+    assert tagged["state"] == "done" and tagged["prompts"] == ["a cat"]
+    recipe = json.loads(png(served, tagged["images"][0]).info["sdxl-recipe"])
+    assert recipe["models"]["lora0"].endswith("style.safetensors:0.8")
+    a, b = (np.asarray(png(served, d["images"][0])) for d in (plain, tagged))
+    assert not np.array_equal(a, b)
+    missing = httpx.post(served.url + "/v1/jobs", json={"prompt": "a cat <lora:nope:1>", **FAST})
+    assert missing.status_code == 422 and "'nope'" in missing.json()["detail"] and "style" in missing.json()["detail"]
+
+
+def test_progress_preview_and_cancel_running(served):
+    job_id = served.submit(prompt="long", seed=1, **SLOW)
+    queued = served.submit(prompt="queued", seed=2, **SLOW)
+    d = wait_running(served, job_id)
+    assert d["total"] == 400 and 1 <= d["step"] < 400 and d["job_count"] == 2
+    preview = Image.open(io.BytesIO(base64.b64decode(d["preview"])))
+    assert preview.mode == "RGB" and preview.size == (32, 32)  # one pixel per latent pixel (the tiny VAE: factor 2)
+    assert httpx.get(f"{served.url}/v1/jobs/{queued}").json()["state"] == "queued"
+    assert httpx.delete(f"{served.url}/v1/jobs/{queued}").json()["state"] == "cancelled"
+    httpx.delete(f"{served.url}/v1/jobs/{job_id}")
+    d = served.wait(job_id)
+    assert d["state"] == "cancelled" and d["step"] < 400 and d["images"] == []
+    assert httpx.delete(f"{served.url}/v1/jobs/nope").status_code == 404
+
+
+def test_skip_abandons_the_current_run(served):
+    job_id = served.submit(prompt="skipped", seed=50, n_iter=2, **(SLOW | {"steps": 20}))
+    wait_running(served, job_id)
+    served.app.state.jobs.skip()
+    d = served.wait(job_id)
+    assert d["state"] == "done" and d["seeds"] == [51]  # run 0 (seed 50) skipped, run 1 done
+
+
+def test_server_sent_events(served):
+    job_id = served.submit(prompt="streamed", seed=9, **(FAST | {"steps": 4}))
+    events = []
+    with httpx.stream("GET", f"{served.url}/v1/jobs/{job_id}/events", timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            elif line.startswith("data: "):
+                events[-1] = (events[-1], json.loads(line[6:]))
+    assert events[-1][0] == "done" and events[-1][1]["state"] == "done" and events[-1][1]["seeds"] == [9]
+    steps = [d["step"] for kind, d in events if kind == "progress"]
+    assert steps == sorted(steps) and len(events) >= 2
+
+
+def test_openapi_schema_documents_every_request_field(served):
+    schema = httpx.get(served.url + "/openapi.json").json()
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    settings = {f for f in Request.__dataclass_fields__ if f not in NOT_SETTINGS}
+    assert settings | {"model", "refiner", "vae", "loras", "init_image", "mask", "n_iter"} == set(body["properties"])
+    assert all(p["description"] for p in body["properties"].values())
+    assert "multiple of 8" in body["properties"]["width"]["description"]
+    assert body["properties"]["steps"]["type"] == "integer" and body["required"] == ["prompt"]
+    assert {"get", "delete"} <= set(schema["paths"]["/v1/jobs/{job_id}"])
+    assert "/v1/jobs/{job_id}/events" in schema["paths"]
+
+
+def test_img2img_with_mask(served):
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    d = served.wait(served.submit(prompt="paint", seed=4, steps=2, init_image="data:image/png;base64," + b64(init),
+                                  mask=b64(mask)))
+    assert d["state"] == "done" and (d["width"], d["height"]) == (64, 64)
+    a = np.asarray(png(served, d["images"][0])).astype(int)
+    assert np.abs(a[:, 40:] - [200, 30, 30]).max() <= 3  # the unmasked half kept
+
+
+def test_models_folder_listing_and_names(tiny_models, tmp_path):
+    root = tmp_path / "models"
+    (root / "Stable-diffusion" / "sub").mkdir(parents=True)
+    (root / "Lora").mkdir()
+    os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "Stable-diffusion" / "sub" / "base.safetensors")
+    (root / "Stable-diffusion" / "old.ckpt").write_bytes(b"\x80\x02pickle")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (root / "Lora" / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    m = ModelsFolder(root, "cpu", "fp32")
+    listed = {f.name: f for f in m.list("checkpoints")}
+    assert set(listed) == {"old.ckpt", "sub/base.safetensors"} and m.current == "sub/base.safetensors"
+    assert listed["old.ckpt"].refused and "pickle" in listed["old.ckpt"].refused
+    assert len(listed["sub/base.safetensors"].hash) == 10 and m.list("loras") == []  # the symlink out is not listed
+    assert m.resolve("checkpoints", "sub/base", "model").name == "base.safetensors"
+    assert m.resolve("checkpoints", listed["sub/base.safetensors"].title, "model").name == "base.safetensors"
+    for bad, words in [("old.ckpt", "pickle"), ("../x.safetensors", "not a path"), ("/etc/passwd", "not a path"),
+                       ("nope", "no such file"), ("escape", "no such file")]:
+        kind = "loras" if bad == "escape" else "checkpoints"
+        with pytest.raises(SDXLError, match=words):
+            m.resolve(kind, bad, "model")
+
+
+def test_pipelines_kept_within_the_memory_budget(tiny_models, tmp_path):
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    for name in ("a", "b"):
+        os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / f"{name}.safetensors")
+    size = (tiny_models / "checkpoints" / "tiny.safetensors").stat().st_size
+    m = ModelsFolder(root, "cpu", "fp32", budget=int(size * 1.5))  # room for one
+    first = m.pipeline(m.models("a", None, None, ()), log=lambda _: None)
+    assert m.pipeline(m.models("a", None, None, ()), log=lambda _: None) is first  # loaded once
+    m.pipeline(m.models("b", None, None, ()), log=lambda _: None)
+    assert [k[0].rsplit("/", 1)[-1] for k in m.loaded] == ["b.safetensors"]
+    roomy = ModelsFolder(root, "cpu", "fp32", budget=size * 3)
+    for name in ("a", "b", "a"):
+        roomy.pipeline(roomy.models(name, None, None, ()), log=lambda _: None)
+    assert [k[0].rsplit("/", 1)[-1] for k in roomy.loaded] == ["b.safetensors", "a.safetensors"]  # LRU order
+
+
+def test_switching_model_by_request(served):
+    d = served.wait(served.submit(prompt="p", seed=1, model="tiny", refiner="tiny_refiner", refiner_switch=0.5,
+                                  **FAST))
+    assert d["state"] == "done" and "Refiner: tiny_refiner" in d["infotexts"][0]
+    models = httpx.get(served.url + "/v1/models").json()
+    assert models["current"] == "tiny.safetensors"
+    assert [c["name"] for c in models["checkpoints"]] == ["tiny.safetensors", "tiny_refiner.safetensors"]
+
+
+def test_restart_after_sigkill_keeps_results_and_runs_the_queue(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    with served_process(out, tiny_models) as live:
+        done = live.wait(live.submit(prompt="finished first", seed=1, **FAST))
+        kept = httpx.get(live.url + done["images"][0]).content
+        running = live.submit(prompt="running when killed", seed=2, **(SLOW | {"steps": 40}))
+        queued = [live.submit(prompt=f"queued {k}", seed=10 + k, **FAST) for k in range(3)]
+        wait_running(live, running)
+        os.kill(live.process.pid, signal.SIGKILL)
+        live.process.wait()
+    with served_process(out, tiny_models) as live:
+        assert live.wait(done["id"])["state"] == "done" and httpx.get(live.url + done["images"][0]).content == kept
+        for job_id, prompt, seed in [(running, "running when killed", 2)] + [
+                (j, f"queued {k}", 10 + k) for k, j in enumerate(queued)]:
+            d = live.wait(job_id)
+            assert d["state"] == "done" and d["prompts"] == [prompt] and d["seeds"] == [seed]
+            assert png(live, d["images"][0]).info["parameters"].startswith(f"{prompt}\n")
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.png")) == sorted([done["id"], running, *queued])
+
+
+def test_sixteen_clients_four_jobs_each(served):
+    results, errors = {}, []
+
+    def client(c: int):
+        try:
+            with served.client() as http:
+                for j in range(4):
+                    prompt, seed = f"client {c} job {j}", 1000 * c + j
+                    r = http.post("/v1/jobs", json={"prompt": prompt, "seed": seed, "steps": 2, "width": 32,
+                                                    "height": 32})
+                    results[(prompt, seed)] = served.wait(r.json()["id"], timeout=600)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 64
+    for (prompt, seed), d in results.items():
+        assert d["state"] == "done" and d["prompts"] == [prompt] and d["seeds"] == [seed]
+        text = png(served, d["images"][0]).info["parameters"]
+        assert text.startswith(prompt + "\n") and f"Seed: {seed}," in text
+    assert len({d["images"][0] for d in results.values()}) == 64
