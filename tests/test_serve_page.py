@@ -14,8 +14,6 @@ from PIL import Image, PngImagePlugin
 from serve_fixtures import live_server, served, tiny_models  # noqa: F401  (pytest fixtures)
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                "(apt-get install -y chromium; .ci/run installs it)")
 TIMEOUT_MS = 180_000  # the first job loads the pipeline
 # An A1111 infotext with the fields the form takes (sampler in the v1.9+ form with a schedule type, hires fix).
 INFOTEXT = ("a purple diamond on the left\nNegative prompt: blurry, text\n"
@@ -26,6 +24,8 @@ INFOTEXT = ("a purple diamond on the left\nNegative prompt: blurry, text\n"
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -51,6 +51,24 @@ def page(browser, served):
     yield page
     page.context.close()
     assert page.errors == []
+
+
+def test_the_page_and_its_files_are_served_with_a_strict_policy(served):
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="static/app.js"' in page.text
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        assert httpx.get(f"{served.url}/static/{name}").headers["content-type"].startswith(kind)
+    for name in ("page.py", "..%2Fpage.py", "%2E%2E%2Fpage.py", "nope.js"):
+        assert httpx.get(f"{served.url}/static/{name}").status_code == 404
+    config = httpx.get(served.url + "/page/config").json()
+    assert [1024, 1024] in config["buckets"] and [1152, 896] in config["buckets"] and len(config["buckets"]) == 35
+    assert config["samplers"]["euler_ancestral"] == "Euler a" and config["schedules"]["karras"] == "Karras"
+    assert config["native"] == {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8,
+                                "sampler": "euler"}  # the tiny model records none: SDXL's
+    bad = httpx.get(served.url + "/page/config", params={"model": "../secret"})
+    assert bad.status_code == 422 and "not a path" in bad.json()["detail"]
 
 
 def fast_form(page, prompt: str, seed: int) -> None:
@@ -92,6 +110,28 @@ def test_generate_shows_the_image_and_its_png_carries_the_infotext(page, tmp_pat
     assert page.input_value("#seed") == "-1"
     page.click("#seed-reuse")
     assert page.input_value("#seed") == "7"
+    # "Use settings" puts the image's parameters back into the form
+    page.fill("#prompt", "something else")
+    page.fill("#steps", "30")
+    page.click("#result button:has-text('Use settings')")
+    assert (page.input_value("#prompt"), page.input_value("#steps")) == ("a red circle on a blue background", "2")
+
+
+def test_refiner_and_hires_fix(page):
+    fast_form(page, "a green triangle on a white background", 5)
+    page.click("#refiner-box summary")
+    page.check("#refiner-on")
+    page.select_option("#refiner", "tiny_refiner.safetensors")
+    page.fill("#refiner_switch", "0.5")
+    page.click("#hires-box summary")
+    page.check("#hires-on")
+    page.fill("#hires_steps", "1")
+    page.click("#generate")
+    img = finished_result(page)
+    assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [128, 128]  # 64 x 2
+    text = page.inner_text("#result .infotext")
+    assert "Refiner: tiny_refiner, Refiner switch at: 0.5" in text
+    assert "Hires upscale: 2.0, Hires upscaler: Latent, Hires steps: 1" in text
 
 
 def png_with_text(text: str, zip_: bool) -> bytes:

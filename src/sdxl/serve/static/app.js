@@ -70,7 +70,8 @@ async function setUp() {
   fillSelect($("schedule"), Object.entries(config.schedules), config.default_schedule);
   const usable = (kind) => (models[kind] || []).filter((m) => !m.refused).map((m) => [m.name, m.title]);
   fillSelect($("model"), usable("checkpoints"), models.current);
-  fillSelect($("refiner"), usable("checkpoints"));
+  const checkpoints = usable("checkpoints");
+  fillSelect($("refiner"), checkpoints, (checkpoints.find(([name]) => /refiner/i.test(name)) || [""])[0]);
   fillSelect($("vae"), [["", "the model's own"], ...usable("vae")]);
   fillSelect($("lora"), [["", "LoRA…"], ...usable("loras")]);
   applyNative(config);
@@ -508,6 +509,7 @@ function wire() {
   $("seed-reuse").onclick = () => { if (page.lastSeed !== null) $("seed").value = page.lastSeed; };
   $("lora-add").onclick = insertLora;
   $("model").onchange = modelChanged;
+  $("gallery-clear").onclick = () => { page.gallery = []; saveGallery(); renderGallery(); };
   $("size-preset").onchange = (e) => {
     if (e.target.value) [$("width").value, $("height").value] = e.target.value.split("x");
   };
