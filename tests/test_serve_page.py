@@ -18,7 +18,7 @@ TIMEOUT_MS = 180_000  # the first job loads the pipeline
 # An A1111 infotext with the fields the form takes (sampler in the v1.9+ form with a schedule type, hires fix).
 INFOTEXT = ("a purple diamond on the left\nNegative prompt: blurry, text\n"
             "Steps: 13, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 12345, Size: 96x64, "
-            'Model: tiny, Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent, Denoising strength: 0.4, '
+            'Model: tiny, Refiner: tiny_refiner, Refiner switch at: 0.6, Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent, Denoising strength: 0.4, '
             'Crop: "0,0", Batch size: 2')
 
 
@@ -169,6 +169,9 @@ def test_dropping_a_png_fills_the_form_from_its_infotext(page, prompt, zip_):
                       "batch": "2", "hires_scale": "2", "hires_steps": "3", "hires_strength": "0.4",
                       "hires_upscale": "latent"}
     assert page.is_checked("#hires-on")
+    assert page.input_value("#model") == "tiny.safetensors"
+    assert page.is_checked("#refiner-on") and page.input_value("#refiner") == "tiny_refiner.safetensors"
+    assert page.input_value("#refiner_switch") == "0.6"
     assert page.is_visible("#error") is False
 
 

@@ -77,24 +77,38 @@ async function setUp() {
   applyNative(config);
 }
 
-function applyNative(config) {
+function applyNative(config, values = true) {
   // A model's native settings: the form starts from them (the size presets lead with its native size).
   page.config = config;
   sizePresets(config);
-  $("width").value = $("height").value = config.native.resolution;
-  $("steps").value = config.native.steps;
-  $("cfg").value = config.native.cfg;
-  $("refiner_switch").value = config.native.refiner_switch;
+  if (values) {
+    $("width").value = $("height").value = config.native.resolution;
+    $("steps").value = config.native.steps;
+    $("cfg").value = config.native.cfg;
+    $("refiner_switch").value = config.native.refiner_switch;
+    $("refiner-on").checked = config.builtin_refiner;
+  }
   // The default model's refiner is part of it: the server runs it with every request, at the switch point.
-  $("refiner-on").checked = config.builtin_refiner;
+  $("refiner-on").checked ||= config.builtin_refiner;
   $("refiner-on").disabled = config.builtin_refiner;
   $("refiner").hidden = config.builtin_refiner;
   $("refiner-builtin").hidden = !config.builtin_refiner;
   matchPreset();
 }
 
-async function modelChanged() {
-  try { applyNative(await api(`page/config?model=${encodeURIComponent($("model").value)}`)); } catch (e) { showError(e.message); }
+async function modelChanged(values = true) {
+  try {
+    applyNative(await api(`page/config?model=${encodeURIComponent($("model").value)}`), values);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function selectByStem(select, stem) {
+  // Infotext names models by file stem ("Model: sd_xl_base_1.0"); the lists by file name.
+  const match = [...select.options].find((o) => o.value.replace(/\.[^.\/]+$/, "") === stem);
+  if (match) select.value = match.value;
+  return Boolean(match);
 }
 
 const number = (id) => Number($(id).value);
@@ -441,7 +455,7 @@ function samplerFromA1111(name, scheduleType) {
   return [sampler, schedule];
 }
 
-function applyInfotext(text) {
+async function applyInfotext(text) {
   const { prompt, negative, fields: f } = parseInfotext(text);
   $("prompt").value = prompt;
   $("negative_prompt").value = negative;
@@ -456,7 +470,6 @@ function applyInfotext(text) {
     if (sampler) $("sampler").value = sampler;
     if (schedule) $("schedule").value = schedule;
   }
-  $("refiner-on").checked = Boolean(f.Refiner);
   set("refiner_switch", f["Refiner switch at"]);
   $("hires-on").checked = Boolean(f["Hires upscale"]);
   if (f["Hires upscale"]) {
@@ -469,6 +482,11 @@ function applyInfotext(text) {
   }
   matchPreset();
   showError("");
+  const model = $("model").value;
+  if (f.Model && selectByStem($("model"), f.Model) && $("model").value !== model) await modelChanged(false);
+  if (!page.config.builtin_refiner) {
+    $("refiner-on").checked = Boolean(f.Refiner) && selectByStem($("refiner"), f.Refiner);
+  }
 }
 
 async function dropped(event) {
@@ -477,7 +495,7 @@ async function dropped(event) {
   const file = event.dataTransfer.files[0];
   if (!file) return;
   const texts = await pngTexts(await file.arrayBuffer());
-  if (texts && texts.parameters) applyInfotext(texts.parameters);
+  if (texts && texts.parameters) await applyInfotext(texts.parameters);
   else showError(`${file.name}: carries no generation parameters (only PNGs with A1111 infotext do)`);
 }
 
@@ -508,7 +526,7 @@ function wire() {
   $("seed-random").onclick = () => { $("seed").value = -1; };
   $("seed-reuse").onclick = () => { if (page.lastSeed !== null) $("seed").value = page.lastSeed; };
   $("lora-add").onclick = insertLora;
-  $("model").onchange = modelChanged;
+  $("model").onchange = () => modelChanged();
   $("gallery-clear").onclick = () => { page.gallery = []; saveGallery(); renderGallery(); };
   $("size-preset").onchange = (e) => {
     if (e.target.value) [$("width").value, $("height").value] = e.target.value.split("x");
