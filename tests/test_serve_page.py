@@ -117,6 +117,26 @@ def test_generate_shows_the_image_and_its_png_carries_the_infotext(page, tmp_pat
     assert (page.input_value("#prompt"), page.input_value("#steps")) == ("a red circle on a blue background", "2")
 
 
+def test_a_refused_request_shows_the_servers_reason(page):
+    fast_form(page, "a red circle on a blue background", 1)
+    page.fill("#width", "100")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error") == "width and height must be positive multiples of 8, got 100x64"
+    assert page.is_enabled("#generate") and page.is_disabled("#cancel")
+
+
+def test_batch_size_and_count(page):
+    fast_form(page, "two blue circles on a white background", 20)
+    page.fill("#batch", "2")
+    page.fill("#n_iter", "2")
+    page.click("#generate")
+    finished_result(page)
+    page.wait_for_function("() => document.querySelectorAll('#result img').length === 4")
+    seeds = [t.split("Seed: ")[1].split(",")[0] for t in page.locator("#result .infotext").all_inner_texts()]
+    assert seeds == ["20", "21", "22", "23"] and page.locator("#gallery figure").count() == 4
+
+
 def test_refiner_and_hires_fix(page):
     fast_form(page, "a green triangle on a white background", 5)
     page.click("#refiner-box summary")
@@ -223,6 +243,9 @@ def test_cancel_stops_the_running_job(page):
                            timeout=TIMEOUT_MS)
     page.wait_for_selector("#preview:not([hidden])", timeout=TIMEOUT_MS)  # the live preview of the latent
     assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
+    page.reload()  # the page follows its running job again
+    page.wait_for_function("() => /step [1-9]/.test(document.querySelector('#progress-text').textContent)",
+                           timeout=TIMEOUT_MS)
     page.click("#cancel")
     page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_MS)
     assert page.inner_text("#error") == "cancelled"

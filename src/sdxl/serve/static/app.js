@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const page = { config: null, job: null, lastSeed: null, gallery: [], init: null, painted: false };
 const GALLERY_KEY = "sdxl.gallery";
+const JOB_KEY = "sdxl.job";
 const GALLERY_MAX = 60;
 const POLL_MS = 300;
 
@@ -118,7 +119,7 @@ async function jobBody() {
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     width: number("width"), height: number("height"), steps: number("steps"),
     sampler: $("sampler").value, schedule: $("schedule").value, cfg: number("cfg"),
-    seed: number("seed"), batch: number("batch"),
+    seed: number("seed"), batch: number("batch"), n_iter: number("n_iter"),
   };
   if ($("refiner-on").checked) {
     body.refiner_switch = number("refiner_switch");
@@ -154,14 +155,18 @@ async function generate(event) {
   event.preventDefault();
   if (page.job) return;
   showError("");
-  let id;
   try {
-    id = (await api("v1/jobs", { method: "POST", body: JSON.stringify(await jobBody()) })).id;
+    const { id } = await api("v1/jobs", { method: "POST", body: JSON.stringify(await jobBody()) });
+    await track(id);
   } catch (e) {
     showError(e.message);
-    return;
   }
+}
+
+async function track(id) {
+  // Follow a job to its end; its id outlives a reload of the page (sessionStorage), the job runs on regardless.
   page.job = id;
+  sessionStorage.setItem(JOB_KEY, id);
   showImages([]);
   showProgress({ state: "queued", step: 0, total: 0, job_count: 1 });
   busy(true);
@@ -170,9 +175,8 @@ async function generate(event) {
     if (job.state === "done") showResults(job, true);
     else if (job.state === "failed") showError(job.error || "the job failed");
     else showError("cancelled");
-  } catch (e) {
-    showError(e.message);
   } finally {
+    sessionStorage.removeItem(JOB_KEY);
     page.job = null;
     busy(false);
   }
@@ -190,6 +194,12 @@ async function follow(id) {
 async function cancel() {
   if (!page.job) return;
   try { await api(`v1/jobs/${encodeURIComponent(page.job)}`, { method: "DELETE" }); } catch (e) { showError(e.message); }
+}
+
+function resume() {
+  // A job this tab started before a reload: follow it again.
+  const id = sessionStorage.getItem(JOB_KEY);
+  if (id) track(id).catch((e) => showError(e.message));
 }
 
 function busy(on) {
@@ -541,4 +551,4 @@ function wire() {
 
 wire();
 loadGallery();
-setUp().catch((e) => showError(`cannot reach the server: ${e.message}`));
+setUp().then(resume, (e) => showError(`cannot load the form: ${e.message}`));
