@@ -375,7 +375,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
                          args.api_auth, args.insecure, args.device, args.dtype)
     if config.exposed() and not config.api_auth:
-        warnings.warn(f"--host {args.host} serves every machine that can reach this one, without a password")
+        print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
+              file=sys.stderr)
         if not args.insecure:
             raise SDXLError(f"refusing to serve on {args.host} without --api-auth USER:PASS "
                             "(or add --insecure if the network is trusted)")

@@ -81,7 +81,7 @@ class _Live:
     id: str
     total: int = 0
     step: int = 0
-    latent: object = None  # the current denoised latent of the first image (cpu)
+    latent: object = None  # the current denoised latent of the first image (on the device)
     stop: bool = False
     skip: bool = False
     preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
@@ -275,7 +275,7 @@ class Jobs:
         """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
         live = self.live
         live.step += 1
-        live.latent = info["denoised"][0].detach().float().cpu()
+        live.latent = info["denoised"][0].detach().clone()  # no device sync here: the preview copies it when asked
         if live.stop:
             raise Cancelled
         if live.skip:
@@ -339,7 +339,7 @@ def _preview(live: _Live | None) -> bytes | None:
     import torch
     from PIL import Image
 
-    x = live.latent  # (4, h, w)
+    x = live.latent.float().cpu()  # (4, h, w)
     if x.shape[0] != 4:
         return None
     rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(LATENT_RGB)) + torch.tensor(LATENT_RGB_BIAS)
