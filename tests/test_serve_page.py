@@ -162,14 +162,14 @@ def png_with_text(text: str, zip_: bool) -> bytes:
     return buf.getvalue()
 
 
-def drop_file(page, data: bytes, name: str) -> None:
+def drop_file(page, data: bytes, name: str, target: str = "main") -> None:
     """Drop a file onto the page as a user would drag one from the desktop."""
     transfer = page.evaluate_handle("""([b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], name, { type: "image/png" }));
         return dt; }""", [base64.b64encode(data).decode(), name])
-    page.dispatch_event("main", "drop", {"dataTransfer": transfer})
+    page.dispatch_event(target, "drop", {"dataTransfer": transfer})
 
 
 @pytest.mark.parametrize("prompt, zip_", [
@@ -205,6 +205,13 @@ def test_dropping_the_old_sampler_form_and_a_png_without_parameters(page):
     drop_file(page, buf.getvalue(), "plain.png")
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error") == "plain.png: carries no generation parameters (only PNGs with A1111 infotext do)"
+
+
+def test_dropping_onto_img2img_makes_it_the_init_image(page):
+    drop_file(page, png_with_text(INFOTEXT, False), "start.png", "#img2img-box")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert page.is_checked("#img2img-on") and page.input_value("#prompt") == ""
+    assert page.eval_on_selector("#init-canvas", "c => [c.width, c.height]") == [8, 8]
 
 
 def test_inpainting_sends_the_image_and_the_painted_mask(page, tmp_path):

@@ -504,6 +504,11 @@ async function dropped(event) {
   $("drop-hint").hidden = true;
   const file = event.dataTransfer.files[0];
   if (!file) return;
+  if (event.target.closest && event.target.closest("#img2img-box")) {
+    $("img2img-box").open = true;
+    loadInit(file);  // onto the img2img box: the init image
+    return;
+  }
   const texts = await pngTexts(await file.arrayBuffer());
   if (texts && texts.parameters) await applyInfotext(texts.parameters);
   else showError(`${file.name}: carries no generation parameters (only PNGs with A1111 infotext do)`);
