@@ -205,6 +205,12 @@ def test_dropping_the_old_sampler_form_and_a_png_without_parameters(page):
     drop_file(page, buf.getvalue(), "plain.png")
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error") == "plain.png: carries no generation parameters (only PNGs with A1111 infotext do)"
+    damaged = bytearray(png_with_text(INFOTEXT, True))
+    at = damaged.index(b"zTXtparameters") + len(b"zTXtparameters") + 2  # after the keyword, 0 and the method
+    damaged[at:at + 12] = b"\xff" * 12
+    drop_file(page, bytes(damaged), "damaged.png")
+    page.wait_for_function("() => document.querySelector('#error').textContent.startsWith('damaged.png')")
+    assert page.inner_text("#error") == "damaged.png: its text chunks cannot be read (a damaged PNG)"
 
 
 def test_dropping_onto_img2img_makes_it_the_init_image(page):

@@ -66,7 +66,6 @@ function matchPreset() {
 
 async function setUp() {
   const [config, models] = await Promise.all([api("page/config"), api("v1/models")]);
-  sizePresets(config);
   fillSelect($("sampler"), Object.entries(config.samplers), config.native.sampler);
   fillSelect($("schedule"), Object.entries(config.schedules), config.default_schedule);
   const usable = (kind) => (models[kind] || []).filter((m) => !m.refused).map((m) => [m.name, m.title]);
@@ -172,9 +171,9 @@ async function track(id) {
   busy(true);
   try {
     const job = await follow(id);
-    if (job.state === "done") showResults(job, true);
-    else if (job.state === "failed") showError(job.error || "the job failed");
-    else showError("cancelled");
+    if (job.images.length) showResults(job);  // a cancelled job keeps the runs it finished
+    if (job.state === "failed") showError(job.error || "the job failed");
+    if (job.state === "cancelled") showError("cancelled");
   } finally {
     sessionStorage.removeItem(JOB_KEY);
     page.job = null;
@@ -220,7 +219,6 @@ function showProgress(job) {
     $("preview").src = `data:image/png;base64,${job.preview}`;
     $("preview").hidden = false;
     $("placeholder").hidden = true;
-    $("result").replaceChildren();
   }
 }
 
@@ -236,14 +234,12 @@ function resultsOf(job) {
     prompt: job.prompts[i] || "", width: job.width, height: job.height, id: job.id }));
 }
 
-function showResults(job, fresh) {
+function showResults(job) {
   const results = resultsOf(job);
-  if (fresh) {
-    page.lastSeed = results.length ? results[0].seed : page.lastSeed;
-    page.gallery = [...results, ...page.gallery].slice(0, GALLERY_MAX);
-    saveGallery();
-    renderGallery();
-  }
+  page.lastSeed = results[0].seed;
+  page.gallery = [...results, ...page.gallery].slice(0, GALLERY_MAX);
+  saveGallery();
+  renderGallery();
   showImages(results);
 }
 
@@ -293,6 +289,11 @@ function renderGallery() {
     img.src = r.url;
     img.alt = r.prompt;
     img.loading = "lazy";
+    img.onerror = () => {  // gone from the server (its output folder was cleared): forget it
+      page.gallery = page.gallery.filter((g) => g !== r);
+      saveGallery();
+      fig.remove();
+    };
     const caption = document.createElement("figcaption");
     caption.textContent = `${r.prompt || "(no prompt)"} · seed ${r.seed}`;
     fig.append(img, caption);
@@ -509,7 +510,13 @@ async function dropped(event) {
     loadInit(file);  // onto the img2img box: the init image
     return;
   }
-  const texts = await pngTexts(await file.arrayBuffer());
+  let texts = null;
+  try {
+    texts = await pngTexts(await file.arrayBuffer());
+  } catch {  // a damaged compressed chunk
+    showError(`${file.name}: its text chunks cannot be read (a damaged PNG)`);
+    return;
+  }
   if (texts && texts.parameters) await applyInfotext(texts.parameters);
   else showError(`${file.name}: carries no generation parameters (only PNGs with A1111 infotext do)`);
 }
