@@ -168,6 +168,9 @@ def test_models_folder_listing_and_names(tiny_models, tmp_path):
     assert len(listed["sub/base.safetensors"].hash) == 10 and m.list("loras") == []  # the symlink out is not listed
     assert m.resolve("checkpoints", "sub/base", "model").name == "base.safetensors"
     assert m.resolve("checkpoints", listed["sub/base.safetensors"].title, "model").name == "base.safetensors"
+    assert m.switch("sub/base [x]") == "sub/base.safetensors" and m.current == "sub/base.safetensors"
+    with pytest.raises(SDXLError, match="pickle"):
+        m.switch("old.ckpt")
     for bad, words in [("old.ckpt", "pickle"), ("../x.safetensors", "not a path"), ("/etc/passwd", "not a path"),
                        ("nope", "no such file"), ("escape", "no such file")]:
         kind = "loras" if bad == "escape" else "checkpoints"

@@ -85,16 +85,18 @@ def test_limits_named(guarded, body, limit, field):
     assert r.status_code == 422 and limit in r.json()["detail"] and r.json()["field"] == field
 
 
-@pytest.mark.parametrize("body, words", [
-    ({"prompt": "x", "width": 4104, "height": 64, "steps": 2}, "4096"),
-    ({"prompt": "x", "width": 60, "height": 64, "steps": 2}, "multiples of 8"),
-    ({"prompt": "x", "steps": "many"}, "steps must be an integer"),
-    ({"prompt": "x", "n_iter": 0}, "n_iter"),
-    ({"steps": 2}, "no prompt"),
+@pytest.mark.parametrize("body, words, field", [
+    ({"prompt": "x", "width": 4104, "height": 64, "steps": 2}, "4096", None),
+    ({"prompt": "x", "width": 60, "height": 64, "steps": 2}, "multiples of 8", "width"),
+    ({"prompt": "x", "steps": "many"}, "steps must be an integer", "steps"),
+    ({"prompt": "x", "n_iter": 0}, "n_iter", "n_iter"),
+    ({"steps": 2}, "no prompt", "prompt"),
+    ({"prompt": "x", "colour": "red"}, "unknown setting", "colour"),
 ])
-def test_request_rules_422(guarded, body, words):
+def test_request_rules_422(guarded, body, words, field):
     r = post(guarded, body)
     assert r.status_code == 422 and words in r.json()["detail"]
+    assert field is None or r.json()["field"] == field
 
 
 def test_body_size_limit(guarded):

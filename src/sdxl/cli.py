@@ -382,6 +382,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
         raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    print(f"serving on http://{args.host}:{args.port} (models: {args.models_dir or 'the embedded default'}; "
+          f"images and jobs: {args.output_dir})", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib
+import re
 import secrets
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -72,7 +73,18 @@ def open_jobs(config: ServeConfig):
 
 
 async def _sdxl_error(request: Request, e: SDXLError) -> JSONResponse:
-    return JSONResponse({"detail": str(e), "field": getattr(e, "field", None)}, status_code=422)
+    return JSONResponse({"detail": str(e), "field": getattr(e, "field", None) or field_of(str(e))}, status_code=422)
+
+
+def field_of(message: str) -> str | None:
+    """The first request field an error message names ("steps must be in 1..1000" -> "steps"), if any."""
+    from sdxl.serve.native import job_schema
+
+    if m := re.search(r"unknown setting '(\w+)'", message):
+        return m.group(1)
+    names = set(job_schema()["properties"])
+    return next((w.replace("-", "_") for w in re.findall(r"[a-z][a-z0-9_-]*", message)
+                 if w.replace("-", "_") in names), None)
 
 
 async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -99,6 +99,14 @@ class ModelsFolder:
         names = ", ".join(m.name for m in self.list(kind) if not m.refused) or "(none)"
         raise SDXLError(f"{field} {name!r}: no such file in {kind}; choose one of: {names}")
 
+    def switch(self, name: str) -> str:
+        """Make a listed checkpoint the current one (A1111's options sd_model_checkpoint); returns its name."""
+        if not (name == DEFAULT and self.root is None):
+            path = self.resolve("checkpoints", name, "sd_model_checkpoint")
+            name = next(m.name for m in self.list("checkpoints") if m.path == path)
+        self.current = name
+        return name
+
     def models(self, model: str | None, refiner: str | None, vae: str | None,
                loras: tuple[tuple[str, float], ...]) -> Models:
         """The files of a request (names resolved here), with the model's native settings."""
