@@ -13,12 +13,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_fixtures import FAST, served, served_process, tiny_models  # noqa: F401  (fixtures)
+from serve_fixtures import FAST, live_server, served, served_process, tiny_models  # noqa: F401  (fixtures)
 
 from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS, Request
+from sdxl.serve.app import open_jobs
 from sdxl.serve.models import ModelsFolder
+from sdxl.session import split_loras
 
 SLOW = {"steps": 400, "width": 64, "height": 64}  # long enough to be caught running
 
@@ -85,6 +87,28 @@ def test_lora_tag_in_prompt_loads_the_lora(served):
     assert not np.array_equal(a, b)
     missing = httpx.post(served.url + "/v1/jobs", json={"prompt": "a cat <lora:nope:1>", **FAST})
     assert missing.status_code == 422 and "'nope'" in missing.json()["detail"] and "style" in missing.json()["detail"]
+
+
+def test_split_loras():
+    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == ("a cat, sitting",
+                                                                           (("style", 0.8), ("sub/x", 1.0)))
+    assert split_loras("no tags (word:1.2)") == ("no tags (word:1.2)", ())
+    with pytest.raises(SDXLError, match="must be a number"):
+        split_loras("<lora:style:strong>")
+
+
+def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_models / "loras")  # the CLI reads <lora:NAME> as a file, NAME or NAME.safetensors
+    d = served.wait(served.submit(prompt="a dog <lora:style:0.5>", seed=8, **FAST))
+    out = tmp_path / "cli.png"
+    code = main(["generate", "a dog <lora:style:0.5>", "--model", str(tiny_models / "checkpoints" / "tiny.safetensors"),
+                 "--seed", "8", "--steps", "2", "--width", "64", "--height", "64", "--dtype", "fp32", "--device", "cpu",
+                 "-q", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    cli_im = Image.open(out)
+    assert cli_im.info["parameters"].startswith("a dog\n")
+    assert json.loads(cli_im.info["sdxl-recipe"])["models"]["lora0"] == "style.safetensors:0.5"
+    assert np.array_equal(np.asarray(png(served, d["images"][0])), np.asarray(cli_im))
 
 
 def test_progress_preview_and_cancel_running(served):
@@ -202,6 +226,83 @@ def test_switching_model_by_request(served):
     models = httpx.get(served.url + "/v1/models").json()
     assert models["current"] == "tiny.safetensors"
     assert [c["name"] for c in models["checkpoints"]] == ["tiny.safetensors", "tiny_refiner.safetensors"]
+
+
+def test_vae_switched_by_request(tiny_models, tmp_path):
+    from conftest import randomize
+    from safetensors.torch import save_file
+
+    from sdxl.models.model import TINY_BASE, SDXLModel
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "VAE").mkdir()
+    os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / "tiny.safetensors")
+    vae = randomize(SDXLModel(TINY_BASE), seed=5).vae
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "VAE" / "other.safetensors")
+    with live_server(tmp_path / "out", root) as live:
+        plain, swapped = (live.wait(live.submit(prompt="v", seed=3, **FAST, **extra)) for extra in ({}, {"vae": "other"}))
+        recipes = [json.loads(png(live, d["images"][0]).info["sdxl-recipe"]) for d in (plain, swapped)]
+        assert "vae" not in recipes[0]["models"] and recipes[1]["models"]["vae"].endswith("VAE/other.safetensors")
+        assert not np.array_equal(*(np.asarray(png(live, d["images"][0])) for d in (plain, swapped)))
+        assert [m["name"] for m in httpx.get(live.url + "/v1/models").json()["vae"]] == ["other.safetensors"]
+
+
+def test_a_job_failing_at_run_time_reports_why_and_the_worker_goes_on(tiny_models, tmp_path):
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    for name in ("a", "b"):
+        os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / f"{name}.safetensors")
+    with live_server(tmp_path / "out", root) as live:
+        busy = live.submit(prompt="busy", model="a", **SLOW)
+        doomed = live.submit(prompt="doomed", model="b", **FAST)
+        wait_running(live, busy)
+        (root / "checkpoints" / "b.safetensors").unlink()  # gone before its job runs
+        httpx.delete(f"{live.url}/v1/jobs/{busy}")
+        d = live.wait(doomed)
+        assert d["state"] == "failed" and "'b'" in d["error"] and "no such file" in d["error"] and d["images"] == []
+        assert live.wait(live.submit(prompt="after", model="a", **FAST))["state"] == "done"
+
+
+def test_stopping_requeues_the_running_job_and_crash_loops_end(tiny_models, tmp_path):
+    from sdxl.serve.config import ServeConfig
+    from sdxl.serve.jobs import MAX_ATTEMPTS, JobSpec
+
+    config = ServeConfig(models_dir=tiny_models, output_dir=tmp_path, device="cpu", dtype="fp32")
+    _, jobs = open_jobs(config)
+    running = jobs.start().submit(JobSpec({"prompt": "long", **SLOW}))
+    crashing = jobs.submit(JobSpec({"prompt": "kills the server", **FAST}))
+    while jobs.get(running).step < 1:
+        time.sleep(0.02)
+    jobs.close()  # a clean stop: the running job goes back to the queue, not counted as an attempt
+    assert jobs.get(running).state == "queued" and jobs.get(crashing).state == "queued"
+    jobs.db.execute("UPDATE jobs SET state='running', attempts=? WHERE id=?", (MAX_ATTEMPTS, crashing))
+    jobs.db.execute("UPDATE jobs SET state='running', attempts=attempts+1 WHERE id=?", (running,))  # one crash
+    jobs.db.close()
+    _, jobs = open_jobs(config)
+    assert jobs.get(running).state == "queued"
+    d = jobs.get(crashing)
+    assert d.state == "failed" and f"{MAX_ATTEMPTS} times" in d.error
+    jobs.close()
+
+
+def test_unusable_job_database_is_one_line(tiny_models, tmp_path):
+    from sdxl.serve.config import ServeConfig
+
+    (tmp_path / "jobs.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(SDXLError, match="not a usable job database"):
+        open_jobs(ServeConfig(models_dir=tiny_models, output_dir=tmp_path, device="cpu", dtype="fp32"))
+
+
+def test_one_server_per_output_dir(served, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    assert main(["serve", "--output-dir", str(served.config.output_dir)]) == 2
+    assert "another sdxl serve is using" in capsys.readouterr().err
+    with pytest.raises(SDXLError, match="another sdxl serve"):
+        open_jobs(served.config)
+    assert served.wait(served.submit(prompt="still served", **FAST))["state"] == "done"
 
 
 def test_restart_after_sigkill_keeps_results_and_runs_the_queue(tiny_models, tmp_path):

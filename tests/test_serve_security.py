@@ -72,6 +72,15 @@ def test_foreign_host_refused_dns_rebinding(guarded, host):
     assert r.status_code == 200
 
 
+def test_allowed_host_accepted_on_any_port(tiny_models, tmp_path):
+    with live_server(tmp_path, tiny_models, allowed_hosts=("sd.example.org",)) as live:
+        get = lambda host: httpx.get(f"{live.url}/v1/models", headers={"Host": host}).status_code
+        assert [get("sd.example.org"), get("sd.example.org:443"), get("evil.example")] == [200, 200, 403]
+        r = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "x", **FAST},
+                       headers={"Host": "sd.example.org", "Origin": "https://sd.example.org"})
+        assert r.status_code == 201
+
+
 @pytest.mark.parametrize("body, limit, field", [
     ({"prompt": "x", "steps": 501, "width": 64, "height": 64}, "max_steps", "steps"),
     ({"prompt": "x", "hires_scale": 1.5, "hires_steps": 600, **FAST}, "max_steps", "hires_steps"),

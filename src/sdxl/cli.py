@@ -373,7 +373,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.api_auth is not None and ":" not in args.api_auth:
         raise SDXLError("--api-auth takes USER:PASS")
     config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
-                         args.api_auth, args.insecure, args.device, args.dtype)
+                         args.api_auth, args.insecure, args.device, args.dtype, tuple(args.allow_host or ()))
     if config.exposed() and not config.api_auth:
         print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
               file=sys.stderr)
@@ -382,10 +382,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
         raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    _free_output_dir(config.output_dir)
     print(f"serving on http://{args.host}:{args.port} (models: {args.models_dir or 'the embedded default'}; "
           f"images and jobs: {args.output_dir})", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _free_output_dir(folder: Path) -> None:
+    """--output-dir made if missing and not in use by another server (checked again when the server starts)."""
+    import os
+
+    from sdxl.serve.jobs import claim
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDXLError(f"--output-dir {folder}: cannot create it ({e.strerror})") from None
+    fd = claim(folder)
+    if fd is not None:
+        os.close(fd)
 
 
 def _add_serve(sub) -> None:
@@ -398,6 +414,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth")
     s.add_argument("--output-dir", default="outputs", help="where images and the job database go (default outputs)")
     s.add_argument("--insecure", action="store_true", help="allow a non-local --host without --api-auth")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also accept requests whose Host is NAME (e.g. a reverse proxy's public name); repeatable. "
+                        "Others are refused (403) against DNS rebinding")
     s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
     s.set_defaults(func=_cmd_serve)

@@ -111,7 +111,8 @@ def split_loras(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
             loras.append((name.strip(), float(weight) if weight.strip() else 1.0))
         except ValueError:
             raise SDXLError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>") from None
-    return re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,"), tuple(loras)
+    text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)))
+    return text.strip(" ,"), tuple(loras)
 
 
 def lora_spec(spec: str) -> tuple[str, float]:

@@ -138,14 +138,17 @@ class Guard:
         return secrets.compare_digest(given, self.auth)
 
     def own_host(self, host: str) -> bool:
-        """The Host header names this server: a loopback name (bound to loopback), the bound address, or any name
-        when bound to every interface (0.0.0.0, ::); and this server's port."""
+        """The Host header names this server: a name given with --allow-host (any port, e.g. behind a reverse
+        proxy), or on this server's port a loopback name (bound to loopback), the bound address, or any name when
+        bound to every interface (0.0.0.0, ::)."""
         parts = urlsplit(f"//{host}")
         try:
             port = parts.port or 80
         except ValueError:
             return False
         name = (parts.hostname or "").lower()
+        if name and name in {h.lower() for h in self.config.allowed_hosts}:
+            return True
         if port != self.config.port or not name:
             return False
         if self.config.host in ("0.0.0.0", "::", ""):

@@ -32,6 +32,7 @@ class ServeConfig:
     insecure: bool = False
     device: str | None = None  # default: the best available
     dtype: str | None = None  # fp32 | bf16 | fp16; default: as `sdxl generate`
+    allowed_hosts: tuple[str, ...] = ()  # more names the Host header may give (a reverse proxy's), any port
     memory_budget: int | None = None  # bytes of loaded pipelines; None: half the device's (or the machine's) memory
     limits: Limits = field(default_factory=Limits)
 

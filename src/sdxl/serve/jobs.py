@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -29,7 +30,9 @@ LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1
 LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
-    init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL)"""
+    init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0)"""
+MAX_ATTEMPTS = 3  # a job running when the server died this often (it may be what kills it) is not run again
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class _Live:
     total: int = 0
     step: int = 0
     latent: object = None  # the current denoised latent of the first image (on the device)
-    stop: bool = False
+    stop: str | None = None  # "cancel" (a user's cancel or interrupt) | "close" (the server stops)
     skip: bool = False
     preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
 
@@ -93,11 +96,13 @@ class Jobs:
     def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits()):
         self.models, self.output_dir, self.limits = models, Path(output_dir), limits
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute(SCHEMA)
-        self.db.execute("UPDATE jobs SET state='queued' WHERE state='running'")  # interrupted by a crash: again
+        self.owner = claim(self.output_dir)  # this queue is ours alone until close() (SDXLError if taken)
+        try:
+            self.db = _open_database(database)
+        except SDXLError:
+            if self.owner is not None:
+                os.close(self.owner)
+            raise
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.live: _Live | None = None
@@ -112,11 +117,14 @@ class Jobs:
         """Stop the worker after the running job's next step (the job is queued again for the next start)."""
         with self.changed:
             self.closing = True
-            if self.live:
-                self.live.stop = True
+            if self.live and not self.live.stop:
+                self.live.stop = "close"
             self.changed.notify_all()
         if self.worker.is_alive():
             self.worker.join(timeout=60)
+        if self.owner is not None:
+            os.close(self.owner)  # the lock goes with it
+            self.owner = None
 
     # --- the HTTP side ---------------------------------------------------------------------------
 
@@ -173,14 +181,14 @@ class Jobs:
             if row[0] == "queued":
                 self.db.execute("UPDATE jobs SET state='cancelled' WHERE id=?", (job_id,))
             elif self.live is not None and self.live.id == job_id:
-                self.live.stop = True
+                self.live.stop = "cancel"
             self.changed.notify_all()
 
     def interrupt(self) -> None:
         """Stop the running job at its next step (runs already finished keep their images)."""
         with self.lock:
             if self.live:
-                self.live.stop = True
+                self.live.stop = "cancel"
 
     def skip(self) -> None:
         """Abandon the running job's current run of `batch` images and go on with its next."""
@@ -214,7 +222,7 @@ class Jobs:
                 row = self.db.execute("SELECT id, spec, init_image, mask FROM jobs WHERE state='queued' "
                                       "ORDER BY seq LIMIT 1").fetchone()
                 if row is not None:
-                    self.db.execute("UPDATE jobs SET state='running' WHERE id=?", (row[0],))
+                    self.db.execute("UPDATE jobs SET state='running', attempts=attempts+1 WHERE id=?", (row[0],))
                     self.live = _Live(row[0])
                     return row
                 self.changed.wait()
@@ -238,11 +246,10 @@ class Jobs:
 
     def _finish(self, job_id: str, state: str, result: dict | None, error: str | None) -> None:
         with self.changed:
-            if self.closing and state == "cancelled" and self.live and self.live.stop:
-                state = "queued"  # stopped by close(), not by a user: it runs again at the next start
-            total = self.live.total if self.live else 0
-            self.db.execute("UPDATE jobs SET state=?, total=?, result=?, error=? WHERE id=?",
-                            (state, total, json.dumps(result) if result else None, error, job_id))
+            again = state == "cancelled" and self.live.stop == "close"  # not a user's cancel: run it at next start
+            self.db.execute("UPDATE jobs SET state=?, total=?, result=?, error=?, attempts=attempts-? WHERE id=?",
+                            ("queued" if again else state, self.live.total, json.dumps(result) if result else None,
+                             error, int(again), job_id))
             self.live = None
             self.changed.notify_all()
 
@@ -280,6 +287,38 @@ class Jobs:
             raise Cancelled
         if live.skip:
             raise Skipped
+
+
+def _open_database(path: Path) -> sqlite3.Connection:
+    """The job database, with the jobs a dead server left running queued again (or failed after MAX_ATTEMPTS)."""
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(SCHEMA)
+        db.execute("UPDATE jobs SET state='failed', error=? WHERE state='running' AND attempts>=?",
+                   (f"the server stopped during this job {MAX_ATTEMPTS} times; not run again", MAX_ATTEMPTS))
+        db.execute("UPDATE jobs SET state='queued' WHERE state='running'")
+    except sqlite3.DatabaseError as e:
+        raise SDXLError(f"{path}: not a usable job database ({e}); move it away or give another --output-dir") from None
+    return db
+
+
+def claim(output_dir: Path) -> int | None:
+    """An exclusive lock on output_dir/jobs.lock (released by the OS if the process dies), so that two servers
+    never run the same queue; returns its file descriptor (None where the platform has no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(Path(output_dir) / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SDXLError(f"another sdxl serve is using {output_dir} (its job queue); stop it or give another "
+                        "--output-dir") from None
+    return fd
 
 
 def check_limits(spec: JobSpec, limits: Limits) -> None:
