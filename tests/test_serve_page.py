@@ -21,8 +21,8 @@ TIMEOUT_MS = 180_000  # the first job loads the pipeline
 # An A1111 infotext with the fields the form takes (sampler in the v1.9+ form with a schedule type, hires fix).
 INFOTEXT = ("a purple diamond on the left\nNegative prompt: blurry, text\n"
             "Steps: 13, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 12345, Size: 96x64, "
-            'Model: tiny, Refiner: tiny_refiner, Refiner switch at: 0.6, Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent, Denoising strength: 0.4, '
-            'Crop: "0,0", Batch size: 2')
+            "Model: tiny, Refiner: tiny_refiner, Refiner switch at: 0.6, Hires upscale: 2, Hires steps: 3, "
+            'Hires upscaler: Latent, Denoising strength: 0.4, Crop: "0,0", Batch size: 2')
 
 
 @pytest.fixture(scope="module")

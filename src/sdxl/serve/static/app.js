@@ -192,7 +192,11 @@ async function follow(id) {
 
 async function cancel() {
   if (!page.job) return;
-  try { await api(`v1/jobs/${encodeURIComponent(page.job)}`, { method: "DELETE" }); } catch (e) { showError(e.message); }
+  try {
+    await api(`v1/jobs/${encodeURIComponent(page.job)}`, { method: "DELETE" });
+  } catch (e) {
+    showError(e.message);
+  }
 }
 
 function resume() {
@@ -303,7 +307,9 @@ function renderGallery() {
 }
 
 function saveGallery() {
-  try { localStorage.setItem(GALLERY_KEY, JSON.stringify(page.gallery)); } catch { /* private mode: keep it in memory */ }
+  try {
+    localStorage.setItem(GALLERY_KEY, JSON.stringify(page.gallery));
+  } catch { /* storage full or off: the gallery lives in memory */ }
 }
 
 function loadGallery() {
