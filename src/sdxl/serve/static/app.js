@@ -210,7 +210,10 @@ function busy(on) {
   $("cancel").disabled = !on;
   $("generate").textContent = on ? "Generating…" : "Generate";
   $("progress").hidden = !on;
-  if (!on) $("preview").hidden = true;
+  if (!on) {
+    $("preview").hidden = true;
+    $("placeholder").hidden = $("result").childElementCount > 0;
+  }
 }
 
 function showProgress(job) {
