@@ -202,6 +202,20 @@ def test_models_folder_listing_and_names(tiny_models, tmp_path):
             m.resolve(kind, bad, "model")
 
 
+@pytest.mark.parametrize("layout", [None, "loras-only"])
+def test_without_a_checkpoint_the_default_model_is_served(tiny_models, tmp_path, layout):
+    from sdxl.default_model import default_model_paths
+
+    if layout:
+        (tmp_path / "Lora").mkdir()
+        os.link(tiny_models / "loras" / "style.safetensors", tmp_path / "Lora" / "style.safetensors")
+    m = ModelsFolder(tmp_path if layout else None, "cpu", "fp32")
+    assert [c.name for c in m.list("checkpoints")] == ["default"] and m.current == "default"
+    chosen, info = m.models(None, None, None, ()), default_model_paths()
+    assert (chosen.model, chosen.refiner) == (str(info["base"]), str(info["refiner"])) and chosen.default_refiner
+    assert chosen.native["resolution"] == info["resolution"]
+
+
 def test_pipelines_kept_within_the_memory_budget(tiny_models, tmp_path):
     root = tmp_path / "models"
     (root / "checkpoints").mkdir(parents=True)

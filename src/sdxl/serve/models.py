@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
 from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
 
@@ -69,13 +70,20 @@ class ModelsFolder:
         return next((self.root / n for n in FOLDERS[kind] if (self.root / n).is_dir()), None)
 
     def list(self, kind: str) -> list[ModelFile]:
-        """The files of a kind, sorted by name; subfolders included, pickles listed as refused."""
+        """The files of a kind, sorted by name; subfolders included, pickles listed as refused. Without a loadable
+        checkpoint, the embedded default model is listed as "default"."""
+        out = self._files(kind)
+        if kind == "checkpoints" and not any(m.refused is None for m in out):
+            try:
+                out.append(ModelFile(kind, DEFAULT, Path(resolve_models(None, None, True).model)))
+            except SDXLError:  # no default model installed
+                pass
+        return out
+
+    def _files(self, kind: str) -> list[ModelFile]:
         folder = self.folder(kind)
-        if folder is None:
-            return [ModelFile(kind, DEFAULT, Path(resolve_models(None, None, True).model))] \
-                if kind == "checkpoints" and self.root is None else []
         out = []
-        for path in sorted(folder.rglob("*")):
+        for path in sorted(folder.rglob("*") if folder is not None else ()):
             suffix = path.suffix.lower()
             if not path.is_file() or suffix not in LOADABLE + PICKLES or path.name.startswith("."):
                 continue
@@ -101,17 +109,15 @@ class ModelsFolder:
 
     def switch(self, name: str) -> str:
         """Make a listed checkpoint the current one (A1111's options sd_model_checkpoint); returns its name."""
-        if not (name == DEFAULT and self.root is None):
-            path = self.resolve("checkpoints", name, "sd_model_checkpoint")
-            name = next(m.name for m in self.list("checkpoints") if m.path == path)
-        self.current = name
-        return name
+        path = self.resolve("checkpoints", name, "sd_model_checkpoint")
+        self.current = next(m.name for m in self.list("checkpoints") if m.path == path)
+        return self.current
 
     def models(self, model: str | None, refiner: str | None, vae: str | None,
                loras: tuple[tuple[str, float], ...]) -> Models:
         """The files of a request (names resolved here), with the model's native settings."""
-        name = model or self.current
-        path = None if name == DEFAULT and self.root is None else str(self.resolve("checkpoints", name, "model"))
+        path = self.resolve("checkpoints", model or self.current, "model")
+        path = None if path.parent == ASSETS else str(path)  # the embedded default: its refiner, native settings
         ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner else None
         vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
         specs = [f"{self.resolve('loras', n, 'lora')}:{w}" for n, w in loras]

@@ -2,7 +2,13 @@
 
 A job is a JSON object of `Request` fields (the same names and rules as `sdxl generate`'s flags, documented in the
 OpenAPI schema at /openapi.json) plus model, refiner, vae, loras, init_image, mask (base64 or data URLs; a URL is
-never fetched) and n_iter.
+never fetched) and n_iter. For example:
+
+    curl -s localhost:7860/v1/jobs -d '{"prompt": "a red circle <lora:style:0.8>", "seed": 5, "steps": 20}'
+        -> {"id": "9f2c...", "url": "/v1/jobs/9f2c..."}                          (201; a 422 names the field)
+    curl -s localhost:7860/v1/jobs/9f2c...          -> state, step/total, preview, images (URLs), infotexts, seeds
+    curl -N localhost:7860/v1/jobs/9f2c.../events   -> Server-Sent Events: `progress` per step, then `done`
+    curl -X DELETE localhost:7860/v1/jobs/9f2c...   -> cancelled (queued: at once; running: at its next step)
 """
 
 from __future__ import annotations
