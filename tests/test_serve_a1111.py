@@ -220,7 +220,8 @@ def test_mask_invert_blur_and_fill():
                               "inpainting_fill": 0, "inpainting_mask_invert": 1, "inpaint_full_res": False})
     init, m = (np.asarray(_decode(b, "")) for b in a1111.inpaint_inputs(p, _decode))
     assert m[32, 32] == 0 and m[2, 2] == 255  # inverted: the border is repainted
-    assert 0 < m[16, 32] < 255  # blurred edge
+    assert set(np.unique(m)) == {0, 255}  # not blurred here: the blur is the pipeline's, as for the CLI
+    assert a1111.job_spec(p, "img2img", _decode).settings["mask_blur"] == 4
     # fill: inside the (inverted) mask's kept square the pixels are the original; the border got blurred colours
     assert np.array_equal(init[24:40, 24:40], np.asarray(image)[24:40, 24:40])
     assert not np.array_equal(init[:4], np.asarray(image)[:4])
@@ -248,7 +249,7 @@ def test_crop_and_resize_fits_image_and_mask_alike():
 @pytest.mark.parametrize("extra, field", [
     ({"inpaint_full_res": True}, "inpaint_full_res"),   # webuiapi's default: "only masked"
     ({"inpainting_fill": 2}, "inpainting_fill"), ({"resize_mode": 2}, "resize_mode"),
-    ({"init_images": []}, "init_images"), ({"mask_blur": -1}, "mask_blur"),
+    ({"init_images": []}, "init_images"),
 ])
 def test_img2img_options_it_cannot_honour(extra, field):
     image, mask = _image_and_mask()
@@ -356,7 +357,7 @@ def test_img2img_with_a_mask_equals_the_cli(api, tiny_models, tmp_path, capsys):
                     inpainting_fill=1, inpaint_full_res=False, cfg_scale=5, sampler_name="Euler", **TINY)
     (tmp_path / "out").mkdir()
     cli = _cli(tmp_path / "out", capsys, tiny_models, "paint", "--seed", "4", "--init-image", str(tmp_path / "init.png"),
-               "--mask", str(tmp_path / "mask.png"), "--strength", "0.8", "--cfg", "5")
+               "--mask", str(tmp_path / "mask.png"), "--strength", "0.8", "--cfg", "5", "--mask-blur", "0")
     assert _same(r.image, cli[0]) and r.image.info["parameters"] == cli[0].info["parameters"]
     assert np.array_equal(np.asarray(r.image)[:, 40:], np.asarray(init)[:, 40:])  # outside the mask: kept
     assert r.parameters["init_images"] is None  # not echoed back unless include_init_images
@@ -486,6 +487,14 @@ def test_png_info(api):
 def test_bad_fields_are_a_422_naming_the_field(served, body, field):
     r = httpx.post(f"{served.url}/sdapi/v1/txt2img", json={"prompt": "x"} | TINY | body, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+def test_mask_blur_out_of_range_is_a_422_naming_it(served):
+    image, mask = _image_and_mask()
+    body = {"prompt": "x", "init_images": [_b64(image)], "mask": _b64(mask), "inpaint_full_res": False,
+            "mask_blur": -1} | TINY
+    r = httpx.post(f"{served.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "mask_blur", r.text
 
 
 def test_hires_fix_through_the_api(api):

@@ -75,6 +75,7 @@ A1111_FIELDS = {ours: theirs for theirs, ours in SAME_FIELDS.items()} | {
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
 PIXEL_UPSCALERS = ("None", "Lanczos")
+MASK_BLUR = 4  # A1111's img2img default (StableDiffusionProcessingImg2Img.mask_blur)
 # A1111's inpainting_fill values (modules/ui.py "Masked content"): 0 fill, 1 original, 2 latent noise, 3 nothing.
 FILL, ORIGINAL = 0, 1
 # resize_mode: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale).
@@ -221,8 +222,10 @@ def job_spec(payload, kind: str, decode) -> JobSpec:
     p = checked_fields(payload)
     refused(p)
     init, mask = inpaint_inputs(p, decode) if kind == "img2img" else (None, None)
-    return JobSpec(request_settings(p, kind), init_image=init, mask=mask, n_iter=p.get("n_iter", 1), source=kind,
-                   **model_choice(p))
+    settings = request_settings(p, kind)
+    if mask is not None:
+        settings["mask_blur"] = p.get("mask_blur", MASK_BLUR)
+    return JobSpec(settings, init_image=init, mask=mask, n_iter=p.get("n_iter", 1), source=kind, **model_choice(p))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -247,7 +250,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 def inpaint_inputs(p: dict, decode) -> tuple[bytes, bytes | None]:
     """init_images[0] and mask -> (init PNG/JPEG bytes, mask bytes), with A1111's mask options applied:
-    inpainting_mask_invert, mask_blur (Gaussian, sigma in pixels), inpainting_fill 0 (fill) or 1 (original),
+    inpainting_mask_invert, inpainting_fill 0 (fill) or 1 (original),
     resize_mode 0 (just resize, as the pipeline does) or 1 (crop and resize). `decode(bytes, field)` -> PIL image."""
     images = p.get("init_images") or []
     if len(images) != 1 or type(images[0]) is not str:
@@ -272,7 +275,8 @@ def inpaint_inputs(p: dict, decode) -> tuple[bytes, bytes | None]:
 
 
 def _mask(p: dict, m: Image.Image, size: tuple[int, int], resize: int) -> Image.Image:
-    """The mask as A1111 prepares it (modules/processing.py init): inverted, blurred, fitted like its image."""
+    """The mask as A1111 prepares it (modules/processing.py init): inverted, fitted like its image (its blur is
+    the pipeline's, `Request.mask_blur`)."""
     if p.get("inpaint_full_res", False):
         raise FieldError("inpaint_full_res", "inpainting only the masked area at full resolution is not available; "
                          "send false (the whole picture is inpainted)")
@@ -289,10 +293,7 @@ def _mask(p: dict, m: Image.Image, size: tuple[int, int], resize: int) -> Image.
         m = ImageOps.fit(m, size, Image.LANCZOS)
     if m.size != size:
         raise FieldError("mask", f"the mask is {m.size[0]}x{m.size[1]} but the image is {size[0]}x{size[1]}")
-    blur = p.get("mask_blur", 0)
-    if blur < 0:
-        raise FieldError("mask_blur", f"must be >= 0, got {blur}")
-    return m.filter(ImageFilter.GaussianBlur(blur)) if blur else m
+    return m  # mask_blur goes to Request.mask_blur: the pipeline blurs, one rule with the CLI
 
 
 # --- infotext ---------------------------------------------------------------------------------------------------
