@@ -6,6 +6,7 @@ Most refusals happen before a model is loaded; the rest run a tiny random model 
 
 import json
 import os
+from pathlib import Path
 import struct
 import zlib
 
@@ -174,6 +175,10 @@ def test_oversized_latent_is_refused_before_loading(tmp_path, capsys):
     (["--outpaint", "8,8,8,8"], "outpainting needs an init image (--init-image)"),
     (["--aesthetic-score", "1e300"], "aesthetic-score must be in 0..10"),
     (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--seed", "18446744073709551615", "--batch", "2"], "image i of a batch uses seed + i, which passes 2**64-1"),
+    (["--hires-scale", "1.03"], "hires-scale 1.03 leaves 64x64 unchanged"),
+    (["--latent-index", "1"], "--latent-index picks one latent of a --latent file; give --latent FILE too"),
+    (["--device", "cpu:5"], "--device cpu:5: the CPU is one device; use cpu"),
 ])
 def test_numbers_out_of_range(tmp_path, capsys, argv, message):
     # the model file does not exist: every one of these is refused before anything is loaded
@@ -235,6 +240,16 @@ def test_output_under_a_regular_file(tmp_path, capsys):
     assert (tmp_path / "file.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("name,message", [
+    ("/dev/null", "-o /dev/null is not a regular file (a device or pipe)"),
+    ("out.jpg", "the file written is PNG (it carries the infotext) so its name must end in .png, e.g. out.png"),
+])
+def test_output_that_is_not_a_png_file(tmp_path, capsys, name, message):
+    target = name if name.startswith("/") else tmp_path / name
+    refused(capsys, message, "generate", "x", "--model", tmp_path / "not-loaded.safetensors", "-o", target, *FAST)
+    assert not Path("/dev/null-1").exists() and (name.startswith("/") or not (tmp_path / name).exists())
+
+
 def test_output_name_too_long(tmp_path, capsys):
     refused(capsys, "a name of 304 bytes is too long here", "generate", "x", "--model",
             tmp_path / "not-loaded.safetensors", "-o", tmp_path / ("n" * 300 + ".png"), *FAST)
@@ -289,6 +304,26 @@ def test_outpaint_a_one_pixel_image(tmp_path, capsys):
     refused(capsys, "the init image is 1x1 pixels; it must be at least 8x8", "generate", "x", "--model",
             tmp_path / "not-loaded.safetensors", "--init-image", tmp_path / "dot.png", "--outpaint", "8,8,8,8",
             "--steps", "2", "-q")
+
+
+def test_a_one_pixel_init_image_is_named(tmp_path, capsys):
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    refused(capsys, "the init image is 1x1 pixels; it must be at least 8x8", "generate", "x", "--model",
+            tmp_path / "not-loaded.safetensors", "--init-image", tmp_path / "dot.png", "--steps", "2", "-q")
+
+
+def test_an_init_image_over_the_size_limit_is_named(tmp_path, capsys):
+    Image.new("RGB", (4104, 16)).save(tmp_path / "wide.png")
+    refused(capsys, "4104x16 is over the limit of 4096 pixels a side; give a smaller --init-image", "generate", "x",
+            "--model", tmp_path / "not-loaded.safetensors", "--init-image", tmp_path / "wide.png", "--steps", "2", "-q")
+
+
+def test_mask_and_outpaint_together_are_refused(tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    refused(capsys, "--mask and --outpaint cannot be combined", "generate", "x", "--model",
+            tmp_path / "not-loaded.safetensors", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+            "--outpaint", "8,8,8,8", "--steps", "2", "-q")
 
 
 # --- PNG recipes -------------------------------------------------------------------------------

@@ -214,3 +214,11 @@ def test_prompt_windows_as_a1111(tok, text, windows):
     assert got.ids.shape == (windows, 77)
     if text == "a cat BREAK":
         assert torch.equal(got.ids, tokenize("a cat", tok, PAD_BIGG).ids)
+
+
+@pytest.mark.parametrize("text", ["(red:1e400)", "(red:inf)", "(red:nan)", "(red:-1e38)"])
+def test_a_weight_a1111_would_not_read_stays_literal(text):
+    """A1111's parser takes `[+-]?[.\\d]+` as a weight; anything else (exponents, inf, nan) is text at 1.1."""
+    from sdxl.models.prompts import parse_weights
+
+    assert [(t, pytest.approx(w)) for t, w in parse_weights(text)] == [(text[1:-1], 1.1)]

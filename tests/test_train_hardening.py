@@ -4,6 +4,7 @@ non-finite is written, and no file the run did not write is replaced. Tiny model
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,26 @@ def test_deeply_nested_toml_is_one_line(tmp_path, capsys):
 def test_config_path_a_folder_is_one_line(tmp_path, capsys):
     code, err = train(capsys, tmp_path)
     assert code == 2 and one_line(err, f"{tmp_path}: is a folder; give the TOML config file")
+
+
+def test_a_fifo_as_the_config_is_refused_not_waited_on(tmp_path, capsys):
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    code, err = train(capsys, fifo)  # reading it would block forever
+    assert code == 2 and one_line(err, f"config {fifo}: not a regular file; give a regular TOML file")
+
+
+def test_a_fifo_named_by_a_manifest_is_skipped_not_opened(tmp_path):
+    from sdxl.train import data
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"file": "ok.png", "caption": "a"}) + "\n"
+                        + json.dumps({"file": "pipe.png", "caption": "b"}) + "\n")
+    items, skipped = data.scan(str(manifest), tmp_path)
+    assert [Path(it.path).name for it in items] == ["ok.png"]
+    assert skipped == [f"{tmp_path / 'pipe.png'}: not a regular file"]
 
 
 # --- the output folder -----------------------------------------------------------------------------

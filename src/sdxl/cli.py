@@ -116,6 +116,8 @@ def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
 
 def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | None]:
     """--latent/--latent-index, or the saved latent the recipe records (its hash must still match)."""
+    if args.latent_index is not None and not (args.latent or (rec and rec.latent)):
+        raise SDXLError("--latent-index picks one latent of a --latent file; give --latent FILE too, or drop it")
     if args.latent or not (rec and rec.latent):
         return args.latent, args.latent_index
     from sdxl.formats.png import file_hash
@@ -203,6 +205,12 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
                             "leaving room for numbered names)")
         if target.is_dir():
             raise SDXLError(f"{flag} {target} is a folder; give a file name such as {target / OUTPUT}")
+        if target.exists() and not target.is_file():
+            raise SDXLError(f"{flag} {target} is not a regular file (a device or pipe); give a file name")
+        want = ".png" if target is out else ".safetensors"
+        if target.suffix.lower() != want:
+            raise SDXLError(f"{flag} {target}: the file written is {want[1:].upper()} {'(it carries the infotext) ' if target is out else ''}"
+                            f"so its name must end in {want}, e.g. {target.with_suffix(want).name}")
         folder = target.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

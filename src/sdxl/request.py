@@ -108,10 +108,10 @@ class Request:
     def validate(self, has_refiner: bool) -> None:
         """The value rules, for every source; raises SDXLError naming the setting and its allowed range."""
         _check_finite(self)
+        _check_inputs(self, has_refiner)
         _check_sizes(self)
         _check_counts(self)
         _check_fractions(self)
-        _check_inputs(self, has_refiner)
 
 
 def _typed(name: str, value, annotation: str, source: str):
@@ -169,12 +169,16 @@ def _check_sizes(r: Request) -> None:
     if r.width % 8 or r.height % 8 or r.width <= 0 or r.height <= 0:
         raise SDXLError(f"width and height must be positive multiples of 8, got {r.width}x{r.height}")
     if max(r.width, r.height) > MAX_SIDE:
-        raise SDXLError(f"{r.width}x{r.height} is over the limit of {MAX_SIDE} pixels a side; give a smaller "
-                        "--width/--height")
+        fix = ("a smaller --init-image (or --width/--height)" if r.init_image is not None and r.outpaint is None
+               else "smaller --outpaint pads" if r.outpaint is not None else "a smaller --width/--height")
+        raise SDXLError(f"{r.width}x{r.height} is over the limit of {MAX_SIDE} pixels a side; give {fix}")
     if r.hires_scale is not None:
         if not 1.0 <= r.hires_scale <= MAX_SIDE / 8:
             raise SDXLError(f"hires-scale must be at least 1 (e.g. 1.5 or 2), got {r.hires_scale}")
         big = [int(round(v * r.hires_scale / 8)) * 8 for v in (r.width, r.height)]
+        if big == [r.width, r.height]:
+            raise SDXLError(f"hires-scale {r.hires_scale} leaves {r.width}x{r.height} unchanged (sizes are multiples "
+                            "of 8); give a larger --hires-scale, e.g. 1.5")
         if max(big) > MAX_SIDE:
             raise SDXLError(f"hires-scale {r.hires_scale} makes {big[0]}x{big[1]}, over the limit of {MAX_SIDE} "
                             "pixels a side; give a smaller --hires-scale")
@@ -200,9 +204,11 @@ def _check_counts(r: Request) -> None:
                 raise SDXLError(f"{_flag(name)} {n}: {e}") from None
     if not 1 <= r.batch <= MAX_BATCH:
         raise SDXLError(f"batch must be in 1..{MAX_BATCH}, got {r.batch}; for more images run again or use --prompts")
-    if not 0 <= r.seed <= MAX_SEED - (r.batch - 1):
-        raise SDXLError(f"seed must be in 0..2**64-1 (image i of a batch uses seed + i; {RANDOM_SEED}: random), "
-                        f"got {r.seed}")
+    if not 0 <= r.seed <= MAX_SEED:
+        raise SDXLError(f"seed must be in 0..2**64-1 ({RANDOM_SEED}: random), got {r.seed}")
+    if r.seed > MAX_SEED - (r.batch - 1):
+        raise SDXLError(f"seed {r.seed} with batch {r.batch}: image i of a batch uses seed + i, which passes 2**64-1; "
+                        f"give a seed of at most {MAX_SEED - (r.batch - 1)}")
     if not 0.0 <= r.cfg <= MAX_CFG:
         raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
     if not 0 <= r.mask_blur <= MAX_MASK_BLUR:
@@ -240,6 +246,9 @@ def _check_inputs(r: Request, has_refiner: bool) -> None:
         raise SDXLError(f"{'a mask' if r.mask is not None else 'outpainting'} needs an init image (--init-image)")
     if r.strength != 1.0 and r.init_image is None and r.init_latent is None:
         raise SDXLError(f"strength {r.strength} applies to img2img; give --init-image (or --latent), or drop it")
+    if r.mask is not None and r.outpaint is not None:
+        raise SDXLError("--mask and --outpaint cannot be combined: outpainting makes its own mask (the new border); "
+                        "outpaint first, then inpaint the result with --mask")
     if r.init_image is not None and min(r.init_image.size) < 8:
         w, h = r.init_image.size
         raise SDXLError(f"the init image is {w}x{h} pixels; it must be at least 8x8")

@@ -84,6 +84,8 @@ def device_and_dtype(device: str | None, dtype: str | None):
     if not available.get(dev.type):
         raise SDXLError(f"--device {device}: {dev.type} is not available here; use cpu"
                         + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""))
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise SDXLError(f"--device {device}: the CPU is one device; use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SDXLError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dtype is not None:

@@ -71,6 +71,10 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
 
 def _is_number(text: str) -> bool:
+    """A weight as A1111's prompt parser reads one (`[+-]?[.\\d]+`, modules/prompt_parser.py re_attention): digits and
+    a point, so `1e400`, `inf` or `nan` are not weights and their text stays literal."""
+    if not re.fullmatch(r"\s*[+-]?[.\d]+\s*", text):
+        return False
     try:
         float(text)
     except ValueError:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sdxl.errors import SDXLError
+from sdxl.images import regular_file
 from sdxl.models.model import SDXL_BASE, SDXL_REFINER, TINY_BASE, TINY_REFINER, ModelConfig
 from sdxl.models.tokenizer import MAX_LENGTH, VOCAB_SIZE
 
@@ -318,6 +319,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     values: dict = {}
     if path is not None:
         try:
+            if Path(path).exists() and not Path(path).is_dir():
+                regular_file(path, "config", "TOML file")  # a FIFO or device would block or never end
             values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SDXLError(f"{path}: no such config file") from None

@@ -78,6 +78,9 @@ def scan(source: str, workdir: Path) -> tuple[list[Item], list[str]]:
         if isinstance(caption, Exception):
             skipped.append(f"{path}: {caption}")
             continue
+        if not Path(path).is_file():  # missing, a folder, or a FIFO/device (opening one would block)
+            skipped.append(f"{path}: {'not a regular file' if Path(path).exists() else 'no such file'}")
+            continue
         try:
             size = _image_size(path)
         except Exception as e:  # PIL raises many types on corrupt files; none may end a run
