@@ -214,6 +214,27 @@ def test_without_a_checkpoint_the_default_model_is_served(tiny_models, tmp_path,
     chosen, info = m.models(None, None, None, ()), default_model_paths()
     assert (chosen.model, chosen.refiner) == (str(info["base"]), str(info["refiner"])) and chosen.default_refiner
     assert chosen.native["resolution"] == info["resolution"]
+    off = m.models(None, "none", None, ())  # a request's refiner "none": not even the built-in one
+    assert (off.model, off.refiner, off.default_refiner) == (str(info["base"]), None, False)
+
+
+def test_default_model_refiner_none_equals_the_cli_without_refiner(tmp_path, capsys):
+    """POST /v1/jobs with refiner "none" runs the default model without its built-in refiner, the image the CLI
+    makes with --no-refiner; without the field the refiner runs (the model's default)."""
+    prompt = {"prompt": "a red circle on a blue background", "seed": 1, "steps": 4, "width": 128, "height": 128}
+    with live_server(tmp_path / "served") as live:
+        off = live.wait(live.submit(**prompt, refiner="none"))
+        on = live.wait(live.submit(**prompt))
+        served_off = png(live, off["images"][0])
+    assert off["state"] == on["state"] == "done"
+    assert "Refiner" not in off["infotexts"][0] and "Refiner: default_refiner" in on["infotexts"][0]
+    out = tmp_path / "cli.png"
+    assert main(["generate", prompt["prompt"], "--seed", "1", "--steps", "4", "--width", "128", "--height", "128",
+                 "--no-refiner", "--dtype", "fp32", "--device", "cpu", "-q", "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    cli = Image.open(out)
+    assert np.array_equal(np.asarray(served_off), np.asarray(cli))
+    assert served_off.info["parameters"] == cli.info["parameters"]
 
 
 def test_pipelines_kept_within_the_memory_budget(tiny_models, tmp_path):

@@ -41,7 +41,7 @@ class JobSpec:
 
     settings: dict  # Request fields as JSON values; checked by Request.fields_from_dict(settings, source)
     model: str | None = None  # checkpoint name in the models folder; None: the current one
-    refiner: str | None = None
+    refiner: str | None = None  # None: the model's default; "none": no refiner
     vae: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # besides the prompt's <lora:NAME:W>
     init_image: bytes | None = None  # PNG/JPEG bytes
