@@ -2,6 +2,7 @@
 models folder, restart after SIGKILL and many concurrent clients."""
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -106,9 +107,24 @@ def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys, monke
                  "-q", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     cli_im = Image.open(out)
-    assert cli_im.info["parameters"].startswith("a dog\n")
+    lora_hash = hashlib.sha256((tiny_models / "loras" / "style.safetensors").read_bytes()).hexdigest()[:12]
+    # as A1111 writes it: the tag in the prompt, the file's hash in `Lora hashes`
+    assert cli_im.info["parameters"].startswith("a dog <lora:style:0.5>\n")
+    assert f'Lora hashes: "style: {lora_hash}"' in cli_im.info["parameters"]
+    assert cli_im.info["parameters"] == d["infotexts"][0]
     assert json.loads(cli_im.info["sdxl-recipe"])["models"]["lora0"] == "style.safetensors:0.5"
     assert np.array_equal(np.asarray(png(served, d["images"][0])), np.asarray(cli_im))
+    # the recipe replays through the CLI with the LoRA applied (a LoRA-free run differs)
+    for flags, name in (([], "again.png"), (["--lora", "style.safetensors:0"], "zero.png")):
+        assert main(["generate", "--from-png", str(out), *flags, "-q", "-o", str(tmp_path / name)]) == 0
+    again, zero = (Image.open(tmp_path / n) for n in ("again.png", "zero.png"))
+    assert np.array_equal(np.asarray(again), np.asarray(cli_im)) and again.info["parameters"] == cli_im.info[
+        "parameters"]
+    assert not np.array_equal(np.asarray(zero), np.asarray(cli_im))
+    # the infotext's prompt, sent back to the server (a dropped PNG, A1111's "send to txt2img"), loads it again
+    prompt = cli_im.info["parameters"].split("\n")[0]
+    d2 = served.wait(served.submit(prompt=prompt, seed=8, **FAST))
+    assert np.array_equal(np.asarray(png(served, d2["images"][0])), np.asarray(cli_im))
 
 
 def test_progress_preview_and_cancel_running(served):

@@ -116,7 +116,8 @@ def test_generate_shows_the_image_and_its_png_carries_the_infotext(page, tmp_pat
     page.fill("#prompt", "something else")
     page.fill("#steps", "30")
     page.click("#result button:has-text('Use settings')")
-    assert (page.input_value("#prompt"), page.input_value("#steps")) == ("a red circle on a blue background", "2")
+    assert (page.input_value("#prompt"), page.input_value("#steps")) == (  # its LoRA tag kept, as in A1111
+        "a red circle on a blue background <lora:style:0.8>", "2")
 
 
 def test_a_refused_request_shows_the_servers_reason(page):
