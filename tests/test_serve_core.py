@@ -133,7 +133,7 @@ def test_progress_preview_and_cancel_running(served):
     d = wait_running(served, job_id)
     assert d["total"] == 400 and 1 <= d["step"] < 400 and d["job_count"] == 2
     preview = Image.open(io.BytesIO(base64.b64decode(d["preview"])))
-    assert preview.mode == "RGB" and preview.size == (32, 32)  # one pixel per latent pixel (the tiny VAE: factor 2)
+    assert preview.mode == "RGB" and preview.size == (64, 64)  # a small latent, decoded by the (tiny) VAE
     assert httpx.get(f"{served.url}/v1/jobs/{queued}").json()["state"] == "queued"
     assert httpx.delete(f"{served.url}/v1/jobs/{queued}").json()["state"] == "cancelled"
     httpx.delete(f"{served.url}/v1/jobs/{job_id}")

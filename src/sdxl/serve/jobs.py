@@ -2,12 +2,11 @@
 
 A job's PNGs (infotext + recipe, written whole by sdxl.formats.files) are on disk before the job is recorded done.
 A server killed and restarted keeps every finished job and re-queues what was queued or running. Progress is kept
-in memory per sampler step, with a preview from a linear latent -> RGB projection.
+in memory per sampler step, with a preview right for the loaded VAE (sdxl.serve.preview).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -21,13 +20,10 @@ from pathlib import Path
 from sdxl.errors import SDXLError
 from sdxl.serve.config import Limits
 from sdxl.serve.models import ModelsFolder
+from sdxl.serve.preview import renderer
 from sdxl.session import build_request, dtype_name, split_loras, write_images
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
-# SDXL latent -> RGB, a linear fit (ComfyUI comfy/latent_formats.py, SDXL.latent_rgb_factors and bias)
-LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
-              (-0.3165, -0.2492, -0.2188))
-LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
     init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL,
@@ -88,6 +84,7 @@ class _Live:
     stop: str | None = None  # "cancel" (a user's cancel or interrupt) | "close" (the server stops)
     skip: bool = False
     preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
+    render: object = None  # latent -> PNG (sdxl.serve.preview.renderer of the job's pipeline)
 
 
 class Jobs:
@@ -257,6 +254,7 @@ class Jobs:
         """Run every run of a job and write its PNGs; ("done" | "cancelled", results)."""
         models, requests = self.prepare(spec)
         pipe = self.models.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
+        self.live.render = renderer(pipe)
         self.live.total = sum(pipe.plan(r).total_steps for r in requests)
         for stale in self.output_dir.glob(f"{job_id}-*.png"):  # from an attempt a crash cut short
             stale.unlink()
@@ -369,21 +367,12 @@ def _image(data: bytes | None, what: str, limits: Limits):
 
 
 def _preview(live: _Live | None) -> bytes | None:
-    """A PNG of the running job's current latent (linear latent -> RGB, ComfyUI's SDXL factors), once per step."""
-    if live is None or live.latent is None:
+    """A PNG of the running job's current latent (sdxl.serve.preview), rendered at most once per step."""
+    if live is None or live.latent is None or live.render is None:
         return None
     step, png = live.preview
     if step == live.step:
         return png
-    import torch
-    from PIL import Image
-
-    x = live.latent.float().cpu()  # (4, h, w)
-    if x.shape[0] != 4:
-        return None
-    rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(LATENT_RGB)) + torch.tensor(LATENT_RGB_BIAS)
-    a = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().byte().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    live.preview = (live.step, buf.getvalue())
+    step = live.step
+    live.preview = (step, live.render(live.latent))
     return live.preview[1]
