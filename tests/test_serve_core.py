@@ -401,3 +401,55 @@ def test_sixteen_clients_four_jobs_each(served):
         text = png(served, d["images"][0]).info["parameters"]
         assert text.startswith(prompt + "\n") and f"Seed: {seed}," in text
     assert len({d["images"][0] for d in results.values()}) == 64
+
+
+def test_two_workers_share_one_queue(tiny_models, tmp_path):
+    """`sdxl serve --workers 2` on CPU: two jobs run at once, every job is done exactly once with its own prompt and
+    seed; two jobs with the same settings give the same image."""
+    import sqlite3
+
+    import torch
+
+    threads = torch.get_num_threads()  # the workers split the cores (a process-wide setting): restored after
+    try:
+        with live_server(tmp_path, tiny_models, workers=2) as live:
+            assert len(live.app.state.jobs.workers) == 2
+            slow = [live.submit(prompt=f"slow {k}", seed=k, **(SLOW | {"steps": 60})) for k in range(2)]
+            end = time.monotonic() + 120
+            while not all(httpx.get(f"{live.url}/v1/jobs/{j}").json()["state"] == "running" for j in slow):
+                assert time.monotonic() < end, "the two workers never ran two jobs at once"
+                time.sleep(0.02)
+            ids = {live.submit(prompt=f"job {k}", seed=100 + k % 4, **FAST): k for k in range(10)}
+            twins = [live.submit(prompt="twin", seed=7, **FAST) for _ in range(2)]
+            done = {j: live.wait(j) for j in [*slow, *ids, *twins]}
+            done = {j: d | {"images": [live.app.state.jobs.get(j).images[0]]} for j, d in done.items()}
+    finally:
+        torch.set_num_threads(threads)
+    assert all(d["state"] == "done" and len(d["images"]) == 1 for d in done.values())
+    for job_id, k in ids.items():
+        d = done[job_id]
+        assert d["prompts"] == [f"job {k}"] and d["seeds"] == [100 + k % 4]
+        assert d["infotexts"][0].startswith(f"job {k}\n") and f"Seed: {100 + k % 4}," in d["infotexts"][0]
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT count(*), min(attempts), max(attempts) FROM jobs").fetchone() == (14, 1, 1)
+    assert len(list(tmp_path.glob("*.png"))) == 14
+    a, b = (np.asarray(Image.open(done[j]["images"][0]).convert("RGB")) for j in twins)
+    assert np.array_equal(a, b)  # the same settings, on whichever worker
+
+
+def test_worker_devices(monkeypatch, capsys):
+    import uvicorn
+
+    from sdxl.serve.app import worker_devices
+
+    assert worker_devices("cpu", 3) == ["cpu"] * 3 and worker_devices(None, 1) in ([None], ["cuda:0"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert worker_devices(None, 3) == ["cuda:0", "cuda:1", "cuda:0"] and worker_devices("cuda", 2) == [
+        "cuda:0", "cuda:1"]
+    assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    with pytest.raises(SDXLError, match="--workers 0"):
+        worker_devices("cpu", 0)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers 0: give 1 or more" in capsys.readouterr().err

@@ -88,10 +88,13 @@ class _Live:
 
 
 class Jobs:
-    """The queue: submit/get/wait/cancel from any thread; one worker thread runs the jobs."""
+    """The queue: submit/get/wait/cancel from any thread; one worker thread per pool of pipelines (a device) takes
+    the oldest queued job, so jobs start in order, none runs twice (taken under the lock) and none is lost."""
 
-    def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits()):
+    def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits(),
+                 pools: list[ModelsFolder] | None = None):
         self.models, self.output_dir, self.limits = models, Path(output_dir), limits
+        self.pools = pools or [models]  # worker i loads its pipelines in pools[i] (on its own device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.owner = claim(self.output_dir)  # this queue is ours alone until close() (SDXLError if taken)
         try:
@@ -102,23 +105,26 @@ class Jobs:
             raise
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.live: _Live | None = None
+        self.running: dict[str, _Live] = {}  # job id -> progress, in the order the jobs started
         self.closing = False
-        self.worker = threading.Thread(target=self._work, name="sdxl-worker", daemon=True)
+        self.workers = [threading.Thread(target=self._work, args=(pool,), name=f"sdxl-worker-{i}", daemon=True)
+                        for i, pool in enumerate(self.pools)]
 
     def start(self) -> "Jobs":
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         return self
 
     def close(self) -> None:
-        """Stop the worker after the running job's next step (the job is queued again for the next start)."""
+        """Stop the workers after their running jobs' next step (those jobs are queued again for the next start)."""
         with self.changed:
             self.closing = True
-            if self.live and not self.live.stop:
-                self.live.stop = "close"
+            for live in self.running.values():
+                live.stop = live.stop or "close"
             self.changed.notify_all()
-        if self.worker.is_alive():
-            self.worker.join(timeout=60)
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(timeout=60)
         if self.owner is not None:
             os.close(self.owner)  # the lock goes with it
             self.owner = None
@@ -148,7 +154,7 @@ class Jobs:
         with self.lock:
             row = self.db.execute("SELECT state, total, result, error FROM jobs WHERE id=?", (job_id,)).fetchone()
             count = self.db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
-            live = self.live if self.live is not None and self.live.id == job_id else None
+            live = self.running.get(job_id)
         if row is None:
             raise KeyError(job_id)
         state, total, result, error = row
@@ -177,25 +183,26 @@ class Jobs:
                 raise KeyError(job_id)
             if row[0] == "queued":
                 self.db.execute("UPDATE jobs SET state='cancelled' WHERE id=?", (job_id,))
-            elif self.live is not None and self.live.id == job_id:
-                self.live.stop = "cancel"
+            elif job_id in self.running:
+                self.running[job_id].stop = "cancel"
             self.changed.notify_all()
 
     def interrupt(self) -> None:
-        """Stop the running job at its next step (runs already finished keep their images)."""
+        """Stop the running jobs at their next step (runs already finished keep their images)."""
         with self.lock:
-            if self.live:
-                self.live.stop = "cancel"
+            for live in self.running.values():
+                live.stop = "cancel"
 
     def skip(self) -> None:
-        """Abandon the running job's current run of `batch` images and go on with its next."""
+        """Abandon the running jobs' current run of `batch` images and go on with their next."""
         with self.lock:
-            if self.live:
-                self.live.skip = True
+            for live in self.running.values():
+                live.skip = True
 
     def current(self) -> JobState | None:
+        """The running job that started first (A1111's one current job)."""
         with self.lock:
-            job_id = self.live.id if self.live else None
+            job_id = next(iter(self.running), None)
         return self.get(job_id) if job_id else None
 
     # --- the worker ------------------------------------------------------------------------------
@@ -214,18 +221,19 @@ class Jobs:
         return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
 
     def _next(self):
+        """The oldest queued job, marked running under the lock (so no other worker takes it)."""
         with self.changed:
             while not self.closing:
                 row = self.db.execute("SELECT id, spec, init_image, mask FROM jobs WHERE state='queued' "
                                       "ORDER BY seq LIMIT 1").fetchone()
                 if row is not None:
                     self.db.execute("UPDATE jobs SET state='running', attempts=attempts+1 WHERE id=?", (row[0],))
-                    self.live = _Live(row[0])
+                    self.running[row[0]] = _Live(row[0])
                     return row
                 self.changed.wait()
         return None
 
-    def _work(self) -> None:
+    def _work(self, pool: ModelsFolder) -> None:
         while (row := self._next()) is not None:
             job_id, stored, init, mask = row
             d = json.loads(stored)
@@ -233,7 +241,7 @@ class Jobs:
                            init, mask, d["n_iter"], d["source"])
             state, result, error = "failed", None, None
             try:
-                state, result = self._run(job_id, spec)
+                state, result = self._run(self.running[job_id], spec, pool)
             except SDXLError as e:
                 error = str(e)
             except Exception as e:  # a bug or an out-of-memory: the job fails, the worker goes on
@@ -243,31 +251,32 @@ class Jobs:
 
     def _finish(self, job_id: str, state: str, result: dict | None, error: str | None) -> None:
         with self.changed:
-            again = state == "cancelled" and self.live.stop == "close"  # not a user's cancel: run it at next start
+            live = self.running.pop(job_id)
+            again = state == "cancelled" and live.stop == "close"  # not a user's cancel: run it at next start
             self.db.execute("UPDATE jobs SET state=?, total=?, result=?, error=?, attempts=attempts-? WHERE id=?",
-                            ("queued" if again else state, self.live.total, json.dumps(result) if result else None,
+                            ("queued" if again else state, live.total, json.dumps(result) if result else None,
                              error, int(again), job_id))
-            self.live = None
             self.changed.notify_all()
 
-    def _run(self, job_id: str, spec: JobSpec) -> tuple[str, dict]:
+    def _run(self, live: _Live, spec: JobSpec, pool: ModelsFolder) -> tuple[str, dict]:
         """Run every run of a job and write its PNGs; ("done" | "cancelled", results)."""
+        job_id = live.id
         models, requests = self.prepare(spec)
-        pipe = self.models.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
-        self.live.render = renderer(pipe)
-        self.live.total = sum(pipe.plan(r).total_steps for r in requests)
+        pipe = pool.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
+        live.render = renderer(pipe)
+        live.total = sum(pipe.plan(r).total_steps for r in requests)
         for stale in self.output_dir.glob(f"{job_id}-*.png"):  # from an attempt a crash cut short
             stale.unlink()
         result = {"images": [], "infotexts": [], "seeds": [], "prompts": [], "width": 0, "height": 0}
         for j, req in enumerate(requests):
             try:
-                out = pipe.generate(req, callback=self._step)
+                out = pipe.generate(req, callback=lambda info: _step(live, info))
             except Skipped:
-                self.live.skip = False
+                live.skip = False
                 continue
             except Cancelled:
                 return "cancelled", result
-            written = write_images(req, out.images, models, dtype_name(self.models.dtype),
+            written = write_images(req, out.images, models, dtype_name(pool.dtype),
                                    self.output_dir / f"{job_id}-{j}.png", numbered=True)
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
@@ -276,15 +285,16 @@ class Jobs:
             result["width"], result["height"] = out.images[0].size
         return "done", result
 
-    def _step(self, info: dict) -> None:
-        """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
-        live = self.live
-        live.step += 1
-        live.latent = info["denoised"][0].detach().clone()  # no device sync here: the preview copies it when asked
-        if live.stop:
-            raise Cancelled
-        if live.skip:
-            raise Skipped
+
+
+def _step(live: _Live, info: dict) -> None:
+    """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
+    live.step += 1
+    live.latent = info["denoised"][0].detach().clone()  # no device sync here: the preview copies it when asked
+    if live.stop:
+        raise Cancelled
+    if live.skip:
+        raise Skipped
 
 
 def _open_database(path: Path) -> sqlite3.Connection:
