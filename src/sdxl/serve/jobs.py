@@ -28,6 +28,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
     init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0)"""
+PREVIEW_PERIOD = 1.0  # seconds between live previews
 MAX_ATTEMPTS = 3  # a job running when the server died this often (it may be what kills it) is not run again
 
 
@@ -80,11 +81,11 @@ class _Live:
     id: str
     total: int = 0
     step: int = 0
-    latent: object = None  # the current denoised latent of the first image (on the device)
     stop: str | None = None  # "cancel" (a user's cancel or interrupt) | "close" (the server stops)
     skip: bool = False
-    preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
+    preview: bytes | None = None  # PNG of the first image's denoised latent, rendered by the worker
     render: object = None  # latent -> PNG (sdxl.serve.preview.renderer of the job's pipeline)
+    rendered_at: float = float("-inf")  # time.monotonic() of the last preview
 
 
 class Jobs:
@@ -160,7 +161,7 @@ class Jobs:
         state, total, result, error = row
         r = json.loads(result) if result else {}
         step = live.step if live else (total if state == "done" else 0)
-        return JobState(job_id, state, step, live.total if live else total, count, _preview(live),
+        return JobState(job_id, state, step, live.total if live else total, count, live and live.preview,
                         tuple(r.get("images", ())), tuple(r.get("infotexts", ())), tuple(r.get("seeds", ())),
                         tuple(r.get("prompts", ())), r.get("width", 0), r.get("height", 0), error)
 
@@ -288,9 +289,13 @@ class Jobs:
 
 
 def _step(live: _Live, info: dict) -> None:
-    """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
+    """k-diffusion's per-step callback: count, render the preview (at the first step, then at most once per
+    PREVIEW_PERIOD seconds, as A1111's live_preview_refresh_period; in the worker, so that polls never wait on
+    it), honour cancel and skip."""
     live.step += 1
-    live.latent = info["denoised"][0].detach().clone()  # no device sync here: the preview copies it when asked
+    if live.render is not None and time.monotonic() - live.rendered_at >= PREVIEW_PERIOD:
+        live.preview = live.render(info["denoised"][0])
+        live.rendered_at = time.monotonic()
     if live.stop:
         raise Cancelled
     if live.skip:
@@ -374,15 +379,3 @@ def _image(data: bytes | None, what: str, limits: Limits):
         if "pixels" in str(e) and "refused" in str(e):
             raise LimitError(what, f"{e} (max_image_pixels {limits.max_image_pixels})") from None
         raise
-
-
-def _preview(live: _Live | None) -> bytes | None:
-    """A PNG of the running job's current latent (sdxl.serve.preview), rendered at most once per step."""
-    if live is None or live.latent is None or live.render is None:
-        return None
-    step, png = live.preview
-    if step == live.step:
-        return png
-    step = live.step
-    live.preview = (step, live.render(live.latent))
-    return live.preview[1]

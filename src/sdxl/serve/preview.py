@@ -11,7 +11,6 @@ is a poor fit for the default model's VAE: the best one, fitted on its own finis
 from __future__ import annotations
 
 import io
-import threading
 import weakref
 
 import torch
@@ -25,7 +24,6 @@ SDXL_LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 FIT_IMAGES, FIT_SIDE = 16, 64  # colour fields the fit decodes (pixels a side)
 DECODE_MAX = 32 * 32  # latent pixels a preview is decoded up to (a VAE other than SDXL's)
-_decoding = threading.Lock()  # one preview decode at a time, whichever HTTP thread asks
 _fitted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # VAE -> (weight (C, 3), bias (3,))
 
 
@@ -36,7 +34,7 @@ def sdxl_projection() -> tuple[torch.Tensor, torch.Tensor]:
 
 def projection(pipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, 3), bias (3,)) taking a pipeline's scaled latents to RGB in [0, 1], on the CPU in float32;
-    fitted once per VAE (the worker calls this before sampling, so the fit never runs beside it)."""
+    fitted once per VAE."""
     if pipe.vae.cfg == SDXL_VAE:
         return sdxl_projection()
     if pipe.vae not in _fitted:
@@ -65,17 +63,16 @@ def preview_rgb(latent: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def renderer(pipe):
-    """latent (C, h, w) -> preview PNG bytes for a pipeline's latents; made by the worker before sampling (any
-    fit runs then), called from HTTP threads."""
-    weight, bias = projection(pipe)
+    """latent (C, h, w) -> preview PNG bytes for a pipeline's latents, called by the worker (a fit runs at the
+    first latent too large to decode)."""
     decode = pipe.vae.cfg != SDXL_VAE
 
     def render(latent: torch.Tensor) -> bytes:
         if decode and latent.shape[-2] * latent.shape[-1] <= DECODE_MAX:
-            with _decoding, torch.no_grad():
+            with torch.no_grad():
                 rgb = pipe.decode(latent[None])[0].permute(1, 2, 0).float().cpu()
         else:
-            rgb = preview_rgb(latent, weight, bias)
+            rgb = preview_rgb(latent, *projection(pipe))
         return png_bytes(rgb)
 
     return render
