@@ -294,7 +294,10 @@ def _step(live: _Live, info: dict) -> None:
     it), honour cancel and skip."""
     live.step += 1
     if live.render is not None and time.monotonic() - live.rendered_at >= PREVIEW_PERIOD:
-        live.preview = live.render(info["denoised"][0])
+        try:
+            live.preview = live.render(info["denoised"][0])
+        except SDXLError:  # a non-finite latent: no preview now; the job itself reports it at its end
+            pass
         live.rendered_at = time.monotonic()
     if live.stop:
         raise Cancelled
