@@ -146,6 +146,16 @@ def test_models_and_refiner():
     p = a1111.checked_fields({"override_settings": {"sd_vae": "my.vae.safetensors"}, "refiner_checkpoint": ""})
     assert a1111.model_choice(p) == {"vae": "my.vae.safetensors"}
     assert "refiner_switch" not in a1111.request_settings(p, "txt2img")
+
+
+@pytest.mark.parametrize("value, refiner", [(None, None), ("", None), ("None", "none"), ("none", "none"),
+                                            ("tiny_refiner", "tiny_refiner")])
+def test_refiner_checkpoint_none_turns_the_refiner_off(value, refiner):
+    """"None"/"none" (A1111's "no refiner") also turns off a built-in refiner; absent, null or "" leave the
+    model's default."""
+    p = a1111.checked_fields({"prompt": "x"} | ({} if value is None else {"refiner_checkpoint": value}))
+    assert a1111.model_choice(p).get("refiner") == refiner
+    assert ("refiner_switch" in a1111.request_settings(p, "txt2img")) == (refiner == "tiny_refiner")
     with pytest.raises(FieldError) as e:
         a1111.model_choice({"override_settings": {"sd_model_checkpoint": 3}})
     assert e.value.field == "override_settings.sd_model_checkpoint"
@@ -527,9 +537,16 @@ def test_default_model_with_its_refiner_equals_the_cli(tmp_path, capsys):
         api.util_set_model(title)
         r = api.txt2img(prompt="a red circle on a blue background", seed=1, steps=4, cfg_scale=5, width=128,
                         height=128, sampler_name="Euler")
+        body = {"prompt": "a red circle on a blue background", "seed": 1, "steps": 4, "cfg_scale": 5, "width": 128,
+                "height": 128, "sampler_name": "Euler", "refiner_checkpoint": "None"}
+        off = api.custom_post("txt2img", body, baseurl=True)
     out = tmp_path / "cli.png"
     assert main(["generate", "a red circle on a blue background", "--seed", "1", "--steps", "4", "--dtype", "fp32",
                  "--device", "cpu", "-q", "-o", str(out)]) == 0, capsys.readouterr().err
     cli = Image.open(out)
     assert _same(r.image, cli) and r.image.info["parameters"] == cli.info["parameters"]
     assert "Refiner: default_refiner" in r.info["infotexts"][0]
+    assert main(["generate", "a red circle on a blue background", "--seed", "1", "--steps", "4", "--no-refiner",
+                 "--dtype", "fp32", "--device", "cpu", "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert "Refiner" not in off.info["infotexts"][0]
+    assert _same(off.image, Image.open(tmp_path / "cli-1.png"))

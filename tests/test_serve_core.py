@@ -2,6 +2,7 @@
 models folder, restart after SIGKILL and many concurrent clients."""
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -106,9 +107,24 @@ def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys, monke
                  "-q", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     cli_im = Image.open(out)
-    assert cli_im.info["parameters"].startswith("a dog\n")
+    lora_hash = hashlib.sha256((tiny_models / "loras" / "style.safetensors").read_bytes()).hexdigest()[:12]
+    # as A1111 writes it: the tag in the prompt, the file's hash in `Lora hashes`
+    assert cli_im.info["parameters"].startswith("a dog <lora:style:0.5>\n")
+    assert f'Lora hashes: "style: {lora_hash}"' in cli_im.info["parameters"]
+    assert cli_im.info["parameters"] == d["infotexts"][0]
     assert json.loads(cli_im.info["sdxl-recipe"])["models"]["lora0"] == "style.safetensors:0.5"
     assert np.array_equal(np.asarray(png(served, d["images"][0])), np.asarray(cli_im))
+    # the recipe replays through the CLI with the LoRA applied (a LoRA-free run differs)
+    for flags, name in (([], "again.png"), (["--lora", "style.safetensors:0"], "zero.png")):
+        assert main(["generate", "--from-png", str(out), *flags, "-q", "-o", str(tmp_path / name)]) == 0
+    again, zero = (Image.open(tmp_path / n) for n in ("again.png", "zero.png"))
+    assert np.array_equal(np.asarray(again), np.asarray(cli_im)) and again.info["parameters"] == cli_im.info[
+        "parameters"]
+    assert not np.array_equal(np.asarray(zero), np.asarray(cli_im))
+    # the infotext's prompt, sent back to the server (a dropped PNG, A1111's "send to txt2img"), loads it again
+    prompt = cli_im.info["parameters"].split("\n")[0]
+    d2 = served.wait(served.submit(prompt=prompt, seed=8, **FAST))
+    assert np.array_equal(np.asarray(png(served, d2["images"][0])), np.asarray(cli_im))
 
 
 def test_progress_preview_and_cancel_running(served):
@@ -117,7 +133,7 @@ def test_progress_preview_and_cancel_running(served):
     d = wait_running(served, job_id)
     assert d["total"] == 400 and 1 <= d["step"] < 400 and d["job_count"] == 2
     preview = Image.open(io.BytesIO(base64.b64decode(d["preview"])))
-    assert preview.mode == "RGB" and preview.size == (32, 32)  # one pixel per latent pixel (the tiny VAE: factor 2)
+    assert preview.mode == "RGB" and preview.size == (64, 64)  # a small latent, decoded by the (tiny) VAE
     assert httpx.get(f"{served.url}/v1/jobs/{queued}").json()["state"] == "queued"
     assert httpx.delete(f"{served.url}/v1/jobs/{queued}").json()["state"] == "cancelled"
     httpx.delete(f"{served.url}/v1/jobs/{job_id}")
@@ -214,6 +230,27 @@ def test_without_a_checkpoint_the_default_model_is_served(tiny_models, tmp_path,
     chosen, info = m.models(None, None, None, ()), default_model_paths()
     assert (chosen.model, chosen.refiner) == (str(info["base"]), str(info["refiner"])) and chosen.default_refiner
     assert chosen.native["resolution"] == info["resolution"]
+    off = m.models(None, "none", None, ())  # a request's refiner "none": not even the built-in one
+    assert (off.model, off.refiner, off.default_refiner) == (str(info["base"]), None, False)
+
+
+def test_default_model_refiner_none_equals_the_cli_without_refiner(tmp_path, capsys):
+    """POST /v1/jobs with refiner "none" runs the default model without its built-in refiner, the image the CLI
+    makes with --no-refiner; without the field the refiner runs (the model's default)."""
+    prompt = {"prompt": "a red circle on a blue background", "seed": 1, "steps": 4, "width": 128, "height": 128}
+    with live_server(tmp_path / "served") as live:
+        off = live.wait(live.submit(**prompt, refiner="none"))
+        on = live.wait(live.submit(**prompt))
+        served_off = png(live, off["images"][0])
+    assert off["state"] == on["state"] == "done"
+    assert "Refiner" not in off["infotexts"][0] and "Refiner: default_refiner" in on["infotexts"][0]
+    out = tmp_path / "cli.png"
+    assert main(["generate", prompt["prompt"], "--seed", "1", "--steps", "4", "--width", "128", "--height", "128",
+                 "--no-refiner", "--dtype", "fp32", "--device", "cpu", "-q", "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    cli = Image.open(out)
+    assert np.array_equal(np.asarray(served_off), np.asarray(cli))
+    assert served_off.info["parameters"] == cli.info["parameters"]
 
 
 def test_pipelines_kept_within_the_memory_budget(tiny_models, tmp_path):
@@ -364,3 +401,55 @@ def test_sixteen_clients_four_jobs_each(served):
         text = png(served, d["images"][0]).info["parameters"]
         assert text.startswith(prompt + "\n") and f"Seed: {seed}," in text
     assert len({d["images"][0] for d in results.values()}) == 64
+
+
+def test_two_workers_share_one_queue(tiny_models, tmp_path):
+    """`sdxl serve --workers 2` on CPU: two jobs run at once, every job is done exactly once with its own prompt and
+    seed; two jobs with the same settings give the same image."""
+    import sqlite3
+
+    import torch
+
+    threads = torch.get_num_threads()  # the workers split the cores (a process-wide setting): restored after
+    try:
+        with live_server(tmp_path, tiny_models, workers=2) as live:
+            assert len(live.app.state.jobs.workers) == 2
+            slow = [live.submit(prompt=f"slow {k}", seed=k, **(SLOW | {"steps": 60})) for k in range(2)]
+            end = time.monotonic() + 120
+            while not all(httpx.get(f"{live.url}/v1/jobs/{j}").json()["state"] == "running" for j in slow):
+                assert time.monotonic() < end, "the two workers never ran two jobs at once"
+                time.sleep(0.02)
+            ids = {live.submit(prompt=f"job {k}", seed=100 + k % 4, **FAST): k for k in range(10)}
+            twins = [live.submit(prompt="twin", seed=7, **FAST) for _ in range(2)]
+            done = {j: live.wait(j) for j in [*slow, *ids, *twins]}
+            done = {j: d | {"images": [live.app.state.jobs.get(j).images[0]]} for j, d in done.items()}
+    finally:
+        torch.set_num_threads(threads)
+    assert all(d["state"] == "done" and len(d["images"]) == 1 for d in done.values())
+    for job_id, k in ids.items():
+        d = done[job_id]
+        assert d["prompts"] == [f"job {k}"] and d["seeds"] == [100 + k % 4]
+        assert d["infotexts"][0].startswith(f"job {k}\n") and f"Seed: {100 + k % 4}," in d["infotexts"][0]
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT count(*), min(attempts), max(attempts) FROM jobs").fetchone() == (14, 1, 1)
+    assert len(list(tmp_path.glob("*.png"))) == 14
+    a, b = (np.asarray(Image.open(done[j]["images"][0]).convert("RGB")) for j in twins)
+    assert np.array_equal(a, b)  # the same settings, on whichever worker
+
+
+def test_worker_devices(monkeypatch, capsys):
+    import uvicorn
+
+    from sdxl.serve.app import worker_devices
+
+    assert worker_devices("cpu", 3) == ["cpu"] * 3 and worker_devices(None, 1) in ([None], ["cuda:0"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert worker_devices(None, 3) == ["cuda:0", "cuda:1", "cuda:0"] and worker_devices("cuda", 2) == [
+        "cuda:0", "cuda:1"]
+    assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    with pytest.raises(SDXLError, match="--workers 0"):
+        worker_devices("cpu", 0)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers 0: give 1 or more" in capsys.readouterr().err

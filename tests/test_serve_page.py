@@ -116,7 +116,8 @@ def test_generate_shows_the_image_and_its_png_carries_the_infotext(page, tmp_pat
     page.fill("#prompt", "something else")
     page.fill("#steps", "30")
     page.click("#result button:has-text('Use settings')")
-    assert (page.input_value("#prompt"), page.input_value("#steps")) == ("a red circle on a blue background", "2")
+    assert (page.input_value("#prompt"), page.input_value("#steps")) == (  # its LoRA tag kept, as in A1111
+        "a red circle on a blue background <lora:style:0.8>", "2")
 
 
 def test_a_refused_request_shows_the_servers_reason(page):
@@ -275,3 +276,25 @@ def test_the_page_sends_the_basic_auth_the_browser_holds(browser, tiny_models, t
         assert page.errors == []
         page.context.close()
         assert httpx.get(live.url + "/").status_code == 401
+
+
+def test_the_default_models_refiner_can_be_turned_off(browser, tmp_path):
+    """The default model's built-in refiner: ticked and enabled; unticked, the job runs without it."""
+    with live_server(tmp_path) as live:
+        page = open_page(browser, live.url)
+        page.click("#refiner-box summary")
+        assert page.is_checked("#refiner-on") and page.is_enabled("#refiner-on")
+        assert page.is_visible("#refiner-builtin") and not page.is_visible("#refiner")
+        fast_form(page, "a red circle on a blue background", 3)
+        page.uncheck("#refiner-on")
+        page.click("#generate")
+        finished_result(page)
+        assert "Refiner" not in page.inner_text("#result .infotext")
+        page.check("#refiner-on")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2",
+                               timeout=TIMEOUT_MS)
+        page.wait_for_function("() => /Refiner: default_refiner/.test("
+                               "document.querySelector('#result .infotext').textContent)", timeout=TIMEOUT_MS)
+        assert page.errors == []
+        page.context.close()

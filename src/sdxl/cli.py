@@ -376,13 +376,15 @@ def generate_help() -> dict[str, str]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from sdxl.serve.app import create_app
+    from sdxl.serve.app import create_app, worker_devices
     from sdxl.serve.config import ServeConfig
 
     if args.api_auth is not None and ":" not in args.api_auth:
         raise SDXLError("--api-auth takes USER:PASS")
     config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
-                         args.api_auth, args.insecure, args.device, args.dtype, tuple(args.allow_host or ()))
+                         args.api_auth, args.insecure, args.device, args.dtype, tuple(args.allow_host or ()),
+                         workers=args.workers)
+    worker_devices(args.device, args.workers)  # a bad --workers is one line before the server starts
     if config.exposed() and not config.api_auth:
         print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
               file=sys.stderr)
@@ -428,6 +430,9 @@ def _add_serve(sub) -> None:
                         "Others are refused (403) against DNS rebinding")
     s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="workers taking jobs from the one queue in order (default 1); each its own GPU when there "
+                        "are several (cuda:0..N-1), else they share the device (on CPU, its cores)")
     s.set_defaults(func=_cmd_serve)
 
 

@@ -71,7 +71,9 @@ def request_dict(req) -> dict:
 
 
 def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
-    """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py)."""
+    """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
+    the prompt carries its LoRAs as `<lora:NAME:W>` tags (here appended after the text the encoders saw, whether
+    they came from the prompt or from --lora) and `Lora hashes` names their files' sha256, first 12 digits."""
     sampler, schedule = to_a1111(req.sampler, req.schedule)
     pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
     model = models.get("model")
@@ -99,10 +101,26 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
     pairs["Target size"] = "x".join(map(str, reversed(req.target_size or (h, w))))
     if req.batch > 1:
         pairs |= {"Batch size": req.batch, "Batch pos": index}
-    text = req.prompt
+    loras = lora_tags(models)
+    if loras:
+        pairs["Lora hashes"] = ", ".join(f"{name}: {file_hash(path)[:12]}" for name, _, path in loras
+                                         if Path(path).is_file()) or None
+    text = " ".join(filter(None, [req.prompt] + [f"<lora:{name}:{weight}>" for name, weight, _ in loras]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v is not None)
+
+
+def lora_tags(models: dict[str, str | None]) -> list[tuple[str, float, str]]:
+    """(name, weight, path) of each LoRA in a models table, named as A1111 names them in `<lora:NAME:W>` tags and
+    `Lora hashes` (the file's stem without ':' or ','; extensions-builtin/Lora/extra_networks_lora.py)."""
+    from sdxl.session import lora_spec
+
+    out = []
+    for key in sorted((k for k in models if k.startswith("lora") and models[k]), key=lambda k: int(k[4:])):
+        path, weight = lora_spec(models[key])
+        out.append((Path(path).stem.replace(":", "").replace(",", ""), weight, path))
+    return out
 
 
 def _quote(v) -> str:

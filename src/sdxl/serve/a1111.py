@@ -33,6 +33,7 @@ from sdxl.images import load_image, opened
 from sdxl.sampling import names
 from sdxl.serve.app import field_of
 from sdxl.serve.jobs import JobSpec
+from sdxl.serve.models import NO_REFINER
 from sdxl.serve.native import decode_image
 
 
@@ -126,9 +127,19 @@ def request_settings(p: dict, kind: str) -> dict:
     s |= sampler_and_schedule(p)
     if kind == "img2img":
         s["strength"] = p.get("denoising_strength", 0.75)  # A1111's img2img default
-    if p.get("refiner_checkpoint") not in (None, "", "None"):
+    if refiner_choice(p) not in (None, NO_REFINER):
         s["refiner_switch"] = p.get("refiner_switch_at", 0.8)
     return s | hires_settings(p)
+
+
+def refiner_choice(p: dict) -> str | None:
+    """refiner_checkpoint -> JobSpec.refiner. A1111 runs no refiner for "None", "none" or "" (process_images in
+    modules/processing.py); here "None"/"none" also turn off the default model's built-in refiner, while absent,
+    null or "" leave the model's default (as `sdxl generate` without --refiner does)."""
+    name = p.get("refiner_checkpoint")
+    if name in (None, ""):
+        return None
+    return NO_REFINER if name.lower() == NO_REFINER else name
 
 
 def hires_settings(p: dict) -> dict:
@@ -195,8 +206,8 @@ def model_choice(p: dict) -> dict:
             raise FieldError(f"override_settings.{key}", f"must be a string, got {json.dumps(value)[:60]}")
         if value not in (None, "", "Automatic", "None"):
             out[ours] = value
-    if p.get("refiner_checkpoint") not in (None, "", "None"):
-        out["refiner"] = p["refiner_checkpoint"]
+    if refiner_choice(p) is not None:
+        out["refiner"] = refiner_choice(p)
     return out
 
 

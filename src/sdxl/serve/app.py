@@ -63,13 +63,34 @@ def create_app(config: ServeConfig, jobs=None) -> FastAPI:
 
 
 def open_jobs(config: ServeConfig):
-    """(models folder, jobs) of a config; the worker is not started."""
+    """(models folder, jobs) of a config, with a pool of pipelines per worker (its device); no worker started."""
     from sdxl.serve.jobs import Jobs
     from sdxl.serve.models import ModelsFolder
 
-    models = ModelsFolder(config.models_dir, config.device, config.dtype, config.memory_budget)
+    devices = worker_devices(config.device, config.workers)
+    pools = [ModelsFolder(config.models_dir, d, config.dtype, config.memory_budget) for d in devices]
+    if len(set(devices)) < len(devices):  # workers sharing a device share its memory and its cores
+        import torch
+
+        for pool in pools:
+            pool.budget //= len(devices)
+        if pools[0].device == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    return models, Jobs(config.database, models, config.output_dir, config.limits)
+    return pools[0], Jobs(config.database, pools[0], config.output_dir, config.limits, pools)
+
+
+def worker_devices(device: str | None, workers: int) -> list[str | None]:
+    """The device of each worker: cuda:0..N-1 (round robin) when no device or a bare "cuda" is given and there are
+    several GPUs; else the given (or best) device for all of them."""
+    import torch
+
+    if workers < 1:
+        raise SDXLError(f"--workers {workers}: give 1 or more")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device in (None, "cuda") and gpus > 1:
+        return [f"cuda:{i % gpus}" for i in range(workers)]
+    return [device] * workers
 
 
 async def _sdxl_error(request: Request, e: SDXLError) -> JSONResponse:

@@ -2,12 +2,11 @@
 
 A job's PNGs (infotext + recipe, written whole by sdxl.formats.files) are on disk before the job is recorded done.
 A server killed and restarted keeps every finished job and re-queues what was queued or running. Progress is kept
-in memory per sampler step, with a preview from a linear latent -> RGB projection.
+in memory per sampler step, with a preview right for the loaded VAE (sdxl.serve.preview).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -21,17 +20,15 @@ from pathlib import Path
 from sdxl.errors import SDXLError
 from sdxl.serve.config import Limits
 from sdxl.serve.models import ModelsFolder
+from sdxl.serve.preview import renderer
 from sdxl.session import build_request, dtype_name, split_loras, write_images
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
-# SDXL latent -> RGB, a linear fit (ComfyUI comfy/latent_formats.py, SDXL.latent_rgb_factors and bias)
-LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
-              (-0.3165, -0.2492, -0.2188))
-LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
     init_image BLOB, mask BLOB, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT, created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0)"""
+PREVIEW_PERIOD = 1.0  # seconds between live previews
 MAX_ATTEMPTS = 3  # a job running when the server died this often (it may be what kills it) is not run again
 
 
@@ -41,7 +38,7 @@ class JobSpec:
 
     settings: dict  # Request fields as JSON values; checked by Request.fields_from_dict(settings, source)
     model: str | None = None  # checkpoint name in the models folder; None: the current one
-    refiner: str | None = None
+    refiner: str | None = None  # None: the model's default; "none": no refiner
     vae: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # besides the prompt's <lora:NAME:W>
     init_image: bytes | None = None  # PNG/JPEG bytes
@@ -84,17 +81,21 @@ class _Live:
     id: str
     total: int = 0
     step: int = 0
-    latent: object = None  # the current denoised latent of the first image (on the device)
     stop: str | None = None  # "cancel" (a user's cancel or interrupt) | "close" (the server stops)
     skip: bool = False
-    preview: tuple[int, bytes | None] = (-1, None)  # (step, PNG) rendered lazily
+    preview: bytes | None = None  # PNG of the first image's denoised latent, rendered by the worker
+    render: object = None  # latent -> PNG (sdxl.serve.preview.renderer of the job's pipeline)
+    rendered_at: float = float("-inf")  # time.monotonic() of the last preview
 
 
 class Jobs:
-    """The queue: submit/get/wait/cancel from any thread; one worker thread runs the jobs."""
+    """The queue: submit/get/wait/cancel from any thread; one worker thread per pool of pipelines (a device) takes
+    the oldest queued job, so jobs start in order, none runs twice (taken under the lock) and none is lost."""
 
-    def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits()):
+    def __init__(self, database: Path, models: ModelsFolder, output_dir: Path, limits: Limits = Limits(),
+                 pools: list[ModelsFolder] | None = None):
         self.models, self.output_dir, self.limits = models, Path(output_dir), limits
+        self.pools = pools or [models]  # worker i loads its pipelines in pools[i] (on its own device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.owner = claim(self.output_dir)  # this queue is ours alone until close() (SDXLError if taken)
         try:
@@ -105,23 +106,26 @@ class Jobs:
             raise
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.live: _Live | None = None
+        self.running: dict[str, _Live] = {}  # job id -> progress, in the order the jobs started
         self.closing = False
-        self.worker = threading.Thread(target=self._work, name="sdxl-worker", daemon=True)
+        self.workers = [threading.Thread(target=self._work, args=(pool,), name=f"sdxl-worker-{i}", daemon=True)
+                        for i, pool in enumerate(self.pools)]
 
     def start(self) -> "Jobs":
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         return self
 
     def close(self) -> None:
-        """Stop the worker after the running job's next step (the job is queued again for the next start)."""
+        """Stop the workers after their running jobs' next step (those jobs are queued again for the next start)."""
         with self.changed:
             self.closing = True
-            if self.live and not self.live.stop:
-                self.live.stop = "close"
+            for live in self.running.values():
+                live.stop = live.stop or "close"
             self.changed.notify_all()
-        if self.worker.is_alive():
-            self.worker.join(timeout=60)
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(timeout=60)
         if self.owner is not None:
             os.close(self.owner)  # the lock goes with it
             self.owner = None
@@ -151,13 +155,13 @@ class Jobs:
         with self.lock:
             row = self.db.execute("SELECT state, total, result, error FROM jobs WHERE id=?", (job_id,)).fetchone()
             count = self.db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued','running')").fetchone()[0]
-            live = self.live if self.live is not None and self.live.id == job_id else None
+            live = self.running.get(job_id)
         if row is None:
             raise KeyError(job_id)
         state, total, result, error = row
         r = json.loads(result) if result else {}
         step = live.step if live else (total if state == "done" else 0)
-        return JobState(job_id, state, step, live.total if live else total, count, _preview(live),
+        return JobState(job_id, state, step, live.total if live else total, count, live and live.preview,
                         tuple(r.get("images", ())), tuple(r.get("infotexts", ())), tuple(r.get("seeds", ())),
                         tuple(r.get("prompts", ())), r.get("width", 0), r.get("height", 0), error)
 
@@ -180,25 +184,26 @@ class Jobs:
                 raise KeyError(job_id)
             if row[0] == "queued":
                 self.db.execute("UPDATE jobs SET state='cancelled' WHERE id=?", (job_id,))
-            elif self.live is not None and self.live.id == job_id:
-                self.live.stop = "cancel"
+            elif job_id in self.running:
+                self.running[job_id].stop = "cancel"
             self.changed.notify_all()
 
     def interrupt(self) -> None:
-        """Stop the running job at its next step (runs already finished keep their images)."""
+        """Stop the running jobs at their next step (runs already finished keep their images)."""
         with self.lock:
-            if self.live:
-                self.live.stop = "cancel"
+            for live in self.running.values():
+                live.stop = "cancel"
 
     def skip(self) -> None:
-        """Abandon the running job's current run of `batch` images and go on with its next."""
+        """Abandon the running jobs' current run of `batch` images and go on with their next."""
         with self.lock:
-            if self.live:
-                self.live.skip = True
+            for live in self.running.values():
+                live.skip = True
 
     def current(self) -> JobState | None:
+        """The running job that started first (A1111's one current job)."""
         with self.lock:
-            job_id = self.live.id if self.live else None
+            job_id = next(iter(self.running), None)
         return self.get(job_id) if job_id else None
 
     # --- the worker ------------------------------------------------------------------------------
@@ -217,18 +222,19 @@ class Jobs:
         return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
 
     def _next(self):
+        """The oldest queued job, marked running under the lock (so no other worker takes it)."""
         with self.changed:
             while not self.closing:
                 row = self.db.execute("SELECT id, spec, init_image, mask FROM jobs WHERE state='queued' "
                                       "ORDER BY seq LIMIT 1").fetchone()
                 if row is not None:
                     self.db.execute("UPDATE jobs SET state='running', attempts=attempts+1 WHERE id=?", (row[0],))
-                    self.live = _Live(row[0])
+                    self.running[row[0]] = _Live(row[0])
                     return row
                 self.changed.wait()
         return None
 
-    def _work(self) -> None:
+    def _work(self, pool: ModelsFolder) -> None:
         while (row := self._next()) is not None:
             job_id, stored, init, mask = row
             d = json.loads(stored)
@@ -236,7 +242,7 @@ class Jobs:
                            init, mask, d["n_iter"], d["source"])
             state, result, error = "failed", None, None
             try:
-                state, result = self._run(job_id, spec)
+                state, result = self._run(self.running[job_id], spec, pool)
             except SDXLError as e:
                 error = str(e)
             except Exception as e:  # a bug or an out-of-memory: the job fails, the worker goes on
@@ -246,30 +252,32 @@ class Jobs:
 
     def _finish(self, job_id: str, state: str, result: dict | None, error: str | None) -> None:
         with self.changed:
-            again = state == "cancelled" and self.live.stop == "close"  # not a user's cancel: run it at next start
+            live = self.running.pop(job_id)
+            again = state == "cancelled" and live.stop == "close"  # not a user's cancel: run it at next start
             self.db.execute("UPDATE jobs SET state=?, total=?, result=?, error=?, attempts=attempts-? WHERE id=?",
-                            ("queued" if again else state, self.live.total, json.dumps(result) if result else None,
+                            ("queued" if again else state, live.total, json.dumps(result) if result else None,
                              error, int(again), job_id))
-            self.live = None
             self.changed.notify_all()
 
-    def _run(self, job_id: str, spec: JobSpec) -> tuple[str, dict]:
+    def _run(self, live: _Live, spec: JobSpec, pool: ModelsFolder) -> tuple[str, dict]:
         """Run every run of a job and write its PNGs; ("done" | "cancelled", results)."""
+        job_id = live.id
         models, requests = self.prepare(spec)
-        pipe = self.models.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
-        self.live.total = sum(pipe.plan(r).total_steps for r in requests)
+        pipe = pool.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
+        live.render = renderer(pipe)
+        live.total = sum(pipe.plan(r).total_steps for r in requests)
         for stale in self.output_dir.glob(f"{job_id}-*.png"):  # from an attempt a crash cut short
             stale.unlink()
         result = {"images": [], "infotexts": [], "seeds": [], "prompts": [], "width": 0, "height": 0}
         for j, req in enumerate(requests):
             try:
-                out = pipe.generate(req, callback=self._step)
+                out = pipe.generate(req, callback=lambda info: _step(live, info))
             except Skipped:
-                self.live.skip = False
+                live.skip = False
                 continue
             except Cancelled:
                 return "cancelled", result
-            written = write_images(req, out.images, models, dtype_name(self.models.dtype),
+            written = write_images(req, out.images, models, dtype_name(pool.dtype),
                                    self.output_dir / f"{job_id}-{j}.png", numbered=True)
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
@@ -278,15 +286,23 @@ class Jobs:
             result["width"], result["height"] = out.images[0].size
         return "done", result
 
-    def _step(self, info: dict) -> None:
-        """k-diffusion's per-step callback: count, keep the latent for the preview, honour cancel and skip."""
-        live = self.live
-        live.step += 1
-        live.latent = info["denoised"][0].detach().clone()  # no device sync here: the preview copies it when asked
-        if live.stop:
-            raise Cancelled
-        if live.skip:
-            raise Skipped
+
+
+def _step(live: _Live, info: dict) -> None:
+    """k-diffusion's per-step callback: count, render the preview (at the first step, then at most once per
+    PREVIEW_PERIOD seconds, as A1111's live_preview_refresh_period; in the worker, so that polls never wait on
+    it), honour cancel and skip."""
+    live.step += 1
+    if live.render is not None and time.monotonic() - live.rendered_at >= PREVIEW_PERIOD:
+        try:
+            live.preview = live.render(info["denoised"][0])
+        except SDXLError:  # a non-finite latent: no preview now; the job itself reports it at its end
+            pass
+        live.rendered_at = time.monotonic()
+    if live.stop:
+        raise Cancelled
+    if live.skip:
+        raise Skipped
 
 
 def _open_database(path: Path) -> sqlite3.Connection:
@@ -366,24 +382,3 @@ def _image(data: bytes | None, what: str, limits: Limits):
         if "pixels" in str(e) and "refused" in str(e):
             raise LimitError(what, f"{e} (max_image_pixels {limits.max_image_pixels})") from None
         raise
-
-
-def _preview(live: _Live | None) -> bytes | None:
-    """A PNG of the running job's current latent (linear latent -> RGB, ComfyUI's SDXL factors), once per step."""
-    if live is None or live.latent is None:
-        return None
-    step, png = live.preview
-    if step == live.step:
-        return png
-    import torch
-    from PIL import Image
-
-    x = live.latent.float().cpu()  # (4, h, w)
-    if x.shape[0] != 4:
-        return None
-    rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(LATENT_RGB)) + torch.tensor(LATENT_RGB_BIAS)
-    a = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().byte().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    live.preview = (live.step, buf.getvalue())
-    return live.preview[1]

@@ -24,6 +24,7 @@ FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras"
 LOADABLE = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 DEFAULT = "default"  # the embedded default model's name, listed when the folder has no checkpoint
+NO_REFINER = "none"  # a request's refiner "none": no refiner, not even the default model's own
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,15 @@ class ModelsFolder:
 
     def models(self, model: str | None, refiner: str | None, vae: str | None,
                loras: tuple[tuple[str, float], ...]) -> Models:
-        """The files of a request (names resolved here), with the model's native settings."""
+        """The files of a request (names resolved here), with the model's native settings. refiner None: the
+        model's default (the embedded default model's own refiner); NO_REFINER ("none"): none at all."""
         path = self.resolve("checkpoints", model or self.current, "model")
         path = None if path.parent == ASSETS else str(path)  # the embedded default: its refiner, native settings
-        ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner else None
+        off = refiner is not None and refiner.lower() == NO_REFINER
+        ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner and not off else None
         vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
         specs = [f"{self.resolve('loras', n, 'lora')}:{w}" for n, w in loras]
-        return resolve_models(path, ref, False, vae_path, specs)
+        return resolve_models(path, ref, off, vae_path, specs)
 
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`, loading it (and unloading the least recently used) as needed."""

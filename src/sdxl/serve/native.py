@@ -34,7 +34,8 @@ router = APIRouter(prefix="/v1", tags=["native"])
 # the job fields that are not Request settings, and their JSON schemas
 JOB_FIELDS = {
     "model": ({"type": "string"}, "checkpoint name as listed by GET /v1/models (default: the current one)"),
-    "refiner": ({"type": "string"}, "refiner checkpoint name"),
+    "refiner": ({"type": "string"}, "refiner checkpoint name; \"none\": no refiner, not even the default "
+                                     "model's built-in one (absent: the model's default)"),
     "vae": ({"type": "string"}, "VAE name from the vae folder"),
     "loras": ({"type": "array", "items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}]}},
               "[[NAME, WEIGHT], ...] from the loras folder (or <lora:NAME:WEIGHT> in the prompt)"),

@@ -88,9 +88,7 @@ function applyNative(config, values = true) {
     $("refiner_switch").value = config.native.refiner_switch;
     $("refiner-on").checked = config.builtin_refiner;
   }
-  // The default model's refiner is part of it: the server runs it with every request, at the switch point.
-  $("refiner-on").checked ||= config.builtin_refiner;
-  $("refiner-on").disabled = config.builtin_refiner;
+  // The default model's refiner is built in (on unless unticked: then the job asks for refiner "none").
   $("refiner").hidden = config.builtin_refiner;
   $("refiner-builtin").hidden = !config.builtin_refiner;
   matchPreset();
@@ -123,6 +121,8 @@ async function jobBody() {
   if ($("refiner-on").checked) {
     body.refiner_switch = number("refiner_switch");
     if (!page.config.builtin_refiner) body.refiner = $("refiner").value;
+  } else if (page.config.builtin_refiner) {
+    body.refiner = "none";
   }
   if ($("hires-on").checked) {
     Object.assign(body, { hires_scale: number("hires_scale"), hires_upscale: $("hires_upscale").value,
@@ -504,9 +504,8 @@ async function applyInfotext(text) {
   showError("");
   const model = $("model").value;
   if (f.Model && selectByStem($("model"), f.Model) && $("model").value !== model) await modelChanged(false);
-  if (!page.config.builtin_refiner) {
-    $("refiner-on").checked = Boolean(f.Refiner) && selectByStem($("refiner"), f.Refiner);
-  }
+  const builtin = page.config.builtin_refiner;
+  $("refiner-on").checked = Boolean(f.Refiner) && (builtin || selectByStem($("refiner"), f.Refiner));
 }
 
 async function dropped(event) {
