@@ -333,8 +333,11 @@ GOOD = {"prompt": "a star", "width": 64, "height": 64, "steps": 2, "seed": 3}
 
 @pytest.mark.parametrize("recipe,message", [
     ([1, 2], "its sdxl recipe is not a JSON object"),
-    (GOOD | {"models": ["m.safetensors"]}, "models must be an object of file names"),
-    (GOOD | {"models": {"model": 5}}, "models must be an object of file names"),
+    (GOOD | {"models": ["m.safetensors"]}, "models must be an object, got ['m.safetensors']"),
+    (GOOD | {"models": {"model": 5}}, "models.model must be a file name (a string), got 5"),
+    (GOOD | {"models": {"model": "/etc/passwd"}}, "models.model '/etc/passwd' is not a checkpoint name"),
+    (GOOD | {"models": {"lora0": "/etc/passwd:0.5"}}, "models.lora0 '/etc/passwd:0.5' is not a checkpoint name"),
+    (GOOD | {"models": {"model": "sdxl:../../x.safetensors"}}, "is not a checkpoint name"),
     (GOOD | {"width": "abc"}, "its sdxl recipe: width must be an integer, got 'abc'"),
     (GOOD | {"cfg": "high"}, "cfg must be a number, got 'high'"),
     (GOOD | {"crop": [0]}, "crop must be a list of 2 integers, got [0]"),
@@ -348,6 +351,35 @@ GOOD = {"prompt": "a star", "width": 64, "height": 64, "steps": 2, "seed": 3}
 def test_bad_recipes(tmp_path, capsys, recipe, message):
     png = recipe_png(tmp_path / "r.png", json.dumps(recipe))
     refused(capsys, message, "generate", "--from-png", png, "--model", tmp_path / "not-loaded.safetensors", "-q")
+
+
+def test_a_recipe_key_given_twice_is_refused(tmp_path, capsys):
+    png = recipe_png(tmp_path / "r.png", '{"prompt": "a", "steps": 4, "width": 64, "height": 64, "steps": 999}')
+    refused(capsys, "its sdxl recipe is ambiguous: the key 'steps' is given twice", "generate", "--from-png", png,
+            "--model", tmp_path / "not-loaded.safetensors", "-q")
+
+
+def test_a_recipe_without_a_prompt_says_so(tmp_path, capsys):
+    png = recipe_png(tmp_path / "r.png", json.dumps({"width": 64, "height": 64, "steps": 2}))
+    refused(capsys, f"{png}: its recipe holds no prompt; give one", "generate", "--from-png", png, "--model",
+            tmp_path / "not-loaded.safetensors", "-q")
+
+
+def test_a_recipe_model_missing_here_names_the_flag(tmp_path, capsys):
+    png = recipe_png(tmp_path / "r.png", json.dumps(GOOD | {"models": {"model": "/nowhere/m.safetensors",
+                                                                       "refiner": None}}))
+    refused(capsys, "was made with model /nowhere/m.safetensors, which is not on this machine; give --model PATH",
+            "generate", "--from-png", png, "-q")
+
+
+def test_the_default_model_is_recorded_without_a_local_path(tmp_path, capsys):
+    assert main(["generate", "a red circle on a blue background", "--steps", "2", "-q", "--no-watermark",
+                 "-o", str(tmp_path / "d.png")]) == 0
+    rec = json.loads(Image.open(tmp_path / "d.png").info["sdxl-recipe"])
+    assert rec["models"] == {"model": "sdxl:default_base.safetensors", "refiner": "sdxl:default_refiner.safetensors"}
+    assert main(["generate", "--from-png", str(tmp_path / "d.png"), "-q", "--no-watermark",
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")), np.asarray(Image.open(tmp_path / "again.png")))
 
 
 def test_deeply_nested_recipe(tmp_path, capsys):

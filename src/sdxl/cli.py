@@ -73,7 +73,15 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
     from sdxl.formats.png import file_hash
 
-    recorded = rec.models if rec else {}
+    from sdxl.formats.png import local_path
+
+    recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
+    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    for key, path in recorded.items():
+        if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
+                and not (key == "refiner" and args.no_refiner):
+            raise SDXLError(f"{args.from_png} was made with {key} {path}, which is not on this machine; give "
+                            f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
                 args.vae or recorded.get("vae"), loras)
@@ -143,6 +151,9 @@ def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Mo
     settings = _settings(args, rec, models, init)
     prompts, tags = _prompt_loras(_read_prompts(args))
     if prompts[0] is None and settings.get("prompt") is None:
+        if rec is not None:
+            raise SDXLError(f"{args.from_png}: its recipe holds no prompt; give one (sdxl generate \"a red circle\" "
+                            f"--from-png {args.from_png})")
         raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
     models = replace(models, loras=models.loras + tags)
     first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",

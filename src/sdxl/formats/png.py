@@ -54,11 +54,38 @@ def file_hash(path: str | os.PathLike) -> str:
     return cache[key]
 
 
+PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the default model): no local path recorded
+
+
+def portable(path: str) -> str:
+    """A model path as a recipe records it: as given, or `sdxl:NAME` for a file shipped in the package."""
+    from sdxl.default_model import ASSETS
+
+    p = Path(path)
+    return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else str(path)
+
+
+def local_path(entry: str) -> str:
+    """A recipe's model entry -> a path on this machine (`sdxl:NAME`: the package's own file)."""
+    from sdxl.default_model import ASSETS
+
+    return str(ASSETS / entry[len(PACKAGED):]) if entry.startswith(PACKAGED) else entry
+
+
+def _model_entry_ok(key: str, entry: str) -> bool:
+    """A recipe may name checkpoints only: `sdxl:NAME` of the package, a .safetensors file (a LoRA's with an
+    optional `:WEIGHT`), or a diffusers folder; never an arbitrary file to open and hash."""
+    if entry.startswith(PACKAGED):
+        return re.fullmatch(r"[\w.-]+\.safetensors", entry[len(PACKAGED):]) is not None
+    path = re.sub(r":-?[\d.]+$", "", entry) if key.startswith("lora") else entry
+    return path.endswith(".safetensors") or (key != "vae" and not key.startswith("lora") and Path(path).is_dir())
+
+
 def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None) -> dict:
     """The JSON recipe of a request: every setting (not images/tensors), the model files and their hashes, and
     the saved latent it started from (file, index, hash), if any."""
     d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
-    d["models"] = {k: v for k, v in models.items() if v}
+    d["models"] = {k: portable(v) if not k.startswith("lora") else v for k, v in models.items() if v}
     d["hashes"] = {k: file_hash(v)[:10] for k, v in models.items() if v and Path(v).is_file()}
     if latent is not None:
         d["latent"] = {"file": str(latent[0]), "index": latent[1], "hash": file_hash(latent[0])[:10]}
@@ -161,10 +188,23 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     if text is None:
         raise SDXLError(f"{path}: carries no sdxl recipe (only PNGs written by `sdxl generate` do)")
     try:
-        d = json.loads(text)
-    except (ValueError, RecursionError):
-        raise SDXLError(f"{path}: its sdxl recipe is not valid JSON (or nested too deeply)") from None
+        d = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        why = str(e) if isinstance(e, _DuplicateKey) else "not valid JSON (or nested too deeply)"
+        raise SDXLError(f"{path}: its sdxl recipe is {why}") from None
     return parse_recipe(d, f"{path}: its sdxl recipe")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are each given once (a repeated key would silently win over the first)."""
+    keys = [k for k, _ in pairs]
+    if dup := next((k for k in keys if keys.count(k) > 1), None):
+        raise _DuplicateKey(f"ambiguous: the key {dup!r:.40} is given twice")
+    return dict(pairs)
 
 
 def parse_recipe(d, source: str) -> Recipe:
@@ -174,10 +214,16 @@ def parse_recipe(d, source: str) -> Recipe:
     d = dict(d)
     models, hashes = d.pop("models", {}), d.pop("hashes", {})
     for name, table in (("models", models), ("hashes", hashes)):
-        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise SDXLError(f"{source}: {name} must be an object of file names, got {table!r:.60}")
+        if not isinstance(table, dict):
+            raise SDXLError(f"{source}: {name} must be an object, got {table!r:.60}")
+        if bad := [k for k, v in table.items() if v is not None and not isinstance(v, str)]:
+            raise SDXLError(f"{source}: {name}.{bad[0]:.40} must be a file name (a string), got {table[bad[0]]!r:.60}")
+    models = {k: v for k, v in models.items() if v is not None}
     if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
-        raise SDXLError(f"{source}: unknown model entry {bad[0]!r} (expected model, refiner, vae, lora0, ...)")
+        raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, lora0, ...)")
+    if bad := [k for k, v in models.items() if not _model_entry_ok(k, v)]:
+        raise SDXLError(f"{source}: models.{bad[0]} {models[bad[0]]!r:.80} is not a checkpoint name (a .safetensors "
+                        "file or a diffusers folder); pass the files with --model/--refiner/--vae/--lora")
     dtype, latent = d.pop("dtype", None), d.pop("latent", None)
     if dtype is not None and dtype not in DTYPES:
         raise SDXLError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r:.60}")
