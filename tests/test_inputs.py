@@ -382,6 +382,22 @@ def test_the_default_model_is_recorded_without_a_local_path(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")), np.asarray(Image.open(tmp_path / "again.png")))
 
 
+def test_replaying_img2img_needs_the_same_init_image(files, tmp_path, capsys):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    made = tmp_path / "made.png"
+    assert run(capsys, "generate", "x", "--model", files[0], "--init-image", tmp_path / "a.png", "--strength", "0.5",
+               "-o", made, *FAST)[0] == 0
+    refused(capsys, f"{made} was made from an init image (hash ", "generate", "--from-png", made, "-q")
+    with pytest.warns(UserWarning) as caught:
+        code, _, _ = run(capsys, "generate", "--from-png", made, "--init-image", tmp_path / "b.png", "-q",
+                         "-o", tmp_path / "other.png")
+    assert code == 0 and [f"but {made} was made from one with hash" in str(w.message) for w in caught] == [True]
+    assert run(capsys, "generate", "--from-png", made, "--init-image", tmp_path / "a.png", "-q", "--no-watermark",
+               "-o", tmp_path / "same.png")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "same.png")))
+
+
 def test_deeply_nested_recipe(tmp_path, capsys):
     png = recipe_png(tmp_path / "deep.png", "[" * 100_000 + "]" * 100_000)
     refused(capsys, "its sdxl recipe is not valid JSON (or nested too deeply)", "generate", "--from-png", png, "-q")

@@ -140,6 +140,20 @@ def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | N
     return path, index if args.latent_index is None else args.latent_index
 
 
+def _check_replayed_inputs(args: argparse.Namespace, rec, images: dict) -> None:
+    """--from-png of an img2img/inpainting image: its init image and mask must be given again; others warn."""
+    from sdxl.formats.png import image_hash
+
+    for key, want in ((rec.inputs or {}) if rec else {}).items():
+        flag = "--" + key.replace("_", "-")
+        if images[key] is None:
+            raise SDXLError(f"{args.from_png} was made from an {key.replace('_', ' ')} (hash {want}); give it again "
+                            f"with {flag}")
+        if (have := image_hash(images[key])) != want:
+            warnings.warn(f"{flag} {getattr(args, key)} has hash {have} but {args.from_png} was made from one with "
+                          f"hash {want}; the image will differ")
+
+
 def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Models, list]:
     """One Request per prompt, built once from flags over the recipe over the native settings, all validated
     before anything big is loaded. --prompts: prompt k uses seed + k * batch. `<lora:NAME:W>` tags in the
@@ -148,6 +162,7 @@ def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Mo
 
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
+    _check_replayed_inputs(args, rec, {"init_image": init, "mask": mask})
     settings = _settings(args, rec, models, init)
     prompts, tags = _prompt_loras(_read_prompts(args))
     if prompts[0] is None and settings.get("prompt") is None:

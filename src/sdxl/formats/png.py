@@ -89,6 +89,9 @@ def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | 
     d["hashes"] = {k: file_hash(v)[:10] for k, v in models.items() if v and Path(v).is_file()}
     if latent is not None:
         d["latent"] = {"file": str(latent[0]), "index": latent[1], "hash": file_hash(latent[0])[:10]}
+    images = {k: image_hash(getattr(req, k)) for k in ("init_image", "mask") if getattr(req, k) is not None}
+    if images:
+        d["inputs"] = images
     return d
 
 
@@ -177,6 +180,12 @@ class Recipe:
     hashes: dict[str, str]
     dtype: str | None = None
     latent: dict | None = None  # {"file": str, "index": int | None, "hash": str}
+    inputs: dict | None = None  # {"init_image": hash, "mask": hash} of the images it started from
+
+
+def image_hash(image) -> str:
+    """The first 10 hex digits of sha256 over an image's size, mode and pixels (what generation reads)."""
+    return hashlib.sha256(f"{image.size} {image.mode}".encode() + image.tobytes()).hexdigest()[:10]
 
 
 def read_recipe(path: str | os.PathLike) -> Recipe:
@@ -231,7 +240,11 @@ def parse_recipe(d, source: str) -> Recipe:
                                    and isinstance(latent.get("hash"), str)
                                    and (latent.get("index") is None or type(latent.get("index")) is int)):
         raise SDXLError(f"{source}: latent must be an object with file, index and hash, got {latent!r:.60}")
+    inputs = d.pop("inputs", None)
+    if inputs is not None and not (isinstance(inputs, dict) and set(inputs) <= {"init_image", "mask"}
+                                   and all(isinstance(v, str) for v in inputs.values())):
+        raise SDXLError(f"{source}: inputs must be an object with init_image and mask hashes, got {inputs!r:.60}")
     for key in ("index", "seed_of_image"):  # which image of the batch this PNG is; informational
         if type(d.pop(key, 0)) is not int:
             raise SDXLError(f"{source}: {key} must be an integer")
-    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent)
+    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent, inputs)
