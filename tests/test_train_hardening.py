@@ -59,6 +59,10 @@ def one_line(err: str, message: str) -> bool:
     ("unet.model_channels=0", "[unet] model_channels must be positive, got 0"),
     ("vae.ch_mult=[]", "[vae] ch_mult: needs at least one value"),
     ("clip_l.vocab_size=10", "[clip_l] vocab_size 10 and max_length 77 must be at least the CLIP tokenizer's 49408"),
+    ("lr=1e30", "lr must be in (0, 1] (AdamW"),
+    ("resolution=100000", "resolution must be at most 4096"),
+    ('dataset="synthetic:999999999"', "synthetic datasets are written synthetic:N with N in 1..1000000"),
+    ("batch_size=100000", "batch_size must be at most 4096 per process, got 100000"),
 ])
 def test_bad_setting_is_one_line_before_anything_runs(tmp_path, capsys, setting, message):
     code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--set", setting, "--output", tmp_path / "run")
@@ -105,6 +109,17 @@ def test_a_fifo_named_by_a_manifest_is_skipped_not_opened(tmp_path):
     assert skipped == [f"{tmp_path / 'pipe.png'}: not a regular file"]
 
 
+def test_a_batch_larger_than_the_data_is_refused(tmp_path, capsys):
+    code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--set", "batch_size=9", "--output", tmp_path / "run")
+    assert code == 2 and one_line(err, "batch_size 9 x 1 process(es) is more than the 8 usable images"), err
+
+
+def test_a_missing_dataset_says_so(tmp_path, capsys):
+    code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--set", f'dataset="{tmp_path / "nothere"}"',
+                      "--output", tmp_path / "run")
+    assert code == 2 and one_line(err, "no such folder or file"), err
+
+
 # --- the output folder -----------------------------------------------------------------------------
 
 def test_output_an_existing_file_is_refused_and_kept(tmp_path, capsys):
@@ -113,6 +128,16 @@ def test_output_an_existing_file_is_refused_and_kept(tmp_path, capsys):
     code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--output", mine)
     assert code == 2 and one_line(err, f"--output {mine} is a file; name a folder")
     assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc", "long-name"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "afile").write_text("mine")
+    output = {"under-a-file": tmp_path / "afile" / "sub", "proc": Path("/proc/sdxl-run"),
+              "long-name": tmp_path / ("a" * 300)}[where]
+    code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--output", output)
+    assert code == 2 and one_line(err, f"--output {output}: cannot make the run's folder"), err
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 @pytest.mark.parametrize("name", ["final.safetensors", "final_lora.safetensors"])

@@ -262,6 +262,13 @@ def _numbers(cfg: TrainConfig) -> dict[str, float]:
     return out
 
 
+# Upper limits, so that a typo fails at once instead of running for hours or exhausting memory.
+MAX_LR = 1.0
+MAX_BATCH = 4096
+MAX_RESOLUTION = 4096  # as generation's largest side
+MAX_SYNTHETIC = 1_000_000
+
+
 def check(cfg: TrainConfig) -> None:
     """Ranges and combinations the types cannot express; a NaN or Inf anywhere is refused first."""
     for name, v in _numbers(cfg).items():
@@ -271,7 +278,9 @@ def check(cfg: TrainConfig) -> None:
     rules = [
         (cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}"),
         (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
-        (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
+        (0 < cfg.lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}] (AdamW; SDXL fine-tunes use about 1e-5 to 1e-3), "
+                               f"got {cfg.lr}"),
+        (cfg.batch_size <= MAX_BATCH, f"batch_size must be at most {MAX_BATCH} per process, got {cfg.batch_size}"),
         (0.0 <= cfg.lr_min <= cfg.lr, f"lr_min must be in [0, lr = {cfg.lr}], got {cfg.lr_min}"),
         (cfg.warmup_steps >= 0, f"warmup_steps must be at least 0, got {cfg.warmup_steps}"),
         (cfg.adam_eps > 0, f"adam_eps must be positive (it keeps Adam's division finite), got {cfg.adam_eps}"),
@@ -290,6 +299,8 @@ def check(cfg: TrainConfig) -> None:
         (0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.resolution > 0 and cfg.bucket_step > 0 and cfg.resolution % cfg.bucket_step == 0,
          f"resolution ({cfg.resolution}) must be a positive multiple of bucket_step ({cfg.bucket_step})"),
+        (cfg.resolution <= MAX_RESOLUTION, f"resolution must be at most {MAX_RESOLUTION} (SDXL trains at 1024), "
+                                           f"got {cfg.resolution}"),
         (cfg.min_original_size >= 0, f"min_original_size must be at least 0, got {cfg.min_original_size}"),
         (cfg.max_aspect >= 1.0, f"max_aspect must be at least 1, got {cfg.max_aspect}"),
         (cfg.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {cfg.checkpoint_every}"),
@@ -301,8 +312,9 @@ def check(cfg: TrainConfig) -> None:
          "cache_dir caches text embeddings, but lora_text_encoders trains the encoders: drop one"),
         (not (cfg.distributed == "fsdp" and cfg.train != "unet"), "distributed = \"fsdp\" is for train = \"unet\""),
         (cfg.dataset != "", "no dataset: set dataset = \"folder/\", \"manifest.jsonl\" or \"synthetic:64\""),
-        (not cfg.dataset.startswith("synthetic:") or cfg.dataset[10:].isdigit() and int(cfg.dataset[10:]) > 0,
-         f"dataset {cfg.dataset!r}: synthetic datasets are written synthetic:N with N > 0 images"),
+        (not cfg.dataset.startswith("synthetic:")
+         or cfg.dataset[10:].isdigit() and 0 < int(cfg.dataset[10:]) <= MAX_SYNTHETIC,
+         f"dataset {cfg.dataset!r:.60}: synthetic datasets are written synthetic:N with N in 1..{MAX_SYNTHETIC}"),
         (not (cfg.sample_every and not cfg.sample_prompts), "sample_every needs sample_prompts"),
         (not (cfg.model and any(getattr(cfg, s) for s in SECTIONS)),
          f"the tables {', '.join(SECTIONS)} change model_config; with model = \"...\" the checkpoint fixes the shapes"),

@@ -71,6 +71,8 @@ def scan(source: str, workdir: Path) -> tuple[list[Item], list[str]]:
         entries = _manifest_entries(Path(source))
     elif Path(source).is_dir():
         entries = _folder_entries(Path(source))
+    elif not Path(source).exists():
+        raise SDXLError(f"dataset {source!r}: no such folder or file")
     else:
         raise SDXLError(f"dataset {source!r}: not a folder, a .jsonl manifest or synthetic:N")
     items, skipped = [], []

@@ -117,6 +117,12 @@ def _train(cfg: TrainConfig, output: Path, previous: Path | None, quiet: bool, o
 
 def check_output(output: Path, resume: bool) -> Path | None:
     """The checkpoint a resume continues (None for a new run); refuses what would overwrite a user's files."""
+    try:
+        output.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a name too long, a file on the way
+        raise SDXLError(f"--output {output}: cannot make the run's folder ({e.strerror}); choose another") from None
     if output.exists() and not output.is_dir():
         raise SDXLError(f"--output {output} is a file; name a folder for the run's checkpoints")
     previous = checkpointing.latest(output)
@@ -130,6 +136,10 @@ def check_output(output: Path, resume: bool) -> Path | None:
         if theirs:
             raise SDXLError(f"{output} already holds {', '.join(theirs)} from another run; choose another --output "
                             "(nothing was overwritten)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, a read-only or virtual file system, a name too long
+        raise SDXLError(f"--output {output}: cannot make the run's folder ({e.strerror}); choose another") from None
     return previous
 
 
@@ -305,6 +315,9 @@ def build_data(cfg: TrainConfig, model: SDXLModel, tokenizer: Tokenizer, output:
                                      text_files)
     else:
         dataset = data.ImageDataset(items, buckets, bucket_of, cfg.seed, cfg.random_crop, cfg.aesthetic_score)
+    if cfg.batch_size * d.world > len(items):
+        raise SDXLError(f"batch_size {cfg.batch_size} x {d.world} process(es) is more than the {len(items)} usable "
+                        "images; give a smaller batch_size (or more images)")
     plan = data.BucketBatches(bucket_of, cfg.batch_size * d.world, cfg.seed)
     log.event("data", images=len(items), skipped=len(skipped), dropped_small=len(small), skipped_files=skipped[:100],
               buckets={f"{buckets[b][0]}x{buckets[b][1]}": len(m) for b, m in sorted(plan.members.items())},
