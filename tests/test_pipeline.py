@@ -329,6 +329,23 @@ def test_nan_in_the_vae_decoder_is_an_error_not_a_black_image(models, vae_dtype)
     assert "--dtype fp32" not in str(e.value)
 
 
+def test_a_vae_that_decodes_one_flat_colour_warns(models):
+    """Finite but saturated (a decoder bias of 1e4): every pixel white. Not an error, but never silent."""
+    base, _, _ = models
+    broken = SDXLModel.from_parts(unet=base.unet, conditioner=base.conditioner, vae=AutoencoderKL(base.vae.cfg))
+    broken.vae.load_state_dict(base.vae.state_dict())
+    with torch.no_grad():
+        broken.vae.decoder.conv_out.bias.fill_(1e4)
+    pipe = Pipeline(broken, dtype=torch.float32, channels_last=False)
+    with pytest.warns(UserWarning, match=r"image\(s\) 0, 1 of the batch decoded to one flat colour"):
+        result = pipe.generate(Request("x", width=SIZE, height=SIZE, steps=1, seed=0, batch=2))
+    assert all(np.asarray(im).min() == 255 for im in result.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the working VAE: no warning
+        Pipeline(base, dtype=torch.float32, channels_last=False).generate(
+            Request("x", width=SIZE, height=SIZE, steps=1, seed=0))
+
+
 def test_non_finite_sampling_in_fp32_does_not_advise_fp32(models):
     base, _, _ = models
     unet = copy.deepcopy(base.unet)

@@ -319,7 +319,12 @@ class Pipeline:
         z = (latents / self.scaling_factor).to(self.device, self.vae_dtype)
         if self.vae_dtype != torch.float32:
             z = z.contiguous(memory_format=torch.channels_last)
-        return (self._vae("decode", z, self._tiled(z)).float() / 2 + 0.5).clamp(0, 1)
+        pixels = (self._vae("decode", z, self._tiled(z)).float() / 2 + 0.5).clamp(0, 1)
+        flat = [i for i, im in enumerate(pixels) if float(im.amax() - im.amin()) < 1 / 255]
+        if flat:  # e.g. a VAE whose weights saturate every pixel: finite, yet no image
+            warnings.warn(f"image(s) {', '.join(map(str, flat))} of the batch decoded to one flat colour; the VAE "
+                          "weights or the latents are likely broken (check --vae / the checkpoint)")
+        return pixels
 
     def _vae(self, method: str, x: torch.Tensor, tiled: bool):
         """The VAE's `encode` or `decode` (tiled or not); non-finite output (fp16/bf16 overflow) is retried on a
