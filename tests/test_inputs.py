@@ -250,6 +250,19 @@ def test_output_that_is_not_a_png_file(tmp_path, capsys, name, message):
     assert not Path("/dev/null-1").exists() and (name.startswith("/") or not (tmp_path / name).exists())
 
 
+def test_output_name_with_a_byte_that_is_not_utf8(files, tmp_path, capsys):
+    name = os.fsdecode(b"\xff.png")  # what Python makes of such a command-line argument
+    assert run(capsys, "generate", "x", "--model", files[0], "-o", tmp_path / name, *FAST)[0] == 0
+    assert Image.open(tmp_path / name).size == (64, 64)
+
+
+def test_a_latent_keeps_its_size(files, tmp_path, capsys):
+    lat = tmp_path / "d.safetensors"
+    assert run(capsys, "generate", "x", "--model", files[0], "--save-latent", lat, "-o", tmp_path / "d.png", *FAST)[0] == 0
+    refused(capsys, f"--latent {lat} is 64x64 pixels; --width/--height cannot change it", "generate", "x", "--model",
+            files[0], "--latent", lat, "-o", tmp_path / "e.png", *FAST[:2], "--width", "128", *FAST[6:])
+
+
 def test_output_name_too_long(tmp_path, capsys):
     refused(capsys, "a name of 304 bytes is too long here", "generate", "x", "--model",
             tmp_path / "not-loaded.safetensors", "-o", tmp_path / ("n" * 300 + ".png"), *FAST)

@@ -225,7 +225,7 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     for target in targets:
         flag = "-o" if target is out else "--save-latent"
         room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
-        longest, most = max(len(p.encode()) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
+        longest, most = max(len(os.fsencode(p)) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
         if longest + room > most:
             raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most {most - room}, "
                             "leaving room for numbered names)")
@@ -289,8 +289,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps_done = 0
     for k, req in reqs:
         if init_latent is not None:  # the size in pixels needs the VAE's factor, known once it is loaded
-            req = replace(req, width=init_latent.shape[-1] * pipe.latent_factor,
-                          height=init_latent.shape[-2] * pipe.latent_factor)
+            size = (init_latent.shape[-1] * pipe.latent_factor, init_latent.shape[-2] * pipe.latent_factor)
+            if (args.width or size[0], args.height or size[1]) != size:
+                raise SDXLError(f"--latent {latent_file} is {size[0]}x{size[1]} pixels; --width/--height cannot change "
+                                "it (drop them, or upscale with --hires-scale)")
+            req = replace(req, width=size[0], height=size[1])
             req.validate(has_refiner=models.refiner is not None)
         with tqdm(total=pipe.plan(req).total_steps, desc=f"seed {req.seed}", unit="step", disable=args.quiet) as bar:
             counted = []
@@ -689,6 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *args, **kw: f"sdxl: warning: {message}\n"
+    for stream in (sys.stdout, sys.stderr):  # file names with bytes that are not UTF-8 are printed, not a traceback
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
