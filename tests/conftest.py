@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start (servers, torchrun)
 
 # `sdxl generate` flags for a tiny model: 2 steps at 64x64 in fp32, quiet, no watermark
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--no-watermark", "-q", "--dtype", "fp32"]
