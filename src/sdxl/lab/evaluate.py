@@ -121,12 +121,13 @@ def missing_variants(folder: Path | None, names) -> list[str]:
 def generate(pipe: Pipeline, prompts: list[str], req: Request, s: Settings, desc: str = "") -> list[Image.Image]:
     """One image per prompt, prompt i with seed `s.seed + i`, `s.batch` prompts per sampling run (one prompt per
     batch row; a batch of B with seed s draws the noise of B single images with seeds s..s+B-1)."""
+    runs = [replace(req, prompt=tuple(prompts[i:i + s.batch]), seed=s.seed + i, batch=len(prompts[i:i + s.batch]))
+            for i in range(0, len(prompts), s.batch)]
     images = []
-    with tqdm(total=len(prompts), desc=desc, unit="img", disable=s.quiet, leave=False, file=sys.stderr) as bar:
-        for i in range(0, len(prompts), s.batch):
-            chunk = tuple(prompts[i:i + s.batch])
-            images += pipe.generate(replace(req, prompt=chunk, seed=s.seed + i, batch=len(chunk))).images
-            bar.update(len(chunk))
+    total = sum(pipe.plan(r).total_steps for r in runs)  # the progress a run reports is its plan's
+    with tqdm(total=total, desc=desc, unit="step", disable=s.quiet, leave=False, file=sys.stderr) as bar:
+        for r in runs:
+            images += pipe.generate(r, callback=lambda _info: bar.update(1)).images
     return images
 
 
