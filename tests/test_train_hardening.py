@@ -239,6 +239,22 @@ def test_a_folder_holding_a_run_is_not_started_again(finished, tmp_path, capsys)
     assert (out / "final.safetensors").read_bytes() == (run / "final.safetensors").read_bytes()
 
 
+def test_resuming_a_finished_run_keeps_its_final_file(finished, tmp_path, capsys):
+    run, cfg = finished
+    out = shutil.copytree(run, tmp_path / "run")
+    code, err = train(capsys, cfg, "--output", out, "--resume")
+    assert code == 2 and one_line(err, "the run is already at step 2 of steps = 2; raise steps (--set steps=N)"), err
+    assert (out / "final.safetensors").read_bytes() == (run / "final.safetensors").read_bytes()
+
+
+def test_resuming_with_other_model_settings_names_the_mismatch(finished, tmp_path, capsys):
+    run, cfg = finished
+    out = shutil.copytree(run, tmp_path / "run")
+    code, err = train(capsys, cfg, "--output", out, "--resume", "--set", "steps=3", "--set", "unet.model_channels=64")
+    assert code == 2 and one_line(err, "its weights do not fit this config's model"), err
+    assert "resume with the run's own model settings" in err
+
+
 def test_resume_with_nothing_to_resume_is_one_line(tmp_path, capsys):
     code, err = train(capsys, toml(tmp_path / "c.toml", TINY), "--output", tmp_path / "run", "--resume")
     assert code == 2 and one_line(err, f"{tmp_path / 'run'}: nothing to resume (no {tmp_path / 'run' / 'latest'})")

@@ -537,6 +537,9 @@ def restore(folder: Path, run: Run, log) -> None:
     saved, cfg, world = ckpt["state"], run.cfg, run.dist.world
     if saved.get("world_size", world) * cfg.batch_size != world * saved["config"]["batch_size"]:
         log.event("warning", message="the global batch size changed since the checkpoint: data order differs")
+    if run.state["step"] >= cfg.steps and any((folder.parent / n).exists() for n in FINAL_FILES):
+        raise SDXLError(f"{folder}: the run is already at step {run.state['step']} of steps = {cfg.steps}; raise "
+                        "steps (--set steps=N) to continue it (its final file is kept as it is)")
     changed = sorted(k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k != "output")
     if changed:
         log.event("resume_config_changed", keys=changed)
@@ -551,6 +554,10 @@ def _apply_checkpoint(folder: Path, ckpt: dict, run: Run) -> None:
         raise SDXLError(f"{folder}: its trained weights do not match this config ({len(missing)} missing, "
                         f"{len(extra)} unexpected, e.g. {next(iter(missing or extra))}); did `train` or the LoRA "
                         "settings change?")
+    if other := next((n for n, t in ckpt["trained"].items() if tuple(t.shape) != tuple(run.trained[n].shape)), None):
+        raise SDXLError(f"{folder}: its weights do not fit this config's model ({other}: saved "
+                        f"{tuple(ckpt['trained'][other].shape)}, now {tuple(run.trained[other].shape)}); resume with the "
+                        "run's own model settings (see its state.json) or start a new --output")
     saved = ckpt["state"]
     counters = {key: int(saved[key]) for key in ("step", "batches", "nonfinite_in_a_row", "nonfinite_total")}
     set_model_state_dict(run.model, ckpt["trained"], options=_state_dict_options(strict=False))
