@@ -275,6 +275,13 @@ def test_output_in_a_read_only_folder(tmp_path, capsys):
             "-o", tmp_path / "ro" / "a.png", *FAST)
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs, a file system that refuses new files")
+def test_output_on_a_file_system_that_refuses_new_files(capsys):
+    # sysfs refuses every new file, to root too: the check runs before anything is loaded
+    refused(capsys, "-o /sys/kernel/a.png: cannot write in /sys/kernel (read-only); choose another folder",
+            "generate", "x", "--model", "/nonexistent/not-loaded.safetensors", "-o", "/sys/kernel/a.png", *FAST)
+
+
 def test_save_latent_into_a_missing_folder_writes_both(files, tmp_path, capsys):
     code, _, _ = run(capsys, "generate", "x", "--model", files[0], "-o", tmp_path / "a.png",
                      "--save-latent", tmp_path / "new" / "deep" / "l.safetensors", *FAST)
