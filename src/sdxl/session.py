@@ -66,7 +66,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "the default model's", default_refiner)
+                  "of the default model", default_refiner)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
