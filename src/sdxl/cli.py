@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from dataclasses import fields, replace
@@ -20,6 +21,12 @@ class UsageError(SDXLError):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # values such as -inf, -1e5 and -5,-5 are values, not flags (argparse knows only -5 and -.5), so that
+        # `--cfg -inf` reaches the range check instead of "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)[\w.,+-]*$", re.IGNORECASE)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
