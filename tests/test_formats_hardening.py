@@ -323,3 +323,18 @@ def test_save_png_keeps_existing_files(tmp_path):
     assert (tmp_path / "a.png").read_bytes() == b"mine"
     with Image.open(first) as back:
         assert back.info["parameters"] == "a red square" and back.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """A file we write is readable like any other new file (0o666 less the umask), even though the safetensors
+    library itself creates 0600 files."""
+    import os
+
+    from sdxl.formats.files import write_tensors
+
+    umask = os.umask(0o022)
+    try:
+        path = write_tensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644

@@ -162,7 +162,9 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], object], mode: s
     except OSError as e:
         raise SDXLError(f"{path}: cannot write there ({e.strerror})") from None
     try:
+        mode_bits = os.stat(tmp).st_mode & 0o777  # 0o666 less the umask, as for any new file
         write(tmp)
+        os.chmod(tmp, mode_bits)  # writers that replace the file (the safetensors library: 0600) keep it
         fsync(tmp)
         out = _move(tmp, path, mode)
         fsync(path.parent)
