@@ -420,6 +420,19 @@ def test_replaying_img2img_needs_the_same_init_image(files, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "same.png")))
 
 
+def test_a_recipe_with_one_prompt_per_image_names_each_in_its_infotext(files, tmp_path, capsys):
+    png = recipe_png(tmp_path / "r.png", json.dumps(GOOD | {"prompt": ["a star", "a moon"], "batch": 2}))
+    assert run(capsys, "generate", "--from-png", png, "--model", files[0], "-o", tmp_path / "o.png", *FAST)[0] == 0
+    firsts = [Image.open(tmp_path / f"o-{i}.png").info["parameters"].splitlines()[0] for i in (0, 1)]
+    assert firsts == ["a star", "a moon"]
+
+
+def test_prompts_not_one_per_image_are_refused_before_loading(tmp_path, capsys):
+    png = recipe_png(tmp_path / "r.png", json.dumps(GOOD | {"prompt": ["a star", "a moon"], "batch": 3}))
+    refused(capsys, "prompt: 2 prompts for a batch of 3; give one per image or a single one", "generate",
+            "--from-png", png, "--model", tmp_path / "not-loaded.safetensors", "-q")
+
+
 def test_deeply_nested_recipe(tmp_path, capsys):
     png = recipe_png(tmp_path / "deep.png", "[" * 100_000 + "]" * 100_000)
     refused(capsys, "its sdxl recipe is not valid JSON (or nested too deeply)", "generate", "--from-png", png, "-q")

@@ -78,9 +78,7 @@ def _quad(text: str) -> tuple[int, int, int, int]:
 
 def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
-    from sdxl.formats.png import file_hash
-
-    from sdxl.formats.png import local_path
+    from sdxl.formats.png import file_hash, local_path
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
@@ -91,7 +89,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                args.vae or recorded.get("vae"), loras)
+                       args.vae or recorded.get("vae"), loras)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
         if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:

@@ -105,6 +105,10 @@ class Request:
             kw["seed"] = secrets.randbelow(2**32)
         return cls(**kw)
 
+    def prompt_of(self, index: int) -> str:
+        """The prompt of image `index` of the batch (a tuple gives one per image)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[index]
+
     def validate(self, has_refiner: bool) -> None:
         """The value rules, for every source; raises SDXLError naming the setting and its allowed range."""
         _check_finite(self)
@@ -240,6 +244,8 @@ def _check_inputs(r: Request, has_refiner: bool) -> None:
                 bad = text[e.start].encode("utf-8", "surrogateescape")
                 raise SDXLError(f"{_flag(name)} holds a byte that is not UTF-8 text ({bad!r} at character "
                                 f"{e.start}); write the prompt in UTF-8") from None
+    if not isinstance(r.prompt, str) and len(r.prompt) != r.batch:
+        raise SDXLError(f"prompt: {len(r.prompt)} prompts for a batch of {r.batch}; give one per image or a single one")
     if (r.refiner_switch is not None or r.refiner_strength is not None) and not has_refiner:
         raise SDXLError("a refiner switch or strength was given but no refiner is loaded (--refiner PATH)")
     if (r.mask is not None or r.outpaint is not None) and r.init_image is None:

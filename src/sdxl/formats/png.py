@@ -135,7 +135,7 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
     if loras:
         pairs["Lora hashes"] = ", ".join(f"{name}: {file_hash(path)[:12]}" for name, _, path in loras
                                          if Path(path).is_file()) or None
-    text = " ".join(filter(None, [req.prompt] + [f"<lora:{name}:{weight}>" for name, weight, _ in loras]))
+    text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{name}:{weight}>" for name, weight, _ in loras]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v is not None)

@@ -282,7 +282,7 @@ class Jobs:
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
             result["seeds"] += [w.seed for w in written]
-            result["prompts"] += [req.prompt] * len(written)
+            result["prompts"] += [req.prompt_of(i) for i in range(len(written))]
             result["width"], result["height"] = out.images[0].size
         return "done", result
 
