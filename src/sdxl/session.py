@@ -189,10 +189,11 @@ def write_images(req, images, models: Models, dtype: str, out: Path, latent=None
 
         images = add_watermark(images)
     table = models.table()
+    common = recipe(req, table, latent)  # file and image hashes: once per request, not per image
     written = []
     for i, im in enumerate(images):
         target = out if len(images) == 1 and not numbered else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
         text = a1111_parameters(req, table, i)
-        rec = recipe(req, table, latent) | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
+        rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
         written.append(Written(save_png(im, target, text, rec), text, req.seed + i))
     return written

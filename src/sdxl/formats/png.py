@@ -28,6 +28,9 @@ def next_free(path: str | os.PathLike) -> Path:
     return next(c for c in candidates(path) if not c.exists())
 
 
+_HASHES: dict[str, str] = {}  # "path|size|mtime" -> sha256, for this process
+
+
 def file_hash(path: str | os.PathLike) -> str:
     """sha256 of a file (A1111's "Model hash" is its first 10 hex digits); cached by path, size and mtime."""
     path = Path(path)
@@ -36,6 +39,8 @@ def file_hash(path: str | os.PathLike) -> str:
     st = path.stat()
     cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl" / "hashes.json"
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _HASHES:  # this process hashed or read it already: no second read of the cache file per image
+        return _HASHES[key]
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
@@ -51,6 +56,7 @@ def file_hash(path: str | os.PathLike) -> str:
             cache_file.write_text(json.dumps(cache))
         except OSError:
             pass
+    _HASHES[key] = cache[key]
     return cache[key]
 
 
