@@ -499,6 +499,16 @@ def test_bad_fields_are_a_422_naming_the_field(served, body, field):
     assert r.status_code == 422 and r.json()["field"] == field, r.text
 
 
+@pytest.mark.parametrize("field", ["denoising_strength", "hr_scale", "refiner_switch_at", "cfg_scale", "not_ours"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_a_422_naming_the_field(served, field, value):
+    # Python's JSON reads NaN/Infinity; such a value, even in a field we ignore, would break the echoed response
+    body = '{"prompt": "x", "steps": 2, "width": 64, "height": 64, "%s": %s}' % (field, value)
+    r = httpx.post(f"{served.url}/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == field and "finite" in r.json()["detail"], r.text
+
+
 def test_mask_blur_out_of_range_is_a_422_naming_it(served):
     image, mask = _image_and_mask()
     body = {"prompt": "x", "init_images": [_b64(image)], "mask": _b64(mask), "inpaint_full_res": False,

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import re
 import time
@@ -104,7 +105,21 @@ def checked_fields(payload) -> dict:
     """The fields this server reads, type-checked; unknown fields and nulls dropped (nulls mean the default)."""
     if not isinstance(payload, dict):
         raise FieldError("body", f"expected a JSON object, got {type(payload).__name__}")
+    for k, v in payload.items():  # NaN/Infinity (Python's JSON reads them) in any field, echoed in `parameters` too
+        if (bad := _non_finite(v)) is not None:
+            raise FieldError(k, f"must be a finite number, got {bad}")
     return {k: _typed(k, v, FIELDS[k]) for k, v in payload.items() if k in FIELDS and v is not None}
+
+
+def _non_finite(value):
+    """The first NaN or infinite number inside a JSON value, else None (a loop: any depth)."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return v
+        todo.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+    return None
 
 
 def sampler_and_schedule(p: dict) -> dict:
