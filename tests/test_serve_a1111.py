@@ -393,6 +393,13 @@ def test_img2img_refuses_what_it_cannot_do(api):
     assert json.loads(e.value.args[1])["field"] == "inpainting_fill"
 
 
+def test_options_refuse_non_finite_values_and_stay_readable(served):
+    r = httpx.post(f"{served.url}/sdapi/v1/options", content='{"CLIP_stop_at_last_layers": NaN}',
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "CLIP_stop_at_last_layers", r.text
+    assert httpx.get(f"{served.url}/sdapi/v1/options", timeout=60).status_code == 200
+
+
 def test_options_switch_the_model(api, served, tiny_models):
     shutil.copy(tiny_models / "checkpoints" / "tiny.safetensors", tiny_models / "checkpoints" / "other.safetensors")
     titles = api.util_get_model_names()

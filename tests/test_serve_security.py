@@ -5,6 +5,7 @@ import io
 import secrets
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from serve_fixtures import FAST, live_server, tiny_models  # noqa: F401  (fixtures)
@@ -176,3 +177,37 @@ def test_serve_exposed_with_auth_or_insecure_starts(capsys, monkeypatch, tmp_pat
     assert main(["serve", "--output-dir", str(tmp_path)]) == 0
     assert [k["host"] for _, k in started] == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
     assert [c.port for c, _ in started] == [7860] * 3 and started[2][0].models_dir is None
+
+
+@pytest.mark.parametrize("name", ["Origin", "Host", "Authorization"])
+def test_a_security_header_given_twice_is_refused(guarded, name):
+    """Raw HTTP (clients refuse to send it): a foreign value first, this server's own last; the check must not
+    read only the last one."""
+    import socket
+
+    host, port = guarded.url.removeprefix("http://").rsplit(":", 1)
+    own = {"Origin": f"http://{host}:{port}", "Host": f"{host}:{port}",
+           "Authorization": httpx.BasicAuth(*AUTH)._auth_header}
+    foreign = {"Origin": "http://evil.example", "Host": "evil.example", "Authorization": "Basic eDp4"}
+    lines = [f"{k}: {v}" for k, v in own.items() if k != name] + [f"{name}: {foreign[name]}", f"{name}: {own[name]}"]
+    body = b'{"prompt": "x", "steps": 2}'
+    request = ("POST /v1/jobs HTTP/1.1\r\n" + "\r\n".join(lines) + "\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    if name == "Host":  # the HTTP server itself (h11) already answers a repeated Host with 400
+        assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    else:
+        assert reply.startswith(b"HTTP/1.1 403") and b"given more than once" in reply, reply[:300]
+
+
+def test_a_truncated_image_is_named_shortly(guarded):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(buf, "PNG")
+    cut = base64.b64encode(buf.getvalue()[: len(buf.getvalue()) // 2]).decode()
+    r = post(guarded, {"prompt": "x", "steps": 2, "init_image": cut})
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"], r.text
+    assert len(r.text) < 300  # the message names the image by its size, never echoes its bytes

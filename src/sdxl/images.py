@@ -42,8 +42,8 @@ def opened(path: str | os.PathLike | bytes, what: str = "image", noun: str = "im
            max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
     """The image (a file, or the bytes of one) with its header and text chunks read, pixels not yet decoded;
     refused over max_pixels."""
-    source, path = (io.BytesIO(path), f"({len(path)} bytes)") if isinstance(path, bytes) else \
-        (regular_file(path, what, noun),) * 2
+    source = io.BytesIO(path) if isinstance(path, bytes) else regular_file(path, what, noun)
+    path = _named(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -82,5 +82,10 @@ def load_image(path: str | os.PathLike | bytes, what: str = "image", noun: str =
             im.load()
             im = to_8bit(ImageOps.exif_transpose(im))
         except (OSError, ValueError, SyntaxError):
-            raise SDXLError(f"{what} {path}: not a readable image (truncated or corrupt)") from None
+            raise SDXLError(f"{what} {_named(path)}: not a readable image (truncated or corrupt)") from None
         return im.copy()
+
+
+def _named(path: str | os.PathLike | bytes) -> str | os.PathLike:
+    """How a message names an image: its path, or "(N bytes)" for one sent as bytes (never the bytes)."""
+    return f"({len(path)} bytes)" if isinstance(path, bytes) else path

@@ -532,6 +532,9 @@ async def set_options(request: Request):
     body = await _body(request, "options")
     if not isinstance(body, dict):
         raise FieldError("body", "expected a JSON object of options")
+    for k, v in body.items():  # kept and shown by GET: a NaN stored here would break every later GET
+        if (bad := _non_finite(v)) is not None:
+            raise FieldError(k, f"must be a finite number, got {bad}")
     models = request.app.state.models
     name = body.get("sd_model_checkpoint")
     if name is not None:

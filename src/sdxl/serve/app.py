@@ -126,7 +126,11 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = dict(pairs)
+        names = [k for k, _ in pairs]
+        if repeated := next((k for k in ("host", "origin", "authorization") if names.count(k) > 1), None):
+            return await _forbidden(f"the {repeated.title()} header is given more than once")(scope, receive, send)
         refusal = self.refusal(scope["method"], headers)
         if refusal is not None:
             return await refusal(scope, receive, send)
