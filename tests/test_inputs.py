@@ -180,7 +180,7 @@ def test_oversized_latent_is_refused_before_loading(tmp_path, capsys):
     (["--latent-index", "1"], "--latent-index picks one latent of a --latent file; give --latent FILE too"),
     (["--device", "cpu:5"], "--device cpu:5: the CPU is one device; use cpu"),
     (["--cfg", "-inf"], "cfg must be a finite number, got -inf"),  # a value, not a flag
-    (["--crop", "-5,-5"], "micro-conditioning sizes, crops and outpaint pads must be in 0..65536"),
+    (["--crop", "-5,-5"], "crop must be in 0..65536 (micro-conditioning sizes, crops and outpaint pads), got (-5, -5)"),
 ])
 def test_numbers_out_of_range(tmp_path, capsys, argv, message):
     # the model file does not exist: every one of these is refused before anything is loaded

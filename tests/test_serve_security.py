@@ -102,6 +102,9 @@ def test_limits_named(guarded, body, limit, field):
     ({"prompt": "x", "n_iter": 0}, "n_iter", "n_iter"),
     ({"steps": 2}, "no prompt", "prompt"),
     ({"prompt": "x", "colour": "red"}, "unknown setting", "colour"),
+    ({"prompt": "x", "steps": 2, "crop": [-1, -1]}, "crop must be in 0..65536", "crop"),
+    ({"prompt": "x", "steps": 2, "original_size": [-5, 99999999999]}, "original-size must be in 0..65536",
+     "original_size"),
 ])
 def test_request_rules_422(guarded, body, words, field):
     r = post(guarded, body)

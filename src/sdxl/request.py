@@ -186,10 +186,11 @@ def _check_sizes(r: Request) -> None:
         if max(big) > MAX_SIDE:
             raise SDXLError(f"hires-scale {r.hires_scale} makes {big[0]}x{big[1]}, over the limit of {MAX_SIDE} "
                             "pixels a side; give a smaller --hires-scale")
-    micro = [r.original_size, r.crop, r.target_size, r.negative_original_size, r.negative_crop,
-             r.negative_target_size, r.outpaint]
-    if any(not 0 <= v <= MAX_MICRO for t in micro if t is not None for v in t):
-        raise SDXLError(f"micro-conditioning sizes, crops and outpaint pads must be in 0..{MAX_MICRO}")
+    for name in ("original_size", "crop", "target_size", "negative_original_size", "negative_crop",
+                 "negative_target_size", "outpaint"):
+        if any(not 0 <= v <= MAX_MICRO for v in getattr(r, name) or ()):
+            raise SDXLError(f"{_flag(name)} must be in 0..{MAX_MICRO} (micro-conditioning sizes, crops and outpaint "
+                            f"pads), got {getattr(r, name)}")
 
 
 def _check_counts(r: Request) -> None:
