@@ -441,10 +441,14 @@ POLL_SECONDS = 0.05
 
 
 async def _body(request: Request, source: str):
+    from starlette.requests import ClientDisconnect
+
     try:
         return json.loads(await request.body())
     except (ValueError, RecursionError):
         raise FieldError("body", f"{source}: the body is not valid JSON") from None
+    except ClientDisconnect:  # the client hung up before its Content-Length: an answer nobody reads, no traceback
+        raise FieldError("body", f"{source}: the client disconnected before sending the whole body") from None
 
 
 def _decoder(request: Request):
