@@ -291,14 +291,15 @@ class Jobs:
 def _step(live: _Live, info: dict) -> None:
     """k-diffusion's per-step callback: count, render the preview (at the first step, then at most once per
     PREVIEW_PERIOD seconds, as A1111's live_preview_refresh_period; in the worker, so that polls never wait on
-    it), honour cancel and skip."""
-    live.step += 1
+    it), honour cancel and skip. The step is counted after the preview is set, so a poll that sees step 1 sees
+    its preview."""
     if live.render is not None and time.monotonic() - live.rendered_at >= PREVIEW_PERIOD:
         try:
             live.preview = live.render(info["denoised"][0])
         except SDXLError:  # a non-finite latent: no preview now; the job itself reports it at its end
             pass
         live.rendered_at = time.monotonic()
+    live.step += 1
     if live.stop:
         raise Cancelled
     if live.skip:
