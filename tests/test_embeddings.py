@@ -2,9 +2,12 @@
 name in a prompt standing for its vectors in both encoders (weights, windows), parity with diffusers'
 `load_textual_inversion` on a tiny random model (fp32, CPU; prompt embeddings and pooled within 1e-5)."""
 
+import json
+
 import pytest
 import torch
 from conftest import randomize
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl.formats.embeddings import Embeddings, load_embedding, load_folder
@@ -174,3 +177,56 @@ def _micro() -> dict:
     from sdxl.models.conditioning import micro_values
 
     return micro_values(64, 64)
+
+
+# --- CLI and server -------------------------------------------------------------------------------------------------
+
+def _infotext(path) -> str:
+    with Image.open(path) as im:
+        return im.info["parameters"]
+
+
+def test_cli_embeddings_dir_uses_them_and_records_their_hashes(tmp_path, capsys):
+    from conftest import FAST, run, tiny_checkpoints
+
+    from sdxl.formats.png import file_hash
+
+    base, _ = tiny_checkpoints(tmp_path)
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    emb = sdxl_file(folder / "myemb.safetensors", 3)
+    (folder / "old.pt").write_bytes(b"\x80\x04pickled")
+    args = ["--model", base, "--seed", 3, *FAST]
+    code, out, _ = run(capsys, "generate", "a (myemb:1.2) cat", "--negative", "blurry", "--embeddings-dir", folder,
+                       "-o", tmp_path / "with.png", *args)
+    assert code == 0 and "embedding old skipped" in out and "pickle" in out
+    assert f'TI hashes: "myemb: {file_hash(emb)[:12]}"' in _infotext(tmp_path / "with.png")
+    assert run(capsys, "generate", "a (myemb:1.2) cat", "--negative", "blurry", "-o", tmp_path / "without.png",
+               *args)[0] == 0
+    assert "TI hashes" not in _infotext(tmp_path / "without.png")
+    with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "without.png") as b:
+        assert a.tobytes() != b.tobytes()
+    code, _, err = run(capsys, "generate", "a cat", "--embeddings-dir", tmp_path / "nowhere", *args)
+    assert code == 2 and "--embeddings-dir" in err and "not a folder" in err
+
+
+def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
+    import httpx
+    from serve_fixtures import FAST, live_server, make_models_folder
+
+    root = make_models_folder(tmp_path / "models")
+    (root / "embeddings" / "sub").mkdir(parents=True)
+    emb = load_embedding(write(root / "embeddings" / "sub" / "myemb.safetensors",
+                               {"clip_l": vectors(2, 128, 0), "clip_g": vectors(2, 128, 1)}, {"step": "700"}), W)
+    write(root / "embeddings" / "sd15.safetensors", {"emb_params": vectors(1, 768, 0)})
+    (root / "embeddings" / "old.bin").write_bytes(b"PK\x03\x04")
+    with live_server(tmp_path / "out", root) as live:
+        listing = httpx.get(f"{live.url}/sdapi/v1/embeddings").json()
+        body = {"prompt": "a myemb cat", "seed": 2, **FAST}
+        with_emb = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=body, timeout=300).json()
+    assert listing["loaded"] == {"myemb": {"step": 700, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                           "shape": 256, "vectors": 2}}
+    assert set(listing["skipped"]) == {"sd15", "old"}
+    assert "SD 1.x" in listing["skipped"]["sd15"]["reason"] and "pickle" in listing["skipped"]["old"]["reason"]
+    info = json.loads(with_emb["info"])
+    assert f'TI hashes: "myemb: {emb.hash}"' in info["infotexts"][0]
