@@ -11,7 +11,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl.formats.embeddings import Embeddings, load_embedding, load_folder
-from sdxl.models.conditioning import Conditioner
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize
 from sdxl.models.tokenizer import PAD_BIGG, Tokenizer
@@ -171,6 +170,31 @@ def test_a_negative_prompt_uses_embeddings_too(tiny):
         _, uncond = ours.guided(tokenizer_with(e), [("a cat", None)], _micro(), [("myemb, blurry", None)], _micro())
         _, ref, _, _ = theirs.encode_prompt("a cat", negative_prompt="myemb, blurry", do_classifier_free_guidance=True)
     torch.testing.assert_close(uncond.crossattn, ref, **TOL)
+
+
+def test_the_refiner_gets_the_bigg_vectors(tiny):
+    from sdxl.models.conditioning import Conditioner
+    from sdxl.models.model import TINY_REFINER
+
+    ours, _, e = tiny
+    refiner = Conditioner.from_parts(TINY_REFINER.conditioner, ours.bigg)  # the base's bigG, without CLIP-L
+    with torch.no_grad():
+        x, pooled = ours.encode_prompt("(myemb:1.2) on a table", None, tokenizer_with(e))
+        x_g, pooled_g = refiner.encode_prompt("(myemb:1.2) on a table", None, tokenizer_with(e))
+    torch.testing.assert_close(x_g, x[..., 128:], rtol=0, atol=0)
+    torch.testing.assert_close(pooled_g, pooled, rtol=0, atol=0)
+
+
+def test_vectors_take_the_encoders_dtype(tiny):
+    import copy
+
+    ours, _, e = tiny
+    half = copy.deepcopy(ours).to(torch.bfloat16)
+    with torch.no_grad():
+        x, _ = ours.encode_prompt("a myemb", None, tokenizer_with(e))
+        x16, _ = half.encode_prompt("a myemb", None, tokenizer_with(e))
+    assert x16.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.float(), x, rtol=0.05, atol=0.05)
 
 
 def _micro() -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from sdxl.errors import SDXLError, first_few
 from sdxl.formats.files import SafetensorsFile
 
 MAX_VECTORS = 75  # one prompt window (sdxl.models.prompts.WINDOW): A1111 never splits an embedding across windows
+MAX_ELEMENTS = MAX_VECTORS * 4096  # per tensor, checked before reading: no text encoder is wider than 4096
 PICKLES = (".pt", ".bin", ".ckpt", ".pth", ".pkl")
 # the single-encoder embeddings of other Stable Diffusion versions, by token width
 OTHER_MODELS = {768: "an SD 1.x embedding (one 768-wide tensor, CLIP ViT-L only)",
@@ -79,9 +81,10 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                              "use the .safetensors release of this embedding")
     f = SafetensorsFile(path, fix=None)
     shapes = f.shapes()
-    if len(shapes) > 4 or any(len(s) not in (1, 2) for s in shapes.values()):
-        raise EmbeddingError(f"{path}: holds {len(shapes)} tensors ({first_few(f'{k} {list(s)}' for k, s in shapes.items())})"
-                             "; a textual-inversion embedding holds clip_l (n, 768) and clip_g (n, 1280)")
+    if len(shapes) > 4 or any(len(s) not in (1, 2) or not 0 < math.prod(s) <= MAX_ELEMENTS for s in shapes.values()):
+        listed = first_few(f"{k} {list(s)}" for k, s in shapes.items())
+        raise EmbeddingError(f"{path}: holds {len(shapes)} tensors ({listed}); a textual-inversion embedding holds "
+                             "clip_l (n, 768) and clip_g (n, 1280)")
     if bad := [k for k, d in f.dtypes().items() if not d.is_floating_point]:
         raise EmbeddingError(f"{path}: tensor {bad[0]} is not floating point")
     return {k: f[k].float().reshape(-1, s[-1]) for k, s in shapes.items()}, f.metadata
@@ -92,7 +95,7 @@ def _one_encoder(path: Path, key: str, t: torch.Tensor, widths: Widths) -> Embed
     width = t.shape[-1]
     what = OTHER_MODELS.get(width, f"one {width}-wide tensor {key!r}")
     if width == widths[1] and width not in OTHER_MODELS:
-        what = "only the bigG half of an SDXL embedding (diffusers writes the CLIP-L half beside it as NAME.safetensors)"
+        what = "only the bigG half of an SDXL embedding (diffusers writes the CLIP-L half beside it, NAME.safetensors)"
     elif width == widths[0]:
         what += f" (or the CLIP-L half of a diffusers SDXL pair whose {path.stem}_2{path.suffix} is missing)"
     return EmbeddingError(f"{path}: {what}; SDXL embeddings hold clip_l (n, {widths[0]}) and clip_g "

@@ -223,7 +223,7 @@ def _encoded(encoder: nn.Module, windows: TokenWindows, which: str):
     embeds = encoder.token_embedding(ids)  # (windows, 77, W)
     for window, position, embedding in windows.fixes:
         vectors = getattr(embedding, which)
-        embeds[window, position:position + len(vectors)] = vectors.to(embeds.dtype)
+        embeds[window, position:position + len(vectors)] = vectors.to(embeds)  # device and dtype
     return encoder(ids, embeds)
 
 
