@@ -248,6 +248,9 @@ def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
         listing = httpx.get(f"{live.url}/sdapi/v1/embeddings").json()
         body = {"prompt": "a myemb cat", "seed": 2, **FAST}
         with_emb = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=body, timeout=300).json()
+        (pipe, _), = live.app.state.models.loaded.values()
+        assert list(pipe.tokenizer.embeddings.loaded) == ["myemb"]  # what the job's prompts were encoded with
+        assert httpx.post(f"{live.url}/sdapi/v1/refresh-embeddings").status_code == 200
     assert listing["loaded"] == {"myemb": {"step": 700, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                            "shape": 256, "vectors": 2}}
     assert set(listing["skipped"]) == {"sd15", "old"}

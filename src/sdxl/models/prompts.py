@@ -103,7 +103,8 @@ def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) ->
     """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG).
 
     As A1111's `tokenize_line`: BREAK and a full window close the current window; a last window stays only
-    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one.
+    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one. An
+    embedding takes n positions (id 0, its vectors placed by the encoder), in the next window if they do not fit.
     """
     windows: list[tuple[list[int], list[float]]] = []
     current: tuple[list[int], list[float]] = ([], [])
@@ -115,12 +116,13 @@ def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) ->
             current = ([], [])
             continue
         for piece in embeddings.split(run) if embeddings is not None else [run]:
-            n = 1 if isinstance(piece, str) else piece.vectors
-            for i in tokenizer.ids(piece) if isinstance(piece, str) else [0]:
+            text = isinstance(piece, str)
+            n = 1 if text else piece.vectors
+            for i in tokenizer.ids(piece) if text else [0]:
                 if len(current[0]) + n > WINDOW:
                     windows.append(current)
                     current = ([], [])
-                if not isinstance(piece, str):
+                if not text:
                     fixes.append((len(windows), 1 + len(current[0]), piece))  # 1 +: after BOS
                 current[0].extend([i] * n)
                 current[1].extend([weight] * n)

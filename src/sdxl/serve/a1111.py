@@ -597,6 +597,7 @@ def embeddings(request: Request):
 
 @router.post(f"{API}/refresh-checkpoints")
 @router.post(f"{API}/refresh-loras")
+@router.post(f"{API}/refresh-embeddings")
 def refresh():
     """The folders are read on every listing, so there is nothing to refresh."""
     return None
