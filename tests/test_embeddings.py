@@ -10,7 +10,7 @@ from conftest import randomize
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl.formats.embeddings import Embeddings, load_embedding, load_folder
+from sdxl.formats.embeddings import Embeddings, checkpoint_widths, load_embedding, load_folder
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize
 from sdxl.models.tokenizer import PAD_BIGG, Tokenizer
@@ -183,6 +183,13 @@ def test_the_refiner_gets_the_bigg_vectors(tiny):
         x_g, pooled_g = refiner.encode_prompt("(myemb:1.2) on a table", None, tokenizer_with(e))
     torch.testing.assert_close(x_g, x[..., 128:], rtol=0, atol=0)
     torch.testing.assert_close(pooled_g, pooled, rtol=0, atol=0)
+
+
+def test_checkpoint_widths_from_a_header_or_a_diffusers_folder(tiny, tmp_path):
+    from conftest import tiny_checkpoints
+
+    assert checkpoint_widths(tiny[2].path.parent / "base") == W
+    assert checkpoint_widths(tiny_checkpoints(tmp_path)[0]) == W
 
 
 def test_vectors_take_the_encoders_dtype(tiny):

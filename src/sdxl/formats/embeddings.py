@@ -218,7 +218,10 @@ def checkpoint_widths(path: str | Path) -> Widths:
 
     path = Path(path)
     if path.is_dir():
-        return tuple(json.loads((path / sub / "config.json").read_text())["hidden_size"]
-                     for sub in ("text_encoder", "text_encoder_2"))
+        try:
+            return tuple(int(json.loads((path / sub / "config.json").read_text())["hidden_size"])
+                         for sub in ("text_encoder", "text_encoder_2"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SDXLError(f"{path}: cannot read its text encoders' config.json ({type(e).__name__}: {e})") from None
     cond = config_from_shapes(SafetensorsFile(path).shapes(), str(path)).conditioner
     return (cond.clip_l.width, cond.bigg.width) if cond is not None and cond.clip_l is not None else SDXL_WIDTHS
