@@ -239,6 +239,12 @@ def test_cli_embeddings_dir_uses_them_and_records_their_hashes(tmp_path, capsys)
         assert a.tobytes() != b.tobytes()
     code, _, err = run(capsys, "generate", "a cat", "--embeddings-dir", tmp_path / "nowhere", *args)
     assert code == 2 and "--embeddings-dir" in err and "not a folder" in err
+    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "with.png", "-o", tmp_path / "again.png")
+    assert code == 2 and f"textual-inversion embeddings (myemb: {file_hash(emb)[:12]})" in err
+    code, _, _ = run(capsys, "generate", "--from-png", tmp_path / "with.png", "--embeddings-dir", folder,
+                     "--no-watermark", "-o", tmp_path / "again.png")
+    with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "again.png") as b:
+        assert code == 0 and a.tobytes() == b.tobytes()
 
 
 def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):

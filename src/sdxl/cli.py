@@ -90,12 +90,28 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
                        args.vae or recorded.get("vae"), loras, args.embeddings_dir)
+    _check_replayed_embeddings(args)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
         if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
             warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
                           "the image will differ")
     return m
+
+
+def _check_replayed_embeddings(args: argparse.Namespace) -> None:
+    """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`) needs their folder:
+    without it the names would be read as plain words and give another image."""
+    if not args.from_png or args.embeddings_dir is not None:
+        return
+    from sdxl.images import opened
+
+    with opened(args.from_png, "--from-png") as im:
+        found = re.search(r'TI hashes: ("(?:[^"\\]|\\.)*"|[^,\n]*)', str(im.info.get("parameters", "")))
+    if found:
+        names = found.group(1).strip('"')
+        raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings ({names}); give the folder that "
+                        "holds them with --embeddings-dir DIR")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
