@@ -1,7 +1,8 @@
 """Textual-inversion embeddings for SDXL, named in prompts by their file stem as A1111 names them.
 
 Forms read (A1111 modules/textual_inversion/textual_inversion.py `create_embedding_from_data`, diffusers
-loaders/textual_inversion.py, kohya sdxl_train_textual_inversion.py, all at their 2024 heads):
+loaders/textual_inversion.py and examples/textual_inversion/textual_inversion_sdxl.py, kohya sd-scripts
+sdxl_train_textual_inversion.py; files named, commits not pinned):
 - one safetensors file with `clip_l` (n, 768) and `clip_g` (n, 1280): kohya's and A1111's SDXL form; a 1-D
   tensor is one vector;
 - diffusers' textual_inversion_sdxl.py pair: NAME.safetensors {token: (n, 768)} beside NAME_2.safetensors
