@@ -400,7 +400,7 @@ def _lokr(t: dict, w: torch.Tensor) -> torch.Tensor:
     w2 = (t["lokr_w2"] if "lokr_w2" in t else _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]) if "lokr_t2" in t
           else t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1))
     _need(w1.ndim == 2, "")
-    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2)  # (a*c, b*d[, kh, kw])
+    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2.contiguous())  # (a*c, b*d[, kh, kw]); kron needs contiguous
     return d if d.shape == w.shape else _fit(d, w)
 
 
@@ -603,7 +603,7 @@ def read_adapter(model: SDXLModel, path) -> Adapter:
         path = path / PEFT_FILE
     f = SafetensorsFile(path)  # refuses pickles unread
     name = str(f.path)
-    check_float(name, f.dtypes())
+    check_float(name, {k: d for k, d in f.dtypes().items() if not k.endswith(".on_input")})  # (IA)^3's flag: an int
     groups, skipped = _groups(f, name, model.cfg)
     fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
            "diffusers-old" if any(".processor." in k or ".lora_linear_layer." in k or ".lora.down." in k for k in f)
@@ -684,9 +684,7 @@ def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site,
     if len(unknown) == len(groups):
         raise CheckpointError(f"{name}: none of its {len(groups)} modules address this {cfg.architecture} model "
                               f"({first_few(unknown)}); is it an adapter for another model?")
-    skipped: dict[str, int] = {}
-    for m in unknown:
-        skipped[_component(m)] = skipped.get(_component(m), 0) + 1
+    skipped = {c: n for c in (*COMPONENTS, "other") if (n := sum(_component(m) == c for m in unknown))}
     if unknown:
         warnings.warn(f"{name}: skipped {len(unknown)} module{'s' if len(unknown) != 1 else ''} for layers this "
                       f"{cfg.architecture} model does not have ({', '.join(f'{c}: {n}' for c, n in skipped.items())}; "
@@ -730,9 +728,10 @@ def _patches(model: SDXLModel, f: SafetensorsFile, groups: dict, peft_cfg: dict,
         else:
             try:
                 patches += _module_patches(model, site, kind, t, peft_cfg)
-            except (_Misfit, RuntimeError) as e:
+            except (_Misfit, RuntimeError) as e:  # RuntimeError: factors torch cannot multiply
                 shapes = " ".join(f"{r} {tuple(v.shape)}" for r, v in t.items() if r not in _SCALARS)
-                problems.append(f"{module}: {e}" if str(e) else f"{module}: {shapes} for a weight {tuple(target(model, site).shape)}")
+                problems.append(f"{module}: {e}" if isinstance(e, _Misfit) and str(e)
+                                else f"{module}: {shapes} for a weight {tuple(target(model, site).shape)}")
     if problems:
         raise CheckpointError(f"{name}: {len(problems)} bad adapter module{'s' if len(problems) != 1 else ''}: "
                               f"{first_few(problems)}")
