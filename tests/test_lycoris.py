@@ -1,6 +1,7 @@
 """LyCORIS and DoRA adapters: PEFT parity (LoHa, LoKr, DoRA), formulas ((IA)^3, full, norm), accounting, refusals."""
 
 import functools
+import json
 import re
 import warnings
 
@@ -42,6 +43,7 @@ def _site_of(component: str, theirs: str):
     return table[(component, theirs.removeprefix("text_model."))]
 
 
+@functools.lru_cache(maxsize=None)
 def peft_adapter(folder, config: str):
     """PEFT's adapter of `config` on diffusers' UNet and both text encoders, random weights: (merged outputs, tensors)."""
     from diffusers import StableDiffusionXLPipeline
@@ -67,7 +69,8 @@ def peft_adapter(folder, config: str):
 
 
 def as_file(tensors: dict, config: str, naming: str) -> dict:
-    """PEFT's tensors under kohya/LyCORIS names (`dora_scale` (out, 1[, 1, 1])) or PEFT's, with LyCORIS' `alpha`."""
+    """PEFT's tensors under kohya/LyCORIS names (`alpha`; `dora_scale` (out, 1[, 1, 1])) or PEFT's (LoHa/LoKr with
+    LyCORIS' `alpha`, DoRA without: its alpha is in diffusers' lora_adapter_metadata)."""
     alpha = CONFIGS[config][1].get("alpha", CONFIGS[config][1].get("lora_alpha"))
     out = {}
     for key, v in tensors.items():
@@ -79,23 +82,33 @@ def as_file(tensors: dict, config: str, naming: str) -> dict:
         if naming == "kohya" and role in PEFT_TO_KOHYA:
             role, v = PEFT_TO_KOHYA[role], (v.reshape(-1, *[1] * (v.ndim - 1)) if "magnitude" in role else v)
         out[f"{name}.{role}"] = v.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(alpha)
+        if naming == "kohya" or config != "dora":
+            out[f"{name}.alpha"] = torch.tensor(alpha)
     return out
+
+
+def adapter_metadata(config: str) -> dict:
+    """diffusers' lora_adapter_metadata (LoraConfig fields per component)."""
+    kw = CONFIGS[config][1]
+    return {"lora_adapter_metadata": json.dumps({f"{c}.{k}": v for c in ("unet", "text_encoder", "text_encoder_2")
+                                                 for k, v in (("r", kw["r"]), ("lora_alpha", kw["lora_alpha"]))})}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_peft_parity(folder, tmp_path, config):
-    """PEFT's LoHa / LoKr / DoRA merged into diffusers' model == ours merged from the file, kohya and PEFT names (fp32)."""
+    """PEFT's LoHa / LoKr / DoRA merged into diffusers' model == ours merged from the file, kohya and PEFT names
+    (fp32, rtol = atol = 1e-5)."""
     theirs, tensors = peft_adapter(folder, config)
     plain = outputs(fresh())
     assert all((theirs[k] - plain[k]).abs().max() > 1e-2 for k in plain), "the adapter must change every output"
     kinds = {"lora+dora" if config == "dora" else config.split("-")[0]}
     for naming in ("kohya", "peft"):
-        save_file(as_file(tensors, config, naming), tmp_path / f"{naming}.safetensors")
+        meta = adapter_metadata(config) if config == "dora" and naming == "peft" else None
+        save_file(as_file(tensors, config, naming), tmp_path / f"{naming}.safetensors", metadata=meta)
         model = fresh()
         report = load_lora(model, tmp_path / f"{naming}.safetensors")
         assert report.skipped == {} and set(report.kinds) == kinds and report.format == naming
-        assert report.total == sum(k.endswith(".alpha") for k in as_file(tensors, config, naming)), naming
+        assert report.total == sum(k.endswith(".alpha") for k in as_file(tensors, config, "kohya")), naming
         assert_outputs_close(outputs(model), theirs, f"{config} {naming}")
 
 
@@ -273,7 +286,7 @@ def test_other_architectures_are_refused_by_name(tmp_path, tensors, arch):
                                              r"hada_w2_b \(2, 128\) for a weight \(128, 128\)"),
     ({f"{PROJ_IN}.weight": rand(64), f"{PROJ_IN}.on_input": torch.tensor(0)}, rf"{PROJ_IN}: weight \(64,\) for a weight"),
     ({f"{PROJ_IN}.lora_down.weight": rand(2, 128), f"{PROJ_IN}.lora_up.weight": rand(128, 2),
-      f"{PROJ_IN}.dora_scale": rand(64, 1)}, f"{PROJ_IN}: dora"),
+      f"{PROJ_IN}.dora_scale": rand(64, 1)}, rf"{PROJ_IN}: DoRA magnitude \(64, 1\) for a weight \(128, 128\)"),
     ({"lora_unet_middle_block_1_proj_in.diff": rand(128, 128), f"{PROJ_IN}.weight": rand(128)}, "no adapter weights"),
 ], ids=["oft", "lokr-no-w2", "loha-misfit", "ia3-misfit", "dora-misfit", "weight-without-on_input"])
 def test_bad_lycoris_files_change_nothing(tmp_path, tensors, message):

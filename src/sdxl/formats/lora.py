@@ -374,7 +374,7 @@ def _fit(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """(r, r, kh, kw) core times wa (r, out) and wb (r, in) -> (out, in, kh, kw); LyCORIS functional/general.py rebuild_tucker."""
+    """Core (r, r, kh, kw) times wa (r, out), wb (r, in) -> (out, in, kh, kw); functional/general.py rebuild_tucker."""
     return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
 
 
@@ -395,12 +395,16 @@ def _loha(t: dict, w: torch.Tensor) -> torch.Tensor:
 
 
 def _lokr(t: dict, w: torch.Tensor) -> torch.Tensor:
-    """LoKr (Yeh et al. 2023): kron(w1, w2), each factor full or a product, w2 optionally Tucker (lokr.py, functional/lokr.py)."""
+    """LoKr (Yeh et al. 2023): kron(w1, w2), each factor full or a product, w2 optionally Tucker (lokr.py).
+
+    alpha / rank is applied once, as in functional/lokr.py diff_weight, PEFT, A1111 and ComfyUI (lokr.py's
+    module get_diff_weight multiplies by it twice).
+    """
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = (t["lokr_w2"] if "lokr_w2" in t else _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]) if "lokr_t2" in t
           else t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1))
     _need(w1.ndim == 2, "")
-    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2.contiguous())  # (a*c, b*d[, kh, kw]); kron needs contiguous
+    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2.contiguous())  # (a*c, b*d[, kh, kw])
     return d if d.shape == w.shape else _fit(d, w)
 
 
@@ -431,33 +435,33 @@ def _dora(magnitude: torch.Tensor, peft: bool, d: torch.Tensor, w: torch.Tensor)
     axis = 1 if not peft and magnitude.ndim >= 2 and magnitude.shape[0] == 1 and w.shape[0] != 1 else 0
     v = w + d
     norm = torch.linalg.vector_norm(v, dim=[i for i in range(v.ndim) if i != axis], keepdim=True)
-    _need(magnitude.numel() == v.shape[axis], "dora")
+    _need(magnitude.numel() == v.shape[axis], f"DoRA magnitude {tuple(magnitude.shape)} for a weight {tuple(w.shape)}")
     return magnitude.reshape(norm.shape) * v / (norm + torch.finfo(torch.float32).eps) - w
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One adapter type: the roles that name it, dW for the weight and the bias, and the rank alpha divides by."""
+    """One adapter type: the roles that name it, those it needs, dW for weight and bias, the rank alpha divides by."""
 
     roles: frozenset  # a module is this kind if it has any of these
     weight: Callable  # (tensors by role, base weight) -> dW (or None)
     bias: Callable | None = None  # (tensors by role, base bias) -> dB (or None)
     rank: Callable = lambda t: None  # None: no alpha / rank scale
+    needs: tuple = ()  # each: alternatives (|) of role sets (+)
 
 
 KINDS = {
-    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0]),
+    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0], needs=("down", "up")),
     "loha": Kind(frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), _loha,
-                 rank=lambda t: t["hada_w1_b"].shape[0]),
+                 rank=lambda t: t["hada_w1_b"].shape[0], needs=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
     # scaled only with a decomposed factor: LyCORIS lokr.py uses alpha = lora_dim when w1 and w2 are both full
     "lokr": Kind(frozenset({"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), _lokr,
-                 rank=lambda t: next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)),
-    "ia3": Kind(frozenset({"on_input"}), _ia3),
+                 rank=lambda t: next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None),
+                 needs=("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")),
+    "ia3": Kind(frozenset({"on_input"}), _ia3, needs=("weight",)),
     "full": Kind(frozenset({"diff", "diff_b"}), _diff("diff"), _diff("diff_b")),
     "norm": Kind(frozenset({"w_norm", "b_norm"}), _diff("w_norm"), _diff("b_norm")),
 }
-_NEEDS = {"lora": ("down", "up"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "ia3": ("weight",),
-          "lokr": ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")}
 # roles of other LyCORIS types, refused by name
 _UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "a2.weight": "GLoRA"}
 _SCALARS = ("alpha", "on_input")  # read as numbers
@@ -707,7 +711,7 @@ def _kind(roles: dict) -> tuple[str | None, str]:
     kind = next((k for k, spec in KINDS.items() if spec.roles & roles.keys()), None)
     if kind is None:
         return None, f": no adapter kind has the tensors {', '.join(sorted(roles))}"
-    for need in _NEEDS.get(kind, ()):
+    for need in KINDS[kind].needs:
         if not any(set(alt.split("+")) <= roles.keys() for alt in need.split("|")):
             return None, f" lacks {' or '.join(_SHOWN.get(a, a).replace('+', ' and ') for a in need.split('|'))}"
     return kind, ""
@@ -740,6 +744,7 @@ def _patches(model: SDXLModel, f: SafetensorsFile, groups: dict, peft_cfg: dict,
 
 def _module_patches(model: SDXLModel, site: Site, kind: str, t: dict, peft_cfg: dict) -> list[Patch]:
     """A module's weight and bias patches; each is run once on meta tensors, so a misfit raises here, not mid-merge."""
+    t = dict(t)
     spec, scalars = KINDS[kind], {r: float(t.pop(r).float()) for r in _SCALARS if r in t}
     magnitude = t.pop("magnitude", None)
     peft = magnitude is not None
