@@ -167,6 +167,16 @@ def test_full_diff_and_norm_layers(tmp_path):
         torch.testing.assert_close(after[k] - before[k], expect.get(k, torch.zeros_like(before[k])), **FP32_TOL)
 
 
+def test_locon_tucker_mid(tmp_path):
+    """LoCon with `lora_mid` (LyCORIS functional/locon.py): dW[o, i] = sum up[o, n] mid[n, m] down[m, i] per tap."""
+    down, mid, up = rand(2, 64, 1, 1), rand(2, 2, 3, 3, seed=1), rand(64, 2, 1, 1, seed=2)
+    t = {f"{CONV}.lora_down.weight": down, f"{CONV}.lora_mid.weight": mid, f"{CONV}.lora_up.weight": up,
+         f"{CONV}.alpha": torch.tensor(1.0)}
+    before, after = merged(tmp_path, t)
+    expect = torch.einsum("on,nmkl,mi->oikl", up.flatten(1), mid, down.flatten(1)) / 2
+    torch.testing.assert_close(after[KEY[CONV] + ".weight"] - before[KEY[CONV] + ".weight"], expect, **FP32_TOL)
+
+
 def test_lokr_alpha_only_when_decomposed(tmp_path):
     """LyCORIS lokr.py: full lokr_w1 and lokr_w2 ignore alpha; a decomposed factor brings alpha / rank."""
     w1, w2, a, b = rand(8, 8), rand(16, 16, seed=1), rand(16, 2, seed=2), rand(2, 16, seed=3)

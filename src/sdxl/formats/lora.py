@@ -379,8 +379,12 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 
 
 def _lora(t: dict, w: torch.Tensor) -> torch.Tensor:
-    """up @ down; up (out, r[, 1, 1]), down (r, in[, kh, kw]); a 1x1 up after a kh x kw down (LoCon) is one conv."""
+    """up @ down; up (out, r[, 1, 1]), down (r, in[, kh, kw]); a 1x1 up after a kh x kw down (LoCon) is one conv.
+    LoCon with a Tucker core `lora_mid` (r, r, kh, kw) between 1x1 down and up: functional/locon.py diff_weight."""
     up, down = t["up"], t["down"]
+    if "mid" in t:
+        _need(up.ndim == down.ndim == 4 and up.shape[2:] == down.shape[2:] == (1, 1), "")
+        return _fit(_tucker(t["mid"], up.flatten(1).T, down.flatten(1)), w)
     _need(down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[2:] in ((), (1, 1)) and up.shape[1] == down.shape[0]
           and (down.ndim == 2 or w.ndim == 2 or down.shape[2:] == w.shape[2:]), "")
     return _fit(up.flatten(1) @ down.flatten(1), w)
@@ -513,7 +517,7 @@ class LoadReport:
 # file suffix -> role: kohya, PEFT, then older diffusers names (LoRA layers, text encoder patches)
 _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"),
           (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-          (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+          (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_mid.weight", "mid"),
           (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
           (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"),
           (".a1.weight", "a1.weight"), (".a2.weight", "a2.weight"))
