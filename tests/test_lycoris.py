@@ -289,7 +289,9 @@ def test_other_architectures_are_refused_by_name(tmp_path, tensors, arch):
 
 @pytest.mark.parametrize("tensors,message", [
     ({f"{PROJ_IN}.oft_blocks": torch.zeros(4, 32, 32), f"{PROJ_IN}.alpha": torch.tensor(1.0)},
-     f"1 bad adapter module: {PROJ_IN}: LyCORIS OFT/BOFT, which is not supported"),
+     r"a LyCORIS OFT/BOFT adapter, which is not supported \(supported: lora, loha, lokr, ia3, full, norm, DoRA\)"),
+    ({f"{PROJ_IN}.a1.weight": rand(2, 128), f"{PROJ_IN}.a2.weight": rand(128, 2), f"{PROJ_IN}.b1.weight": rand(2, 128),
+      f"{PROJ_IN}.b2.weight": rand(128, 2)}, "a LyCORIS GLoRA adapter, which is not supported"),
     ({f"{PROJ_IN}.lokr_w1": torch.zeros(8, 8)}, f"{PROJ_IN} lacks lokr_w2 or lokr_w2_a and lokr_w2_b"),
     ({f"{PROJ_IN}.hada_w1_a": rand(128, 2), f"{PROJ_IN}.hada_w1_b": rand(2, 128), f"{PROJ_IN}.hada_w2_a": rand(64, 2),
       f"{PROJ_IN}.hada_w2_b": rand(2, 128)}, rf"{PROJ_IN}: hada_w1_a \(128, 2\) hada_w1_b \(2, 128\) hada_w2_a \(64, 2\) "
@@ -298,7 +300,7 @@ def test_other_architectures_are_refused_by_name(tmp_path, tensors, arch):
     ({f"{PROJ_IN}.lora_down.weight": rand(2, 128), f"{PROJ_IN}.lora_up.weight": rand(128, 2),
       f"{PROJ_IN}.dora_scale": rand(64, 1)}, rf"{PROJ_IN}: DoRA magnitude \(64, 1\) for a weight \(128, 128\)"),
     ({"lora_unet_middle_block_1_proj_in.diff": rand(128, 128), f"{PROJ_IN}.weight": rand(128)}, "no adapter weights"),
-], ids=["oft", "lokr-no-w2", "loha-misfit", "ia3-misfit", "dora-misfit", "weight-without-on_input"])
+], ids=["oft", "glora", "lokr-no-w2", "loha-misfit", "ia3-misfit", "dora-misfit", "weight-without-on_input"])
 def test_bad_lycoris_files_change_nothing(tmp_path, tensors, message):
     save_file(tensors, tmp_path / "bad.safetensors")
     model = fresh()

@@ -466,8 +466,8 @@ KINDS = {
     "full": Kind(frozenset({"diff", "diff_b"}), _diff("diff"), _diff("diff_b")),
     "norm": Kind(frozenset({"w_norm", "b_norm"}), _diff("w_norm"), _diff("b_norm")),
 }
-# roles of other LyCORIS types, refused by name
-_UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "a2.weight": "GLoRA"}
+# key suffixes of other LyCORIS types, refused by name
+_UNSUPPORTED = {".oft_blocks": "OFT/BOFT", ".oft_diag": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
 _SCALARS = ("alpha", "on_input")  # read as numbers
 _SHOWN = {"down": "lora_down", "up": "lora_up"}  # how a missing role is named
 
@@ -519,10 +519,9 @@ _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"),
           (".lora_A.weight", "down"), (".lora_B.weight", "up"),
           (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_mid.weight", "mid"),
           (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-          (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"),
-          (".a1.weight", "a1.weight"), (".a2.weight", "a2.weight"))
-_LAST = {r for k in KINDS.values() for r in k.roles} | set(_SCALARS) | {"weight", "dora_scale", "hada_t1", "hada_t2",
-        "lokr_w1_b", "lokr_w2_b", "lokr_t2", *_UNSUPPORTED}  # LyCORIS: `<module>.<role>`
+          (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"))
+_LAST = {*(r for k in KINDS.values() for r in k.roles), *_SCALARS, "weight", "dora_scale", "hada_t1", "hada_t2",
+         "lokr_w1_b", "lokr_w2_b", "lokr_t2"}  # LyCORIS: `<module>.<role>`
 # diffusers < 0.21 attention processors: `<attn>.processor.to_q_lora.down.weight` is `<attn>.to_q`
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
@@ -673,6 +672,9 @@ def _foreign(f: SafetensorsFile, unknown: list[str], cfg: ModelConfig) -> str | 
 
 def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site, tuple[str, dict]], dict[str, int]]:
     """File keys by site: (module name, role -> key); and modules skipped per component (layers this model lacks)."""
+    if other := sorted({t for suffix, t in _UNSUPPORTED.items() if any(k.endswith(suffix) for k in f)}):
+        raise CheckpointError(f"{name}: a LyCORIS {other[0]} adapter, which is not supported (supported: "
+                              f"{', '.join(KINDS)}, DoRA)")
     names, groups, unsupported = _names(cfg), {}, []
     for key in f:
         parsed = _split(key)
@@ -709,9 +711,7 @@ def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site,
 
 
 def _kind(roles: dict) -> tuple[str | None, str]:
-    """(the kind a module's roles name, None) or (None, what is wrong: a missing tensor, an unsupported type)."""
-    if bad := [_UNSUPPORTED[r] for r in roles if r in _UNSUPPORTED]:
-        return None, f": LyCORIS {bad[0]}, which is not supported"
+    """(the kind a module's roles name, "") or (None, what is wrong: a missing tensor, no known kind)."""
     kind = next((k for k, spec in KINDS.items() if spec.roles & roles.keys()), None)
     if kind is None:
         return None, f": no adapter kind has the tensors {', '.join(sorted(roles))}"
