@@ -4,16 +4,29 @@ Sampler parity: diffusers' `LCMScheduler`/`TCDScheduler` drive the toy eps model
 noise on their own timesteps; ours walk the same training sigmas from the same noise and noise streams, and the whole
 final latent is compared (float32 rounding: PARITY, atol = rtol = 1e-5; LCM's boundary-condition c_skip, left out by
 ours and ComfyUI, is below 2e-7 at these timesteps).
+v-prediction and zero terminal SNR: diffusers' SDXL pipeline with `EulerDiscreteScheduler(prediction_type=
+"v_prediction", rescale_betas_zero_snr=True)` against ours on the tiny model, whole latents, fp32: END_TO_END
+(1e-4, as test_pipeline: diffusers' schedule is float32, ours float64); from sigma 4096 (t = 999) atol 1e-3: both step
+in float32, and the first Euler step cancels x ~ 4096 down to ~1, where a float32 ulp is 4.9e-4 (seen: 5.5e-4).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from conftest import FAST, randomize, run
+from PIL import Image
 
+from sdxl.formats import checkpoint as ck
+from sdxl.models.model import TINY_BASE, SDXLModel
+from sdxl.pipeline import Pipeline
+from sdxl.request import Request
 from sdxl.sampling.names import from_a1111, to_a1111
-from sdxl.sampling.samplers import SAMPLERS, EpsDenoiser, default_noise_sampler
-from sdxl.sampling.schedules import discrete_sigmas
+from sdxl.sampling.samplers import SAMPLERS, EpsDenoiser, VDenoiser, default_noise_sampler
+from sdxl.sampling.schedules import discrete_sigmas, get_sigmas
 from test_samplers import CONFIG, PARITY, SEEDS, needs_diffusers, run_diffusers, toy_eps
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -71,3 +84,99 @@ def test_lcm_with_the_exact_consistency_function_returns_the_data_law():
     out = SAMPLERS["lcm"](model, x, sigmas, noise_sampler=lambda a, b: torch.randn(x.shape, generator=g,
                                                                                     dtype=x.dtype))
     assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() / s - 1) < 0.01
+
+
+# ---------------------------------------------------------------- v-prediction, zero terminal SNR
+
+END_TO_END = dict(atol=1e-4, rtol=1e-4)
+FROM_4096 = dict(atol=1e-3, rtol=1e-4)
+V_ZTSNR = dataclasses.replace(TINY_BASE, prediction="v", zero_terminal_snr=True)
+
+
+@pytest.fixture(scope="module")
+def v_model(tmp_path_factory):
+    """A tiny random v-prediction, zero-terminal-SNR base: the model, its single file, its diffusers folder."""
+    torch.manual_seed(0)
+    model = randomize(SDXLModel(V_ZTSNR), 0, 0.05)
+    d = tmp_path_factory.mktemp("vpred")
+    return model, ck.save_single_file(model, d / "v.safetensors"), ck.save_diffusers(model, d / "v")
+
+
+def test_zero_terminal_snr_sigmas_equal_diffusers():
+    from diffusers import EulerDiscreteScheduler
+
+    theirs = EulerDiscreteScheduler(**CONFIG, rescale_betas_zero_snr=True)
+    ours = discrete_sigmas(zero_terminal_snr=True)
+    theirs = ((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod).sqrt().double()  # float32: 2e-5 off near t = 999
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+    assert ours[-1].item() == pytest.approx(4096.0, rel=1e-7)  # sqrt((1 - 2^-24) / 2^-24)
+    assert ours[0].item() == pytest.approx(discrete_sigmas()[0].item(), rel=1e-12)
+
+
+def test_v_denoiser_is_x0_from_v():
+    """v = sqrt(alphabar) eps - sqrt(1 - alphabar) x0 of a known x0 and eps gives back x0."""
+    x0, eps, sigma = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64), 3.0
+    a, b = (1 + sigma**2) ** -0.5, sigma * (1 + sigma**2) ** -0.5  # sqrt(alphabar), sqrt(1 - alphabar)
+    d = VDenoiser(lambda x_in, t: a * eps - b * x0)
+    torch.testing.assert_close(d(x0 + sigma * eps, torch.full((2,), sigma, dtype=torch.float64)), x0)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("schedule, cfg, steps", [("trailing", 5.0, 4), ("leading", 1.0, 3)])
+def test_v_prediction_zero_terminal_snr_matches_diffusers(v_model, schedule, cfg, steps):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    model, _, folder = v_model
+    theirs = StableDiffusionXLPipeline.from_pretrained(folder)
+    spacing = {"timestep_spacing": schedule} | ({"steps_offset": 1} if schedule == "leading" else {})
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config, **spacing)
+    assert theirs.scheduler.config.prediction_type == "v_prediction" and theirs.scheduler.config.rescale_betas_zero_snr
+    req = Request("a red circle", width=64, height=64, steps=steps, schedule=schedule, cfg=cfg, seed=3, batch=2)
+    mine = Pipeline(model, dtype=torch.float32, channels_last=False).generate(req).latents
+    lat = theirs(req.prompt, height=64, width=64, num_inference_steps=steps, guidance_scale=cfg, output_type="latent",
+                 generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], num_images_per_prompt=2).images
+    torch.testing.assert_close(mine, lat, **(FROM_4096 if schedule == "trailing" else END_TO_END))
+    eps = Pipeline(model, dtype=torch.float32, channels_last=False).generate(
+        dataclasses.replace(req, prediction="epsilon", zero_terminal_snr=False)).latents
+    assert (eps - lat).abs().max() > 0.1  # the flags reach the denoiser and the schedule
+
+
+def test_checkpoint_markers_are_detected(v_model, tmp_path):
+    _, single, folder = v_model
+    for path in (single, folder):
+        cfg = ck.load(path).cfg
+        assert (cfg.prediction, cfg.zero_terminal_snr) == ("v", True)
+        assert ck.sampling_settings(path) == {"prediction": "v", "zero_terminal_snr": True}
+    assert ck.load(single, components=("unet",)).cfg.prediction == "v"
+    plain = ck.save_single_file(SDXLModel(TINY_BASE), tmp_path / "eps.safetensors")
+    assert ck.sampling_settings(plain) == {"prediction": "epsilon", "zero_terminal_snr": False}
+
+
+def test_ztsnr_without_v_pred_is_ignored_as_comfyui_does():
+    assert ck.sampling_of({"ztsnr": (0,)}) == {"prediction": "epsilon", "zero_terminal_snr": False}
+
+
+def test_generate_records_and_replays_prediction(v_model, tmp_path, capsys):
+    _, single, _ = v_model
+    out = tmp_path / "v.png"
+    assert run(capsys, "generate", "a cat", "--model", single, "--seed", 4, "-o", out, *FAST)[0] == 0
+    info = Image.open(out).info
+    assert "Prediction: v" in info["parameters"] and "Zero terminal SNR: True" in info["parameters"]
+    rec = json.loads(info["sdxl-recipe"])
+    assert (rec["prediction"], rec["zero_terminal_snr"]) == ("v", True)
+    again = tmp_path / "again.png"
+    assert run(capsys, "generate", "--from-png", out, "-o", again, "--no-watermark", "-q")[0] == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    flat = tmp_path / "eps.png"
+    run(capsys, "generate", "a cat", "--model", single, "--seed", 4, "--prediction", "epsilon",
+        "--no-zero-terminal-snr", "-o", flat, *FAST)
+    rec = json.loads(Image.open(flat).info["sdxl-recipe"])
+    assert (rec["prediction"], rec["zero_terminal_snr"]) == ("epsilon", False)
+    assert Image.open(flat).tobytes() != Image.open(out).tobytes()
+
+
+def test_unknown_prediction_is_refused(capsys):
+    code, _, err = run(capsys, "generate", "a cat", "--prediction", "x0", *FAST)
+    assert code == 2 and "invalid choice: 'x0'" in err
+    with pytest.raises(Exception, match="unknown prediction 'x0'; choose one of: epsilon, v"):
+        Request("a", prediction="x0").validate(False)

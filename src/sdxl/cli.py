@@ -374,6 +374,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    g.add_argument("--prediction", choices=("epsilon", "v"),
+                   help="what the UNet predicts (default: as the checkpoint says by its v_pred key, else epsilon)")
+    g.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
+                   help="the UNet was trained with zero terminal SNR (Lin et al. 2024; default: as its ztsnr key says)")
     g.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023), e.g. 0.7")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")

@@ -26,7 +26,7 @@ class Models:
     refiner: str | None
     vae: str | None
     loras: tuple[str, ...]  # FILE or FILE:WEIGHT
-    native: dict  # resolution, steps, cfg, refiner_switch
+    native: dict  # resolution, steps, cfg, refiner_switch (and prediction, zero_terminal_snr where the file says)
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
 
@@ -56,7 +56,10 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
                    loras: list[str] | tuple[str, ...] | None = None) -> Models:
     """Without a model, the embedded default (and its refiner unless one is given or no_refiner)."""
     if model is not None:
+        from sdxl.formats.checkpoint import sampling_settings
+
         native, source = native_settings(model)
+        native = native | sampling_settings(model)  # v-prediction and zero terminal SNR, where the file says
         return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False)
     from sdxl.default_model import default_model_paths
 
@@ -139,6 +142,9 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("height", models.native["resolution"])
     s.setdefault("steps", models.native["steps"])
     s.setdefault("cfg", models.native["cfg"])
+    for key in ("prediction", "zero_terminal_snr"):
+        if key in models.native:
+            s.setdefault(key, models.native[key])
     if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:

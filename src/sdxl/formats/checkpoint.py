@@ -31,6 +31,36 @@ from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
 # Tolerated and ignored: an int buffer some released files carry (docs/formats.md §1).
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# Empty tensors kohya and ComfyUI write into a single file to say how its UNet was trained: "v_pred" (v-prediction),
+# and with it "ztsnr" (zero terminal SNR); ComfyUI comfy/supported_models.py `SDXL.model_type` (c4d1a8d3567a).
+MARKERS = ("v_pred", "ztsnr")
+
+
+def sampling_of(keys) -> dict:
+    """The ModelConfig fields `prediction` and `zero_terminal_snr` that a single file's marker keys say."""
+    v = "v_pred" in keys
+    return {"prediction": "v" if v else "epsilon", "zero_terminal_snr": v and "ztsnr" in keys}
+
+
+def sampling_settings(path) -> dict:
+    """{"prediction", "zero_terminal_snr"} of a checkpoint, from a single file's marker keys (header only) or a
+    diffusers folder's scheduler_config.json (`prediction_type`, `rescale_betas_zero_snr`); {} if unreadable (the
+    load that follows says why)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return sampling_of(SafetensorsFile(path).shapes())
+        sched = _read_json(path / "scheduler" / "scheduler_config.json")
+    except CheckpointError:
+        return {}
+    return {"prediction": "v" if sched.get("prediction_type") == "v_prediction" else "epsilon",
+            "zero_terminal_snr": sched.get("rescale_betas_zero_snr") is True}
+
+
+def markers_of(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The marker tensors a single file of this config carries (`sampling_of` reads them back)."""
+    keys = (("v_pred",) if cfg.prediction == "v" else ()) + (("ztsnr",) if cfg.zero_terminal_snr else ())
+    return {k: torch.zeros(0) for k in keys}
 
 
 class ShardedFiles(Mapping):
@@ -133,16 +163,17 @@ def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, 
 
 
 def _keep(cfg: ModelConfig, components) -> ModelConfig:
-    return ModelConfig(*(getattr(cfg, n) if n in components else None for n in ("unet", "conditioner", "vae")))
+    return dataclasses.replace(cfg, **{n: None for n in ("unet", "conditioner", "vae") if n not in components})
 
 
 def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
                      components=("unet", "conditioner", "vae")) -> SDXLModel:
     """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
     f = SafetensorsFile(path)
-    cfg = config_from_shapes(f.shapes(), str(f.path))
+    shapes = {k: v for k, v in f.shapes().items() if k not in MARKERS}
+    cfg = dataclasses.replace(config_from_shapes(shapes, str(f.path)), **sampling_of(f.shapes()))
     check_float(str(f.path), f.dtypes())
-    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
+    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
     return _materialise(_keep(cfg, components), f, device, dtype)
@@ -155,7 +186,7 @@ def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, m
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; choose another name (nothing was overwritten)")
     state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-             for k, t in model.state_dict().items()}
+             for k, t in model.state_dict().items()} | markers_of(model.cfg)
     return write_tensors(path, state, metadata, mode="replace" if overwrite else "new")
 
 
@@ -302,7 +333,7 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
     if not parts:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
-    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg, **sampling_settings(folder))
     try:
         expected_shapes(cfg)  # builds it (on meta)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
@@ -384,7 +415,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG | {
+        "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+        "rescale_betas_zero_snr": cfg.zero_terminal_snr})
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     write_json(folder / "model_index.json", index)
     return folder
@@ -466,7 +499,8 @@ def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
         raise CheckpointError(f"{path}: no such file or folder")
     if vae_path is not None:
         parts = model.components()
-        model = SDXLModel.from_parts(parts.get("unet"), parts.get("conditioner"), load_vae(vae_path, device, dtype)).eval()
+        model = SDXLModel.from_parts(parts.get("unet"), parts.get("conditioner"), load_vae(vae_path, device, dtype),
+                                     like=model.cfg).eval()
     absent = [_NEEDED[c] for c in (*require, *(("unet",) if "unet" in components else ())) if c not in model.components()]
     if absent:
         raise CheckpointError(f"{path}: has {absent[0]}")

@@ -118,6 +118,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
         pairs["Model"] = Path(model).stem
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
+    if req.prediction == "v":
+        pairs["Prediction"] = "v"
+    if req.zero_terminal_snr:
+        pairs["Zero terminal SNR"] = True
     if req.init_image is not None:
         pairs["Denoising strength"] = req.strength
     if req.mask is not None or req.outpaint is not None:

@@ -57,6 +57,22 @@ class EpsDenoiser:
         return x - (s * eps).to(x.dtype)
 
 
+class VDenoiser(EpsDenoiser):
+    """D(x, sigma) = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v(x / sqrt(sigma^2 + 1), t(sigma)): a
+    v-predicting UNet (Salimans & Ho 2022, v = alpha eps - sigma_vp x0); k-diffusion `DiscreteVDDPMDenoiser`
+    with sigma_data 1, diffusers' `prediction_type="v_prediction"`. Same `t_mode` as `EpsDenoiser`."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        c_in = (s**2 + 1) ** -0.5
+        v = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+        return (x * c_in**2 - s * c_in * v).to(x.dtype)
+
+
+# Prediction type -> the wrapper that turns the UNet into D (the names of `ModelConfig.prediction`)
+DENOISERS = {"epsilon": EpsDenoiser, "v": VDenoiser}
+
+
 class GeneratorNoise:
     """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise.
 
