@@ -180,3 +180,42 @@ def test_unknown_prediction_is_refused(capsys):
     assert code == 2 and "invalid choice: 'x0'" in err
     with pytest.raises(Exception, match="unknown prediction 'x0'; choose one of: epsilon, v"):
         Request("a", prediction="x0").validate(False)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("ztsnr", [False, True])
+def test_training_v_target_equals_diffusers_get_velocity(ztsnr):
+    from diffusers import DDPMScheduler
+
+    from sdxl.train.loop import target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 998, 999])
+    sigma = discrete_sigmas(zero_terminal_snr=ztsnr).float()[t].view(-1, 1, 1, 1)
+    theirs = DDPMScheduler(**CONFIG, rescale_betas_zero_snr=ztsnr).get_velocity(x0, noise, t)
+    # diffusers' last alphabar is exactly 0 (v = -x0), ours 2^-24: 2.4e-4 of |noise| apart there
+    torch.testing.assert_close(target("v", x0, noise, sigma), theirs, atol=1e-3 if ztsnr else 1e-5, rtol=1e-5)
+    assert target("epsilon", x0, noise, sigma) is noise
+
+
+@pytest.mark.parametrize("min_snr_gamma", [0.0, 5.0])
+def test_objective_of_a_v_model_is_v_prediction(min_snr_gamma):
+    """A UNet that returns the true velocity (on zero-terminal-SNR sigmas) has loss 0; the noise instead does not."""
+    from sdxl.train import loop
+    from test_train import tiny
+
+    cfg = tiny(caption_dropout=0.0, offset_noise=0.0, min_snr_gamma=min_snr_gamma)
+    torch.manual_seed(0)
+    model = loop.build_model(cfg, torch.device("cpu"))
+    model.cfg = V_ZTSNR
+    batch = {"key": [(7, 0)], "failed": [], "caption": ["a red circle"], "pixels": torch.rand(1, 3, 32, 64) * 2 - 1,
+             "original_size": torch.tensor([[32.0, 64.0]]), "crop_coords_top_left": torch.tensor([[0.0, 0.0]]),
+             "target_size": torch.tensor([[32.0, 64.0]]), "aesthetic_score": torch.tensor([[6.0]])}
+    inputs = loop.prepare(batch, model, loop.Tokenizer.default(), cfg, torch.device("cpu"), None)
+    sigma = discrete_sigmas(zero_terminal_snr=True).float()[inputs["t"]].view(-1, 1, 1, 1)
+    velocity = (inputs["noise"] - sigma * inputs["latents"]) / (sigma**2 + 1).sqrt()
+    model.unet.forward = lambda *a: velocity
+    assert loop.Objective(model, cfg)(inputs).abs().max() < 1e-10
+    model.unet.forward = lambda *a: inputs["noise"]
+    assert loop.Objective(model, cfg)(inputs).min() > 1e-3
