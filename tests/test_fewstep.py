@@ -219,3 +219,73 @@ def test_objective_of_a_v_model_is_v_prediction(min_snr_gamma):
     assert loop.Objective(model, cfg)(inputs).abs().max() < 1e-10
     model.unet.forward = lambda *a: inputs["noise"]
     assert loop.Objective(model, cfg)(inputs).min() > 1e-3
+
+
+# ---------------------------------------------------------------- --unet: UNet-only files
+
+
+def unet_files(model: SDXLModel, folder) -> dict:
+    """The model's UNet as UNet-only files: official keys with and without the prefix, diffusers names."""
+    from sdxl.formats.convert import to_theirs, unet_table
+    from sdxl.formats.files import write_tensors
+
+    sd = model.unet.state_dict()
+    layouts = {"official": {"model.diffusion_model." + k: t for k, t in sd.items()}, "unprefixed": sd,
+               "diffusers": to_theirs(unet_table(model.unet.cfg), sd)}
+    return {name: write_tensors(folder / f"{name}_unet.safetensors", w, None, mode="new") for name, w in layouts.items()}
+
+
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory):
+    """A tiny base file, a second model whose UNet replaces the base's, and that UNet as UNet-only files."""
+    d = tmp_path_factory.mktemp("unet")
+    base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), d / "base.safetensors")
+    other = randomize(SDXLModel(TINY_BASE), 5, 0.05)
+    return base, other, unet_files(other, d)
+
+
+@pytest.mark.parametrize("layout", ["official", "unprefixed", "diffusers"])
+def test_unet_file_replaces_the_bases_unet(swapped, layout):
+    base, other, files = swapped
+    model = ck.load(base, unet_path=files[layout])
+    plain = ck.load(base)
+    for k, t in model.state_dict().items():
+        theirs = other.state_dict()[k] if k.startswith("model.diffusion_model.") else plain.state_dict()[k]
+        assert torch.equal(t, theirs), k
+
+
+def test_generate_with_unet_records_and_replays_it(swapped, tmp_path, capsys):
+    base, _, files = swapped
+    out = tmp_path / "u.png"
+    assert run(capsys, "generate", "a cat", "--model", base, "--unet", files["diffusers"], "--seed", 2, "-o", out,
+               *FAST)[0] == 0
+    rec = json.loads(Image.open(out).info["sdxl-recipe"])
+    assert rec["models"]["unet"] == str(files["diffusers"]) and "unet" in rec["hashes"]
+    again = tmp_path / "again.png"
+    assert run(capsys, "generate", "--from-png", out, "-o", again, "--no-watermark", "-q")[0] == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+    plain = tmp_path / "plain.png"
+    run(capsys, "generate", "a cat", "--model", base, "--seed", 2, "-o", plain, *FAST)
+    assert Image.open(plain).tobytes() != Image.open(out).tobytes()
+
+
+def test_unet_files_that_do_not_fit_are_refused(swapped, tmp_path):
+    from sdxl.errors import CheckpointError
+    from sdxl.formats.files import write_tensors
+    from sdxl.models.model import TINY_REFINER
+
+    base, _, _ = swapped
+    (tmp_path / "r").mkdir()
+    refiner = unet_files(SDXLModel(TINY_REFINER), tmp_path / "r")["diffusers"]
+    vae = write_tensors(tmp_path / "vae.safetensors", SDXLModel(TINY_BASE).vae.state_dict(), None, mode="new")
+    sd1 = write_tensors(tmp_path / "sd1.safetensors", {"input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, None,
+                        mode="new")
+    unet = SDXLModel(TINY_BASE).unet.state_dict()
+    bad = write_tensors(tmp_path / "bad.safetensors", unet | {"out.2.weight": torch.zeros(2, *unet["out.2.weight"].shape[1:])},
+                        None, mode="new")
+    for path, message in [(refiner, "a refiner UNet \\(pass it with --refiner\\): its vector input is"),
+                          (vae, "not a UNet: no key starts with model.diffusion_model., input_blocks. or down_blocks."),
+                          (sd1, "a UNet without SDXL's vector input .*Stable Diffusion 1.x/2.x UNet, not SDXL"),
+                          (bad, "1 wrong shape tensor \\(model.diffusion_model.out.2.weight \\(2, ")]:
+        with pytest.raises(CheckpointError, match=message):
+            ck.load(base, unet_path=path)

@@ -81,7 +81,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     from sdxl.formats.png import file_hash, local_path
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
-    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
     for key, path in recorded.items():
         if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
                 and not (key == "refiner" and args.no_refiner):
@@ -89,7 +89,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras)
+                       args.vae or recorded.get("vae"), loras, args.unet or recorded.get("unet"))
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
         if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
@@ -363,6 +363,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--from-png", help="reproduce an image written by sdxl generate (flags given override its recipe)")
     g.add_argument("--model", help="checkpoint: single-file .safetensors or diffusers folder")
     g.add_argument("--vae", help="a standalone VAE replacing the checkpoint's")
+    g.add_argument("--unet", help="a UNet-only file replacing the checkpoint's (official or diffusers names, e.g. "
+                                  "SDXL-Lightning's); its shapes must be the model's")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
     g.add_argument("--refiner", help="refiner checkpoint")

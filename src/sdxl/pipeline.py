@@ -264,10 +264,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
-             **kw) -> "Pipeline":
+             unet=None, **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"))
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"), unet_path=unet)
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))

@@ -29,10 +29,11 @@ class Models:
     native: dict  # resolution, steps, cfg, refiner_switch (and prediction, zero_terminal_snr where the file says)
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
+    unet: str | None = None  # a UNet-only file replacing the model's UNet
 
     def table(self) -> dict[str, str | None]:
-        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
-        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
+        """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
+        return {"model": self.model, "refiner": self.refiner, "vae": self.vae, "unet": self.unet} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
 
 
@@ -53,14 +54,15 @@ def native_settings(model: str) -> tuple[dict, str]:
 
 
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-                   loras: list[str] | tuple[str, ...] | None = None) -> Models:
-    """Without a model, the embedded default (and its refiner unless one is given or no_refiner)."""
+                   loras: list[str] | tuple[str, ...] | None = None, unet: str | None = None) -> Models:
+    """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
+    UNet-only file that replaces the model's."""
     if model is not None:
         from sdxl.formats.checkpoint import sampling_settings
 
         native, source = native_settings(model)
         native = native | sampling_settings(model)  # v-prediction and zero terminal SNR, where the file says
-        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False)
+        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False, unet)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -69,7 +71,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner)
+                  "of the default model", default_refiner, unet)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -168,7 +170,8 @@ def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None,
     from sdxl.pipeline import Pipeline
 
     specs = [lora_spec(s) for s in models.loras]  # bad weights fail before the weights load
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
+                         unet=models.unet)
     for path, multiplier in specs:
         report = load_lora(pipe.base, path, multiplier)
         log(f"LoRA {path}: {report.total} layers, weight {multiplier}")
