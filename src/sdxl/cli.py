@@ -115,12 +115,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
 
 
 def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
-    """Request settings: flags over the recipe (the model's native settings fill the rest, in build_request)."""
+    """Request settings: flags over a --preset over the recipe (the model's native settings fill the rest, in
+    build_request)."""
+    from sdxl.presets import preset_settings
     from sdxl.request import NOT_SETTINGS, Request
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
-    s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
+    preset = preset_settings(args.preset) if args.preset else {}
+    s = (rec.settings if rec else {}) | preset | {k: v for k, v in flags.items() if k in names}
     if init is None and "width" not in s and "height" not in s and models.native_from != "SDXL's default":
         size = models.native["resolution"]
         print(f"size {size}x{size}: the native resolution {models.native_from}")
@@ -350,6 +353,7 @@ def _add_image_flags(g) -> None:
 
 
 def _add_generate(sub) -> None:
+    from sdxl.presets import PRESETS
     from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
     from sdxl.sampling import names
 
@@ -372,6 +376,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="a few-step model's published sampler, scheduler, "
+                   "steps, CFG scale (and size): turbo (SDXL-Turbo), lightning-4step/-8step (SDXL-Lightning), "
+                   "hyper-8step (Hyper-SD LoRA), lcm (LCM-LoRA); flags given override it")
     g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
