@@ -289,3 +289,15 @@ def test_unet_files_that_do_not_fit_are_refused(swapped, tmp_path):
                           (bad, "1 wrong shape tensor \\(model.diffusion_model.out.2.weight \\(2, ")]:
         with pytest.raises(CheckpointError, match=message):
             ck.load(base, unet_path=path)
+
+
+@pytest.mark.parametrize("name, scheduler, sampler, schedule", [("LCM", "SGM Uniform", "lcm", "sgm_uniform"),
+                                                                 ("TCD", None, "tcd", "sgm"),
+                                                                 ("LCM Karras", None, "lcm", "karras")])
+def test_a1111_api_maps_lcm_and_tcd(name, scheduler, sampler, schedule):
+    from sdxl.serve import a1111
+
+    payload = {"prompt": "x", "sampler_name": name} | ({"scheduler": scheduler} if scheduler else {})
+    s = a1111.request_settings(a1111.checked_fields(payload), "txt2img")
+    assert (s["sampler"], s["schedule"]) == (sampler, schedule)
+    assert {"name": name.split()[0], "aliases": [sampler], "options": {}} in a1111.samplers()  # GET /samplers
