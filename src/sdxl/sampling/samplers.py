@@ -9,7 +9,7 @@ ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
 `{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
 
 The schedule arithmetic runs on Python floats (float64), the tensors stay in x's dtype.
-`EpsDenoiser` turns SDXL's eps-predicting UNet into D. docs/samplers.md maps each sampler to
+`EpsDenoiser` turns SDXL's eps-predicting UNet into D, `VDenoiser` a v-predicting one. docs/samplers.md maps each sampler to
 its diffusers scheduler configuration and lists where they differ.
 """
 
@@ -408,8 +408,9 @@ def _unipc_update(x, history, sigma_t, order, variant, model_t=None):
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
     """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to D(x), re-noise to the next sigma.
 
-    ComfyUI `sample_lcm` (comfy/k_diffusion/sampling.py); diffusers' `LCMScheduler` also mixes in the input by its
-    boundary-condition c_skip = 0.25 / ((10 t)^2 + 0.25), below 2e-7 for t >= 100, which ComfyUI and we leave out.
+    ComfyUI `sample_lcm` (comfy/k_diffusion/sampling.py at 02159d814dee); diffusers' `LCMScheduler.step`
+    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by its boundary-condition c_skip =
+    0.25 / ((10 t)^2 + 0.25), below 2e-7 for t >= 100, which ComfyUI and we leave out.
     """
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
@@ -424,7 +425,8 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
 
     Each step goes to x_s = D + sigma_s * eps at timestep s = floor((1 - gamma) * t_next), then adds noise back up to
     sigma_next; gamma = 0 is DDIM. Into sigma = 0, s = 0 and the result is x_s at the smallest training sigma in VP
-    scaling (x_s / sqrt(sigma_s^2 + 1)), as diffusers' `TCDScheduler` (its `eta`) and ComfyUI-TCD's `sample_tcd`.
+    scaling (x_s / sqrt(sigma_s^2 + 1)), as diffusers' `TCDScheduler.step` (scheduling_tcd.py at 58eb52c0803e; gamma
+    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`.
     Timesteps come from the denoiser's `sigmas_train` (nearest), SDXL's `discrete_sigmas()` if it has none.
     """
     if not 0.0 <= gamma <= 1.0:
