@@ -89,13 +89,29 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras, args.unet or recorded.get("unet"))
+                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"))
+    _check_replayed_embeddings(args)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
         if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
             warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
                           "the image will differ")
     return m
+
+
+def _check_replayed_embeddings(args: argparse.Namespace) -> None:
+    """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`) needs their folder:
+    without it the names would be read as plain words and give another image."""
+    if not args.from_png or args.embeddings_dir is not None:
+        return
+    from sdxl.images import opened
+
+    with opened(args.from_png, "--from-png") as im:
+        found = re.search(r'TI hashes: ("(?:[^"\\]|\\.)*"|[^,\n]*)', str(im.info.get("parameters", "")))
+    if found:
+        names = found.group(1).strip('"')
+        raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings ({names}); give the folder that "
+                        "holds them with --embeddings-dir DIR")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
@@ -258,12 +274,13 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     return targets
 
 
-def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent) -> None:
+def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent, embeddings) -> None:
     """The PNGs (infotext and recipe) and, with --save-latent, the latents of one request."""
     out = Path(args.output or OUTPUT)
     if args.prompts:
         out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
-    for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark):
+    for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark,
+                          embeddings=embeddings):
         print(f"wrote {w.path}")
     if args.save_latent:
         from sdxl.formats.files import write_tensors
@@ -307,7 +324,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             counted = []
             result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
         steps_done += len(counted)
-        _write(args, k, req, result, models, dtype_name(dtype), latent)
+        _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings)
     wall = time.perf_counter() - start
     print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, "
           f"{dtype_name(dtype)} ({why})")
@@ -371,6 +388,8 @@ def _add_generate(sub) -> None:
                                   "SDXL-Lightning's); its shapes must be the model's")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
+    g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (SDXL .safetensors): a "
+                   "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
     g.add_argument("--refiner", help="refiner checkpoint")
     g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")

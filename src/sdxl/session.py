@@ -29,6 +29,7 @@ class Models:
     native: dict  # resolution, steps, cfg, refiner_switch (and prediction, zero_terminal_snr where the file says)
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
+    embeddings: str | None = None  # a folder of textual-inversion embeddings, named in prompts by file stem
     unet: str | None = None  # a UNet-only file replacing the model's UNet
 
     def table(self) -> dict[str, str | None]:
@@ -54,15 +55,19 @@ def native_settings(model: str) -> tuple[dict, str]:
 
 
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-                   loras: list[str] | tuple[str, ...] | None = None, unet: str | None = None) -> Models:
+                   loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None,
+                   unet: str | None = None) -> Models:
     """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
     UNet-only file that replaces the model's."""
+    if embeddings is not None and not Path(embeddings).is_dir():
+        raise SDXLError(f"--embeddings-dir {embeddings}: not a folder; give the folder that holds the embeddings")
     if model is not None:
         from sdxl.formats.checkpoint import sampling_settings
 
         native, source = native_settings(model)
         native = native | sampling_settings(model)  # v-prediction and zero terminal SNR, where the file says
-        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False, unet)
+        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
+                      embeddings, unet)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -71,7 +76,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner, unet)
+                  "of the default model", default_refiner, embeddings, unet)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -175,7 +180,25 @@ def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None,
     for path, multiplier in specs:
         report = load_lora(pipe.base, path, multiplier)
         log(f"LoRA {path}: {report.total} layers, weight {multiplier}")
+    use_embeddings(pipe, models.embeddings, log)
     return pipe
+
+
+def use_embeddings(pipe, folder: str | None, log=print) -> None:
+    """The textual-inversion embeddings of `folder` (None: none) for the pipeline's prompts, checked against its
+    encoders; the files refused are reported through `log` with the reason. Files are read again only when the
+    folder changes (A1111 re-reads its embeddings folder when it changes, too)."""
+    from sdxl.formats.embeddings import load_folder
+
+    found = None
+    if folder is not None:
+        cond = pipe.base.conditioner.cfg
+        found = load_folder(folder, (cond.clip_l.width, cond.bigg.width))
+        if found is not pipe.tokenizer.embeddings:
+            for name, why in found.skipped.items():
+                log(f"embedding {name} skipped: {why}")
+            log(f"embeddings {folder}: {', '.join(found.loaded) or 'none'} ({len(found.loaded)} loaded)")
+    pipe.tokenizer = pipe.tokenizer.with_embeddings(found)
 
 
 @dataclass(frozen=True)
@@ -188,9 +211,10 @@ class Written:
 
 
 def write_images(req, images, models: Models, dtype: str, out: Path, latent=None, watermark: bool = True,
-                 numbered: bool = False) -> list[Written]:
+                 numbered: bool = False, embeddings=None) -> list[Written]:
     """PNGs of one request's images, each with infotext and recipe, at `out` (or out-i for a batch; with
-    `numbered`, always out-i), never replacing a file."""
+    `numbered`, always out-i), never replacing a file; `embeddings` (sdxl.formats.embeddings.Embeddings): the
+    textual-inversion embeddings the prompts could use, those used are named in the infotext."""
     from sdxl.formats.png import a1111_parameters, recipe, save_png
 
     if watermark:
@@ -202,7 +226,7 @@ def write_images(req, images, models: Models, dtype: str, out: Path, latent=None
     written = []
     for i, im in enumerate(images):
         target = out if len(images) == 1 and not numbered else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        text = a1111_parameters(req, table, i)
+        text = a1111_parameters(req, table, i, embeddings)
         rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
         written.append(Written(save_png(im, target, text, rec), text, req.seed + i))
     return written

@@ -106,10 +106,11 @@ def request_dict(req) -> dict:
     return {f.name: getattr(req, f.name) for f in fields(req)}
 
 
-def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
+def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
     the prompt carries its LoRAs as `<lora:NAME:W>` tags (here appended after the text the encoders saw, whether
-    they came from the prompt or from --lora) and `Lora hashes` names their files' sha256, first 12 digits."""
+    they came from the prompt or from --lora) and `Lora hashes` names their files' sha256, first 12 digits;
+    `TI hashes` names the textual-inversion embeddings the prompts use (of `embeddings`), likewise."""
     sampler, schedule = to_a1111(req.sampler, req.schedule)
     pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
     model = models.get("model")
@@ -145,6 +146,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
     if loras:
         pairs["Lora hashes"] = ", ".join(f"{name}: {file_hash(path)[:12]}" for name, _, path in loras
                                          if Path(path).is_file()) or None
+    if embeddings is not None:
+        row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
+                                                                              req.negative_prompt_2)]
+        pairs["TI hashes"] = embeddings.infotext([req.prompt_of(index), row[0]] + (row[1:] if req.cfg != 1.0 else []))
     text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{name}:{weight}>" for name, weight, _ in loras]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"

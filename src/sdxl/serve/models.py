@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
+from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models, use_embeddings
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
 FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
@@ -124,7 +124,8 @@ class ModelsFolder:
         ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner and not off else None
         vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
         specs = [f"{self.resolve('loras', n, 'lora')}:{w}" for n, w in loras]
-        return resolve_models(path, ref, off, vae_path, specs)
+        embeddings = self.folder("embeddings")
+        return resolve_models(path, ref, off, vae_path, specs, str(embeddings) if embeddings else None)
 
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`, loading it (and unloading the least recently used) as needed."""
@@ -132,6 +133,7 @@ class ModelsFolder:
         with self.lock:
             if key in self.loaded:
                 self.loaded.move_to_end(key)
+                use_embeddings(self.loaded[key][0], models.embeddings, log)  # the folder as it is now
                 return self.loaded[key][0]
             need = sum(_file_size(p) for p in (models.model, models.refiner) if p)
             while self.loaded and sum(size for _, size in self.loaded.values()) + need > self.budget:
