@@ -26,11 +26,12 @@ class Models:
     refiner: str | None
     vae: str | None
     loras: tuple[str, ...]  # FILE or FILE:WEIGHT
-    native: dict  # resolution, steps, cfg, refiner_switch (and prediction, zero_terminal_snr where the file says)
+    native: dict  # resolution, steps, cfg, refiner_switch
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
     embeddings: str | None = None  # a folder of textual-inversion embeddings, named in prompts by file stem
     unet: str | None = None  # a UNet-only file replacing the model's UNet
+    sampling: dict | None = None  # prediction and zero_terminal_snr as the model file says (checkpoint.sampling_settings)
 
     def table(self) -> dict[str, str | None]:
         """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
@@ -65,9 +66,8 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         from sdxl.formats.checkpoint import sampling_settings
 
         native, source = native_settings(model)
-        native = native | sampling_settings(model)  # v-prediction and zero terminal SNR, where the file says
         return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
-                      embeddings, unet)
+                      embeddings, unet, sampling_settings(model))
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -149,9 +149,8 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("height", models.native["resolution"])
     s.setdefault("steps", models.native["steps"])
     s.setdefault("cfg", models.native["cfg"])
-    for key in ("prediction", "zero_terminal_snr"):
-        if key in models.native:
-            s.setdefault(key, models.native[key])
+    for key, value in (models.sampling or {}).items():  # prediction, zero_terminal_snr
+        s.setdefault(key, value)
     if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:
