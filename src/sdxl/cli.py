@@ -371,7 +371,7 @@ def _add_image_flags(g) -> None:
 
 def _add_generate(sub) -> None:
     from sdxl.presets import PRESETS
-    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
+    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS, PREDICTIONS
     from sdxl.sampling import names
 
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
@@ -402,7 +402,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    g.add_argument("--prediction", choices=("epsilon", "v"),
+    g.add_argument("--prediction", choices=PREDICTIONS,
                    help="what the UNet predicts (default: as the checkpoint says by its v_pred key, else epsilon)")
     g.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
                    help="the UNet was trained with zero terminal SNR (Lin et al. 2024; default: as its ztsnr key says)")
