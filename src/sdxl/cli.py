@@ -81,7 +81,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     from sdxl.formats.png import file_hash, local_path
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
-    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
     for key, path in recorded.items():
         if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
                 and not (key == "refiner" and args.no_refiner):
@@ -89,7 +89,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras, args.embeddings_dir)
+                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"))
     _check_replayed_embeddings(args)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
@@ -131,12 +131,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
 
 
 def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
-    """Request settings: flags over the recipe (the model's native settings fill the rest, in build_request)."""
+    """Request settings: flags over a --preset over the recipe (the model's native settings fill the rest, in
+    build_request)."""
+    from sdxl.presets import preset_settings
     from sdxl.request import NOT_SETTINGS, Request
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
-    s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
+    preset = preset_settings(args.preset) if args.preset else {}
+    s = (rec.settings if rec else {}) | preset | {k: v for k, v in flags.items() if k in names}
     if init is None and "width" not in s and "height" not in s and models.native_from != "SDXL's default":
         size = models.native["resolution"]
         print(f"size {size}x{size}: the native resolution {models.native_from}")
@@ -367,7 +370,8 @@ def _add_image_flags(g) -> None:
 
 
 def _add_generate(sub) -> None:
-    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
+    from sdxl.presets import PRESETS
+    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS, PREDICTIONS
     from sdxl.sampling import names
 
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
@@ -380,6 +384,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--from-png", help="reproduce an image written by sdxl generate (flags given override its recipe)")
     g.add_argument("--model", help="checkpoint: single-file .safetensors or diffusers folder")
     g.add_argument("--vae", help="a standalone VAE replacing the checkpoint's")
+    g.add_argument("--unet", help="a UNet-only file replacing the checkpoint's (official or diffusers names, e.g. "
+                                  "SDXL-Lightning's); its shapes must be the model's")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
     g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (SDXL .safetensors): a "
@@ -389,10 +395,17 @@ def _add_generate(sub) -> None:
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="a few-step model's published sampler, scheduler, "
+                   "steps, CFG scale (and size): turbo (SDXL-Turbo), lightning-4step/-8step (SDXL-Lightning), "
+                   "hyper-8step (Hyper-SD LoRA), lcm (LCM-LoRA); flags given override it")
     g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    g.add_argument("--prediction", choices=PREDICTIONS,
+                   help="what the UNet predicts (default: as the checkpoint says by its v_pred key, else epsilon)")
+    g.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
+                   help="the UNet was trained with zero terminal SNR (Lin et al. 2024; default: as its ztsnr key says)")
     g.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023), e.g. 0.7")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")

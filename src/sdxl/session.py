@@ -30,10 +30,12 @@ class Models:
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
     embeddings: str | None = None  # a folder of textual-inversion embeddings, named in prompts by file stem
+    unet: str | None = None  # a UNet-only file replacing the model's UNet
+    sampling: dict | None = None  # prediction and zero_terminal_snr as the model file says (checkpoint.sampling_settings)
 
     def table(self) -> dict[str, str | None]:
-        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
-        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
+        """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
+        return {"model": self.model, "refiner": self.refiner, "vae": self.vae, "unet": self.unet} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
 
 
@@ -54,14 +56,18 @@ def native_settings(model: str) -> tuple[dict, str]:
 
 
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-                   loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None) -> Models:
-    """Without a model, the embedded default (and its refiner unless one is given or no_refiner)."""
+                   loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None,
+                   unet: str | None = None) -> Models:
+    """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
+    UNet-only file that replaces the model's."""
     if embeddings is not None and not Path(embeddings).is_dir():
         raise SDXLError(f"--embeddings-dir {embeddings}: not a folder; give the folder that holds the embeddings")
     if model is not None:
+        from sdxl.formats.checkpoint import sampling_settings
+
         native, source = native_settings(model)
         return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
-                      embeddings)
+                      embeddings, unet, sampling_settings(model))
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -70,7 +76,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner, embeddings)
+                  "of the default model", default_refiner, embeddings, unet)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -143,6 +149,8 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("height", models.native["resolution"])
     s.setdefault("steps", models.native["steps"])
     s.setdefault("cfg", models.native["cfg"])
+    for key, value in (models.sampling or {}).items():  # prediction, zero_terminal_snr
+        s.setdefault(key, value)
     if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:
@@ -166,7 +174,8 @@ def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None,
     from sdxl.pipeline import Pipeline
 
     specs = [lora_spec(s) for s in models.loras]  # bad weights fail before the weights load
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
+                         unet=models.unet)
     for path, multiplier in specs:
         report = load_lora(pipe.base, path, multiplier)
         log(f"LoRA {path}: {report.total} layers, weight {multiplier}")
