@@ -165,7 +165,17 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = Request.from_dict(with_defaults(settings, models, init, mask), source)
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
+    check_embeddings(req, models)
     return req
+
+
+def check_embeddings(req, models: Models) -> None:
+    """The embedding names of a Request's prompts checked against the embeddings folder (Embeddings.check)."""
+    if models.embeddings is not None:
+        from sdxl.formats.embeddings import for_model
+
+        texts = [getattr(req, k) for k in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")]
+        for_model(models.embeddings, models.model).check(t for v in texts for t in (v if isinstance(v, tuple) else [v]))
 
 
 def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):

@@ -170,7 +170,7 @@ def lora_tags(models: dict[str, str | None]) -> list[tuple[str, float, str]]:
 
 def _quote(v) -> str:
     s = str(v)
-    return json.dumps(s) if ("," in s or ":" in s or "\n" in s) else s
+    return json.dumps(s, ensure_ascii=False) if ("," in s or ":" in s or "\n" in s) else s
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe_: dict) -> Path:
