@@ -10,7 +10,8 @@ from conftest import randomize
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl.formats.embeddings import Embeddings, checkpoint_widths, load_embedding, load_folder
+from sdxl.formats.embeddings import (EmbeddingError, Embeddings, checkpoint_widths, load_embedding, load_folder,
+                                     recorded_hashes)
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize
 from sdxl.models.tokenizer import PAD_BIGG, Tokenizer
@@ -76,7 +77,17 @@ def test_a_diffusers_pair_is_one_embedding(tmp_path):
     ("long.safetensors", {"clip_l": vectors(76, 128, 0), "clip_g": vectors(76, 128, 0)}, "from 1 to 75"),
     ("nan.safetensors", {"clip_l": torch.full((1, 128), float("nan")), "clip_g": vectors(1, 128, 0)}, "non-finite"),
     ("lora.safetensors", {"a": vectors(1, 128, 0), "b": vectors(1, 128, 0)}, "not clip_l and clip_g"),
-    ("image.safetensors", {"clip_l": torch.zeros(1, 2, 128), "clip_g": torch.zeros(1, 128)}, "holds 2 tensors"),
+    ("image.safetensors", {"clip_l": torch.zeros(1, 2, 128), "clip_g": torch.zeros(1, 128)},
+     "holds 2 tensors (clip_g [1, 128], clip_l [1, 2, 128]); a textual-inversion embedding for this model holds "
+     "clip_l (n, 128) and clip_g (n, 128), n from 1 to 75"),
+    ("empty.safetensors", {"clip_l": torch.zeros(0, 128), "clip_g": torch.zeros(0, 128)}, "clip_l (n, 128) and"),
+    ("huge.safetensors", {"clip_l": torch.full((1, 128), 1e30), "clip_g": vectors(1, 128, 0)},
+     "holds values up to 1e+30, beyond +-1000"),
+    ("junk.safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1), "junk": vectors(1, 4, 0)},
+     "holds junk besides clip_l and clip_g"),
+    ("BREAK.safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1)},
+     "the prompt parser reads the name 'BREAK' as syntax"),
+    ("(style).safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1)}, "'(style)' as syntax"),
 ])
 def test_refused_files_say_what_they_are(tmp_path, name, tensors, message):
     write(tmp_path / name, tensors)
@@ -104,6 +115,56 @@ def test_names_are_whole_words_ignoring_case_and_the_embedding_wins(tmp_path):
     assert db.used(["neg_v2 red", None, "red, neg"]) == [neg2, red, neg]
     assert db.infotext(["a cat", "neg"]) == f"neg: {neg.hash}" and len(neg.hash) == 12
     assert db.infotext(["a cat"]) is None
+
+
+def test_values_up_to_the_limit_load(tmp_path):
+    e = load_embedding(write(tmp_path / "loud.safetensors", {"clip_l": torch.full((1, 128), -1000.0),
+                                                             "clip_g": vectors(1, 128, 1)}), W)
+    assert e.clip_l.min().item() == -1000.0
+
+
+def test_only_embeddings_the_parsed_prompts_use_are_recorded(tmp_path):
+    sdxl_file(tmp_path / "myemb.safetensors", 1)
+    sdxl_file(tmp_path / "BREAK.safetensors", 1)
+    sdxl_file(tmp_path / "müde.safetensors", 1)
+    db = load_folder(tmp_path, W)
+    assert sorted(db.loaded) == ["myemb", "müde"] and "syntax" in db.skipped["BREAK"]
+    mine, tired = db.loaded["myemb"], db.loaded["müde"]
+    assert db.infotext(["a cat BREAK a dog", "a break"]) is None  # BREAK is the window break, never an embedding
+    assert db.infotext(["(myemb:1.2) BREAK [müde]"]) == f"myemb: {mine.hash}, müde: {tired.hash}"
+    assert db.used([r"\(myemb\)", None]) == [mine]
+
+
+def test_a_prompt_naming_a_refused_file_is_an_error_naming_it(tmp_path):
+    write(tmp_path / "nanemb.safetensors", {"clip_l": torch.full((1, 128), float("nan")), "clip_g": vectors(1, 128, 0)})
+    write(tmp_path / "sd15.safetensors", {"emb_params": vectors(2, 768, 0)})
+    sdxl_file(tmp_path / "finemb.safetensors")
+    sdxl_file(tmp_path / "BREAK.safetensors")
+    db = load_folder(tmp_path, W)
+    for texts in (["a blue nanemb star"], ["a star", "(NanEmb:1.2), blurry"], ["a star", None, "x nanemb"]):
+        with pytest.raises(EmbeddingError, match=r"names the embedding '(?i:nanemb)', which was refused: .*"
+                                                 r"nanemb\.safetensors: holds non-finite values"):
+            db.check(texts)
+    with pytest.raises(EmbeddingError, match="sd15.safetensors: an SD 1.x embedding"):
+        db.check(["finemb, sd15"])
+    db.check(["a finemb star BREAK nanembs, sd15_v2 and a break"])  # other words, and BREAK: no error
+
+
+def test_an_embedding_named_like_a_word_warns_once(tmp_path, recwarn):
+    sdxl_file(tmp_path / "white.safetensors", 1)
+    sdxl_file(tmp_path / "mystyle.safetensors", 1)
+    db = load_folder(tmp_path, W)
+    db.check(["a white cat on a white mat, mystyle", "white"])
+    assert [str(w.message) for w in recwarn] == [f"the prompt word 'white' is taken as the embedding "
+                                                 f"{tmp_path / 'white.safetensors'}, not as the word (as A1111 "
+                                                 "does); rename the file to use the word"]
+
+
+def test_recorded_ti_hashes_are_read_from_the_infotext():
+    text = 'a mystyle cat\nNegative prompt: x\nSteps: 2, TI hashes: "mystyle: 0123456789ab, müde: ba9876543210", Seed: 1'
+    assert recorded_hashes(text) == {"mystyle": "0123456789ab", "müde": "ba9876543210"}
+    assert recorded_hashes('Steps: 2, TI hashes: "m\\u00fcde: 0123456789ab"') == {"müde": "0123456789ab"}
+    assert recorded_hashes("TI hashes: x: 1\nSteps: 2") == {}  # in the prompt, not the settings line
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
