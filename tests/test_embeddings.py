@@ -301,11 +301,50 @@ def test_cli_embeddings_dir_uses_them_and_records_their_hashes(tmp_path, capsys)
     code, _, err = run(capsys, "generate", "a cat", "--embeddings-dir", tmp_path / "nowhere", *args)
     assert code == 2 and "--embeddings-dir" in err and "not a folder" in err
     code, _, err = run(capsys, "generate", "--from-png", tmp_path / "with.png", "-o", tmp_path / "again.png")
-    assert code == 2 and f"textual-inversion embeddings (myemb: {file_hash(emb)[:12]})" in err
+    assert code == 2 and "made with textual-inversion embeddings (myemb); give the folder that holds them with " \
+                         "--embeddings-dir DIR" in err
     code, _, _ = run(capsys, "generate", "--from-png", tmp_path / "with.png", "--embeddings-dir", folder,
                      "--no-watermark", "-o", tmp_path / "again.png")
     with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "again.png") as b:
         assert code == 0 and a.tobytes() == b.tobytes()
+
+
+def test_cli_replay_needs_every_recorded_embedding_and_refused_names_are_errors(tmp_path, capsys):
+    from conftest import FAST, run, tiny_checkpoints
+
+    base, _ = tiny_checkpoints(tmp_path)
+    good, empty, changed, broken = (tmp_path / n for n in ("good", "empty", "changed", "broken"))
+    for folder in (good, empty, changed, broken):
+        folder.mkdir()
+    mine, tired = sdxl_file(good / "myemb.safetensors", 2), sdxl_file(good / "müde.safetensors", 1, seed=3)
+    sdxl_file(good / "unused.safetensors", 1, seed=4)  # in the folder, not in the prompt: not recorded
+    sdxl_file(changed / "myemb.safetensors", 2, seed=9)
+    sdxl_file(changed / "müde.safetensors", 1, seed=3)
+    write(broken / "myemb.safetensors", {"clip_l": torch.full((2, 128), 1e30), "clip_g": vectors(2, 128, 0)})
+    png = tmp_path / "made.png"
+    code, _, _ = run(capsys, "generate", "a (myemb:1.2) müde cat", "--embeddings-dir", good, "--model", base,
+                     "--seed", 3, "-o", png, *FAST)
+    assert code == 0
+    assert f'TI hashes: "myemb: {load_embedding(mine, W).hash}, müde: {load_embedding(tired, W).hash}"' in _infotext(png)
+    again = ["generate", "--from-png", png, "--no-watermark", "-q"]
+    code, _, err = run(capsys, *again, "--embeddings-dir", empty, "-o", tmp_path / "e.png")
+    assert code == 2 and f"--embeddings-dir {empty} does not load (myemb: not in the folder; müde: not in the " \
+                         "folder); give the folder that holds them with --embeddings-dir DIR" in err
+    code, _, err = run(capsys, *again, "--embeddings-dir", broken, "-o", tmp_path / "b.png")
+    assert code == 2 and f"(myemb: {broken / 'myemb.safetensors'}: holds values up to 1e+30" in err
+    with pytest.warns(UserWarning) as caught:
+        code, _, _ = run(capsys, *again, "--embeddings-dir", changed, "-o", tmp_path / "c.png")
+    have = load_embedding(changed / "myemb.safetensors", W).hash
+    assert code == 0 and [str(w.message) for w in caught] == [
+        f"embedding myemb {changed / 'myemb.safetensors'} has hash {have} but {png} was made with hash "
+        f"{load_embedding(mine, W).hash}; the image will differ"]
+    for flags in (["a blue myemb star"], ["a star", "--negative", "(myemb:1.1), blurry"],
+                  ["a star", "--prompt-2", "myemb"], ["a star", "--negative-2", "myemb"]):
+        code, _, err = run(capsys, "generate", *flags, "--embeddings-dir", broken, "--model", base, "-o",
+                           tmp_path / "x.png", *FAST)
+        assert code == 2 and f"names the embedding 'myemb', which was refused: {broken / 'myemb.safetensors'}: " \
+                             "holds values up to 1e+30" in err, flags
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
@@ -325,9 +364,14 @@ def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
         (pipe, _), = live.app.state.models.loaded.values()
         assert list(pipe.tokenizer.embeddings.loaded) == ["myemb"]  # what the job's prompts were encoded with
         assert httpx.post(f"{live.url}/sdapi/v1/refresh-embeddings").status_code == 200
+        refused = [httpx.post(f"{live.url}/sdapi/v1/txt2img", json={**body, **extra}, timeout=300)
+                   for extra in ({"prompt": "a sd15 cat"}, {"negative_prompt": "(sd15:1.2)"})]
     assert listing["loaded"] == {"myemb": {"step": 700, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                            "shape": 256, "vectors": 2}}
     assert set(listing["skipped"]) == {"sd15", "old"}
+    for r in refused:
+        assert r.status_code == 422 and "names the embedding 'sd15', which was refused" in r.text \
+            and "an SD 1.x embedding" in r.text, r.text
     assert "SD 1.x" in listing["skipped"]["sd15"]["reason"] and "pickle" in listing["skipped"]["old"]["reason"]
     info = json.loads(with_emb["info"])
     assert f'TI hashes: "myemb: {emb.hash}"' in info["infotexts"][0]
