@@ -161,7 +161,8 @@ def test_an_embedding_named_like_a_word_warns_once(tmp_path, recwarn):
 
 
 def test_recorded_ti_hashes_are_read_from_the_infotext():
-    text = 'a mystyle cat\nNegative prompt: x\nSteps: 2, TI hashes: "mystyle: 0123456789ab, müde: ba9876543210", Seed: 1'
+    text = ('a mystyle cat\nNegative prompt: x\n'
+            'Steps: 2, TI hashes: "mystyle: 0123456789ab, müde: ba9876543210", Seed: 1')
     assert recorded_hashes(text) == {"mystyle": "0123456789ab", "müde": "ba9876543210"}
     assert recorded_hashes('Steps: 2, TI hashes: "m\\u00fcde: 0123456789ab"') == {"müde": "0123456789ab"}
     assert recorded_hashes("TI hashes: x: 1\nSteps: 2") == {}  # in the prompt, not the settings line
@@ -325,7 +326,8 @@ def test_cli_replay_needs_every_recorded_embedding_and_refused_names_are_errors(
     code, _, _ = run(capsys, "generate", "a (myemb:1.2) müde cat", "--embeddings-dir", good, "--model", base,
                      "--seed", 3, "-o", png, *FAST)
     assert code == 0
-    assert f'TI hashes: "myemb: {load_embedding(mine, W).hash}, müde: {load_embedding(tired, W).hash}"' in _infotext(png)
+    hashes = f"myemb: {load_embedding(mine, W).hash}, müde: {load_embedding(tired, W).hash}"
+    assert f'TI hashes: "{hashes}"' in _infotext(png)
     again = ["generate", "--from-png", png, "--no-watermark", "-q"]
     code, _, err = run(capsys, *again, "--embeddings-dir", empty, "-o", tmp_path / "e.png")
     assert code == 2 and f"--embeddings-dir {empty} does not load (myemb: not in the folder; müde: not in the " \
