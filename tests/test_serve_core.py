@@ -91,8 +91,8 @@ def test_lora_tag_in_prompt_loads_the_lora(served):
 
 
 def test_split_loras():
-    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == ("a cat, sitting",
-                                                                           (LoraUse("style", None, 0.8, 0.8), LoraUse("sub/x")))
+    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == (
+        "a cat, sitting", (LoraUse("style", None, 0.8, 0.8), LoraUse("sub/x")))
     assert split_loras("no tags (word:1.2)") == ("no tags (word:1.2)", ())
     with pytest.raises(SDXLError, match="must be a number"):
         split_loras("<lora:style:strong>")

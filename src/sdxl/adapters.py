@@ -1,8 +1,9 @@
 """A set of adapters (LoRA, LyCORIS: `sdxl.formats.lora.read_adapter`) on a loaded model, switched between requests
 without reloading it, in one of two ways:
 
-- merged: each patched weight gets `multiplier * dW` added in place, as A1111 does, after a copy of it is kept
-  (A1111's `network_weights_backup`, extensions-builtin/Lora/networks.py); removal copies it back, bit-exactly.
+- merged: each patched weight gets `multiplier * dW` added in place, as A1111 does, after a copy of it is kept in
+  CPU memory (A1111's `network_weights_backup`, extensions-builtin/Lora/networks.py); removal copies it back,
+  bit-exactly.
 - runtime: the weights stay untouched; a `torch.nn.utils.parametrize` parametrization adds the same `dW` each time
   a weight is read in the forward, with the same fp32 -> weight-dtype rounding, so the output equals the merged one;
   removal takes the parametrization off.
@@ -31,7 +32,7 @@ class _Applied:
 
     key: tuple  # ((path, te, unet), ...), runtime
     adapters: list
-    backups: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)  # merged: originals
+    backups: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)  # merged: originals (CPU)
     parametrized: list[tuple[nn.Module, str]] = field(default_factory=list)  # runtime
 
 
@@ -104,7 +105,8 @@ def _apply(model: nn.Module, applied: _Applied, patch, multiplier: float, runtim
         raise CheckpointError(f"{patch.site.path}: the adapter's change overflows (non-finite) at weight {multiplier}")
     delta = delta.to(weight.dtype)
     if not runtime:
-        applied.backups.setdefault((module, name), weight.detach().clone())
+        if (module, name) not in applied.backups:
+            applied.backups[module, name] = weight.detach().to("cpu", copy=True)
         view(weight).add_(delta)
         return
     if not parametrize.is_parametrized(module, name):

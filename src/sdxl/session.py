@@ -16,8 +16,8 @@ from sdxl.errors import SDXLError
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # a model whose file records no native settings gets SDXL's (SDXL report §2.3, sgm's sampling defaults)
 SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}
-# A1111's extra-network tag for LoRAs, `<lora:ARG:ARG...>`, and its `lyco` alias (modules/extra_networks.py re_extra_net,
-# extensions-builtin/Lora/scripts/lora_script.py, stable-diffusion-webui v1.10.1)
+# A1111's extra-network tag for LoRAs, `<lora:ARG:ARG...>`, and its `lyco` alias (stable-diffusion-webui v1.10.1:
+# modules/extra_networks.py re_extra_net, extensions-builtin/Lora/scripts/lora_script.py)
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files in pickle formats: listed as refused, never loaded
 
