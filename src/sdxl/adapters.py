@@ -6,7 +6,8 @@ without reloading it, in one of two ways:
   bit-exactly.
 - runtime: the weights stay untouched; a `torch.nn.utils.parametrize` parametrization adds the same `dW` each time
   a weight is read in the forward, with the same fp32 -> weight-dtype rounding, so the output equals the merged one;
-  removal takes the parametrization off. Meanwhile the state_dict holds such a weight as `parametrizations.<name>.original`.
+  removal takes the parametrization off. Meanwhile the state_dict holds such a weight as
+  `parametrizations.<name>.original`.
 
 A patch's multiplier is the UNet's for the UNet, the text encoders' for CLIP-L and bigG (A1111's te/unet).
 """
