@@ -374,13 +374,17 @@ def _fit(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """(r, r, kh, kw) core times wa (r, out) and wb (r, in) -> (out, in, kh, kw); LyCORIS functional/general.py rebuild_tucker."""
+    """Core (r, r, kh, kw) times wa (r, out), wb (r, in) -> (out, in, kh, kw); functional/general.py rebuild_tucker."""
     return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
 
 
 def _lora(t: dict, w: torch.Tensor) -> torch.Tensor:
-    """up @ down; up (out, r[, 1, 1]), down (r, in[, kh, kw]); a 1x1 up after a kh x kw down (LoCon) is one conv."""
+    """up @ down; up (out, r[, 1, 1]), down (r, in[, kh, kw]); a 1x1 up after a kh x kw down (LoCon) is one conv.
+    LoCon with a Tucker core `lora_mid` (r, r, kh, kw) between 1x1 down and up: functional/locon.py diff_weight."""
     up, down = t["up"], t["down"]
+    if "mid" in t:
+        _need(up.ndim == down.ndim == 4 and up.shape[2:] == down.shape[2:] == (1, 1), "")
+        return _fit(_tucker(t["mid"], up.flatten(1).T, down.flatten(1)), w)
     _need(down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[2:] in ((), (1, 1)) and up.shape[1] == down.shape[0]
           and (down.ndim == 2 or w.ndim == 2 or down.shape[2:] == w.shape[2:]), "")
     return _fit(up.flatten(1) @ down.flatten(1), w)
@@ -395,12 +399,16 @@ def _loha(t: dict, w: torch.Tensor) -> torch.Tensor:
 
 
 def _lokr(t: dict, w: torch.Tensor) -> torch.Tensor:
-    """LoKr (Yeh et al. 2023): kron(w1, w2), each factor full or a product, w2 optionally Tucker (lokr.py, functional/lokr.py)."""
+    """LoKr (Yeh et al. 2023): kron(w1, w2), each factor full or a product, w2 optionally Tucker (lokr.py).
+
+    alpha / rank is applied once, as in functional/lokr.py diff_weight, PEFT, A1111 and ComfyUI (lokr.py's
+    module get_diff_weight multiplies by it twice).
+    """
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = (t["lokr_w2"] if "lokr_w2" in t else _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]) if "lokr_t2" in t
           else t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1))
     _need(w1.ndim == 2, "")
-    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2)  # (a*c, b*d[, kh, kw])
+    d = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2.contiguous())  # (a*c, b*d[, kh, kw])
     return d if d.shape == w.shape else _fit(d, w)
 
 
@@ -431,35 +439,35 @@ def _dora(magnitude: torch.Tensor, peft: bool, d: torch.Tensor, w: torch.Tensor)
     axis = 1 if not peft and magnitude.ndim >= 2 and magnitude.shape[0] == 1 and w.shape[0] != 1 else 0
     v = w + d
     norm = torch.linalg.vector_norm(v, dim=[i for i in range(v.ndim) if i != axis], keepdim=True)
-    _need(magnitude.numel() == v.shape[axis], "dora")
+    _need(magnitude.numel() == v.shape[axis], f"DoRA magnitude {tuple(magnitude.shape)} for a weight {tuple(w.shape)}")
     return magnitude.reshape(norm.shape) * v / (norm + torch.finfo(torch.float32).eps) - w
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One adapter type: the roles that name it, dW for the weight and the bias, and the rank alpha divides by."""
+    """One adapter type: the roles that name it, those it needs, dW for weight and bias, the rank alpha divides by."""
 
     roles: frozenset  # a module is this kind if it has any of these
     weight: Callable  # (tensors by role, base weight) -> dW (or None)
     bias: Callable | None = None  # (tensors by role, base bias) -> dB (or None)
     rank: Callable = lambda t: None  # None: no alpha / rank scale
+    needs: tuple = ()  # each: alternatives (|) of role sets (+)
 
 
 KINDS = {
-    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0]),
+    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0], needs=("down", "up")),
     "loha": Kind(frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), _loha,
-                 rank=lambda t: t["hada_w1_b"].shape[0]),
+                 rank=lambda t: t["hada_w1_b"].shape[0], needs=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
     # scaled only with a decomposed factor: LyCORIS lokr.py uses alpha = lora_dim when w1 and w2 are both full
     "lokr": Kind(frozenset({"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), _lokr,
-                 rank=lambda t: next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)),
-    "ia3": Kind(frozenset({"on_input"}), _ia3),
+                 rank=lambda t: next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None),
+                 needs=("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")),
+    "ia3": Kind(frozenset({"on_input"}), _ia3, needs=("weight",)),
     "full": Kind(frozenset({"diff", "diff_b"}), _diff("diff"), _diff("diff_b")),
     "norm": Kind(frozenset({"w_norm", "b_norm"}), _diff("w_norm"), _diff("b_norm")),
 }
-_NEEDS = {"lora": ("down", "up"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "ia3": ("weight",),
-          "lokr": ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")}
-# roles of other LyCORIS types, refused by name
-_UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "a2.weight": "GLoRA"}
+# key suffixes of other LyCORIS types, refused by name
+_UNSUPPORTED = {".oft_blocks": "OFT/BOFT", ".oft_diag": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA"}
 _SCALARS = ("alpha", "on_input")  # read as numbers
 _SHOWN = {"down": "lora_down", "up": "lora_up"}  # how a missing role is named
 
@@ -509,12 +517,11 @@ class LoadReport:
 # file suffix -> role: kohya, PEFT, then older diffusers names (LoRA layers, text encoder patches)
 _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"),
           (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-          (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+          (".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_mid.weight", "mid"),
           (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-          (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"),
-          (".a1.weight", "a1.weight"), (".a2.weight", "a2.weight"))
-_LAST = {r for k in KINDS.values() for r in k.roles} | set(_SCALARS) | {"weight", "dora_scale", "hada_t1", "hada_t2",
-        "lokr_w1_b", "lokr_w2_b", "lokr_t2", *_UNSUPPORTED}  # LyCORIS: `<module>.<role>`
+          (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"))
+_LAST = {*(r for k in KINDS.values() for r in k.roles), *_SCALARS, "weight", "dora_scale", "hada_t1", "hada_t2",
+         "lokr_w1_b", "lokr_w2_b", "lokr_t2"}  # LyCORIS: `<module>.<role>`
 # diffusers < 0.21 attention processors: `<attn>.processor.to_q_lora.down.weight` is `<attn>.to_q`
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
@@ -603,7 +610,7 @@ def read_adapter(model: SDXLModel, path) -> Adapter:
         path = path / PEFT_FILE
     f = SafetensorsFile(path)  # refuses pickles unread
     name = str(f.path)
-    check_float(name, f.dtypes())
+    check_float(name, {k: d for k, d in f.dtypes().items() if not k.endswith(".on_input")})  # (IA)^3's flag: an int
     groups, skipped = _groups(f, name, model.cfg)
     fmt = ("kohya" if any(k.startswith("lora_") for k in f) else
            "diffusers-old" if any(".processor." in k or ".lora_linear_layer." in k or ".lora.down." in k for k in f)
@@ -665,6 +672,9 @@ def _foreign(f: SafetensorsFile, unknown: list[str], cfg: ModelConfig) -> str | 
 
 def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site, tuple[str, dict]], dict[str, int]]:
     """File keys by site: (module name, role -> key); and modules skipped per component (layers this model lacks)."""
+    if other := sorted({t for suffix, t in _UNSUPPORTED.items() if any(k.endswith(suffix) for k in f)}):
+        raise CheckpointError(f"{name}: a LyCORIS {other[0]} adapter, which is not supported (supported: "
+                              f"{', '.join(KINDS)}, DoRA)")
     names, groups, unsupported = _names(cfg), {}, []
     for key in f:
         parsed = _split(key)
@@ -684,9 +694,7 @@ def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site,
     if len(unknown) == len(groups):
         raise CheckpointError(f"{name}: none of its {len(groups)} modules address this {cfg.architecture} model "
                               f"({first_few(unknown)}); is it an adapter for another model?")
-    skipped: dict[str, int] = {}
-    for m in unknown:
-        skipped[_component(m)] = skipped.get(_component(m), 0) + 1
+    skipped = {c: n for c in (*COMPONENTS, "other") if (n := sum(_component(m) == c for m in unknown))}
     if unknown:
         warnings.warn(f"{name}: skipped {len(unknown)} module{'s' if len(unknown) != 1 else ''} for layers this "
                       f"{cfg.architecture} model does not have ({', '.join(f'{c}: {n}' for c, n in skipped.items())}; "
@@ -703,13 +711,11 @@ def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site,
 
 
 def _kind(roles: dict) -> tuple[str | None, str]:
-    """(the kind a module's roles name, None) or (None, what is wrong: a missing tensor, an unsupported type)."""
-    if bad := [_UNSUPPORTED[r] for r in roles if r in _UNSUPPORTED]:
-        return None, f": LyCORIS {bad[0]}, which is not supported"
+    """(the kind a module's roles name, "") or (None, what is wrong: a missing tensor, no known kind)."""
     kind = next((k for k, spec in KINDS.items() if spec.roles & roles.keys()), None)
     if kind is None:
         return None, f": no adapter kind has the tensors {', '.join(sorted(roles))}"
-    for need in _NEEDS.get(kind, ()):
+    for need in KINDS[kind].needs:
         if not any(set(alt.split("+")) <= roles.keys() for alt in need.split("|")):
             return None, f" lacks {' or '.join(_SHOWN.get(a, a).replace('+', ' and ') for a in need.split('|'))}"
     return kind, ""
@@ -730,9 +736,10 @@ def _patches(model: SDXLModel, f: SafetensorsFile, groups: dict, peft_cfg: dict,
         else:
             try:
                 patches += _module_patches(model, site, kind, t, peft_cfg)
-            except (_Misfit, RuntimeError) as e:
+            except (_Misfit, RuntimeError) as e:  # RuntimeError: factors torch cannot multiply
                 shapes = " ".join(f"{r} {tuple(v.shape)}" for r, v in t.items() if r not in _SCALARS)
-                problems.append(f"{module}: {e}" if str(e) else f"{module}: {shapes} for a weight {tuple(target(model, site).shape)}")
+                problems.append(f"{module}: {e}" if isinstance(e, _Misfit) and str(e)
+                                else f"{module}: {shapes} for a weight {tuple(target(model, site).shape)}")
     if problems:
         raise CheckpointError(f"{name}: {len(problems)} bad adapter module{'s' if len(problems) != 1 else ''}: "
                               f"{first_few(problems)}")
@@ -741,6 +748,7 @@ def _patches(model: SDXLModel, f: SafetensorsFile, groups: dict, peft_cfg: dict,
 
 def _module_patches(model: SDXLModel, site: Site, kind: str, t: dict, peft_cfg: dict) -> list[Patch]:
     """A module's weight and bias patches; each is run once on meta tensors, so a misfit raises here, not mid-merge."""
+    t = dict(t)
     spec, scalars = KINDS[kind], {r: float(t.pop(r).float()) for r in _SCALARS if r in t}
     magnitude = t.pop("magnitude", None)
     peft = magnitude is not None
