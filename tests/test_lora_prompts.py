@@ -17,7 +17,7 @@ from test_lora import ALL_TARGETS, fresh, outputs
 
 from sdxl.adapters import applied_adapters, remove_adapters, use_adapters
 from sdxl.errors import SDXLError
-from sdxl.formats.lora import add_lora, save_lora
+from sdxl.formats.lora import add_lora, load_lora, save_lora
 from sdxl.formats.png import file_hash, lora_hash
 from sdxl.session import LoraUse, find_lora, split_loras
 
@@ -138,6 +138,40 @@ def test_runtime_output_equals_merged(files):
     m, r = outputs(merged), outputs(runtime)
     for k in m:
         assert torch.equal(m[k], r[k]) and not torch.allclose(m[k], plain[k]), k
+
+
+def test_lycoris_biases_and_norms_at_run_time_equal_merged(tmp_path):
+    """LoHa, a full diff with its bias (diff_b) and bigG's final LayerNorm (w_norm, b_norm): the runtime
+    parametrizations of weights and biases give the merged outputs, and come off exactly."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    conv, proj, norm = ("lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_middle_block_1_proj_in",
+                        "lora_te2_text_model_final_layer_norm")
+    shapes = {f"{conv}.diff": (64, 64, 3, 3), f"{conv}.diff_b": (64,), f"{norm}.w_norm": (128,),
+              f"{norm}.b_norm": (128,), **{f"{proj}.hada_w{i}_{ab}": (128, 4) if ab == "a" else (4, 128)
+                                           for i in (1, 2) for ab in "ab"}}
+    save_file({k: torch.randn(v, generator=g) * 0.1 for k, v in shapes.items()} | {f"{proj}.alpha": torch.tensor(2.0)},
+              tmp_path / "ly.safetensors")
+    merged, runtime = fresh(), fresh()
+    before = state(runtime)
+    for model, mode in ((merged, False), (runtime, True)):
+        use_adapters(model, [(tmp_path / "ly.safetensors", -0.5, 1.5)], mode)
+    m, r, plain = outputs(merged), outputs(runtime), outputs(fresh())
+    assert all(torch.equal(m[k], r[k]) and not torch.allclose(m[k], plain[k]) for k in m)
+    remove_adapters(runtime)
+    assert all(torch.equal(v, before[k]) for k, v in state(runtime).items())
+
+
+def test_merged_equals_load_lora(files):
+    """The same patches, multipliers and rounding as sdxl.formats.lora.load_lora: equal weights."""
+    _, a, b = files
+    ours, theirs = fresh(), fresh()
+    use_adapters(ours, [(a, 0.7, 1.3), (b, 1.0, -0.6)])
+    load_lora(theirs, a, 1.3, te_multiplier=0.7)
+    load_lora(theirs, b, -0.6, te_multiplier=1.0)
+    o, t = state(ours), state(theirs)
+    assert all(torch.equal(o[k], t[k]) for k in o)
 
 
 @pytest.mark.parametrize("runtime", [False, True], ids=["merged", "runtime"])
