@@ -84,6 +84,8 @@ def test_names_found_as_a1111_finds_them(files, tmp_path):
         find_lora("zzzz", loras)
     with pytest.raises(SDXLError, match="not a path"):
         find_lora("../a", loras)
+    with pytest.raises(SDXLError, match="is not a folder"):
+        find_lora("a", loras / "a.safetensors")
     # two files of one stem: the path inside the folder tells them apart; an alias (ss_output_name) is found too
     (tmp_path / "x").mkdir()
     for p in (tmp_path / "a.safetensors", tmp_path / "x" / "a.safetensors", tmp_path / "c.ckpt"):
