@@ -300,7 +300,9 @@ def test_other_architectures_are_refused_by_name(tmp_path, tensors, arch):
     ({f"{PROJ_IN}.lora_down.weight": rand(2, 128), f"{PROJ_IN}.lora_up.weight": rand(128, 2),
       f"{PROJ_IN}.dora_scale": rand(64, 1)}, rf"{PROJ_IN}: DoRA magnitude \(64, 1\) for a weight \(128, 128\)"),
     ({"lora_unet_middle_block_1_proj_in.diff": rand(128, 128), f"{PROJ_IN}.weight": rand(128)}, "no adapter weights"),
-], ids=["oft", "glora", "lokr-no-w2", "loha-misfit", "ia3-misfit", "dora-misfit", "weight-without-on_input"])
+    ({f"{PROJ_IN}.diff": rand(128, 128), f"{PROJ_IN}.w_norm": rand(128)},
+     rf"{PROJ_IN}: full with tensors of another kind \(w_norm\)"),
+], ids=["oft", "glora", "lokr-no-w2", "loha-misfit", "ia3-misfit", "dora-misfit", "weight-without-on_input", "two-kinds"])
 def test_bad_lycoris_files_change_nothing(tmp_path, tensors, message):
     save_file(tensors, tmp_path / "bad.safetensors")
     model = fresh()

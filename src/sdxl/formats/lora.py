@@ -413,7 +413,7 @@ def _lokr(t: dict, w: torch.Tensor) -> torch.Tensor:
 
 
 def _ia3(t: dict, w: torch.Tensor) -> torch.Tensor:
-    """(IA)^3 (Liu et al. 2022): W scaled per output channel, or per input channel with on_input (ia3.py make_weight)."""
+    """(IA)^3 (Liu et al. 2022): W scaled per output channel, or per input channel with on_input (ia3.py)."""
     axis, v = int(bool(t.get("on_input", 0))), t["weight"]
     _need(v.numel() == w.shape[axis], "")
     return w * v.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
@@ -445,23 +445,32 @@ def _dora(magnitude: torch.Tensor, peft: bool, d: torch.Tensor, w: torch.Tensor)
 
 @dataclass(frozen=True)
 class Kind:
-    """One adapter type: the roles that name it, those it needs, dW for weight and bias, the rank alpha divides by."""
+    """One adapter type: the roles that name it, those it needs and may have, dW for weight and bias, and the
+    rank alpha divides by."""
 
     roles: frozenset  # a module is this kind if it has any of these
     weight: Callable  # (tensors by role, base weight) -> dW (or None)
     bias: Callable | None = None  # (tensors by role, base bias) -> dB (or None)
     rank: Callable = lambda t: None  # None: no alpha / rank scale
     needs: tuple = ()  # each: alternatives (|) of role sets (+)
+    optional: frozenset = frozenset()  # besides these and alpha, a module may have nothing else
+
+    def allowed(self) -> set:
+        return {*self.roles, *re.split(r"[|+]", "|".join(self.needs)), *self.optional, "alpha"}
 
 
+_DORA = {"dora_scale", "magnitude"}
 KINDS = {
-    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0], needs=("down", "up")),
+    "lora": Kind(frozenset({"down", "up"}), _lora, rank=lambda t: t["down"].shape[0], needs=("down", "up"),
+                 optional=frozenset({"mid", *_DORA})),
     "loha": Kind(frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}), _loha,
-                 rank=lambda t: t["hada_w1_b"].shape[0], needs=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
+                 rank=lambda t: t["hada_w1_b"].shape[0], needs=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                 optional=frozenset({"hada_t1", "hada_t2", *_DORA})),
     # scaled only with a decomposed factor: LyCORIS lokr.py uses alpha = lora_dim when w1 and w2 are both full
     "lokr": Kind(frozenset({"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"}), _lokr,
                  rank=lambda t: next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None),
-                 needs=("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")),
+                 needs=("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"),
+                 optional=frozenset({"lokr_t2", *_DORA})),
     "ia3": Kind(frozenset({"on_input"}), _ia3, needs=("weight",)),
     "full": Kind(frozenset({"diff", "diff_b"}), _diff("diff"), _diff("diff_b")),
     "norm": Kind(frozenset({"w_norm", "b_norm"}), _diff("w_norm"), _diff("b_norm")),
@@ -477,7 +486,7 @@ _SHOWN = {"down": "lora_down", "up": "lora_up"}  # how a missing role is named
 @dataclass(frozen=True)
 class Patch:
     """One tensor an adapter changes: `delta(W)` is the full dW (W's shape, float32, multiplier 1, alpha / rank
-    scaling included) given the current base tensor W (`target(model, patch)`); DoRA needs W's values."""
+    scaling included) given the current base tensor W (`target(model, p.site, p.param)`); DoRA needs W's values."""
 
     site: Site
     component: str  # as site.component: which multiplier applies
@@ -642,8 +651,9 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0, te_multiplier: fl
 
 
 # kohya / diffusers name prefixes -> component, for modules that address nothing in this model
-_PREFIX_COMPONENT = (("lora_unet_", "unet"), ("unet.", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                     ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2"), ("lora_te_", "text_encoder"))
+_PREFIX_COMPONENT = (("lora_unet_", "unet"), ("unet.", "unet"), ("lora_te1_", "text_encoder"),
+                     ("lora_te2_", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+                     ("text_encoder_2.", "text_encoder_2"), ("lora_te_", "text_encoder"))
 # module names only other architectures have (SD 1.x/2.x attend at the first level, which SDXL does not)
 _FOREIGN = ((re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), "Flux"),
             (re.compile(r"joint_blocks|context_block|lora_te3_|^transformer\.transformer_blocks"), "SD3"),
@@ -661,7 +671,8 @@ def _foreign(f: SafetensorsFile, unknown: list[str], cfg: ModelConfig) -> str | 
     for pattern, arch in _FOREIGN:
         if any(pattern.search(m) for m in unknown):
             if arch == "SD 1.x/2.x":
-                widths = {s[1] for k, s in f.shapes().items() if "attn2" in k and "to_k" in k and _split(k)[1] == "down"}
+                widths = {s[1] for k, s in f.shapes().items()
+                          if "attn2" in k and "to_k" in k and _split(k)[1] == "down"}
                 arch = _SD_CONTEXT.get(next(iter(widths), 0), arch) if len(widths) == 1 else arch
             return arch
     if (cfg.conditioner is not None and cfg.conditioner.clip_l is None
@@ -718,6 +729,8 @@ def _kind(roles: dict) -> tuple[str | None, str]:
     for need in KINDS[kind].needs:
         if not any(set(alt.split("+")) <= roles.keys() for alt in need.split("|")):
             return None, f" lacks {' or '.join(_SHOWN.get(a, a).replace('+', ' and ') for a in need.split('|'))}"
+    if extra := sorted(roles.keys() - KINDS[kind].allowed()):
+        return None, f": {kind} with tensors of another kind ({', '.join(extra)})"
     return kind, ""
 
 
@@ -755,7 +768,8 @@ def _module_patches(model: SDXLModel, site: Site, kind: str, t: dict, peft_cfg: 
     magnitude = t.pop("dora_scale", magnitude)
     rank = spec.rank(t)
     _need(rank != 0, f"rank 0 ({kind} factors are empty)")
-    scale = (1.0 if rank is None else scalars["alpha"] / rank if scalars.get("alpha")  # alpha 0 means rank: kohya, LyCORIS
+    # alpha 0 or none means alpha = rank (kohya, LyCORIS); a plain LoRA's may be in diffusers' metadata
+    scale = (1.0 if rank is None else scalars["alpha"] / rank if scalars.get("alpha")
              else _peft_scale(peft_cfg.get(site.component, {}), site.theirs, rank) if kind == "lora" else 1.0)
 
     def delta(param, w: torch.Tensor) -> torch.Tensor | None:
