@@ -33,11 +33,14 @@ class Models:
     native: dict  # resolution, steps, cfg, refiner_switch
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
+    embeddings: str | None = None  # a folder of textual-inversion embeddings, named in prompts by file stem
+    unet: str | None = None  # a UNet-only file replacing the model's UNet
+    sampling: dict | None = None  # prediction and zero_terminal_snr as the model file says (checkpoint.sampling_settings)
     lora_dir: str | None = None  # where a prompt's <lora:NAME> tags are found
 
     def table(self) -> dict[str, str | None]:
-        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
-        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
+        """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
+        return {"model": self.model, "refiner": self.refiner, "vae": self.vae, "unet": self.unet} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
 
 
@@ -58,12 +61,19 @@ def native_settings(model: str) -> tuple[dict, str]:
 
 
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-                   loras: list[str] | tuple[str, ...] | None = None, lora_dir: str | None = None) -> Models:
-    """Without a model, the embedded default (and its refiner unless one is given or no_refiner)."""
+                   loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None,
+                   unet: str | None = None, lora_dir: str | None = None) -> Models:
+    """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
+    UNet-only file that replaces the model's; `lora_dir`: where a prompt's <lora:NAME> tags are found."""
+    if embeddings is not None and not Path(embeddings).is_dir():
+        raise SDXLError(f"--embeddings-dir {embeddings}: not a folder; give the folder that holds the embeddings")
     lora_dir = None if lora_dir is None else str(lora_dir)
     if model is not None:
+        from sdxl.formats.checkpoint import sampling_settings
+
         native, source = native_settings(model)
-        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False, lora_dir)
+        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
+                      embeddings, unet, sampling_settings(model), lora_dir)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -72,7 +82,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner, lora_dir)
+                  "of the default model", default_refiner, embeddings, unet, lora_dir=lora_dir)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -249,6 +259,8 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("height", models.native["resolution"])
     s.setdefault("steps", models.native["steps"])
     s.setdefault("cfg", models.native["cfg"])
+    for key, value in (models.sampling or {}).items():  # prediction, zero_terminal_snr
+        s.setdefault(key, value)
     if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:
@@ -272,8 +284,10 @@ def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None,
     from sdxl.pipeline import Pipeline
 
     loras = file_loras(models)  # bad weights fail before the weights load
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
+                         unet=models.unet)
     use_loras(pipe, loras, log)
+    use_embeddings(pipe, models.embeddings, log)
     return pipe
 
 
@@ -288,6 +302,23 @@ def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False
         log(f"LoRA {u.name} ({u.path}): {len(adapter.patches)} layers, {weight}")
 
 
+def use_embeddings(pipe, folder: str | None, log=print) -> None:
+    """The textual-inversion embeddings of `folder` (None: none) for the pipeline's prompts, checked against its
+    encoders; the files refused are reported through `log` with the reason. Files are read again only when the
+    folder changes (A1111 re-reads its embeddings folder when it changes, too)."""
+    from sdxl.formats.embeddings import load_folder
+
+    found = None
+    if folder is not None:
+        cond = pipe.base.conditioner.cfg
+        found = load_folder(folder, (cond.clip_l.width, cond.bigg.width))
+        if found is not pipe.tokenizer.embeddings:
+            for name, why in found.skipped.items():
+                log(f"embedding {name} skipped: {why}")
+            log(f"embeddings {folder}: {', '.join(found.loaded) or 'none'} ({len(found.loaded)} loaded)")
+    pipe.tokenizer = pipe.tokenizer.with_embeddings(found)
+
+
 @dataclass(frozen=True)
 class Written:
     """One PNG written: where, its A1111 infotext and the seed of its image."""
@@ -298,9 +329,10 @@ class Written:
 
 
 def write_images(req, images, models: Models, dtype: str, out: Path, latent=None, watermark: bool = True,
-                 numbered: bool = False) -> list[Written]:
+                 numbered: bool = False, embeddings=None) -> list[Written]:
     """PNGs of one request's images, each with infotext and recipe, at `out` (or out-i for a batch; with
-    `numbered`, always out-i), never replacing a file."""
+    `numbered`, always out-i), never replacing a file; `embeddings` (sdxl.formats.embeddings.Embeddings): the
+    textual-inversion embeddings the prompts could use, those used are named in the infotext."""
     from sdxl.formats.png import a1111_parameters, recipe, save_png
 
     if watermark:
@@ -312,7 +344,7 @@ def write_images(req, images, models: Models, dtype: str, out: Path, latent=None
     written = []
     for i, im in enumerate(images):
         target = out if len(images) == 1 and not numbered else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        text = a1111_parameters(req, table, i, loras)
+        text = a1111_parameters(req, table, i, embeddings, loras)
         rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
         written.append(Written(save_png(im, target, text, rec), text, req.seed + i))
     return written

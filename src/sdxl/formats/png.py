@@ -18,7 +18,7 @@ from sdxl.sampling.names import to_a1111
 
 RECIPE_KEY = "sdxl-recipe"
 DTYPES = ("fp32", "bf16", "fp16")
-MODEL_KEY = re.compile(r"model|refiner|vae|lora\d+")
+MODEL_KEY = re.compile(r"model|refiner|vae|unet|lora\d+")
 
 
 def next_free(path: str | os.PathLike) -> Path:
@@ -94,7 +94,7 @@ def _model_entry_ok(key: str, entry: str) -> bool:
     if entry.startswith(PACKAGED):
         return re.fullmatch(r"[\w.-]+\.safetensors", entry[len(PACKAGED):]) is not None
     path = re.sub(r":-?[\d.]+$", "", entry) if key.startswith("lora") else entry
-    return path.endswith(".safetensors") or (key != "vae" and not key.startswith("lora") and Path(path).is_dir())
+    return path.endswith(".safetensors") or (key in ("model", "refiner") and Path(path).is_dir())
 
 
 def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None, loras=(),
@@ -120,10 +120,11 @@ def request_dict(req) -> dict:
     return {f.name: getattr(req, f.name) for f in fields(req)}
 
 
-def a1111_parameters(req, models: dict[str, str | None], index: int = 0, loras=()) -> str:
+def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=()) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
     the prompt keeps its `<lora:...>` tags where they were, the --lora files are appended as tags (as A1111's
-    sd_lora option does), and `Lora hashes` names every LoRA's `lora_hash` (extra_networks_lora.py)."""
+    sd_lora option does), and `Lora hashes` names every LoRA's `lora_hash` (extra_networks_lora.py); `TI hashes`
+    names the textual-inversion embeddings the prompts use (of `embeddings`), likewise."""
     sampler, schedule = to_a1111(req.sampler, req.schedule)
     pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
     model = models.get("model")
@@ -132,6 +133,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, loras=(
         pairs["Model"] = Path(model).stem
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
+    if req.prediction == "v":
+        pairs["Prediction"] = "v"
+    if req.zero_terminal_snr:
+        pairs["Zero terminal SNR"] = True
     if req.init_image is not None:
         pairs["Denoising strength"] = req.strength
     if req.mask is not None or req.outpaint is not None:
@@ -153,6 +158,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, loras=(
         pairs |= {"Batch size": req.batch, "Batch pos": index}
     if loras:  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
         pairs["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', u.name)}: {lora_hash(u.path)}" for u in loras)
+    if embeddings is not None:
+        row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
+                                                                              req.negative_prompt_2)]
+        pairs["TI hashes"] = embeddings.infotext([req.prompt_of(index), row[0]] + (row[1:] if req.cfg != 1.0 else []))
     text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{u.name}:{u.unet}>" for u in loras if not u.tag]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
@@ -237,10 +246,10 @@ def parse_recipe(d, source: str) -> Recipe:
             raise SDXLError(f"{source}: {name}.{bad[0]:.40} must be a file name (a string), got {table[bad[0]]!r:.60}")
     models = {k: v for k, v in models.items() if v is not None}
     if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
-        raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, lora0, ...)")
+        raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, unet, lora0, ...)")
     if bad := [k for k, v in models.items() if not _model_entry_ok(k, v)]:
         raise SDXLError(f"{source}: models.{bad[0]} {models[bad[0]]!r:.80} is not a checkpoint name (a .safetensors "
-                        "file or a diffusers folder); pass the files with --model/--refiner/--vae/--lora")
+                        "file or a diffusers folder); pass the files with --model/--refiner/--vae/--unet/--lora")
     dtype, latent = d.pop("dtype", None), d.pop("latent", None)
     if dtype is not None and dtype not in DTYPES:
         raise SDXLError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r:.60}")

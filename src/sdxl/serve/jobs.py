@@ -277,7 +277,8 @@ class Jobs:
             except Cancelled:
                 return "cancelled", result
             written = write_images(req, out.images, models, dtype_name(pool.dtype),
-                                   self.output_dir / f"{job_id}-{j}.png", numbered=True)
+                                   self.output_dir / f"{job_id}-{j}.png", numbered=True,
+                                   embeddings=pipe.tokenizer.embeddings)
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
             result["seeds"] += [w.seed for w in written]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.session import PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, resolve_models
+from sdxl.session import (PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, resolve_models,
+                          use_embeddings)
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
 FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
@@ -123,7 +124,9 @@ class ModelsFolder:
         ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner and not off else None
         vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
         specs = [f"{find_lora(n, self.folder('loras'))}:{w}" for n, w in loras]
-        return resolve_models(path, ref, off, vae_path, specs, self.folder("loras"))
+        embeddings = self.folder("embeddings")
+        return resolve_models(path, ref, off, vae_path, specs, str(embeddings) if embeddings else None,
+                              lora_dir=self.folder("loras"))
 
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`' checkpoint files, loading it (and unloading the least recently used) as
@@ -132,6 +135,7 @@ class ModelsFolder:
         with self.lock:
             if key in self.loaded:
                 self.loaded.move_to_end(key)
+                use_embeddings(self.loaded[key][0], models.embeddings, log)  # the folder as it is now
                 return self.loaded[key][0]
             need = sum(_file_size(p) for p in (models.model, models.refiner) if p)
             while self.loaded and sum(size for _, size in self.loaded.values()) + need > self.budget:
