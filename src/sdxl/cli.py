@@ -11,8 +11,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
-from sdxl.session import (DTYPES, Models, build_request, check_embeddings, device_and_dtype, dtype_name, load_pipeline,
-                          resolve_models, split_loras, write_images)
+from sdxl.session import (DTYPES, Models, build_request, check_embeddings, device_and_dtype, dtype_name,
+                          load_pipeline, request_loras, resolve_models, use_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -89,7 +89,8 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"))
+                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"),
+                       args.lora_dir or (rec and rec.lora_dir))
     files = [(key, path, file_hash(path)[:10], rec.hashes.get(key)) for key, path in m.table().items()
              if rec and rec.hashes.get(key) and path and Path(path).is_file()]
     for what, path, have, want in files + _replayed_embeddings(args, m):
@@ -186,40 +187,39 @@ def _check_replayed_inputs(args: argparse.Namespace, rec, images: dict) -> None:
 
 def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Models, list]:
     """One Request per prompt, built once from flags over the recipe over the native settings, all validated
-    before anything big is loaded. --prompts: prompt k uses seed + k * batch. `<lora:NAME:W>` tags in the
-    prompts join the LoRAs (the same tags in every prompt)."""
+    before anything big is loaded. --prompts: prompt k uses seed + k * batch. Each prompt's `<lora:...>` tags
+    stay in it and are found in --lora-dir; a replayed PNG's LoRA whose file changed since is a warning."""
     from sdxl.images import load_image
 
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
     _check_replayed_inputs(args, rec, {"init_image": init, "mask": mask})
     settings = _settings(args, rec, models, init)
-    prompts, tags = _prompt_loras(_read_prompts(args))
+    prompts = _read_prompts(args)
     if prompts[0] is None and settings.get("prompt") is None:
         if rec is not None:
             raise SDXLError(f"{args.from_png}: its recipe holds no prompt; give one (sdxl generate \"a red circle\" "
                             f"--from-png {args.from_png})")
         raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
-    models = replace(models, loras=models.loras + tags)
     first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",
                           init, mask, latent)
     reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
     for req in reqs:
         req.validate(has_refiner=models.refiner is not None)
         check_embeddings(req, models)
+        _check_replayed_loras(args, rec, request_loras(req, models))
     return models, reqs
 
 
-def _prompt_loras(prompts: list[str | None]) -> tuple[list[str | None], tuple[str, ...]]:
-    """The prompts without their `<lora:NAME:W>` tags, and the tags as --lora specs (NAME, else NAME.safetensors)."""
-    split = [split_loras(p) if p is not None else (None, ()) for p in prompts]
-    if len({tags for _, tags in split}) > 1:
-        raise SDXLError("--prompts: every prompt must carry the same <lora:...> tags (one model is loaded for all)")
-    specs = []
-    for name, weight in split[0][1]:
-        path = name if Path(name).exists() or name.endswith(".safetensors") else f"{name}.safetensors"
-        specs.append(f"{path}:{weight}")
-    return [p for p, _ in split], tuple(specs)
+def _check_replayed_loras(args: argparse.Namespace, rec, loras) -> None:
+    """A LoRA of a replayed prompt whose file differs from the one the PNG was made with is a warning naming it."""
+    from sdxl.formats.png import lora_hash
+
+    for u in loras:
+        want = ((rec.lora_hashes or {}) if rec else {}).get(u.name)
+        if want and (have := lora_hash(u.path)) != want:
+            warnings.warn(f"LoRA {u.name}: {u.path} has hash {have} but {args.from_png} was made with hash {want}; "
+                          "the image will differ")
 
 
 def _load_latent(path: str, index: int | None):
@@ -294,7 +294,7 @@ def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype:
         from sdxl.formats.png import recipe
 
         Path(args.save_latent).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"recipe": json.dumps(recipe(req, models.table(), latent)),
+        meta = {"recipe": json.dumps(recipe(req, models.table(), latent, request_loras(req, models), models.lora_dir)),
                 "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
         print(f"wrote {write_tensors(args.save_latent, {'latent': result.latents}, meta, mode='free')}")
 
@@ -327,6 +327,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                 "it (drop them, or upscale with --hires-scale)")
             req = replace(req, width=size[0], height=size[1])
             req.validate(has_refiner=models.refiner is not None)
+        use_loras(pipe, request_loras(req, models))
         with tqdm(total=pipe.plan(req).total_steps, desc=f"seed {req.seed}", unit="step", disable=args.quiet) as bar:
             counted = []
             result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
@@ -395,6 +396,8 @@ def _add_generate(sub) -> None:
                                   "SDXL-Lightning's); its shapes must be the model's")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
+    g.add_argument("--lora-dir", help="the folder where a prompt's <lora:NAME:WEIGHT> tags are found by file name, "
+                                      "subfolders included, as in A1111 (default for --from-png: the one recorded)")
     g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (SDXL .safetensors): a "
                    "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
     g.add_argument("--refiner", help="refiner checkpoint")

@@ -299,7 +299,9 @@ class Pipeline:
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
         """(cond, uncond) for a batch, one prompt per image or one for all; no uncond at cfg 1 (`Conditioner.guided`,
         docs/conditioning.md §3)."""
-        prompts = prompt_rows(req.prompt, req.prompt_2, req.batch)
+        from sdxl.session import lora_free  # A1111's <lora:...> tags are for `use_loras`, not the encoders
+
+        prompts = prompt_rows(lora_free(req.prompt), req.prompt_2, req.batch)
         negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
         return model.conditioner.guided(self.tokenizer, prompts, self.micro(req, False), negatives,
                                         self.micro(req, True))
