@@ -377,3 +377,20 @@ def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
     assert "SD 1.x" in listing["skipped"]["sd15"]["reason"] and "pickle" in listing["skipped"]["old"]["reason"]
     info = json.loads(with_emb["info"])
     assert f'TI hashes: "myemb: {emb.hash}"' in info["infotexts"][0]
+
+
+def test_lora_tags_are_not_embedding_names(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import tiny_checkpoints
+
+    from sdxl.session import check_embeddings, resolve_models
+
+    base, _ = tiny_checkpoints(tmp_path)
+    (tmp_path / "emb").mkdir()
+    write(tmp_path / "emb" / "style.safetensors", {"emb_params": vectors(2, 768, 0)})  # refused: SD 1.x
+    models = resolve_models(base, None, True, embeddings=str(tmp_path / "emb"))
+    req = SimpleNamespace(prompt="a cat <lora:style:0.8>", negative_prompt="", prompt_2=None, negative_prompt_2=None)
+    check_embeddings(req, models)  # the tag names a LoRA: no error
+    with pytest.raises(EmbeddingError, match="names the embedding 'style', which was refused: .*SD 1.x"):
+        check_embeddings(SimpleNamespace(**vars(req) | {"prompt": ("a style cat", "a dog")}), models)
