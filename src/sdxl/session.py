@@ -276,7 +276,17 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
     request_loras(req, models)  # its LoRA tags read and found before anything loads
+    check_embeddings(req, models)
     return req
+
+
+def check_embeddings(req, models: Models) -> None:
+    """The embedding names of a Request's prompts checked against the embeddings folder (Embeddings.check)."""
+    if models.embeddings is not None:
+        from sdxl.formats.embeddings import for_model
+
+        texts = [lora_free(req.prompt), req.negative_prompt, req.prompt_2, req.negative_prompt_2]  # as encoded
+        for_model(models.embeddings, models.model).check(t for v in texts for t in (v if isinstance(v, tuple) else [v]))
 
 
 def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):

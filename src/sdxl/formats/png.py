@@ -159,9 +159,12 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     if loras:  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
         pairs["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', u.name)}: {lora_hash(u.path)}" for u in loras)
     if embeddings is not None:
+        from sdxl.session import lora_free  # the text the encoders saw, without its <lora:...> tags
+
         row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
                                                                               req.negative_prompt_2)]
-        pairs["TI hashes"] = embeddings.infotext([req.prompt_of(index), row[0]] + (row[1:] if req.cfg != 1.0 else []))
+        texts = [lora_free(req.prompt_of(index)), row[0]] + (row[1:] if req.cfg != 1.0 else [])
+        pairs["TI hashes"] = embeddings.infotext(texts)
     text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{u.name}:{u.unet}>" for u in loras if not u.tag]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
@@ -170,7 +173,7 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
 
 def _quote(v) -> str:
     s = str(v)
-    return json.dumps(s) if ("," in s or ":" in s or "\n" in s) else s
+    return json.dumps(s, ensure_ascii=False) if ("," in s or ":" in s or "\n" in s) else s
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe_: dict) -> Path:
