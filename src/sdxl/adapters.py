@@ -77,7 +77,7 @@ def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], run
                     w = unet if patch.component == "unet" else te
                     if not _apply(model, applied, patch, w, runtime):
                         raise CheckpointError(f"{path}: its {patch.kind} change of {patch.site.kohya} overflows "
-                                              f"(non-finite) at weight {w}; use a smaller weight")
+                                              f"(non-finite) at weight {w:g}; use a smaller weight")
     except BaseException:
         remove_adapters(model)
         raise
