@@ -179,7 +179,8 @@ def test_every_lora_replays_from_elsewhere_and_is_hash_checked(folder, tmp_path,
     assert sorted(str(w.message).split(" has hash")[0] for w in caught if "has hash" in str(w.message)) == [
         f"lora0 {other / 'a.safetensors'}", f"lora1 {outside}"]
     (other / "a.safetensors").unlink()
-    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "t.png", "--lora-dir", other, "-o", tmp_path / "m.png")
+    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "t.png", "--lora-dir", other, "-o",
+                       tmp_path / "m.png")
     assert code == 2 and f"{tmp_path / 't.png'}: lora0: the LoRA a.safetensors is not here; give --lora-dir DIR" in err
 
 
@@ -201,8 +202,9 @@ def test_a1111_lists_loras_as_a1111_does(folder, tmp_path):
     save_file(load_file(sub_a), root / "loras" / "sub" / "named.safetensors", metadata={"ss_output_name": "nice"})
     app = SimpleNamespace(state=SimpleNamespace(models=ModelsFolder(root, "cpu", "fp32")))
     listed = {x["path"]: x for x in loras(SimpleNamespace(app=app))}
+    named = root / "loras" / "sub" / "named.safetensors"
     assert {p: (x["name"], x["alias"]) for p, x in listed.items()} == {
-        str(a): ("a", "a"), str(sub_a): ("a", "a"), str(root / "loras" / "sub" / "named.safetensors"): ("named", "nice"),
+        str(a): ("a", "a"), str(sub_a): ("a", "a"), str(named): ("named", "nice"),
         str(root / "loras" / "style.safetensors"): ("style", "style")}
     assert listed[str(root / "loras" / "sub" / "named.safetensors")]["metadata"] == {"ss_output_name": "nice"}
     assert find_lora("sub/a", root / "loras") == sub_a and find_lora("nice", root / "loras") == \

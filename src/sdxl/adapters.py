@@ -107,7 +107,8 @@ def non_finite_cause(model: nn.Module, what: str) -> SDXLError | None:
     with their weights as the cause (a LoRA's change at a large weight overflows the activations); None without."""
     if not (uses := applied_adapters(model)):
         return None
-    names = ", ".join(f"{path} at weight {te:g}" + (f" (UNet {unet:g})" if unet != te else "") for path, te, unet in uses)
+    names = ", ".join(f"{path} at weight {te:g}" + (f" (UNet {unet:g})" if unet != te else "")
+                      for path, te, unet in uses)
     return SDXLError(f"{what} gave non-finite values (NaN/Inf) with the LoRA(s) {names}: their change overflows; "
                      "lower their weights (or leave them out to check the model alone)")
 

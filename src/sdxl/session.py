@@ -164,9 +164,9 @@ def _lora_tag(args: str) -> LoraUse:
     return LoraUse(positional[0].strip(), None, te, unet)
 
 
-# A1111 reads a LoRA weight with Python's float() and no limit (extensions-builtin/Lora/extra_networks_lora.py, v1.10.1),
-# which takes `1_0`, `nan` and `inf`; its UI offers -2..2 (ui_edit_user_metadata.py). One rule here: a decimal number,
-# exponent allowed, |w| <= MAX_LORA_WEIGHT (beyond it a LoRA's change dominates the weights it is added to).
+# A1111 reads a LoRA weight with Python's float() and no limit (extensions-builtin/Lora/extra_networks_lora.py,
+# v1.10.1), which takes `1_0`, `nan` and `inf`. One rule here: a decimal number, exponent allowed, |w| <=
+# MAX_LORA_WEIGHT (beyond it a LoRA's change swamps the weights it is added to; sampling overflows).
 MAX_LORA_WEIGHT = 10.0
 _WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 

@@ -132,7 +132,8 @@ def replay_lora(entry: str, lora_dir: str | None, where: str) -> str:
     if lora_dir is not None and not Path(path).is_absolute() and (Path(lora_dir) / path).is_file():
         path = str(Path(lora_dir) / path)
     if not Path(path).exists():
-        raise SDXLError(f"{where}: the LoRA {path} is not here; give --lora-dir DIR (the folder it is in) or --lora FILE")
+        raise SDXLError(f"{where}: the LoRA {path} is not here; give --lora-dir DIR (the folder it is in) or "
+                        "--lora FILE")
     return f"{path}:{weight!r}"
 
 
