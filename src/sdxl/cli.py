@@ -78,7 +78,7 @@ def _quad(text: str) -> tuple[int, int, int, int]:
 
 def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
-    from sdxl.formats.png import file_hash, local_path
+    from sdxl.formats.png import file_hash, local_path, model_files, replay_lora
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
@@ -87,12 +87,14 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                 and not (key == "refiner" and args.no_refiner):
             raise SDXLError(f"{args.from_png} was made with {key} {path}, which is not on this machine; give "
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
-    loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
+    lora_dir = args.lora_dir or (rec and rec.lora_dir)
+    keys = sorted((k for k in recorded if k.startswith("lora")), key=lambda k: int(k[4:]))
+    loras = args.lora or [replay_lora(recorded[k], lora_dir, f"{args.from_png}: {k}") for k in keys]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
                        args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"),
-                       args.lora_dir or (rec and rec.lora_dir))
-    files = [(key, path, file_hash(path)[:10], rec.hashes.get(key)) for key, path in m.table().items()
-             if rec and rec.hashes.get(key) and path and Path(path).is_file()]
+                       lora_dir)
+    files = [(key, path, file_hash(path)[:10], rec.hashes.get(key)) for key, path in model_files(m.table()).items()
+             if rec and rec.hashes.get(key)]  # every file, a LoRA's with or without a weight
     for what, path, have, want in files + _replayed_embeddings(args, m):
         if have != want:
             warnings.warn(f"{what} {path} has hash {have} but {args.from_png} was made with hash {want}; "

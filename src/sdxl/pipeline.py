@@ -590,8 +590,10 @@ class Pipeline:
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
-        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it
-            raise non_finite_error("sampling", self.dtype)
+        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
+            from sdxl.adapters import non_finite_cause
+
+            raise non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
         return x
 
     @staticmethod
