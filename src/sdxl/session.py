@@ -302,13 +302,13 @@ def check_embeddings(req, models: Models) -> None:
 
 
 def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):
-    """The Pipeline of `models` on device/dtype with its --lora files applied (a request's tags: `use_loras`)."""
+    """The Pipeline of `models` on device/dtype, without LoRAs: each request applies its own set, --lora files and
+    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once."""
     from sdxl.pipeline import Pipeline
 
-    loras = file_loras(models)  # bad weights fail before the weights load
+    file_loras(models)  # bad weights fail before the weights load
     pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
                          unet=models.unet)
-    use_loras(pipe, loras, log)
     use_embeddings(pipe, models.embeddings, log)
     return pipe
 
