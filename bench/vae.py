@@ -2,7 +2,7 @@
 with `enable_tiling()`; peak RSS and time per case, and each output's distance from diffusers' untiled one.
 
 Usage: flock /tmp/heavy.lock python bench/vae.py [--sizes 1024 1536 2048] [--ops decode encode] [--dtypes bf16 fp32]
-       [--cases ours ours-banded diffusers diffusers-tiled] [--band MiB] [--write]
+       [--cases ours diffusers ours-banded diffusers-tiled] [--band MiB] [--no-channels-last] [--write]
 Full-size SDXL VAE config, random weights (seed 0) built by diffusers and converted to ours, so both hold the same
 weights. Each case runs once in a fresh process (its peak RSS is its own: VmHWM, reset after loading); cases of one
 size alternate between ours and diffusers. Inputs are smooth (bicubic-upsampled noise), as latents and images are.
@@ -55,11 +55,12 @@ def models(case: str, dtype: torch.dtype):
     return ours.to(dtype).eval()
 
 
-def run_case(case: str, op: str, size: int, dtype_name: str, band_mib: int, out: str) -> dict:
+def run_case(case: str, op: str, size: int, dtype_name: str, band_mib: int, channels_last: bool, out: str) -> dict:
     """One case in this process: time, peak RSS, RSS after loading; the output saved to `out`."""
-    dtype = DTYPES[dtype_name]
-    vae = models(case, dtype)
+    dtype, fmt = DTYPES[dtype_name], torch.channels_last if channels_last else torch.contiguous_format
+    vae = models(case, dtype).to(memory_format=fmt)
     x = smooth((1, 3, size, size) if op == "encode" else (1, 4, size // 8, size // 8), 1).to(dtype)
+    x = x.contiguous(memory_format=fmt)
     band = band_mib << 20 if case == "ours-banded" else None
     if case == "diffusers-tiled":
         vae.enable_tiling()
@@ -85,22 +86,23 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     ap.add_argument("--cases", nargs="+", default=["ours", "diffusers", "ours-banded", "diffusers-tiled"])
     ap.add_argument("--band", type=int, default=64, help="our band size, MiB")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="both models")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # case op size dtype out: run one case here
     args = ap.parse_args()
     if args.one:
         case, op, size, dtype, out = args.one
-        print(json.dumps(run_case(case, op, int(size), dtype, args.band, out)))
+        print(json.dumps(run_case(case, op, int(size), dtype, args.band, args.channels_last, out)))
         return
-    rows = [f"| {date.today()} | {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads | "
-            "case | op | px | dtype | seconds | peak RSS GiB | over loaded GiB | max abs diff vs diffusers (else ours) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"{date.today()}, {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+            f"channels-last {args.channels_last}, band {args.band} MiB: `python bench/vae.py {' '.join(sys.argv[1:])}`",
+            "", "| case | op | px | dtype | load | seconds | peak RSS GiB | over loaded GiB | max abs diff / max abs |",
+            "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
             for op in args.ops:
                 for size in args.sizes:
                     rows += measure(args, tmp, op, size, dtype)
-    rows.insert(0, f"load before/after: see each row; command: `{' '.join(sys.argv)}`")
     print("\n".join(rows))
     if args.write:
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
@@ -113,15 +115,18 @@ def measure(args, tmp: str, op: str, size: int, dtype: str) -> list[str]:
     for case in args.cases:
         out = f"{tmp}/{case}.pt"
         load = os.getloadavg()[0]
-        cmd = [sys.executable, __file__, "--band", str(args.band), "--one", case, op, str(size), dtype, out]
+        cmd = [sys.executable, __file__, "--band", str(args.band), "--one", case, op, str(size), dtype, out,
+               "--channels-last" if args.channels_last else "--no-channels-last"]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
         results[case] = dict(json.loads(line), load=load)
         outs[case] = torch.load(out)
         print(case, op, size, dtype, results[case], flush=True)
-    ref = outs.get("diffusers", outs.get("ours"))
-    return [f"| | load {r['load']:.1f} | {case} | {op} | {size} | {dtype} | {r['seconds']:.1f} | "
+    name = next(c for c in ("diffusers", "ours", *args.cases) if c in outs)  # the reference output
+    ref = outs[name]
+    return [f"| {case} | {op} | {size} | {dtype} | {r['load']:.1f} | {r['seconds']:.1f} | "
             f"{r['peak'] / 2**30:.2f} | {(r['peak'] - r['loaded']) / 2**30:.2f} | "
-            f"{(outs[case] - ref).abs().max().item():.2e} |" for case, r in results.items()]
+            f"{((outs[case] - ref).abs().max() / ref.abs().max()).item():.1e} vs {name} |"
+            for case, r in results.items()]
 
 
 if __name__ == "__main__":

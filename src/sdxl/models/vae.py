@@ -8,6 +8,18 @@ on unscaled latents; the pipeline multiplies by `scaling_factor`.
 
 Precision: the released SDXL VAE weights overflow in fp16 at large sizes (the reason the
 community "fp16-fix" VAE exists); prefer bf16 or fp32 with them.
+
+Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries,
+the full width each. A block's input and output stay whole tensors; a 3x3 conv reads its band plus
+one row either side (the halo), with zero rows only at the image's edges, so each band's output is
+exactly the whole conv's; GroupNorm takes each band's mean and variance and merges them (law of total
+variance) into the whole tensor's statistics before any band is normalised; the mid-block attention
+runs whole, at latent size. So banded equals whole up to float rounding (fp32: ~3e-6 of the output's
+scale; tests/test_vae_tiling.py), with no seams, and the big temporaries (the normalised and
+upsampled copies of each activation) shrink to one band. Tiles with halos (TiledVAE) must also keep
+every tile's state at each GroupNorm until all tiles have reached it: the whole activation again,
+plus halos, for no smaller peak; blended tiles with per-tile statistics (diffusers' tiling) differ
+from the whole image. Peak memory and time: bench/vae.py, bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -42,16 +54,15 @@ def _norm(c: int, device, dtype) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6, affine=True, device=device, dtype=dtype)
 
 
-# --- row bands ------------------------------------------------------------------------------
-# Large images run in row bands (`band`: about that many bytes of float32 per band temporary; None: whole tensors).
-# Each block's input and output stay whole; a 3x3 conv reads its band plus one row either side (the halo) and
-# drops the output rows the halo's zero padding made wrong, so every band is exact; GroupNorm statistics are
-# summed over bands of the whole tensor. The result equals the whole-tensor one up to float rounding.
-# Tiles with halos (TiledVAE) would also keep every tile's state at each GroupNorm until all tiles reach it:
-# whole activations plus halos, without saving more memory than bands do.
+# --- row bands (see the module docstring) -----------------------------------------------------
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _rows_per_band(x: torch.Tensor, band: int | None, per_row: int, multiple: int = 1) -> int:
@@ -69,9 +80,8 @@ def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int) -> torch.Tensor:
     for r0 in range(0, h_out, rows):
         piece = rows_fn(r0, min(r0 + rows, h_out))
         if out is None:
-            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             out = torch.empty((*piece.shape[:2], h_out, piece.shape[3]), dtype=piece.dtype, device=piece.device,
-                              memory_format=torch.channels_last if cl else torch.contiguous_format)
+                              memory_format=_format(x))
         out[:, :, r0:r0 + piece.shape[2]] = piece
     return out
 
@@ -88,28 +98,29 @@ def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, band: int | None, up: int = 1, 
         if top != bottom:
             t, top = F.pad(t, (0, 0, top, bottom)), 0
         y = F.conv2d(t, conv.weight, conv.bias, padding=(top, 1))  # (B, C, o1 - o0, W)
-        return y if add is None else y + add(o0, o1)
+        return y if add is None else y.add_(add(o0, o1))
 
     return _banded(rows, x, h, _rows_per_band(x, band, x[:, :, 0].numel() * up, up))
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, band: int | None):
-    """silu(norm(t)) for bands t of x, with the group mean and variance of the whole x: summed over bands in
-    float32, the mean first, then the squared deviations (two passes, no cancellation)."""
+    """silu(norm(t)) for bands t of x, with the group mean and variance of the whole x: each band's, from
+    GroupNorm's own kernel (float32 inside), merged by the law of total variance."""
     rows = _rows_per_band(x, band, x[:, :, 0].numel())
     if rows >= x.shape[2]:
         return lambda t: F.silu(norm(t))
     b, c, h, w = x.shape
-    g, n = norm.num_groups, c // norm.num_groups * h * w
-
-    def total(f) -> torch.Tensor:  # f summed over every band and over each group, float32: (B, C) -> (B, G, 1)
-        per_channel = sum(f(x[:, :, r:r + rows]).sum((2, 3), dtype=torch.float32) for r in range(0, h, rows))
-        return per_channel.view(b, g, -1).sum(2, keepdim=True)
-
-    mean = total(lambda t: t) / n  # (B, G, 1)
-    var = total(lambda t: (t - mean.expand(b, g, c // g).reshape(b, c, 1, 1)).square_()) / n  # float32 (promoted)
-    scale = norm.weight.float().view(1, g, -1) * torch.rsqrt(var + norm.eps)  # (B, G, C/G)
-    shift = norm.bias.float().view(1, g, -1) - mean * scale
+    g, eps = norm.num_groups, norm.eps
+    fmt = _format(x)
+    stats = [torch.ops.aten.native_group_norm(x[:, :, r:r + rows].contiguous(memory_format=fmt), None, None, b, c,
+                                              x[0, 0, r:r + rows].numel(), g, eps)[1:]
+             for r in range(0, h, rows)]  # per band: mean, rstd (B, G)
+    mean, rstd = (torch.stack(v).float() for v in zip(*stats))  # (bands, B, G)
+    share = torch.tensor([min(rows, h - r) / h for r in range(0, h, rows)], device=x.device).view(-1, 1, 1)
+    group_mean = (share * mean).sum(0)  # (B, G)
+    group_var = (share * (rstd.pow(-2) - eps + (mean - group_mean).square())).sum(0)
+    scale = norm.weight.float().view(g, -1) * torch.rsqrt(group_var + eps)[:, :, None]  # (B, G, C/G)
+    shift = norm.bias.float().view(g, -1) - group_mean[:, :, None] * scale
     scale, shift = (v.reshape(b, c, 1, 1).to(x.dtype) for v in (scale, shift))
     return lambda t: F.silu(torch.addcmul(shift, t, scale), inplace=True)
 
