@@ -65,11 +65,12 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _rows_per_band(x: torch.Tensor, band: int | None, per_row: int, multiple: int = 1) -> int:
-    """Rows per band so that `per_row` elements per row of float32 fill about `band` bytes (None: all rows)."""
+def _rows_per_band(x: torch.Tensor, band: int | None, cost: int = 1, multiple: int = 1) -> int:
+    """Output rows per band (a multiple of `multiple`) so that `cost` rows of x per output row, in float32, fill
+    about `band` bytes; None: all rows, one band."""
     if band is None:
         return x.shape[2] * 2
-    return max(multiple, band // (4 * per_row) // multiple * multiple)
+    return max(multiple, band // (4 * cost * x[:, :, 0].numel()) // multiple * multiple)
 
 
 def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int) -> torch.Tensor:
@@ -86,12 +87,12 @@ def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int) -> torch.Tensor:
     return out
 
 
-def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, band: int | None, up: int = 1, add=None) -> torch.Tensor:
+def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, rows: int, up: int = 1, add=None) -> torch.Tensor:
     """conv(pre(x)) (+ add(r0, r1) per band of output rows) for a 3x3 padding-1 `conv` after a `pre` that is
     pointwise or (up=2) a nearest 2x upsampling: each band reads one more row of pre(x) either side (the halo)."""
     h = x.shape[2] * up
 
-    def rows(o0: int, o1: int) -> torch.Tensor:
+    def band_rows(o0: int, o1: int) -> torch.Tensor:
         a, b = max(o0 - 1, 0), min(o1 + 1, h)  # rows of pre(x) the band reads
         t = pre(x[:, :, a // up:-(-b // up)])[:, :, a % up:a % up + b - a]
         top, bottom = int(o0 == 0), int(o1 == h)  # the conv's zero padding at the image's edges
@@ -100,13 +101,12 @@ def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, band: int | None, up: int = 1, 
         y = F.conv2d(t, conv.weight, conv.bias, padding=(top, 1))  # (B, C, o1 - o0, W)
         return y if add is None else y.add_(add(o0, o1))
 
-    return _banded(rows, x, h, _rows_per_band(x, band, x[:, :, 0].numel() * up, up))
+    return _banded(band_rows, x, h, rows)
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, band: int | None):
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, rows: int):
     """silu(norm(t)) for bands t of x, with the group mean and variance of the whole x: each band's, from
     GroupNorm's own kernel (float32 inside), merged by the law of total variance."""
-    rows = _rows_per_band(x, band, x[:, :, 0].numel())
     if rows >= x.shape[2]:
         return lambda t: F.silu(norm(t))
     b, c, h, w = x.shape
@@ -127,7 +127,8 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, band: int | None):
 
 def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, band: int | None, add=None) -> torch.Tensor:
     """conv(silu(norm(x))) (+ add(r0, r1)) over row bands, the GroupNorm statistics of the whole x."""
-    return _halo(_norm_silu(norm, x, band), conv, x, band, add=add)
+    rows = _rows_per_band(x, band)
+    return _halo(_norm_silu(norm, x, rows), conv, x, rows, add=add)
 
 
 class ResnetBlock(nn.Module):
@@ -185,7 +186,7 @@ class Downsample(nn.Module):
             t = x[:, :, 2 * o0:2 * o1 + 1]
             return self.conv(F.pad(t, (0, 1, 0, 2 * (o1 - o0) + 1 - t.shape[2])))
 
-        return _banded(rows, x, x.shape[2] // 2, _rows_per_band(x, band, 2 * x[:, :, 0].numel()))
+        return _banded(rows, x, x.shape[2] // 2, _rows_per_band(x, band, cost=2))
 
 
 class Upsample(nn.Module):
@@ -196,7 +197,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, padding=1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        return _halo(lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"), self.conv, x, band, up=2)
+        up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
+        return _halo(up, self.conv, x, _rows_per_band(x, band, cost=2, multiple=2), up=2)
 
 
 class MidBlock(nn.Module):
@@ -262,7 +264,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1, **kw)
 
     def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        h = _halo(_same, self.conv_in, x, band)
+        h = _halo(_same, self.conv_in, x, _rows_per_band(x, band))
         for level in self.down:
             h = level(h, band)
         h = self.mid(h, band)
@@ -291,7 +293,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1, **kw)
 
     def forward(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        h = self.mid(_halo(_same, self.conv_in, z, band), band)
+        h = self.mid(_halo(_same, self.conv_in, z, _rows_per_band(z, band)), band)
         for level in reversed(self.up):
             h = level(h, band)
         return _norm_conv(self.norm_out, self.conv_out, h, band)
