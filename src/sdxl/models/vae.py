@@ -56,10 +56,6 @@ def _norm(c: int, device, dtype) -> nn.GroupNorm:
 
 # --- row bands (see the module docstring) -----------------------------------------------------
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def _format(x: torch.Tensor) -> torch.memory_format:
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
@@ -264,7 +260,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1, **kw)
 
     def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        h = _halo(_same, self.conv_in, x, _rows_per_band(x, band))
+        h = _halo(nn.Identity(), self.conv_in, x, _rows_per_band(x, band))
         for level in self.down:
             h = level(h, band)
         h = self.mid(h, band)
@@ -293,7 +289,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1, **kw)
 
     def forward(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        h = self.mid(_halo(_same, self.conv_in, z, _rows_per_band(z, band)), band)
+        h = self.mid(_halo(nn.Identity(), self.conv_in, z, _rows_per_band(z, band)), band)
         for level in reversed(self.up):
             h = level(h, band)
         return _norm_conv(self.norm_out, self.conv_out, h, band)
