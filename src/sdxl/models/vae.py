@@ -69,21 +69,25 @@ def _rows_per_band(x: torch.Tensor, band: int | None, cost: int = 1, multiple: i
     return max(multiple, band // (4 * cost * x[:, :, 0].numel()) // multiple * multiple)
 
 
-def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int) -> torch.Tensor:
-    """`rows_fn(r0, r1)` (output rows r0:r1) over bands of `rows` rows, into one tensor in x's memory format."""
+def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """`rows_fn(r0, r1)` (output rows r0:r1) over bands of `rows` rows, into one new tensor in x's memory format
+    or into `into`: a band is written once the next has been computed, so a one-row halo can read `into`."""
     if rows >= h_out:
         return rows_fn(0, h_out)
-    out = None
+    out, last = into, None
     for r0 in range(0, h_out, rows):
         piece = rows_fn(r0, min(r0 + rows, h_out))
         if out is None:
             out = torch.empty((*piece.shape[:2], h_out, piece.shape[3]), dtype=piece.dtype, device=piece.device,
                               memory_format=_format(x))
-        out[:, :, r0:r0 + piece.shape[2]] = piece
+        if last is not None:
+            out[:, :, last[0]:r0] = last[1]
+        last = (r0, piece)
+    out[:, :, last[0]:] = last[1]
     return out
 
 
-def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, rows: int, up: int = 1, add=None) -> torch.Tensor:
+def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, rows: int, up: int = 1, add=None, into=None) -> torch.Tensor:
     """conv(pre(x)) (+ add(r0, r1) per band of output rows) for a 3x3 padding-1 `conv` after a `pre` that is
     pointwise or (up=2) a nearest 2x upsampling: each band reads one more row of pre(x) either side (the halo)."""
     h = x.shape[2] * up
@@ -97,7 +101,7 @@ def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, rows: int, up: int = 1, add=Non
         y = F.conv2d(t, conv.weight, conv.bias, padding=(top, 1))  # (B, C, o1 - o0, W)
         return y if add is None else y.add_(add(o0, o1))
 
-    return _banded(band_rows, x, h, rows)
+    return _banded(band_rows, x, h, rows, into)
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, rows: int):
@@ -121,10 +125,11 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, rows: int):
     return lambda t: F.silu(torch.addcmul(shift, t, scale), inplace=True)
 
 
-def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, band: int | None, add=None) -> torch.Tensor:
+def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, band: int | None, add=None,
+               into=None) -> torch.Tensor:
     """conv(silu(norm(x))) (+ add(r0, r1)) over row bands, the GroupNorm statistics of the whole x."""
     rows = _rows_per_band(x, band)
-    return _halo(_norm_silu(norm, x, rows), conv, x, rows, add=add)
+    return _halo(_norm_silu(norm, x, rows), conv, x, rows, add=add, into=into)
 
 
 class ResnetBlock(nn.Module):
@@ -142,7 +147,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
         h = _norm_conv(self.norm1, self.conv1, x, band)
         skip = self.nin_shortcut or nn.Identity()
-        return _norm_conv(self.norm2, self.conv2, h, band, add=lambda r0, r1: skip(x[:, :, r0:r1]))
+        # h is ours and read by conv2 alone: its bands are overwritten by the output as they are done
+        return _norm_conv(self.norm2, self.conv2, h, band, add=lambda r0, r1: skip(x[:, :, r0:r1]), into=h)
 
 
 class AttnBlock(nn.Module):
