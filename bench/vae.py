@@ -121,11 +121,14 @@ def measure(args, tmp: str, op: str, size: int, dtype: str) -> list[str]:
         results[case] = dict(json.loads(line), load=load)
         outs[case] = torch.load(out)
         print(case, op, size, dtype, results[case], flush=True)
-    name = next(c for c in ("diffusers", "ours", *args.cases) if c in outs)  # the reference output
-    ref = outs[name]
+    refs = [c for c in ("diffusers", "ours") if c in outs] or args.cases[:1]  # the reference outputs
+
+    def diff(case: str) -> str:
+        return ", ".join(f"{((outs[case] - outs[c]).abs().max() / outs[c].abs().max()).item():.1e} vs {c}"
+                         for c in refs if c != case)
+
     return [f"| {case} | {op} | {size} | {dtype} | {r['load']:.1f} | {r['seconds']:.1f} | "
-            f"{r['peak'] / 2**30:.2f} | {(r['peak'] - r['loaded']) / 2**30:.2f} | "
-            f"{((outs[case] - ref).abs().max() / ref.abs().max()).item():.1e} vs {name} |"
+            f"{r['peak'] / 2**30:.2f} | {(r['peak'] - r['loaded']) / 2**30:.2f} | {diff(case)} |"
             for case, r in results.items()]
 
 
