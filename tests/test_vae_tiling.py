@@ -1,9 +1,9 @@
 """The VAE in row bands (`band`) equals the whole-tensor VAE: decode and encode, odd sizes, batches, layouts.
 
 Tolerance: fp32 bands differ from whole tensors only in float rounding (convs on other shapes, GroupNorm sums
-taken in another order): up to 2.3e-6 of the output's largest magnitude was seen, so 1e-5 of it is asserted
+taken in another order): up to 2.5e-6 of the output's largest magnitude was seen, so 1e-5 of it is asserted
 (plus rtol 1e-5). bf16: bands and whole tensors round differently (the banded GroupNorm is one multiply-add in
-bf16); each was seen within 2.2% of the fp32 output's scale, and both are held to 5%, the bf16 bound of
+bf16); each was seen within 2.4% of the fp32 output's scale, and both are held to 5%, the bf16 bound of
 tests/test_vae.py.
 """
 

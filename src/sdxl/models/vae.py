@@ -14,12 +14,14 @@ the full width each. A block's input and output stay whole tensors; a 3x3 conv r
 one row either side (the halo), with zero rows only at the image's edges, so each band's output is
 exactly the whole conv's; GroupNorm takes each band's mean and variance and merges them (law of total
 variance) into the whole tensor's statistics before any band is normalised; the mid-block attention
-runs whole, at latent size. So banded equals whole up to float rounding (fp32: ~3e-6 of the output's
-scale; tests/test_vae_tiling.py), with no seams, and the big temporaries (the normalised and
-upsampled copies of each activation) shrink to one band. Tiles with halos (TiledVAE) must also keep
+runs whole, at latent size. So banded equals whole up to float rounding (fp32: 2.5e-6 of the
+output's scale on the test models, 1e-5 at full size with random weights), with no seams; the big
+temporaries (normalised and upsampled copies) shrink to one band, and a resnet block's second conv
+writes over its input, so a block holds two whole tensors. Tiles with halos (TiledVAE) must also keep
 every tile's state at each GroupNorm until all tiles have reached it: the whole activation again,
 plus halos, for no smaller peak; blended tiles with per-tile statistics (diffusers' tiling) differ
-from the whole image. Peak memory and time: bench/vae.py, bench/RESULTS.md.
+from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16 decode 1.15 GiB
+banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
 """
 
 from __future__ import annotations
