@@ -343,11 +343,11 @@ class Pipeline:
     AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
 
     def _band(self, pixels: int) -> int | None:
-        """The VAE's band (`AutoencoderKL.decode`): `vae_band` bytes when tiling is on, or when auto and the batch
-        has AUTO_TILING_PIXELS or more; None (whole tensors) when off. Bands give the same image as whole tensors."""
-        if self.vae_tiling is None:
-            return self.vae_band if pixels >= self.AUTO_TILING_PIXELS else None
-        return self.vae_band if self.vae_tiling else None
+        """The VAE's band (`AutoencoderKL.decode`): `vae_band` bytes (a memory planner may pass a smaller one) when
+        tiling is on, or auto and the batch has AUTO_TILING_PIXELS or more; None (whole tensors) when off. Bands give
+        the same image as whole tensors, with a lower peak (bench/RESULTS.md)."""
+        auto = self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
+        return self.vae_band if self.vae_tiling or auto else None
 
     @staticmethod
     def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
