@@ -20,7 +20,7 @@ temporaries (normalised and upsampled copies) shrink to one band, and a resnet b
 writes over its input, so a block holds two whole tensors. Tiles with halos (TiledVAE) must also keep
 every tile's state at each GroupNorm until all tiles have reached it: the whole activation again,
 plus halos, for no smaller peak; blended tiles with per-tile statistics (diffusers' tiling) differ
-from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16 decode 1.15 GiB
+from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16 decode 1.2 GiB
 banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
 """
 
