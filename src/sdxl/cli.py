@@ -436,7 +436,8 @@ def _add_generate(sub) -> None:
                    help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where the CPU has AMX or "
                         "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
-    g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
+    g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
+                   help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
