@@ -222,14 +222,24 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
     if len(hits) > 1:
         raise SDXLError(f"lora {name!r}: {len(hits)} files in loras ({folder}) have that name "
                         f"({', '.join(stem[p] for p in hits)}); write the one meant, e.g. <lora:{stem[hits[-1]]}:1>")
-    if hits and hits[0].suffix.lower() in PICKLES:
-        raise SDXLError(f"lora {name!r}: {hits[0]} is a pickle format, never loaded; convert it to .safetensors")
+    if hits and (why := lora_problem(hits[0])):
+        raise SDXLError(f"lora {name!r}: {why}")
     if hits:
         return hits[0]
-    names = sorted({p.stem for p in files})
+    names = sorted({p.stem for p in files if not lora_problem(p)})
     close = difflib.get_close_matches(name, names, n=5)
     raise SDXLError(f"lora {name!r}: no such file in loras ({folder}); " + (
         f"close names: {', '.join(close)}" if close else f"choose one of: {', '.join(names[:20]) or '(none)'}"))
+
+
+def lora_problem(path: Path) -> str | None:
+    """Why a file in a LoRA folder cannot be used (a pickle; a header that is no adapter: sdxl.formats.lora
+    adapter_problem), None when it can."""
+    from sdxl.formats.lora import adapter_problem
+
+    if path.suffix.lower() in PICKLES:
+        return f"{path} is a pickle format, never loaded; convert it to .safetensors"
+    return adapter_problem(path)
 
 
 def _alias(path: Path) -> str | None:

@@ -1,0 +1,80 @@
+"""The faults a tester found in LoRAs, --unet, prediction types and presets (reports/tester-b.md), each with the
+value it must give."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import FAST, run
+from serve_fixtures import FAST as SERVE_FAST
+from serve_fixtures import live_server, make_models_folder
+from test_lora import fresh
+from test_lora_prompts import lora_file
+
+from sdxl.adapters import use_adapters
+from sdxl.errors import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The models folder with loras/a.safetensors besides style.safetensors."""
+    root = make_models_folder(tmp_path_factory.mktemp("models"))
+    lora_file(root / "loras" / "a.safetensors", 3)
+    return root
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# 1: a LoRA file rewritten between two requests is read again
+def test_a_rewritten_lora_is_read_again(folder, tmp_path):
+    path = tmp_path / "swap.safetensors"
+    shutil.copy(folder / "loras" / "style.safetensors", path)
+    model, expected = fresh(), fresh()
+    use_adapters(model, [(path, 1.0, 1.0)])
+    shutil.copy(folder / "loras" / "a.safetensors", path)  # another LoRA under the same name
+    os.utime(path, ns=(1, 1))  # even with an older mtime: the size/inode tell it changed
+    assert use_adapters(model, [(path, 1.0, 1.0)]) != []
+    use_adapters(expected, [(folder / "loras" / "a.safetensors", 1.0, 1.0)])
+    got, want = weights(model), weights(expected)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert use_adapters(model, [(path, 1.0, 1.0)]) == []  # unchanged: nothing read
+
+
+# 2: a broken LoRA file is the client's 422 at submit, and not listed as usable
+BROKEN = {"empty": b"", "trunc": b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\":", "garbage": b"not a safetensors file" * 9}
+
+
+def test_a_broken_lora_is_a_422_at_submit_and_not_listed(folder, tmp_path):
+    for name, data in BROKEN.items():
+        (folder / "loras" / f"{name}.safetensors").write_bytes(data)
+    vae = folder / "loras" / "avae.safetensors"
+    from safetensors.torch import save_file
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, vae)
+    with live_server(tmp_path / "out", folder) as live:
+        base = SERVE_FAST | {"seed": 1, "refiner_checkpoint": "None"}
+        for name in [*BROKEN, "avae"]:
+            r = live.http.post("/sdapi/v1/txt2img", json=base | {"prompt": f"a cat <lora:{name}:1>"})
+            assert r.status_code == 422, (name, r.text)
+            assert f"lora '{name}'" in r.text
+            r = live.http.post("/v1/jobs", json={"prompt": "a cat", "loras": [[name, 1.0]], **SERVE_FAST})
+            assert r.status_code == 422, (name, r.text)
+        listed = {d["name"] for d in live.http.get("/sdapi/v1/loras").json()}
+        assert listed == {"a", "style"}
+        r = live.http.post("/sdapi/v1/txt2img", json=base | {"prompt": "a cat <lora:nosuch:1>"})
+        assert r.status_code == 422 and "choose one of: a, style" in r.text
+    for name in [*BROKEN, "avae"]:
+        (folder / "loras" / f"{name}.safetensors").unlink()
+
+
+# 12: grammar of the messages
+def test_one_stray_tensor_is_singular(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(folder / "loras" / "style.safetensors") | {"stray": torch.zeros(1)}
+    save_file(sd, tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="1 tensor that is no adapter weight "):
+        use_adapters(fresh(), [(tmp_path / "x.safetensors", 1.0, 1.0)])
