@@ -78,3 +78,26 @@ def test_one_stray_tensor_is_singular(folder, tmp_path):
     save_file(sd, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="1 tensor that is no adapter weight "):
         use_adapters(fresh(), [(tmp_path / "x.safetensors", 1.0, 1.0)])
+
+
+# 3: --prediction / --zero-terminal-snr describe the base, never the refiner
+def test_prediction_flags_do_not_reach_the_refiner(monkeypatch):
+    import sdxl.pipeline as pipeline
+    from conftest import randomize
+
+    from sdxl.models.model import TINY_BASE, TINY_REFINER, SDXLModel
+    from sdxl.request import Request
+
+    base, refiner = randomize(SDXLModel(TINY_BASE), 0, 0.05), randomize(SDXLModel(TINY_REFINER), 1, 0.05)
+    seen, real = [], pipeline.GuidedDenoiser
+
+    def spy(unet, *args):
+        seen.append((args[-2], float(args[-1][-1])))  # the base's stage, then the refiner's
+        return real(unet, *args)
+
+    monkeypatch.setattr(pipeline, "GuidedDenoiser", spy)
+    req = Request("a cat", width=64, height=64, steps=4, seed=1, prediction="v", zero_terminal_snr=True,
+                  refiner_switch=0.5)
+    pipeline.Pipeline(base, refiner, dtype=torch.float32, channels_last=False).generate(req)
+    assert seen[0] == ("v", pytest.approx(4096.0, rel=1e-6))
+    assert seen[1] == ("epsilon", pytest.approx(14.6146, rel=1e-4))  # SDXL's own last training sigma

@@ -408,10 +408,13 @@ class Pipeline:
             stages.append(Stage("hires", "base", schedules.img2img_sigmas(sigmas, req.hires_strength), "previous"))
         return Plan(tuple(stages))
 
-    def training_sigmas(self, req: Request) -> torch.Tensor:
-        """The training noise levels a request's schedules pick from: with zero terminal SNR if the request says so,
-        or (None) if the base's checkpoint does."""
-        ztsnr = self.base.cfg.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
+    def training_sigmas(self, req: Request, model: SDXLModel | None = None) -> torch.Tensor:
+        """The training noise levels of `model` (default: the base) that a request's schedules pick from: with zero
+        terminal SNR if the request says so, or (None) if the checkpoint does; the request's flags describe the base
+        only, the refiner's come from its checkpoint."""
+        model = model or self.base
+        ztsnr = req.zero_terminal_snr if model is self.base and req.zero_terminal_snr is not None else \
+            model.cfg.zero_terminal_snr
         return schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
 
     @staticmethod
@@ -585,10 +588,10 @@ class Pipeline:
                 x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
                 skip_first_blend=False) -> torch.Tensor:
         cond, uncond = conditioning
-        table = self.training_sigmas(req)
+        table = self.training_sigmas(req, model)
+        prediction = (req.prediction if model is self.base else None) or model.cfg.prediction  # the flag: the base's
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
-                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend,
-                                  req.prediction or model.cfg.prediction, table)
+                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
