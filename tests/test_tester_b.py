@@ -101,3 +101,40 @@ def test_prediction_flags_do_not_reach_the_refiner(monkeypatch):
     pipeline.Pipeline(base, refiner, dtype=torch.float32, channels_last=False).generate(req)
     assert seen[0] == ("v", pytest.approx(4096.0, rel=1e-6))
     assert seen[1] == ("epsilon", pytest.approx(14.6146, rel=1e-4))  # SDXL's own last training sigma
+
+
+@pytest.fixture(scope="module")
+def unet_v(tmp_path_factory):
+    """A tiny base file and a UNet-only file (official names) with kohya's v_pred and ztsnr marker keys."""
+    from conftest import randomize
+
+    from sdxl.formats import checkpoint as ck
+    from sdxl.formats.files import write_tensors
+    from sdxl.models.model import TINY_BASE, SDXLModel
+
+    d = tmp_path_factory.mktemp("unet")
+    base = ck.save_single_file(randomize(SDXLModel(TINY_BASE), 0, 0.05), d / "base.safetensors")
+    sd = {"model.diffusion_model." + k: v for k, v in randomize(SDXLModel(TINY_BASE), 5, 0.05).unet.state_dict().items()}
+    marks = {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}
+    return base, write_tensors(d / "vunet.safetensors", sd | marks, None, mode="new")
+
+
+# 4: the infotext records the --unet file and the prediction its keys say
+def test_infotext_records_the_unet_and_its_prediction(unet_v, tmp_path, capsys):
+    from PIL import Image
+
+    from sdxl.formats.png import file_hash
+
+    base, unet = unet_v
+    out = tmp_path / "u.png"
+    assert run(capsys, "generate", "a cat", "--model", base, "--unet", unet, "--seed", 2, "-o", out, *FAST)[0] == 0
+    text = Image.open(out).info["parameters"]
+    assert "Prediction: v" in text and "Zero terminal SNR: True" in text
+    assert f"UNet: vunet, UNet hash: {file_hash(unet)[:10]}" in text
+
+
+# 5: an empty file flag is refused, not read as unset
+@pytest.mark.parametrize("flag", ["--unet", "--model", "--vae"])
+def test_an_empty_file_flag_is_refused(flag, capsys):
+    code, _, err = run(capsys, "generate", "a cat", flag, "", *FAST)
+    assert code == 2 and f"{flag} '': no file given" in err

@@ -82,6 +82,8 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
+    if empty := next((k for k, v in given.items() if v is not None and not v.strip()), None):  # else read as unset
+        raise SDXLError(f"--{empty} '': no file given; give the file, or leave --{empty} out")
     for key, path in recorded.items():
         if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
                 and not (key == "refiner" and args.no_refiner):

@@ -73,7 +73,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
 
         native, source = native_settings(model)
         return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
-                      embeddings, unet, sampling_settings(model), lora_dir)
+                      embeddings, unet, sampling_settings(model) | unet_sampling(unet), lora_dir)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -82,7 +82,22 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner, embeddings, unet, lora_dir=lora_dir)
+                  "of the default model", default_refiner, embeddings, unet, unet_sampling(unet) or None, lora_dir)
+
+
+def unet_sampling(unet: str | None) -> dict:
+    """The prediction and zero_terminal_snr a --unet file's own v_pred/ztsnr keys say (they override the
+    checkpoint's, as sdxl.formats.checkpoint.load_unet applies them); {} without such keys."""
+    if unet is None or not Path(unet).is_file():
+        return {}
+    from sdxl.formats.checkpoint import MARKERS, sampling_of
+    from sdxl.formats.files import SafetensorsFile
+
+    try:
+        keys = SafetensorsFile(unet).shapes()
+    except SDXLError:  # the load that follows says why
+        return {}
+    return sampling_of(keys) if any(k in keys for k in MARKERS) else {}
 
 
 def device_and_dtype(device: str | None, dtype: str | None):

@@ -174,6 +174,8 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     if model:
         pairs["Model hash"] = file_hash(model)[:10] if Path(model).is_file() else None
         pairs["Model"] = Path(model).stem
+    if unet := models.get("unet"):  # A1111 has no field for a UNet-only file
+        pairs["UNet"], pairs["UNet hash"] = Path(unet).stem, file_hash(unet)[:10] if Path(unet).is_file() else None
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
     if req.prediction == "v":
