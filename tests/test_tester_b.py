@@ -138,3 +138,26 @@ def test_infotext_records_the_unet_and_its_prediction(unet_v, tmp_path, capsys):
 def test_an_empty_file_flag_is_refused(flag, capsys):
     code, _, err = run(capsys, "generate", "a cat", flag, "", *FAST)
     assert code == 2 and f"{flag} '': no file given" in err
+
+
+# 9: NaN weights are the file's fault, named as such (not "retry with --dtype fp32")
+def test_nan_weights_name_the_file(unet_v, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from sdxl.errors import SDXLError
+    from sdxl.models.model import TINY_BASE, SDXLModel
+    from sdxl.pipeline import Pipeline
+    from sdxl.request import Request
+
+    base, unet = unet_v
+    sd = load_file(unet)
+    key = sorted(k for k in sd if k.endswith(".weight"))[3]
+    save_file(sd | {key: torch.full_like(sd[key], float("nan"))}, tmp_path / "nan.safetensors")
+    code, _, err = run(capsys, "generate", "a cat", "--model", base, "--unet", tmp_path / "nan.safetensors",
+                       *FAST[:-1], "bf16")
+    assert code == 2 and f"nan.safetensors: 1 tensor holding NaN/Inf ({key})" in err and "--dtype" not in err
+    model = SDXLModel(TINY_BASE)
+    with torch.no_grad():
+        model.unet.out[2].weight.fill_(float("nan"))
+    with pytest.raises(SDXLError, match=r"the UNet's weight out\.2\.weight holds NaN/Inf; the checkpoint"):
+        Pipeline(model, dtype=torch.float32, channels_last=False).generate(Request("a", width=64, height=64, steps=2))
