@@ -161,3 +161,21 @@ def test_nan_weights_name_the_file(unet_v, tmp_path, capsys):
         model.unet.out[2].weight.fill_(float("nan"))
     with pytest.raises(SDXLError, match=r"the UNet's weight out\.2\.weight holds NaN/Inf; the checkpoint"):
         Pipeline(model, dtype=torch.float32, channels_last=False).generate(Request("a", width=64, height=64, steps=2))
+
+
+# 6: zero terminal SNR on an epsilon model: a warning (printed once: Python's default filter), not otherwise
+def test_zero_terminal_snr_on_an_epsilon_model_warns(unet_v, tmp_path, capsys):
+    import warnings
+
+    def said(*flags) -> set[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            code, _, err = run(capsys, "generate", "a cat", "--model", unet_v[0], *flags, "-o",
+                               tmp_path / f"{len(flags)}.png", *FAST)
+        assert code == 0, err
+        return {str(w.message) for w in seen if "zero terminal SNR" in str(w.message)}
+
+    assert said("--zero-terminal-snr") == {
+        "zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin et al. 2024); use "
+        "--prediction v for a v-prediction model, else --no-zero-terminal-snr"}
+    assert said() == set() and said("--unet", unet_v[1], "--zero-terminal-snr") == set()

@@ -389,6 +389,9 @@ class Pipeline:
             req = outpaint_request(req)
         first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
         stages, table = [], self.training_sigmas(req)
+        if self._sampling(req) == ("epsilon", True):
+            warnings.warn("zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin "
+                          "et al. 2024); use --prediction v for a v-prediction model, else --no-zero-terminal-snr")
         if req.init_latent is None or req.refiner_strength is None:  # a saved latent with a refiner strength: no base
             sigmas = schedules.get_sigmas(req.schedule, req.steps, table)
             if first != "noise":
@@ -412,10 +415,17 @@ class Pipeline:
         """The training noise levels of `model` (default: the base) that a request's schedules pick from: with zero
         terminal SNR if the request says so, or (None) if the checkpoint does; the request's flags describe the base
         only, the refiner's come from its checkpoint."""
+        return schedules.discrete_sigmas(zero_terminal_snr=self._sampling(req, model)[1])
+
+    def _sampling(self, req: Request, model: SDXLModel | None = None) -> tuple[str, bool]:
+        """(prediction, zero terminal SNR) of `model` (default: the base): the request's flags, where set, describe
+        the base only; else its checkpoint's. Zero terminal SNR with epsilon prediction is warned about: at the last
+        noise level eps tells nothing of the image (Lin et al. 2024 §3.1), so it gives noise (`plan` warns)."""
         model = model or self.base
-        ztsnr = req.zero_terminal_snr if model is self.base and req.zero_terminal_snr is not None else \
-            model.cfg.zero_terminal_snr
-        return schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
+        own = model is self.base
+        prediction = (req.prediction if own else None) or model.cfg.prediction
+        ztsnr = req.zero_terminal_snr if own and req.zero_terminal_snr is not None else model.cfg.zero_terminal_snr
+        return prediction, bool(ztsnr)
 
     @staticmethod
     def _switch_index(sigmas: torch.Tensor, frac: float, table: torch.Tensor) -> int:
@@ -588,8 +598,7 @@ class Pipeline:
                 x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
                 skip_first_blend=False) -> torch.Tensor:
         cond, uncond = conditioning
-        table = self.training_sigmas(req, model)
-        prediction = (req.prediction if model is self.base else None) or model.cfg.prediction  # the flag: the base's
+        table, prediction = self.training_sigmas(req, model), self._sampling(req, model)[0]
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
                                   self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table)
         fn = samplers_.SAMPLERS[req.sampler]
