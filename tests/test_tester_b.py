@@ -179,3 +179,25 @@ def test_zero_terminal_snr_on_an_epsilon_model_warns(unet_v, tmp_path, capsys):
         "zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin et al. 2024); use "
         "--prediction v for a v-prediction model, else --no-zero-terminal-snr"}
     assert said() == set() and said("--unet", unet_v[1], "--zero-terminal-snr") == set()
+
+
+# 10: a replay after the LoRA folder moved says so; a relative --unet is recorded absolute
+def test_replay_after_the_lora_folder_moved_and_a_relative_unet(folder, unet_v, tmp_path, capsys, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    loras = tmp_path / "l"
+    shutil.copytree(folder / "loras", loras)
+    monkeypatch.chdir(unet_v[1].parent)
+    out = tmp_path / "t.png"
+    assert run(capsys, "generate", "a cat <lora:a:0.5>", "--model", unet_v[0], "--unet", unet_v[1].name,
+               "--lora-dir", loras, "--seed", 1, "-o", out, *FAST)[0] == 0
+    assert json.loads(Image.open(out).info["sdxl-recipe"])["models"]["unet"] == str(unet_v[1])
+    loras.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "generate", "--from-png", out, "-o", tmp_path / "r.png", "--no-watermark", "-q")
+    assert code == 2 and f"the LoRA folder {loras} is gone (moved or deleted); give --lora-dir DIR" in err
+    assert run(capsys, "generate", "--from-png", out, "--lora-dir", tmp_path / "moved", "-o", tmp_path / "r.png",
+               "--no-watermark", "-q")[0] == 0
+    assert Image.open(tmp_path / "r.png").tobytes() == Image.open(out).tobytes()

@@ -228,7 +228,8 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
         raise SDXLError(f"lora {name!r}: no LoRA folder to find it in (--lora-dir DIR; a server's loras/)")
     folder = Path(folder)
     if not folder.is_dir():
-        raise SDXLError(f"lora {name!r}: the LoRA folder {folder} is not a folder")
+        raise SDXLError(f"lora {name!r}: the LoRA folder {folder} is " + ("not a folder" if folder.exists() else
+                        "gone (moved or deleted)") + "; give --lora-dir DIR, the folder the LoRA is in now")
     files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in (".safetensors",) + PICKLES
              and not p.name.startswith(".") and p.is_file() and inside(p, folder)]
     stem = {p: p.relative_to(folder).with_suffix("").as_posix() for p in files}

@@ -74,11 +74,12 @@ PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the def
 
 
 def portable(path: str) -> str:
-    """A model path as a recipe records it: as given, or `sdxl:NAME` for a file shipped in the package."""
+    """A model path as a recipe records it: absolute (a replay from another working directory finds it), or
+    `sdxl:NAME` for a file shipped in the package."""
     from sdxl.default_model import ASSETS
 
     p = Path(path)
-    return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else str(path)
+    return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else os.path.abspath(path)
 
 
 def local_path(entry: str) -> str:
