@@ -201,3 +201,21 @@ def test_replay_after_the_lora_folder_moved_and_a_relative_unet(folder, unet_v, 
     assert run(capsys, "generate", "--from-png", out, "--lora-dir", tmp_path / "moved", "-o", tmp_path / "r.png",
                "--no-watermark", "-q")[0] == 0
     assert Image.open(tmp_path / "r.png").tobytes() == Image.open(out).tobytes()
+
+
+# 7: a --lora file with ':' in its name is written as a tag that pastes back
+def test_a_lora_file_with_a_colon_pastes_back(folder, unet_v, tmp_path, capsys):
+    from PIL import Image
+
+    from sdxl.formats.png import lora_hash
+
+    d = tmp_path / "l"
+    d.mkdir()
+    weird = shutil.copy(folder / "loras" / "a.safetensors", d / "we:ird.safetensors")
+    out, again = tmp_path / "w.png", tmp_path / "again.png"
+    assert run(capsys, "generate", "a cat", "--model", unet_v[0], "--lora", weird, "--seed", 1, "-o", out, *FAST)[0] == 0
+    text = Image.open(out).info["parameters"]
+    assert text.startswith("a cat <lora:weird:1.0>\n") and f'Lora hashes: "weird: {lora_hash(weird)}"' in text
+    assert run(capsys, "generate", text.split("\n")[0], "--model", unet_v[0], "--lora-dir", d, "--seed", 1,
+               "-o", again, *FAST)[0] == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()

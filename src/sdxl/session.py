@@ -19,6 +19,15 @@ SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.
 # A1111's extra-network tag for LoRAs, `<lora:ARG:ARG...>`, and its `lyco` alias (stable-diffusion-webui v1.10.1:
 # modules/extra_networks.py re_extra_net, extensions-builtin/Lora/scripts/lora_script.py)
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
+TAG_UNSAFE = re.compile(r"[:,<>]")  # not in a tag's NAME: A1111 drops ':' and ',' from `Lora hashes` names too
+
+
+def tag_name(name: str) -> str:
+    """A LoRA's name as a `<lora:NAME:W>` tag and `Lora hashes` write it (a file `we:ird` is `weird`); `find_lora`
+    finds the file by it."""
+    return TAG_UNSAFE.sub("", name)
+
+
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files in pickle formats: listed as refused, never loaded
 
 
@@ -234,6 +243,7 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
              and not p.name.startswith(".") and p.is_file() and inside(p, folder)]
     stem = {p: p.relative_to(folder).with_suffix("").as_posix() for p in files}
     hits = ([p for p in files if name in (p.stem, stem[p])]
+            or [p for p in files if name in (tag_name(p.stem), tag_name(stem[p]))]
             or [p for p in files if p.suffix.lower() == ".safetensors" and _alias(p) == name])
     if len(hits) > 1:
         raise SDXLError(f"lora {name!r}: {len(hits)} files in loras ({folder}) have that name "
