@@ -219,3 +219,22 @@ def test_a_lora_file_with_a_colon_pastes_back(folder, unet_v, tmp_path, capsys):
     assert run(capsys, "generate", text.split("\n")[0], "--model", unet_v[0], "--lora-dir", d, "--seed", 1,
                "-o", again, *FAST)[0] == 0
     assert Image.open(again).tobytes() == Image.open(out).tobytes()
+
+
+# 11: a preset's size: replaced as a whole by a given side; only on an SDXL-size model
+def test_preset_size_is_replaced_whole_and_kept_off_small_models(unet_v):
+    from sdxl.cli import _settings, build_parser
+    from sdxl.session import build_request, resolve_models
+
+    def size(*argv) -> tuple[int, int]:
+        args = build_parser().parse_args(["generate", "a cat", "--preset", "turbo", "--no-refiner", *argv])
+        models = resolve_models(args.model, None, True)
+        req = build_request(_settings(args, None, models, None) | {"prompt": args.prompt}, models, "test")
+        return req.width, req.height
+
+    base = str(unet_v[0])  # no native size recorded: SDXL's 1024
+    assert size("--model", base) == (512, 512)
+    assert size("--model", base, "--width", "128") == (128, 1024)
+    assert size("--model", base, "--height", "64") == (1024, 64)
+    native = resolve_models(None, None, True).native["resolution"]
+    assert native < 1024 and size() == (native, native)  # the small default model keeps its own size
