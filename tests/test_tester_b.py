@@ -238,3 +238,34 @@ def test_preset_size_is_replaced_whole_and_kept_off_small_models(unet_v):
     assert size("--model", base, "--height", "64") == (1024, 64)
     native = resolve_models(None, None, True).native["resolution"]
     assert native < 1024 and size() == (native, native)  # the small default model keeps its own size
+
+
+# 8: tag-like text the encoders read as words: one warning
+def test_stray_tags_warn_once(unet_v, folder):
+    import warnings
+
+    from sdxl.session import build_request, resolve_models
+
+    models = resolve_models(str(unet_v[0]), None, True, lora_dir=folder / "loras")
+
+    def said(**settings) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            build_request({"width": 64, "height": 64} | settings, models, "test")
+        return [str(w.message) for w in seen]
+
+    assert said(prompt="a cat <lora:style:1>") == []
+    assert said(prompt="a <LORA:style:1> <hypernet:foo:1> <lora:> <lora:style:1", negative_prompt="<lora:nosuch:1>") == [
+        "<LORA:style:1>, <hypernet:foo:1>, <lora:>, ...: not a LoRA tag, read as words; LoRA tags are <lora:NAME:W> "
+        "(lower case, closed) in the prompt only, as in A1111"]
+    assert said(prompt="a cat", negative_prompt="<lora:style:1>") == [
+        "<lora:style:1>: not a LoRA tag, read as words; LoRA tags are <lora:NAME:W> (lower case, closed) in the prompt "
+        "only, as in A1111"]
+
+
+# 12: a weight of -0 is logged as 0
+def test_minus_zero_weight_is_zero(folder, unet_v, tmp_path, capsys):
+    code, out, err = run(capsys, "generate", "a cat <lora:style:-0>", "--model", unet_v[0], "--lora-dir",
+                         folder / "loras", "-o", tmp_path / "z.png", *[f for f in FAST if f != "-q"])
+    assert code == 0, err
+    assert "weight 0.0" in out + err and "-0" not in out + err

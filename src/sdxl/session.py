@@ -28,6 +28,7 @@ def tag_name(name: str) -> str:
     return TAG_UNSAFE.sub("", name)
 
 
+TAG_LIKE = re.compile(r"<\s*\w+\s*:[^>]*>?")  # what a user may mean as a tag: `<LORA:x:1>`, `<hypernet:x>`, `<lora:x:1`
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files in pickle formats: listed as refused, never loaded
 
 
@@ -203,7 +204,7 @@ def lora_weight(value, where: str) -> float:
     if not (math.isfinite(w) and abs(w) <= MAX_LORA_WEIGHT):
         raise SDXLError(f"{where}: the weight {value!r} must be a number from -{MAX_LORA_WEIGHT:g} to "
                         f"{MAX_LORA_WEIGHT:g}, e.g. 0.8")
-    return w
+    return w + 0.0  # -0.0 is 0
 
 
 def lora_spec(spec: str, where: str | None = None) -> tuple[str, float]:
@@ -324,8 +325,28 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
     request_loras(req, models)  # its LoRA tags read and found before anything loads
+    warn_stray_tags(req)
     check_embeddings(req, models)
     return req
+
+
+def warn_stray_tags(req) -> None:
+    """One warning for tag-like text the encoders will read as words, as A1111 does: in the prompt anything but a
+    `<lora:...>`/`<lyco:...>` tag (`<LORA:x:1>`, `<hypernet:x:1>`, `<lora:x:1` unclosed, `<lora:>`), and any tag in
+    the negative and bigG prompts (A1111 takes LoRA tags from the prompt only)."""
+    def values(v):
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
+
+    stray = [m[0] for p in values(req.prompt) for m in TAG_LIKE.finditer(p) if not LORA_TAG.fullmatch(m[0])]
+    stray += [m[0] for v in (req.negative_prompt, req.prompt_2, req.negative_prompt_2) for p in values(v)
+              for m in TAG_LIKE.finditer(p)]
+    if stray:
+        import warnings
+
+        from sdxl.errors import first_few
+
+        warnings.warn(f"{first_few(list(dict.fromkeys(stray)))}: not a LoRA tag, read as words; LoRA tags are "
+                      "<lora:NAME:W> (lower case, closed) in the prompt only, as in A1111", stacklevel=2)
 
 
 def check_embeddings(req, models: Models) -> None:
