@@ -713,8 +713,8 @@ def _modules(f: SafetensorsFile, name: str) -> dict[str, dict[str, str]]:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
     if unsupported:
         one = len(unsupported) == 1
-        raise CheckpointError(f"{name}: {len(unsupported)} tensor{'' if one else 's'} that {'is' if one else 'are'} "
-                              f"no adapter weight{'' if one else 's'} ({first_few(unsupported)}); supported: "
+        raise CheckpointError(f"{name}: {len(unsupported)} tensor{'' if one else 's'} whose name{'' if one else 's'} "
+                              f"match{'es' if one else ''} no adapter weights ({first_few(unsupported)}); supported: "
                               f"{', '.join(KINDS)}, DoRA")
     if not groups:
         raise CheckpointError(f"{name}: holds no LoRA tensors")
