@@ -160,7 +160,7 @@ def test_nan_weights_name_the_file(unet_v, tmp_path, capsys):
     with torch.no_grad():
         model.unet.out[2].weight.fill_(float("nan"))
     with pytest.raises(SDXLError, match=r"the UNet's weight out\.2\.weight holds NaN/Inf; the checkpoint"):
-        Pipeline(model, dtype=torch.float32, channels_last=False).generate(Request("a", width=64, height=64, steps=2))
+        Pipeline(model, dtype=torch.bfloat16, channels_last=False).generate(Request("a", width=64, height=64, steps=2))
 
 
 # 6: zero terminal SNR on an epsilon model: a warning (printed once: Python's default filter), not otherwise

@@ -607,7 +607,8 @@ class Pipeline:
         if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
             from sdxl.adapters import non_finite_cause
 
-            if bad := next((n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None):
+            if self.dtype != torch.float32 and (bad := next(  # not an overflow of the dtype: the file's fault
+                    (n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None)):
                 raise SDXLError(f"sampling gave non-finite values (NaN/Inf): the UNet's weight {bad} holds NaN/Inf; "
                                 "the checkpoint (or --unet) file is damaged: re-download or re-save it")
             raise non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
