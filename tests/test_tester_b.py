@@ -257,10 +257,10 @@ def test_stray_tags_warn_once(unet_v, folder):
     assert said(prompt="a cat <lora:style:1>") == []
     assert said(prompt="a <LORA:style:1> <hypernet:foo:1> <lora:> <lora:style:1", negative_prompt="<lora:nosuch:1>") == [
         "<LORA:style:1>, <hypernet:foo:1>, <lora:>, ...: not a LoRA tag, read as words; LoRA tags are <lora:NAME:W> "
-        "(lower case, closed) in the prompt only, as in A1111"]
+        "(lower case, closed) in the prompt only"]
     assert said(prompt="a cat", negative_prompt="<lora:style:1>") == [
         "<lora:style:1>: not a LoRA tag, read as words; LoRA tags are <lora:NAME:W> (lower case, closed) in the prompt "
-        "only, as in A1111"]
+        "only"]
 
 
 # 12: a weight of -0 is logged as 0

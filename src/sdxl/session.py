@@ -331,9 +331,9 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
 
 
 def warn_stray_tags(req) -> None:
-    """One warning for tag-like text the encoders will read as words, as A1111 does: in the prompt anything but a
-    `<lora:...>`/`<lyco:...>` tag (`<LORA:x:1>`, `<hypernet:x:1>`, `<lora:x:1` unclosed, `<lora:>`), and any tag in
-    the negative and bigG prompts (A1111 takes LoRA tags from the prompt only)."""
+    """One warning for tag-like text the encoders will read as words: in the prompt anything but a `<lora:...>`/
+    `<lyco:...>` tag (`<LORA:x:1>`, `<hypernet:x:1>`, `<lora:x:1` unclosed, `<lora:>`), and any tag in the negative
+    and bigG prompts (LoRA tags are taken from the prompt only)."""
     def values(v):
         return [] if v is None else [v] if isinstance(v, str) else list(v)
 
@@ -346,7 +346,7 @@ def warn_stray_tags(req) -> None:
         from sdxl.errors import first_few
 
         warnings.warn(f"{first_few(list(dict.fromkeys(stray)))}: not a LoRA tag, read as words; LoRA tags are "
-                      "<lora:NAME:W> (lower case, closed) in the prompt only, as in A1111", stacklevel=2)
+                      "<lora:NAME:W> (lower case, closed) in the prompt only", stacklevel=2)
 
 
 def check_embeddings(req, models: Models) -> None:
