@@ -11,8 +11,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
-from sdxl.session import (DTYPES, Models, build_request, device_and_dtype, dtype_name, load_pipeline,
-                          resolve_models, split_loras, write_images)
+from sdxl.session import (DTYPES, Models, build_request, configure_threads, device_and_dtype, dtype_name,
+                          load_pipeline, process_seconds, resolve_models, split_loras, threads_note, write_images)
 
 
 class UsageError(SDXLError):
@@ -289,7 +289,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     reqs = [(k, r) for k, r in enumerate(reqs) if k % world == rank]
     _outputs(args)
     start = time.perf_counter()
-    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling))
+    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling), fast=args.fast,
+                         compile=args.compile)
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
@@ -306,8 +307,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         steps_done += len(counted)
         _write(args, k, req, result, models, dtype_name(dtype), latent)
     wall = time.perf_counter() - start
-    print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, "
-          f"{dtype_name(dtype)} ({why})")
+    compiled = f", compiling {pipe.compile_seconds:.1f} s of it" if args.compile else ""
+    print(f"{wall:.1f} s wall{compiled} ({process_seconds():.1f} s since the process started, {threads_note()}), "
+          f"{wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, {dtype_name(dtype)} ({why})")
     return 0
 
 
@@ -393,6 +395,12 @@ def _add_generate(sub) -> None:
                         "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
+    g.add_argument("--fast", type=int, nargs="?", const=2, default=0, metavar="N",
+                   help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about "
+                        "N/(1 + 0.1 N) times faster per step, at a quality cost (bench/RESULTS.md)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first step compiles (minutes for SDXL; cached in "
+                        "~/.cache/sdxl/inductor), later steps may run faster; the summary line gives the compile time")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
@@ -696,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_threads()  # before torch is imported: OpenMP reads its settings once
     warnings.formatwarning = lambda message, *args, **kw: f"sdxl: warning: {message}\n"
     for stream in (sys.stdout, sys.stderr):  # file names with bytes that are not UTF-8 are printed, not a traceback
         try:

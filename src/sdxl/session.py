@@ -5,11 +5,16 @@ built from settings and run, PNGs written with infotext and recipe. No argparse 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
+
+_IMPORTED = time.perf_counter()
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # a model whose file records no native settings gets SDXL's (SDXL report §2.3, sgm's sampling defaults)
@@ -34,6 +39,56 @@ class Models:
         """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
         return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
+
+
+_THREADS = {"why": "as set"}
+
+
+def configure_threads(sample_s: float = 0.05) -> None:
+    """Unless OMP_NUM_THREADS is set, set it (before torch is imported) to the idle cores this process may use, at
+    least 1: the idle share of all CPUs in /proc/stat over `sample_s`, rounded. An OpenMP thread on a core that another
+    process holds stalls every parallel region at its barrier: on a busy 2-core machine 2 threads ran many times
+    slower than 1 (bench/RESULTS.md, "Threads")."""
+    if "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:  # chosen by the user, or by a host process
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        first = _cpu_times()
+        time.sleep(sample_s)
+        idle = _idle_cpus(first, _cpu_times())
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        idle = float(cores)
+    n = max(1, min(cores, round(idle)))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    _THREADS["why"] = f"{idle:.1f} of {cores} cores idle"
+
+
+def _cpu_times() -> list[int]:
+    """The aggregate "cpu" line of /proc/stat: jiffies per state (user nice system idle iowait ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def _idle_cpus(before: list[int], after: list[int]) -> float:
+    """CPUs idle between two /proc/stat samples: the idle + iowait share of the elapsed jiffies times the CPU count."""
+    delta = [b - a for a, b in zip(before, after)]
+    return (delta[3] + delta[4]) / sum(delta) * (os.cpu_count() or 1)
+
+
+def threads_note() -> str:
+    """How many threads torch uses and why, for the summary line."""
+    import torch
+
+    return f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}: {_THREADS['why']}"
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), from /proc; else since
+    this module was imported."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 
 def native_settings(model: str) -> tuple[dict, str]:
@@ -156,13 +211,15 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     return req
 
 
-def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):
-    """The Pipeline of `models` on device/dtype, with its LoRAs applied to the base (each reported through `log`)."""
+def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print, **speed):
+    """The Pipeline of `models` on device/dtype, with its LoRAs applied to the base (each reported through `log`);
+    `speed`: Pipeline's fast= and compile=."""
     from sdxl.formats.lora import load_lora
     from sdxl.pipeline import Pipeline
 
     specs = [lora_spec(s) for s in models.loras]  # bad weights fail before the weights load
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
+                         **speed)
     for path, multiplier in specs:
         report = load_lora(pipe.base, path, multiplier)
         log(f"LoRA {path}: {report.total} layers, weight {multiplier}")

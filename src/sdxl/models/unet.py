@@ -248,10 +248,11 @@ class DeepCache:
     """DeepCache (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858, uniform
     1:N strategy): every `interval`-th UNet call runs in full and keeps the feature entering the last `depth` output
     blocks; the calls between run only the first `depth` input blocks and those output blocks on the kept feature.
+    depth 2 = conv_in and the first ResBlock, DeepCache's setting for SD (cache_layer_id=0, cache_block_id=0).
     One cache per sampler run (the feature belongs to its inputs' batch)."""
 
     interval: int = 2
-    depth: int = 1
+    depth: int = 2
     calls: int = 0
     feature: torch.Tensor | None = None
 
