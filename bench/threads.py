@@ -4,7 +4,7 @@ on the machine as it is ("quiet") and with CPU hogs (`python -c 'while 1: pass'`
 Usage: python bench/threads.py [--reps 2] [--train-steps 20] [--only generate|train] [--write]
 Settings: "2 threads" etc. (OMP_NUM_THREADS=N: what torch does by default with N cores), "N passive" (the same
 with OMP_WAIT_POLICY=PASSIVE: waiting threads sleep instead of spinning), and "auto" (nothing set: `sdxl`'s own
-choice, `sdxl.threads.configure`). Runs alternate between settings so that machine noise hits all alike; the machine
+choice, `sdxl.session.configure_threads`). Runs alternate between settings so that machine noise hits all alike; the machine
 load (1-minute average, before the hogs start) is printed with each row.
 """
 
