@@ -2,7 +2,7 @@
 on the machine as it is ("quiet") and with CPU hogs (`python -c 'while 1: pass'`) holding all cores but one ("busy").
 
 Usage: python bench/threads.py [--reps 2] [--train-steps 20] [--only generate|train] [--write]
-Settings: "2 threads" etc. (OMP_NUM_THREADS=N: what torch does by default with N cores), "N passive" (the same
+Settings: "2 threads" etc. (OMP_NUM_THREADS=N, OMP_WAIT_POLICY unset: torch's default with N cores), "N passive" (the same
 with OMP_WAIT_POLICY=PASSIVE: waiting threads sleep instead of spinning), and "auto" (nothing set: `sdxl`'s own
 choice, `sdxl.session.configure_threads`). Runs alternate between settings so that machine noise hits all alike; the machine
 load (1-minute average, before the hogs start) is printed with each row.
@@ -30,8 +30,8 @@ def workloads(tmp: str, steps: int) -> dict[str, list[str]]:
 
 
 def settings(cores: int) -> dict[str, dict[str, str]]:
-    out = {"auto": {}, "1 thread": {"OMP_NUM_THREADS": "1"}}
-    out[f"{cores} threads"] = {"OMP_NUM_THREADS": str(cores)}
+    out = {"auto": {}, "1 thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": ""}}
+    out[f"{cores} threads"] = {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": ""}
     out[f"{cores} passive"] = {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"}
     return out
 

@@ -45,11 +45,15 @@ _THREADS = {"why": "as set"}
 
 
 def configure_threads(sample_s: float = 0.05) -> None:
-    """Unless OMP_NUM_THREADS is set, set it (before torch is imported) to the idle cores this process may use, at
-    least 1: the idle share of all CPUs in /proc/stat over `sample_s`, rounded. An OpenMP thread on a core that another
-    process holds stalls every parallel region at its barrier: on a busy 2-core machine 2 threads ran many times
-    slower than 1 (bench/RESULTS.md, "Threads")."""
-    if "OMP_NUM_THREADS" in os.environ or "torch" in sys.modules:  # chosen by the user, or by a host process
+    """Before torch is imported (OpenMP reads its settings once): unless set, OMP_WAIT_POLICY=PASSIVE and
+    OMP_NUM_THREADS = the idle cores this process may use, at least 1 (the idle share of all CPUs in /proc/stat over
+    `sample_s`, rounded). A spinning OpenMP thread on a core another process holds stalls every parallel region at its
+    barrier: on a busy 2-core machine 2 threads took 72 s where 1 thread or 2 passive ones took 17 s
+    (bench/RESULTS.md, "Threads")."""
+    if "torch" in sys.modules:  # a host process (tests, a notebook) has chosen already
+        return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
@@ -58,8 +62,7 @@ def configure_threads(sample_s: float = 0.05) -> None:
         idle = _idle_cpus(first, _cpu_times())
     except (OSError, ValueError, IndexError, ZeroDivisionError):
         idle = float(cores)
-    n = max(1, min(cores, round(idle)))
-    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(cores, round(idle))))
     _THREADS["why"] = f"{idle:.1f} of {cores} cores idle"
 
 
