@@ -152,9 +152,9 @@ def device_and_dtype(device: str | None, dtype: str | None):
     if dev.type != "cpu":
         why = f"the default on {dev.type}"
     elif chosen == torch.bfloat16:
-        why = "this CPU has AMX or AVX512-BF16, where bf16 runs several times faster; --dtype fp32 for references"
+        why = "a matmul probe found bf16 faster than fp32 on this CPU; --dtype fp32 for references"
     else:
-        why = "this CPU lacks AMX and AVX512-BF16, where bf16 would be far slower"
+        why = "a matmul probe found bf16 slower than fp32 on this CPU (no AVX512-BF16/AMX)"
     return str(dev), chosen, why
 
 
