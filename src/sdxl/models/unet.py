@@ -101,8 +101,10 @@ class CrossAttention(nn.Module):
         return self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
     def _plain(self) -> bool:
-        """Inference through plain linear layers (not training, no LoRA wrappers)."""
-        return not torch.is_grad_enabled() and all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
+        """Eager inference through plain linear layers (no gradients, no LoRA wrappers, not under torch.compile,
+        which fuses on its own and must not trace the cache's bookkeeping)."""
+        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v)))
 
     def fuse_qkv(self) -> None:
         """Make the q/k/v weights views of one (3 inner, dim) tensor: in-place edits (a merged LoRA, `load_state_dict`)
@@ -257,9 +259,10 @@ class DeepCache:
     feature: torch.Tensor | None = None
 
     def shallow(self, batch: int) -> bool:
-        """Whether this call reuses the kept feature (counts the call)."""
-        reuse = self.calls % self.interval != 0 and self.feature is not None and self.feature.shape[0] == batch
-        self.calls = self.calls + 1 if reuse or self.calls % self.interval == 0 else 1
+        """Whether this call reuses the kept feature (counts the call; `calls` cycles so torch.compile sees few
+        values)."""
+        reuse = self.calls != 0 and self.feature is not None and self.feature.shape[0] == batch
+        self.calls = (self.calls + 1) % self.interval if reuse or self.calls == 0 else 1 % self.interval
         return reuse
 
 
