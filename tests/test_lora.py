@@ -365,16 +365,17 @@ def test_sd15_and_base_loras_on_the_wrong_model(tmp_path):
     model = fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() holds the live tensors
     # (SD 1.5's down_blocks.1 attention has SDXL's diffusers name: kohya spellings of diffusers names are read too)
-    with pytest.raises(SDXLError, match=r"1 of 3 LoRA modules address nothing in this sdxl-custom model "
-                                        r"\(lora_unet_down_blocks_0_attentions_0_proj_in\)"):
+    with pytest.raises(SDXLError, match=r"sd15.safetensors: an adapter for SD 1.x, not this sdxl-custom model "
+                                        r"\(modules such as lora_unet_down_blocks_0_attentions_0_proj_in\)"):
         load_lora(model, tmp_path / "sd15.safetensors")
     # a base LoRA (CLIP-L weights) on the refiner
     path = save_lora(trained(TINY_BASE, DEFAULT_TARGETS), tmp_path / "base.safetensors")
-    with pytest.raises(SDXLError, match="address nothing.*lora_te1_text_model_encoder_layers_0"):
+    with pytest.raises(SDXLError, match=r"an adapter for the SDXL base \(it has CLIP-L modules; this model has no "
+                                        r"CLIP-L\), not this sdxl-custom model \(modules such as lora_te1_text_model_encoder_layers_0"):
         load_lora(fresh(TINY_REFINER), path)
     # right names, wrong shapes: the CLIP-L (768 wide) part of an SD 1.5 LoRA
     save_file({k: v for k, v in sd15.items() if k.startswith("lora_te_")}, tmp_path / "te.safetensors")
-    with pytest.raises(SDXLError, match=r"1 bad LoRA module: lora_te_text_model_encoder_layers_0_self_attn_q_proj: "
+    with pytest.raises(SDXLError, match=r"1 bad adapter module: lora_te_text_model_encoder_layers_0_self_attn_q_proj: "
                                         r"down \(4, 768\) up \(768, 4\) for a weight \(128, 128\)"):
         load_lora(model, tmp_path / "te.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -394,8 +395,9 @@ def _nan_in_last_module(sd: dict) -> dict:
      "lora_unet_middle_block_1_proj_in: non-finite"),
     (lambda sd: {k: v for k, v in sd.items() if k != "lora_unet_middle_block_1_proj_in.lora_up.weight"},
      "lora_unet_middle_block_1_proj_in lacks lora_up"),
-    (lambda sd: {"lora_unet_middle_block_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, "no plain LoRA.*LoHa"),
-    (lambda sd: {"x": torch.zeros(1)}, "no plain LoRA"),
+    (lambda sd: {"lora_unet_middle_block_1_proj_in.hada_w1_a": torch.zeros(4, 4)},
+     "1 bad adapter module: lora_unet_middle_block_1_proj_in lacks hada_w1_b"),
+    (lambda sd: {"x": torch.zeros(1)}, r"1 tensor that are no adapter weights \(x\); supported: lora, loha, lokr"),
 ], ids=["nan", "inf-alpha", "no-up", "loha", "other"])
 def test_non_finite_and_incomplete_loras_change_nothing(tmp_path, damage, message):
     sd = lora_state_dict(trained(TINY_BASE, DEFAULT_TARGETS))

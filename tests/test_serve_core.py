@@ -21,7 +21,7 @@ from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS, Request
 from sdxl.serve.app import open_jobs
 from sdxl.serve.models import ModelsFolder
-from sdxl.session import split_loras
+from sdxl.session import LoraUse, split_loras
 
 SLOW = {"steps": 400, "width": 64, "height": 64}  # long enough to be caught running
 
@@ -83,7 +83,7 @@ def test_lora_tag_in_prompt_loads_the_lora(served):
     tagged = served.wait(served.submit(prompt="a cat <lora:style:0.8>", seed=5, **FAST))
     assert tagged["state"] == "done" and tagged["prompts"] == ["a cat"]
     recipe = json.loads(png(served, tagged["images"][0]).info["sdxl-recipe"])
-    assert recipe["models"]["lora0"].endswith("style.safetensors:0.8")
+    assert recipe["prompt"] == "a cat <lora:style:0.8>" and list(recipe["lora_hashes"]) == ["style"]
     a, b = (np.asarray(png(served, d["images"][0])) for d in (plain, tagged))
     assert not np.array_equal(a, b)
     missing = httpx.post(served.url + "/v1/jobs", json={"prompt": "a cat <lora:nope:1>", **FAST})
@@ -91,31 +91,31 @@ def test_lora_tag_in_prompt_loads_the_lora(served):
 
 
 def test_split_loras():
-    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == ("a cat, sitting",
-                                                                           (("style", 0.8), ("sub/x", 1.0)))
+    assert split_loras("a cat <lora:style:0.8>, sitting <lora:sub/x>") == (
+        "a cat, sitting", (LoraUse("style", None, 0.8, 0.8), LoraUse("sub/x")))
     assert split_loras("no tags (word:1.2)") == ("no tags (word:1.2)", ())
     with pytest.raises(SDXLError, match="must be a number"):
         split_loras("<lora:style:strong>")
 
 
-def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tiny_models / "loras")  # the CLI reads <lora:NAME> as a file, NAME or NAME.safetensors
+def test_cli_lora_tag_equals_served(served, tiny_models, tmp_path, capsys):
     d = served.wait(served.submit(prompt="a dog <lora:style:0.5>", seed=8, **FAST))
     out = tmp_path / "cli.png"
     code = main(["generate", "a dog <lora:style:0.5>", "--model", str(tiny_models / "checkpoints" / "tiny.safetensors"),
                  "--seed", "8", "--steps", "2", "--width", "64", "--height", "64", "--dtype", "fp32", "--device", "cpu",
-                 "-q", "-o", str(out)])
+                 "-q", "-o", str(out), "--lora-dir", str(tiny_models / "loras")])
     assert code == 0, capsys.readouterr().err
     cli_im = Image.open(out)
-    lora_hash = hashlib.sha256((tiny_models / "loras" / "style.safetensors").read_bytes()).hexdigest()[:12]
+    data = (tiny_models / "loras" / "style.safetensors").read_bytes()  # A1111's hash: the bytes after the header
+    lora_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
     # as A1111 writes it: the tag in the prompt, the file's hash in `Lora hashes`
     assert cli_im.info["parameters"].startswith("a dog <lora:style:0.5>\n")
     assert f'Lora hashes: "style: {lora_hash}"' in cli_im.info["parameters"]
     assert cli_im.info["parameters"] == d["infotexts"][0]
-    assert json.loads(cli_im.info["sdxl-recipe"])["models"]["lora0"] == "style.safetensors:0.5"
+    assert json.loads(cli_im.info["sdxl-recipe"])["lora_hashes"] == {"style": lora_hash}
     assert np.array_equal(np.asarray(png(served, d["images"][0])), np.asarray(cli_im))
     # the recipe replays through the CLI with the LoRA applied (a LoRA-free run differs)
-    for flags, name in (([], "again.png"), (["--lora", "style.safetensors:0"], "zero.png")):
+    for flags, name in (([], "again.png"), (["a dog"], "zero.png")):
         assert main(["generate", "--from-png", str(out), *flags, "-q", "-o", str(tmp_path / name)]) == 0
     again, zero = (Image.open(tmp_path / n) for n in ("again.png", "zero.png"))
     assert np.array_equal(np.asarray(again), np.asarray(cli_im)) and again.info["parameters"] == cli_im.info[

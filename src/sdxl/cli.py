@@ -12,7 +12,8 @@ from pathlib import Path
 
 from sdxl.errors import SDXLError
 from sdxl.session import (DTYPES, Models, build_request, configure_threads, device_and_dtype, dtype_name,
-                          load_pipeline, process_seconds, resolve_models, split_loras, threads_note, write_images)
+                          load_pipeline, process_seconds, request_loras, resolve_models, threads_note, use_loras,
+                          write_images)
 
 
 class UsageError(SDXLError):
@@ -81,7 +82,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     from sdxl.formats.png import file_hash, local_path
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
-    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae}
+    given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
     for key, path in recorded.items():
         if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
                 and not (key == "refiner" and args.no_refiner):
@@ -89,13 +90,30 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras)
+                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"),
+                       args.lora_dir or (rec and rec.lora_dir))
+    _check_replayed_embeddings(args)
     for key, path in m.table().items():
         want = rec.hashes.get(key) if rec else None
         if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
             warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
                           "the image will differ")
     return m
+
+
+def _check_replayed_embeddings(args: argparse.Namespace) -> None:
+    """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`) needs their folder:
+    without it the names would be read as plain words and give another image."""
+    if not args.from_png or args.embeddings_dir is not None:
+        return
+    from sdxl.images import opened
+
+    with opened(args.from_png, "--from-png") as im:
+        found = re.search(r'TI hashes: ("(?:[^"\\]|\\.)*"|[^,\n]*)', str(im.info.get("parameters", "")))
+    if found:
+        names = found.group(1).strip('"')
+        raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings ({names}); give the folder that "
+                        "holds them with --embeddings-dir DIR")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
@@ -115,12 +133,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
 
 
 def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
-    """Request settings: flags over the recipe (the model's native settings fill the rest, in build_request)."""
+    """Request settings: flags over a --preset over the recipe (the model's native settings fill the rest, in
+    build_request)."""
+    from sdxl.presets import preset_settings
     from sdxl.request import NOT_SETTINGS, Request
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
-    s = (rec.settings if rec else {}) | {k: v for k, v in flags.items() if k in names}
+    preset = preset_settings(args.preset) if args.preset else {}
+    s = (rec.settings if rec else {}) | preset | {k: v for k, v in flags.items() if k in names}
     if init is None and "width" not in s and "height" not in s and models.native_from != "SDXL's default":
         size = models.native["resolution"]
         print(f"size {size}x{size}: the native resolution {models.native_from}")
@@ -161,39 +182,38 @@ def _check_replayed_inputs(args: argparse.Namespace, rec, images: dict) -> None:
 
 def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Models, list]:
     """One Request per prompt, built once from flags over the recipe over the native settings, all validated
-    before anything big is loaded. --prompts: prompt k uses seed + k * batch. `<lora:NAME:W>` tags in the
-    prompts join the LoRAs (the same tags in every prompt)."""
+    before anything big is loaded. --prompts: prompt k uses seed + k * batch. Each prompt's `<lora:...>` tags
+    stay in it and are found in --lora-dir; a replayed PNG's LoRA whose file changed since is a warning."""
     from sdxl.images import load_image
 
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
     _check_replayed_inputs(args, rec, {"init_image": init, "mask": mask})
     settings = _settings(args, rec, models, init)
-    prompts, tags = _prompt_loras(_read_prompts(args))
+    prompts = _read_prompts(args)
     if prompts[0] is None and settings.get("prompt") is None:
         if rec is not None:
             raise SDXLError(f"{args.from_png}: its recipe holds no prompt; give one (sdxl generate \"a red circle\" "
                             f"--from-png {args.from_png})")
         raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
-    models = replace(models, loras=models.loras + tags)
     first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",
                           init, mask, latent)
     reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
     for req in reqs:
         req.validate(has_refiner=models.refiner is not None)
+        _check_replayed_loras(args, rec, request_loras(req, models))
     return models, reqs
 
 
-def _prompt_loras(prompts: list[str | None]) -> tuple[list[str | None], tuple[str, ...]]:
-    """The prompts without their `<lora:NAME:W>` tags, and the tags as --lora specs (NAME, else NAME.safetensors)."""
-    split = [split_loras(p) if p is not None else (None, ()) for p in prompts]
-    if len({tags for _, tags in split}) > 1:
-        raise SDXLError("--prompts: every prompt must carry the same <lora:...> tags (one model is loaded for all)")
-    specs = []
-    for name, weight in split[0][1]:
-        path = name if Path(name).exists() or name.endswith(".safetensors") else f"{name}.safetensors"
-        specs.append(f"{path}:{weight}")
-    return [p for p, _ in split], tuple(specs)
+def _check_replayed_loras(args: argparse.Namespace, rec, loras) -> None:
+    """A LoRA of a replayed prompt whose file differs from the one the PNG was made with is a warning naming it."""
+    from sdxl.formats.png import lora_hash
+
+    for u in loras:
+        want = ((rec.lora_hashes or {}) if rec else {}).get(u.name)
+        if want and (have := lora_hash(u.path)) != want:
+            warnings.warn(f"LoRA {u.name}: {u.path} has hash {have} but {args.from_png} was made with hash {want}; "
+                          "the image will differ")
 
 
 def _load_latent(path: str, index: int | None):
@@ -255,19 +275,20 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     return targets
 
 
-def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent) -> None:
+def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent, embeddings) -> None:
     """The PNGs (infotext and recipe) and, with --save-latent, the latents of one request."""
     out = Path(args.output or OUTPUT)
     if args.prompts:
         out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
-    for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark):
+    for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark,
+                          embeddings=embeddings):
         print(f"wrote {w.path}")
     if args.save_latent:
         from sdxl.formats.files import write_tensors
         from sdxl.formats.png import recipe
 
         Path(args.save_latent).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"recipe": json.dumps(recipe(req, models.table(), latent)),
+        meta = {"recipe": json.dumps(recipe(req, models.table(), latent, request_loras(req, models), models.lora_dir)),
                 "format": "sdxl latent (N, 4, H/8, W/8), scaled"}
         print(f"wrote {write_tensors(args.save_latent, {'latent': result.latents}, meta, mode='free')}")
 
@@ -301,11 +322,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                 "it (drop them, or upscale with --hires-scale)")
             req = replace(req, width=size[0], height=size[1])
             req.validate(has_refiner=models.refiner is not None)
+        use_loras(pipe, request_loras(req, models))
         with tqdm(total=pipe.plan(req).total_steps, desc=f"seed {req.seed}", unit="step", disable=args.quiet) as bar:
             counted = []
             result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
         steps_done += len(counted)
-        _write(args, k, req, result, models, dtype_name(dtype), latent)
+        _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings)
     wall = time.perf_counter() - start
     compiled = f", compiling {pipe.compile_seconds:.1f} s of it" if args.compile else ""
     print(f"{wall:.1f} s wall{compiled} ({process_seconds():.1f} s since the process started, {threads_note()}), "
@@ -352,7 +374,8 @@ def _add_image_flags(g) -> None:
 
 
 def _add_generate(sub) -> None:
-    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS
+    from sdxl.presets import PRESETS
+    from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS, PREDICTIONS
     from sdxl.sampling import names
 
     g = sub.add_parser("generate", help="make images: txt2img, img2img, inpainting, refiner, hires fix",
@@ -365,17 +388,30 @@ def _add_generate(sub) -> None:
     g.add_argument("--from-png", help="reproduce an image written by sdxl generate (flags given override its recipe)")
     g.add_argument("--model", help="checkpoint: single-file .safetensors or diffusers folder")
     g.add_argument("--vae", help="a standalone VAE replacing the checkpoint's")
+    g.add_argument("--unet", help="a UNet-only file replacing the checkpoint's (official or diffusers names, e.g. "
+                                  "SDXL-Lightning's); its shapes must be the model's")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (kohya or diffusers/PEFT .safetensors) to the base, repeatable; weight default 1")
+    g.add_argument("--lora-dir", help="the folder where a prompt's <lora:NAME:WEIGHT> tags are found by file name, "
+                                      "subfolders included, as in A1111 (default for --from-png: the one recorded)")
+    g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (SDXL .safetensors): a "
+                   "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
     g.add_argument("--refiner", help="refiner checkpoint")
     g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
     g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="a few-step model's published sampler, scheduler, "
+                   "steps, CFG scale (and size): turbo (SDXL-Turbo), lightning-4step/-8step (SDXL-Lightning), "
+                   "hyper-8step (Hyper-SD LoRA), lcm (LCM-LoRA); flags given override it")
     g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    g.add_argument("--prediction", choices=PREDICTIONS,
+                   help="what the UNet predicts (default: as the checkpoint says by its v_pred key, else epsilon)")
+    g.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
+                   help="the UNet was trained with zero terminal SNR (Lin et al. 2024; default: as its ztsnr key says)")
     g.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023), e.g. 0.7")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="apply guidance only on this fraction of the steps, e.g. 0.0 0.8")

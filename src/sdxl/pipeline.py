@@ -175,7 +175,8 @@ def outpaint_request(req: Request) -> Request:
 
 
 class GuidedDenoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t) with classifier-free guidance in eps space.
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t) with classifier-free guidance in eps space; a v-prediction
+    UNet (`prediction="v"`) through `VDenoiser`, guided in v space as diffusers does (D is affine in either).
 
     Guidance rescale: Lin et al. 2023, eq. 15-16 (diffusers `rescale_noise_cfg`). Guidance applies
     only while low < sigma <= high of `sigma_range` (Kynkäänniemi et al. 2024); elsewhere the conditional
@@ -187,7 +188,7 @@ class GuidedDenoiser:
     def __init__(self, unet, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0,
                  sigma_range: tuple[float, float] = (-1.0, math.inf), extra: torch.Tensor | None = None,
                  blend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, skip_first_blend: bool = False,
-                 cache=None):
+                 prediction: str = "epsilon", sigmas_train: torch.Tensor | None = None, cache=None):
         self.unet, self.cond, self.uncond = unet, cond, uncond
         # one (uncond, cond) tensor for every step: the UNet keeps the text's K/V while it sees the same tensor
         self.both = Conditioning.cat([uncond, cond]) if uncond is not None else None
@@ -195,10 +196,11 @@ class GuidedDenoiser:
         self.scale, self.rescale, self.sigma_range = scale, rescale, sigma_range
         self.extra, self.blend, self.skip_blend = extra, blend, skip_first_blend
         self.dtype = next(unet.parameters()).dtype
-        self.denoise = samplers_.EpsDenoiser(self.eps)
+        self.denoise = samplers_.DENOISERS[prediction](self.eps, sigmas_train)
+        self.sigmas_train = self.denoise.sigmas_train  # the timesteps of samplers that need them (tcd)
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
-        """The UNet's eps for a scaled input; with guidance, one batched call for (uncond, cond)."""
+        """The UNet's output (eps or v) for a scaled input; with guidance, one batched call for (uncond, cond)."""
         if self.extra is not None:
             x_in = torch.cat([x_in, self.extra], dim=1)
         x_in = x_in.to(self.dtype)
@@ -237,7 +239,7 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
         raise SDXLError(f"{name}: a UNet-only refiner (context {unet.context_dim}, vector {unet.adm_in_channels}) "
                         f"does not fit the base's bigG encoder (width {bigg.cfg.width}, pooled {bigg.cfg.proj_dim}) "
                         "with the refiner's micro-conditioning; pass a refiner file with its own text encoder")
-    return SDXLModel.from_parts(unet=refiner.unet, conditioner=Conditioner.from_parts(cfg, bigg))
+    return SDXLModel.from_parts(unet=refiner.unet, conditioner=Conditioner.from_parts(cfg, bigg), like=refiner.cfg)
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
@@ -305,7 +307,6 @@ class Pipeline:
         self.vae = self.base.vae
         self.scaling_factor = self.vae.cfg.scaling_factor
         self.latent_factor = self.vae.factor  # 8 for SDXL
-        self.sigmas_train = schedules.discrete_sigmas()
         if compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
             for m in (self.base, self.refiner):
@@ -332,14 +333,14 @@ class Pipeline:
                     parts[name].to(memory_format=torch.channels_last)
         if "unet" in parts:
             parts["unet"].fuse_qkv()
-        return SDXLModel.from_parts(**parts)
+        return SDXLModel.from_parts(**parts, like=m.cfg)
 
     @classmethod
     def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
-             **kw) -> "Pipeline":
+             unet=None, **kw) -> "Pipeline":
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"))
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"), unet_path=unet)
         ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))
@@ -374,7 +375,9 @@ class Pipeline:
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
         """(cond, uncond) for a batch, one prompt per image or one for all; no uncond at cfg 1 (`Conditioner.guided`,
         docs/conditioning.md §3)."""
-        prompts = prompt_rows(req.prompt, req.prompt_2, req.batch)
+        from sdxl.session import lora_free  # A1111's <lora:...> tags are for `use_loras`, not the encoders
+
+        prompts = prompt_rows(lora_free(req.prompt), req.prompt_2, req.batch)
         negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
         return model.conditioner.guided(self.tokenizer, prompts, self.micro(req, False), negatives,
                                         self.micro(req, True))
@@ -459,30 +462,37 @@ class Pipeline:
         if req.outpaint is not None:
             req = outpaint_request(req)
         first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
-        stages = []
+        stages, table = [], self.training_sigmas(req)
         if req.init_latent is None or req.refiner_strength is None:  # a saved latent with a refiner strength: no base
-            sigmas = schedules.get_sigmas(req.schedule, req.steps)
+            sigmas = schedules.get_sigmas(req.schedule, req.steps, table)
             if first != "noise":
                 sigmas = schedules.img2img_sigmas(sigmas, req.strength)
             if req.refiner_switch is None:
                 stages.append(Stage("base", "base", sigmas, first))
             else:
-                k = self._switch_index(sigmas, req.refiner_switch)
+                k = self._switch_index(sigmas, req.refiner_switch, table)
                 stages += [Stage("base", "base", sigmas[:k + 1], first),
                            Stage("refiner", "refiner", sigmas[k:], "previous")]
         if req.refiner_strength is not None:
-            sigmas = schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps)
+            sigmas = schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps, table)
             stages.append(Stage("refiner-sdedit", "refiner", schedules.img2img_sigmas(sigmas, req.refiner_strength),
                                 "previous" if stages else first))
         if req.hires_scale:
-            sigmas = schedules.get_sigmas(req.schedule, req.hires_steps or req.steps)
+            sigmas = schedules.get_sigmas(req.schedule, req.hires_steps or req.steps, table)
             stages.append(Stage("hires", "base", schedules.img2img_sigmas(sigmas, req.hires_strength), "previous"))
         return Plan(tuple(stages))
 
-    def _switch_index(self, sigmas: torch.Tensor, frac: float) -> int:
+    def training_sigmas(self, req: Request) -> torch.Tensor:
+        """The training noise levels a request's schedules pick from: with zero terminal SNR if the request says so,
+        or (None) if the base's checkpoint does."""
+        ztsnr = self.base.cfg.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
+        return schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
+
+    @staticmethod
+    def _switch_index(sigmas: torch.Tensor, frac: float, table: torch.Tensor) -> int:
         """Steps whose timestep is >= round(1000 * (1 - frac)) go to the base (diffusers' denoising_end)."""
-        cutoff = int(round(len(self.sigmas_train) * (1 - frac)))
-        t = schedules.sigma_to_t(sigmas[:-1].float(), self.sigmas_train)
+        cutoff = int(round(len(table) * (1 - frac)))
+        t = schedules.sigma_to_t(sigmas[:-1].float(), table)
         return int((t >= cutoff).sum())
 
     # --- generation --------------------------------------------------------------------------
@@ -649,10 +659,11 @@ class Pipeline:
                 x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
                 skip_first_blend=False) -> torch.Tensor:
         cond, uncond = conditioning
-        sigma_range = self._guidance_sigmas(req)
-        cache = DeepCache(self.fast) if self.fast > 1 else None
-        denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale, sigma_range, extra,
-                                  blend, skip_first_blend, cache)
+        table = self.training_sigmas(req)
+        denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
+                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend,
+                                  req.prediction or model.cfg.prediction, table,
+                                  DeepCache(self.fast) if self.fast > 1 else None)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
@@ -661,9 +672,9 @@ class Pipeline:
         return x
 
     @staticmethod
-    def _guidance_sigmas(req: Request) -> tuple[float, float]:
+    def _guidance_sigmas(req: Request, table: torch.Tensor) -> tuple[float, float]:
         """Guidance interval (lo, hi) as fractions of the steps -> (exclusive low, inclusive high) sigma bounds."""
-        full = schedules.get_sigmas(req.schedule, req.steps).double()
+        full = schedules.get_sigmas(req.schedule, req.steps, table).double()
         lo, hi = req.guidance_interval
         return float(full[min(req.steps, math.ceil(hi * req.steps))]), float(full[min(req.steps, math.ceil(lo * req.steps))])
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sdxl.errors import SDXLError
 from sdxl.sampling import names, schedules
+from sdxl.sampling.samplers import DENOISERS
 
 # Upper limits, so that a typo fails at once instead of running for hours or exhausting memory.
 MAX_SIDE = 4096  # pixels a side, also after the hires fix (SDXL's largest bucket is 2048)
@@ -26,8 +27,10 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range; image i uses seed +
 RANDOM_SEED = -1  # as A1111 and its clients: a fresh random seed
 MAX_MICRO = 65536  # micro-conditioning sizes and coordinates
 MAX_MASK_BLUR = 64  # pixels, as A1111's slider
+PREDICTIONS = tuple(DENOISERS)  # what a UNet predicts: epsilon, v
 # Field annotation -> (accepted Python types, words for errors).
-_SCALARS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+_SCALARS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+            "bool": ((bool,), "true or false")}
 # Request fields that hold images or tensors: never read from a dict of settings; the CLI flag that gives each.
 NOT_SETTINGS = {"init_image": "--init-image", "mask": "--mask", "init_latent": "--latent"}
 
@@ -75,6 +78,10 @@ class Request:
     hires_upscale: str = "latent"  # latent | pixel
     hires_strength: float = 0.5
     hires_steps: int | None = None
+    # what the UNet predicts (epsilon | v) and whether it was trained with zero terminal SNR (Lin et al. 2024);
+    # None: as the checkpoint says (ModelConfig.prediction, .zero_terminal_snr)
+    prediction: str | None = None
+    zero_terminal_snr: bool | None = None
 
     @classmethod
     def fields_from_dict(cls, d, source: str) -> dict:
@@ -144,7 +151,7 @@ def _as(value, kind: str):
             raise TypeError(kind)
         return tuple(_as(v, p) for v, p in zip(value, parts))
     types = _SCALARS[kind][0] if kind in _SCALARS else ()
-    if isinstance(value, bool) or not isinstance(value, types):
+    if isinstance(value, bool) != (kind == "bool") or not isinstance(value, types):
         raise TypeError(kind)
     return float(value) if kind == "float" else value
 
@@ -196,6 +203,8 @@ def _check_sizes(r: Request) -> None:
 def _check_counts(r: Request) -> None:
     if r.sampler not in names.A1111_SAMPLERS:
         raise SDXLError(f"unknown sampler {r.sampler!r}; choose one of: {names.sampler_help()}")
+    if r.prediction not in (None, *PREDICTIONS):
+        raise SDXLError(f"unknown prediction {r.prediction!r}; choose one of: {', '.join(PREDICTIONS)}")
     if r.schedule not in schedules.SCHEDULES:
         raise SDXLError(f"unknown scheduler {r.schedule!r}; choose one of: {names.schedule_help()}")
     for name in ("steps", "refiner_steps", "hires_steps"):

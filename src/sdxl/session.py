@@ -4,7 +4,9 @@ built from settings and run, PNGs written with infotext and recipe. No argparse 
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -19,8 +21,10 @@ _IMPORTED = time.perf_counter()
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # a model whose file records no native settings gets SDXL's (SDXL report §2.3, sgm's sampling defaults)
 SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.8}
-# A1111's LoRA syntax in a prompt: <lora:NAME> or <lora:NAME:WEIGHT> (extensions-builtin/Lora/extra_networks_lora.py)
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+# A1111's extra-network tag for LoRAs, `<lora:ARG:ARG...>`, and its `lyco` alias (stable-diffusion-webui v1.10.1:
+# modules/extra_networks.py re_extra_net, extensions-builtin/Lora/scripts/lora_script.py)
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
+PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files in pickle formats: listed as refused, never loaded
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,14 @@ class Models:
     native: dict  # resolution, steps, cfg, refiner_switch
     native_from: str  # where the native settings come from, for the message
     default_refiner: bool  # the default model's refiner, chosen without --refiner
+    embeddings: str | None = None  # a folder of textual-inversion embeddings, named in prompts by file stem
+    unet: str | None = None  # a UNet-only file replacing the model's UNet
+    sampling: dict | None = None  # prediction and zero_terminal_snr as the model file says (checkpoint.sampling_settings)
+    lora_dir: str | None = None  # where a prompt's <lora:NAME> tags are found
 
     def table(self) -> dict[str, str | None]:
-        """The files as a recipe records them: model, refiner, vae, lora0, lora1, ..."""
-        return {"model": self.model, "refiner": self.refiner, "vae": self.vae} | {
+        """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
+        return {"model": self.model, "refiner": self.refiner, "vae": self.vae, "unet": self.unet} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
 
 
@@ -111,11 +119,19 @@ def native_settings(model: str) -> tuple[dict, str]:
 
 
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
-                   loras: list[str] | tuple[str, ...] | None = None) -> Models:
-    """Without a model, the embedded default (and its refiner unless one is given or no_refiner)."""
+                   loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None,
+                   unet: str | None = None, lora_dir: str | None = None) -> Models:
+    """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
+    UNet-only file that replaces the model's; `lora_dir`: where a prompt's <lora:NAME> tags are found."""
+    if embeddings is not None and not Path(embeddings).is_dir():
+        raise SDXLError(f"--embeddings-dir {embeddings}: not a folder; give the folder that holds the embeddings")
+    lora_dir = None if lora_dir is None else str(lora_dir)
     if model is not None:
+        from sdxl.formats.checkpoint import sampling_settings
+
         native, source = native_settings(model)
-        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False)
+        return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
+                      embeddings, unet, sampling_settings(model), lora_dir)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -124,7 +140,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner)
+                  "of the default model", default_refiner, embeddings, unet, lora_dir=lora_dir)
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -163,16 +179,56 @@ def dtype_name(dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
 
 
-def split_loras(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
-    """A1111's `<lora:NAME:0.8>` tags taken out of a prompt: (the prompt without them, ((NAME, weight), ...))."""
-    loras = []
-    for name, weight in LORA_TAG.findall(prompt):
-        try:
-            loras.append((name.strip(), float(weight) if weight.strip() else 1.0))
-        except ValueError:
-            raise SDXLError(f"<lora:{name}:{weight}>: the weight must be a number, e.g. <lora:{name}:0.8>") from None
-    text = re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)))
-    return text.strip(" ,"), tuple(loras)
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a generation: its name (a tag's NAME, or a --lora file's stem), file, and the multipliers of the
+    text encoders and the UNet; `tag`: from a `<lora:...>` tag in the prompt, else from --lora."""
+
+    name: str
+    path: str | None = None  # None until the name is found in the LoRA folder
+    te: float = 1.0
+    unet: float = 1.0
+    tag: bool = True
+
+
+def lora_free(prompt: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """The text the encoders see: the prompt(s) without their `<lora:...>` tags, as A1111 takes them out before its
+    prompt parser (modules/extra_networks.py parse_prompt); spaces left around them are tidied, which leaves the
+    CLIP tokens unchanged."""
+    if not isinstance(prompt, str):
+        return tuple(map(lora_free, prompt))
+    return re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt))).strip()
+
+
+def split_loras(prompt: str) -> tuple[str, tuple[LoraUse, ...]]:
+    """A prompt's `<lora:...>` tags taken out: (the text the encoders see, a LoraUse per tag, not yet found)."""
+    return lora_free(prompt), tuple(_lora_tag(m[1]) for m in LORA_TAG.finditer(prompt))
+
+
+def _lora_tag(args: str) -> LoraUse:
+    """`NAME[:TE[:UNET]]`, `te=`/`unet=` given by name, as A1111 reads a tag (extensions-builtin/Lora/
+    extra_networks_lora.py and ExtraNetworkParams in modules/extra_networks.py, v1.10.1): the first number is the text
+    encoders' multiplier (default 1), the second the UNet's (default: the first); an item with one `=` is named."""
+    items = args.split(":")
+    named = dict(i.split("=") for i in items if i.count("=") == 1)
+    positional = [i for i in items if i.count("=") != 1]
+    tag = f"<lora:{args}>"
+    if not positional or not positional[0].strip():
+        raise SDXLError(f"{tag}: no LoRA name; write <lora:NAME:0.8>")
+    if bad := sorted(set(named) - {"te", "unet"}) or positional[3:]:
+        raise SDXLError(f"{tag}: {bad[0]!r} is not supported; a tag takes NAME, a weight, a UNet weight, te=, unet=")
+    te = _multiplier(tag, named.get("te", positional[1] if len(positional) > 1 else "1"))
+    unet = _multiplier(tag, named.get("unet", positional[2] if len(positional) > 2 else te))
+    return LoraUse(positional[0].strip(), None, te, unet)
+
+
+def _multiplier(tag: str, text) -> float:
+    try:
+        value = float(text)
+        assert math.isfinite(value)
+        return value
+    except (ValueError, AssertionError):
+        raise SDXLError(f"{tag}: the weight {text!r} must be a number, e.g. <lora:NAME:0.8>") from None
 
 
 def lora_spec(spec: str) -> tuple[str, float]:
@@ -182,6 +238,70 @@ def lora_spec(spec: str) -> tuple[str, float]:
         return path, float(weight) if weight else 1.0
     except ValueError:
         raise SDXLError(f"--lora {spec}: the weight after ':' must be a number, e.g. style.safetensors:0.8") from None
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """`path` resolves (symlinks followed) to a place inside `folder`."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def find_lora(name: str, folder: str | Path | None) -> Path:
+    """The LoRA file a tag's NAME means, found as A1111 finds it (extensions-builtin/Lora/networks.py
+    list_available_networks): the stem of a file anywhere under `folder`, else the `ss_output_name` alias in a
+    file's metadata; where two files share a stem, their paths inside the folder (sub/NAME) tell them apart.
+    Nothing outside the folder (no paths, no symlinks out), and pickles are refused."""
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise SDXLError(f"lora {name!r}: give a name listed in loras, not a path")
+    if folder is None:
+        raise SDXLError(f"lora {name!r}: no LoRA folder to find it in (--lora-dir DIR; a server's loras/)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SDXLError(f"lora {name!r}: the LoRA folder {folder} is not a folder")
+    files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in (".safetensors",) + PICKLES
+             and not p.name.startswith(".") and p.is_file() and inside(p, folder)]
+    stem = {p: p.relative_to(folder).with_suffix("").as_posix() for p in files}
+    hits = ([p for p in files if name in (p.stem, stem[p])]
+            or [p for p in files if p.suffix.lower() == ".safetensors" and _alias(p) == name])
+    if len(hits) > 1:
+        raise SDXLError(f"lora {name!r}: {len(hits)} files in loras ({folder}) have that name "
+                        f"({', '.join(stem[p] for p in hits)}); write the one meant, e.g. <lora:{stem[hits[-1]]}:1>")
+    if hits and hits[0].suffix.lower() in PICKLES:
+        raise SDXLError(f"lora {name!r}: {hits[0]} is a pickle format, never loaded; convert it to .safetensors")
+    if hits:
+        return hits[0]
+    names = sorted({p.stem for p in files})
+    close = difflib.get_close_matches(name, names, n=5)
+    raise SDXLError(f"lora {name!r}: no such file in loras ({folder}); " + (
+        f"close names: {', '.join(close)}" if close else f"choose one of: {', '.join(names[:20]) or '(none)'}"))
+
+
+def _alias(path: Path) -> str | None:
+    """The name kohya's sd-scripts recorded for a LoRA (metadata ss_output_name), which A1111 also accepts."""
+    from sdxl.formats.files import SafetensorsFile
+
+    try:
+        return SafetensorsFile(path).metadata.get("ss_output_name")
+    except SDXLError:
+        return None
+
+
+def file_loras(models: Models) -> tuple[LoraUse, ...]:
+    """The --lora files (FILE or FILE:WEIGHT), named by their stems."""
+    return tuple(LoraUse(Path(path).stem, path, w, w, False) for path, w in map(lora_spec, models.loras))
+
+
+def request_loras(req, models: Models) -> tuple[LoraUse, ...]:
+    """Every LoRA of a request, found: the --lora files, then its prompt's tags in models.lora_dir (all the prompts
+    of a batch must carry the same tags: one set is applied to the batch)."""
+    prompts = (req.prompt,) if isinstance(req.prompt, str) else req.prompt
+    tagged = {split_loras(p)[1] for p in prompts}
+    if len(tagged) > 1:
+        raise SDXLError("prompt: the prompts of one batch carry different <lora:...> tags; one set of LoRAs applies "
+                        "to a batch, so give them the same tags (or generate them separately)")
+    return file_loras(models) + tuple(replace(u, path=str(find_lora(u.name, models.lora_dir))) for u in tagged.pop())
 
 
 def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
@@ -197,6 +317,8 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("height", models.native["resolution"])
     s.setdefault("steps", models.native["steps"])
     s.setdefault("cfg", models.native["cfg"])
+    for key, value in (models.sampling or {}).items():  # prediction, zero_terminal_snr
+        s.setdefault(key, value)
     if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:
@@ -211,22 +333,49 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = Request.from_dict(with_defaults(settings, models, init, mask), source)
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
+    request_loras(req, models)  # its LoRA tags read and found before anything loads
     return req
 
 
 def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print, **speed):
-    """The Pipeline of `models` on device/dtype, with its LoRAs applied to the base (each reported through `log`);
+    """The Pipeline of `models` on device/dtype with its --lora files applied (a request's tags: `use_loras`);
     `speed`: Pipeline's fast= and compile=."""
-    from sdxl.formats.lora import load_lora
     from sdxl.pipeline import Pipeline
 
-    specs = [lora_spec(s) for s in models.loras]  # bad weights fail before the weights load
+    loras = file_loras(models)  # bad weights fail before the weights load
     pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
-                         **speed)
-    for path, multiplier in specs:
-        report = load_lora(pipe.base, path, multiplier)
-        log(f"LoRA {path}: {report.total} layers, weight {multiplier}")
+                         unet=models.unet, **speed)
+    use_loras(pipe, loras, log)
+    use_embeddings(pipe, models.embeddings, log)
     return pipe
+
+
+def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False) -> None:
+    """Make `loras` the LoRAs on the pipeline's base without reloading it (`sdxl.adapters.use_adapters`: the set
+    before is removed exactly; the same set again costs nothing); each newly applied one reported through `log`."""
+    from sdxl.adapters import use_adapters
+
+    applied = use_adapters(pipe.base, [(u.path, u.te, u.unet) for u in loras], runtime)
+    for u, adapter in zip(loras, applied):
+        weight = f"weight {u.unet}" if u.te == u.unet else f"weight {u.te} text encoders, {u.unet} UNet"
+        log(f"LoRA {u.name} ({u.path}): {len(adapter.patches)} layers, {weight}")
+
+
+def use_embeddings(pipe, folder: str | None, log=print) -> None:
+    """The textual-inversion embeddings of `folder` (None: none) for the pipeline's prompts, checked against its
+    encoders; the files refused are reported through `log` with the reason. Files are read again only when the
+    folder changes (A1111 re-reads its embeddings folder when it changes, too)."""
+    from sdxl.formats.embeddings import load_folder
+
+    found = None
+    if folder is not None:
+        cond = pipe.base.conditioner.cfg
+        found = load_folder(folder, (cond.clip_l.width, cond.bigg.width))
+        if found is not pipe.tokenizer.embeddings:
+            for name, why in found.skipped.items():
+                log(f"embedding {name} skipped: {why}")
+            log(f"embeddings {folder}: {', '.join(found.loaded) or 'none'} ({len(found.loaded)} loaded)")
+    pipe.tokenizer = pipe.tokenizer.with_embeddings(found)
 
 
 @dataclass(frozen=True)
@@ -239,21 +388,22 @@ class Written:
 
 
 def write_images(req, images, models: Models, dtype: str, out: Path, latent=None, watermark: bool = True,
-                 numbered: bool = False) -> list[Written]:
+                 numbered: bool = False, embeddings=None) -> list[Written]:
     """PNGs of one request's images, each with infotext and recipe, at `out` (or out-i for a batch; with
-    `numbered`, always out-i), never replacing a file."""
+    `numbered`, always out-i), never replacing a file; `embeddings` (sdxl.formats.embeddings.Embeddings): the
+    textual-inversion embeddings the prompts could use, those used are named in the infotext."""
     from sdxl.formats.png import a1111_parameters, recipe, save_png
 
     if watermark:
         from sdxl.watermark import add_watermark
 
         images = add_watermark(images)
-    table = models.table()
-    common = recipe(req, table, latent)  # file and image hashes: once per request, not per image
+    table, loras = models.table(), request_loras(req, models)
+    common = recipe(req, table, latent, loras, models.lora_dir)  # file and image hashes: once per request
     written = []
     for i, im in enumerate(images):
         target = out if len(images) == 1 and not numbered else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        text = a1111_parameters(req, table, i)
+        text = a1111_parameters(req, table, i, embeddings, loras)
         rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
         written.append(Written(save_png(im, target, text, rec), text, req.seed + i))
     return written

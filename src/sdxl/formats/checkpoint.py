@@ -31,6 +31,36 @@ from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
 # Tolerated and ignored: an int buffer some released files carry (docs/formats.md §1).
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# Empty tensors kohya and ComfyUI write into a single file to say how its UNet was trained: "v_pred" (v-prediction),
+# and with it "ztsnr" (zero terminal SNR); ComfyUI comfy/supported_models.py `SDXL.model_type` (c4d1a8d3567a).
+MARKERS = ("v_pred", "ztsnr")
+
+
+def sampling_of(keys) -> dict:
+    """The ModelConfig fields `prediction` and `zero_terminal_snr` that a single file's marker keys say."""
+    v = "v_pred" in keys
+    return {"prediction": "v" if v else "epsilon", "zero_terminal_snr": v and "ztsnr" in keys}
+
+
+def sampling_settings(path) -> dict:
+    """{"prediction", "zero_terminal_snr"} of a checkpoint, from a single file's marker keys (header only) or a
+    diffusers folder's scheduler_config.json (`prediction_type`, `rescale_betas_zero_snr`); {} if unreadable (the
+    load that follows says why)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return sampling_of(SafetensorsFile(path).shapes())
+        sched = _read_json(path / "scheduler" / "scheduler_config.json")
+    except CheckpointError:
+        return {}
+    return {"prediction": "v" if sched.get("prediction_type") == "v_prediction" else "epsilon",
+            "zero_terminal_snr": sched.get("rescale_betas_zero_snr") is True}
+
+
+def markers_of(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The marker tensors a single file of this config carries (`sampling_of` reads them back)."""
+    keys = (("v_pred",) if cfg.prediction == "v" else ()) + (("ztsnr",) if cfg.zero_terminal_snr else ())
+    return {k: torch.zeros(0) for k in keys}
 
 
 class ShardedFiles(Mapping):
@@ -133,16 +163,17 @@ def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, 
 
 
 def _keep(cfg: ModelConfig, components) -> ModelConfig:
-    return ModelConfig(*(getattr(cfg, n) if n in components else None for n in ("unet", "conditioner", "vae")))
+    return dataclasses.replace(cfg, **{n: None for n in ("unet", "conditioner", "vae") if n not in components})
 
 
 def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
                      components=("unet", "conditioner", "vae")) -> SDXLModel:
     """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
     f = SafetensorsFile(path)
-    cfg = config_from_shapes(f.shapes(), str(f.path))
+    shapes = {k: v for k, v in f.shapes().items() if k not in MARKERS}
+    cfg = dataclasses.replace(config_from_shapes(shapes, str(f.path)), **sampling_of(f.shapes()))
     check_float(str(f.path), f.dtypes())
-    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
+    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
     return _materialise(_keep(cfg, components), f, device, dtype)
@@ -155,7 +186,7 @@ def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, m
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; choose another name (nothing was overwritten)")
     state = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-             for k, t in model.state_dict().items()}
+             for k, t in model.state_dict().items()} | markers_of(model.cfg)
     return write_tensors(path, state, metadata, mode="replace" if overwrite else "new")
 
 
@@ -302,7 +333,7 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
     if not parts:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
-    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg)
+    cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg, **sampling_settings(folder))
     try:
         expected_shapes(cfg)  # builds it (on meta)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
@@ -384,7 +415,9 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
         index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG | {
+        "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+        "rescale_betas_zero_snr": cfg.zero_terminal_snr})
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     write_json(folder / "model_index.json", index)
     return folder
@@ -453,24 +486,79 @@ _NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model and --refiner tak
 
 
 def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
-         components=("unet", "conditioner", "vae"), require=()) -> SDXLModel:
-    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE; `require`:
-    components that must be there (an error naming what is missing and which flag supplies it); a UNet,
-    when among `components`, always is (every use of a checkpoint needs one)."""
+         components=("unet", "conditioner", "vae"), require=(), unet_path=None) -> SDXLModel:
+    """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE, `unet_path` its UNet
+    (`load_unet`; the checkpoint's own is not loaded); `require`: components that must be there (an error naming
+    what is missing and which flag supplies it); a UNet, when among `components`, always is (every use of a
+    checkpoint needs one)."""
     path = Path(path)
+    swap = unet_path is not None and "unet" in components
+    own = tuple(c for c in components if not (swap and c == "unet"))
     if path.is_dir():
-        model = load_diffusers(path, device, dtype, components=components)
+        model = load_diffusers(path, device, dtype, components=own)
     elif path.exists():
-        model = load_single_file(path, device, dtype, components)
+        model = load_single_file(path, device, dtype, own)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
-    if vae_path is not None:
-        parts = model.components()
-        model = SDXLModel.from_parts(parts.get("unet"), parts.get("conditioner"), load_vae(vae_path, device, dtype)).eval()
+    if vae_path is not None or swap:
+        parts, sampling = model.components(), {}
+        if swap:
+            parts["unet"], sampling = load_unet(unet_path, _unet_config(path), device, dtype)
+        if vae_path is not None:
+            parts["vae"] = load_vae(vae_path, device, dtype)
+        model = SDXLModel.from_parts(**parts, like=dataclasses.replace(model.cfg, **sampling)).eval()
     absent = [_NEEDED[c] for c in (*require, *(("unet",) if "unet" in components else ())) if c not in model.components()]
     if absent:
         raise CheckpointError(f"{path}: has {absent[0]}")
     return model
+
+
+def _unet_config(path: Path) -> unet.UNetConfig:
+    """The UNet config of a checkpoint, from its header or config.json alone (nothing is loaded)."""
+    cfg = (_diffusers_parts(path, None, ("unet",), meta=True)[0] if path.is_dir()
+           else config_from_shapes(SafetensorsFile(path).shapes(), str(path)))
+    if cfg.unet is None:
+        raise CheckpointError(f"{path}: has no UNet, so a --unet file has nothing to replace or be checked against")
+    return cfg.unet
+
+
+def load_unet(path, base: unet.UNetConfig, device="cpu", dtype: torch.dtype | None = None) -> tuple[unet.UNet, dict]:
+    """A UNet-only file replacing a base's UNet (SDXL-Lightning, DMD2, ... ship so): official keys, with or without
+    `model.diffusion_model.`, or diffusers names; its shapes must be the base's. Returns (UNet, the `sampling_of`
+    its v_pred/ztsnr keys, {} without them). A refiner's or another architecture's UNet is refused by name."""
+    f = SafetensorsFile(path)
+    name, shapes = str(f.path), {k: v for k, v in f.shapes().items() if k not in MARKERS}
+    names = _unet_names(shapes, base, name)  # our key -> the file's
+    if "label_emb.0.0.weight" not in names:
+        raise CheckpointError(f"{name}: a UNet without SDXL's vector input (label_emb / add_embedding): a Stable "
+                              "Diffusion 1.x/2.x UNet, not SDXL")
+    width = shapes[names["label_emb.0.0.weight"]][-1]
+    if width != base.adm_in_channels:
+        kind = "a refiner UNet (pass it with --refiner)" if width < base.adm_in_channels else "not this base's kind"
+        raise CheckpointError(f"{name}: {kind}: its vector input is {width} wide, the base's {base.adm_in_channels}")
+    check_float(name, {k: d for k, d in f.dtypes().items() if k in shapes})
+    ours = {PREFIXES["unet"] + k: v for k, v in names.items()}
+    missing, unexpected, wrong = compare_keys(expected_shapes(ModelConfig(base, None, None)),
+                                              {k: shapes[v] for k, v in ours.items()})
+    if missing or unexpected or wrong:
+        raise CheckpointError.keys(name, missing, unexpected, wrong)
+    sampling = sampling_of(f.shapes()) if any(k in f.shapes() for k in MARKERS) else {}
+    return _materialise(ModelConfig(base, None, None), {k: f[v] for k, v in ours.items()}, device, dtype).unet, sampling
+
+
+def _unet_names(shapes: Mapping, base: unet.UNetConfig, name: str) -> dict[str, str]:
+    """Our UNet key (no prefix) -> the file's key, for official or diffusers names; unknown diffusers keys keep
+    theirs behind a marker so that they are listed as unexpected."""
+    prefix = PREFIXES["unet"]
+    if any(k.startswith(prefix) for k in shapes):
+        return {k[len(prefix):]: k for k in shapes if k.startswith(prefix)}
+    if any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in shapes):
+        return {k: k for k in shapes}
+    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in shapes):
+        table = {e.theirs[0]: e.ours for e in unet_table(base)}
+        return {table.get(k, f"(diffusers) {k}"): k for k in shapes}
+    raise CheckpointError(f"{name}: not a UNet: no key starts with {prefix}, input_blocks. or down_blocks. "
+                          f"(keys: {first_few(shapes)})")
 
 
 def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.AutoencoderKL:

@@ -18,7 +18,7 @@ from sdxl.sampling.names import to_a1111
 
 RECIPE_KEY = "sdxl-recipe"
 DTYPES = ("fp32", "bf16", "fp16")
-MODEL_KEY = re.compile(r"model|refiner|vae|lora\d+")
+MODEL_KEY = re.compile(r"model|refiner|vae|unet|lora\d+")
 
 
 def next_free(path: str | os.PathLike) -> Path:
@@ -31,14 +31,15 @@ def next_free(path: str | os.PathLike) -> Path:
 _HASHES: dict[str, str] = {}  # "path|size|mtime" -> sha256, for this process
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """sha256 of a file (A1111's "Model hash" is its first 10 hex digits); cached by path, size and mtime."""
+def file_hash(path: str | os.PathLike, tensors_only: bool = False) -> str:
+    """sha256 of a file (A1111's "Model hash" is its first 10 hex digits), or with `tensors_only` of a safetensors
+    file's bytes after its header (A1111's LoRA hash: `lora_hash`); cached by path, size and mtime."""
     path = Path(path)
     if path.is_dir():
         return ""
     st = path.stat()
     cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl" / "hashes.json"
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}" + ("|tensors" if tensors_only else "")
     if key in _HASHES:  # this process hashed or read it already: no second read of the cache file per image
         return _HASHES[key]
     try:
@@ -48,6 +49,8 @@ def file_hash(path: str | os.PathLike) -> str:
     if key not in cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
+            if tensors_only:  # after the 8-byte header length and the JSON header
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
         cache[key] = h.hexdigest()
@@ -58,6 +61,13 @@ def file_hash(path: str | os.PathLike) -> str:
             pass
     _HASHES[key] = cache[key]
     return cache[key]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """A1111's `Lora hashes` entry of a LoRA file: sha256 of the tensor bytes after the safetensors header, first 12
+    hex digits (extensions-builtin/Lora/network.py and modules/hashes.py addnet_hash_safetensors, v1.10.1; it
+    prefers a `sshs_model_hash` in the metadata, which kohya's sd-scripts computes the same way)."""
+    return file_hash(path, tensors_only=True)[:12]
 
 
 PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the default model): no local path recorded
@@ -84,15 +94,19 @@ def _model_entry_ok(key: str, entry: str) -> bool:
     if entry.startswith(PACKAGED):
         return re.fullmatch(r"[\w.-]+\.safetensors", entry[len(PACKAGED):]) is not None
     path = re.sub(r":-?[\d.]+$", "", entry) if key.startswith("lora") else entry
-    return path.endswith(".safetensors") or (key != "vae" and not key.startswith("lora") and Path(path).is_dir())
+    return path.endswith(".safetensors") or (key in ("model", "refiner") and Path(path).is_dir())
 
 
-def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None) -> dict:
-    """The JSON recipe of a request: every setting (not images/tensors), the model files and their hashes, and
-    the saved latent it started from (file, index, hash), if any."""
+def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None, loras=(),
+           lora_dir: str | None = None) -> dict:
+    """The JSON recipe of a request: every setting (not images/tensors; the prompt with its <lora:> tags), the model
+    files and their hashes, the folder the tags were found in and their files' hashes (`lora_hash`), and the saved
+    latent it started from (file, index, hash), if any."""
     d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
     d["models"] = {k: portable(v) if not k.startswith("lora") else v for k, v in models.items() if v}
     d["hashes"] = {k: file_hash(v)[:10] for k, v in models.items() if v and Path(v).is_file()}
+    if tagged := {u.name: lora_hash(u.path) for u in loras if u.tag}:
+        d["lora_dir"], d["lora_hashes"] = str(Path(lora_dir).resolve()), tagged
     if latent is not None:
         d["latent"] = {"file": str(latent[0]), "index": latent[1], "hash": file_hash(latent[0])[:10]}
     images = {k: image_hash(getattr(req, k)) for k in ("init_image", "mask") if getattr(req, k) is not None}
@@ -106,10 +120,11 @@ def request_dict(req) -> dict:
     return {f.name: getattr(req, f.name) for f in fields(req)}
 
 
-def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
+def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=()) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
-    the prompt carries its LoRAs as `<lora:NAME:W>` tags (here appended after the text the encoders saw, whether
-    they came from the prompt or from --lora) and `Lora hashes` names their files' sha256, first 12 digits."""
+    the prompt keeps its `<lora:...>` tags where they were, the --lora files are appended as tags (as A1111's
+    sd_lora option does), and `Lora hashes` names every LoRA's `lora_hash` (extra_networks_lora.py); `TI hashes`
+    names the textual-inversion embeddings the prompts use (of `embeddings`), likewise."""
     sampler, schedule = to_a1111(req.sampler, req.schedule)
     pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
     model = models.get("model")
@@ -118,6 +133,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
         pairs["Model"] = Path(model).stem
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
+    if req.prediction == "v":
+        pairs["Prediction"] = "v"
+    if req.zero_terminal_snr:
+        pairs["Zero terminal SNR"] = True
     if req.init_image is not None:
         pairs["Denoising strength"] = req.strength
     if req.mask is not None or req.outpaint is not None:
@@ -137,26 +156,16 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0) -> str:
     pairs["Target size"] = "x".join(map(str, reversed(req.target_size or (h, w))))
     if req.batch > 1:
         pairs |= {"Batch size": req.batch, "Batch pos": index}
-    loras = lora_tags(models)
-    if loras:
-        pairs["Lora hashes"] = ", ".join(f"{name}: {file_hash(path)[:12]}" for name, _, path in loras
-                                         if Path(path).is_file()) or None
-    text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{name}:{weight}>" for name, weight, _ in loras]))
+    if loras:  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
+        pairs["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', u.name)}: {lora_hash(u.path)}" for u in loras)
+    if embeddings is not None:
+        row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
+                                                                              req.negative_prompt_2)]
+        pairs["TI hashes"] = embeddings.infotext([req.prompt_of(index), row[0]] + (row[1:] if req.cfg != 1.0 else []))
+    text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{u.name}:{u.unet}>" for u in loras if not u.tag]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v is not None)
-
-
-def lora_tags(models: dict[str, str | None]) -> list[tuple[str, float, str]]:
-    """(name, weight, path) of each LoRA in a models table, named as A1111 names them in `<lora:NAME:W>` tags and
-    `Lora hashes` (the file's stem without ':' or ','; extensions-builtin/Lora/extra_networks_lora.py)."""
-    from sdxl.session import lora_spec
-
-    out = []
-    for key in sorted((k for k in models if k.startswith("lora") and models[k]), key=lambda k: int(k[4:])):
-        path, weight = lora_spec(models[key])
-        out.append((Path(path).stem.replace(":", "").replace(",", ""), weight, path))
-    return out
 
 
 def _quote(v) -> str:
@@ -187,6 +196,8 @@ class Recipe:
     dtype: str | None = None
     latent: dict | None = None  # {"file": str, "index": int | None, "hash": str}
     inputs: dict | None = None  # {"init_image": hash, "mask": hash} of the images it started from
+    lora_dir: str | None = None  # where the prompt's <lora:NAME> tags were found
+    lora_hashes: dict | None = None  # NAME -> lora_hash of the file then
 
 
 def image_hash(image) -> str:
@@ -235,10 +246,10 @@ def parse_recipe(d, source: str) -> Recipe:
             raise SDXLError(f"{source}: {name}.{bad[0]:.40} must be a file name (a string), got {table[bad[0]]!r:.60}")
     models = {k: v for k, v in models.items() if v is not None}
     if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
-        raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, lora0, ...)")
+        raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, unet, lora0, ...)")
     if bad := [k for k, v in models.items() if not _model_entry_ok(k, v)]:
         raise SDXLError(f"{source}: models.{bad[0]} {models[bad[0]]!r:.80} is not a checkpoint name (a .safetensors "
-                        "file or a diffusers folder); pass the files with --model/--refiner/--vae/--lora")
+                        "file or a diffusers folder); pass the files with --model/--refiner/--vae/--unet/--lora")
     dtype, latent = d.pop("dtype", None), d.pop("latent", None)
     if dtype is not None and dtype not in DTYPES:
         raise SDXLError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r:.60}")
@@ -250,7 +261,11 @@ def parse_recipe(d, source: str) -> Recipe:
     if inputs is not None and not (isinstance(inputs, dict) and set(inputs) <= {"init_image", "mask"}
                                    and all(isinstance(v, str) for v in inputs.values())):
         raise SDXLError(f"{source}: inputs must be an object with init_image and mask hashes, got {inputs!r:.60}")
+    lora_dir, lora_hashes = d.pop("lora_dir", None), d.pop("lora_hashes", None)
+    if not (lora_dir is None or isinstance(lora_dir, str)) or not (lora_hashes is None or (
+            isinstance(lora_hashes, dict) and all(isinstance(v, str) for v in lora_hashes.values()))):
+        raise SDXLError(f"{source}: lora_dir must be a folder name and lora_hashes an object of NAME: hash")
     for key in ("index", "seed_of_image"):  # which image of the batch this PNG is; informational
         if type(d.pop(key, 0)) is not int:
             raise SDXLError(f"{source}: {key} must be an integer")
-    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent, inputs)
+    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent, inputs, lora_dir, lora_hashes)

@@ -147,10 +147,10 @@ class Conditioner(nn.Module):
         w_l = tokenize(prompt, tokenizer, PAD_CLIP_L, max(min_windows, len(w_g.ids))) if self.clip_l else None
         if w_l is not None and len(w_l.ids) > len(w_g.ids):
             w_g = tokenize(text_g, tokenizer, PAD_BIGG, len(w_l.ids))
-        hidden_g, pooled = self.bigg(w_g.ids.to(self.device))
+        hidden_g, pooled = _encoded(self.bigg, w_g, "clip_g")
         parts = [_weighted(hidden_g, w_g)]
         if w_l is not None:
-            parts.insert(0, _weighted(self.clip_l(w_l.ids.to(self.device)), w_l))
+            parts.insert(0, _weighted(_encoded(self.clip_l, w_l, "clip_l"), w_l))
         crossattn = torch.cat(parts, dim=-1)  # (windows, 77, C)
         return crossattn.reshape(1, -1, crossattn.shape[-1]), pooled[:1]
 
@@ -212,6 +212,19 @@ class Conditioner(nn.Module):
         if u_x.shape[1] > c_x.shape[1]:  # the negative prompt is longer: pad the positive with empty windows
             c_x, c_p = self.encode_prompts(prompts, tokenizer, u_x.shape[1] // MAX_LENGTH)
         return self(c_x, c_p, micro), self(u_x, u_p, negative_micro, empty=empty)
+
+
+def _encoded(encoder: nn.Module, windows: TokenWindows, which: str):
+    """An encoder's output for token windows, with the vectors of the embeddings they hold (`which`: the encoder's
+    tensor of an embedding, "clip_l" or "clip_g") in place of their tokens' embeddings."""
+    ids = windows.ids.to(encoder.token_embedding.weight.device)
+    if not windows.fixes:
+        return encoder(ids)
+    embeds = encoder.token_embedding(ids)  # (windows, 77, W)
+    for window, position, embedding in windows.fixes:
+        vectors = getattr(embedding, which)
+        embeds[window, position:position + len(vectors)] = vectors.to(embeds)  # device and dtype
+    return encoder(ids, embeds)
 
 
 def _weighted(hidden: torch.Tensor, windows: TokenWindows) -> torch.Tensor:

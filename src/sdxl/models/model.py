@@ -27,6 +27,11 @@ class ModelConfig:
     unet: UNetConfig | None
     conditioner: ConditionerConfig | None
     vae: VAEConfig | None
+    # what the UNet predicts: "epsilon" (SDXL) or "v" (v-prediction fine-tunes); zero_terminal_snr: trained on
+    # betas rescaled to zero SNR at the last timestep (Lin et al. 2024, Alg. 1). Files say so by their `v_pred`
+    # and `ztsnr` keys (formats/checkpoint.py).
+    prediction: str = "epsilon"
+    zero_terminal_snr: bool = False
 
     @property
     def architecture(self) -> str:
@@ -81,10 +86,12 @@ class SDXLModel(nn.Module):
 
     @classmethod
     def from_parts(cls, unet: UNet | None = None, conditioner: Conditioner | None = None,
-                   vae: AutoencoderKL | None = None) -> "SDXLModel":
-        """A model holding these modules (shared, not copied); its config is theirs."""
+                   vae: AutoencoderKL | None = None, like: ModelConfig | None = None) -> "SDXLModel":
+        """A model holding these modules (shared, not copied); its config is theirs, with the prediction type and
+        zero terminal SNR of `like` (the model they come from) if given."""
         model = cls(ModelConfig(None, None, None))
-        model.cfg = ModelConfig(*(None if m is None else m.cfg for m in (unet, conditioner, vae)))
+        sampling = (like.prediction, like.zero_terminal_snr) if like is not None else ()
+        model.cfg = ModelConfig(*(None if m is None else m.cfg for m in (unet, conditioner, vae)), *sampling)
         if unet is not None:
             model.model = DiffusionWrapper(unet)
         if conditioner is not None:

@@ -3,7 +3,10 @@
 Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1,
 `(text:1.3)` explicit weight, `\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a
 new 75-token window. Long prompts are split into 75-token windows, each encoded as its
-own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis.
+own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis. A textual-inversion
+embedding's name (the tokenizer's `embeddings`, sdxl.formats.embeddings) stands for its n vectors, weighted like
+tokens and never split across windows: one that does not fit the current window starts the next (A1111
+`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ def _is_number(text: str) -> bool:
 
 @dataclass(frozen=True)
 class TokenWindows:
-    """One prompt as 77-token windows: ids (n, 77) and per-token weights (n, 77)."""
+    """One prompt as 77-token windows: ids (n, 77), per-token weights (n, 77), and the embeddings placed in them as
+    (window, position, Embedding): its vectors replace the token embeddings from `position` on (ids there are 0)."""
 
     ids: torch.Tensor
     weights: torch.Tensor
+    fixes: tuple = ()
 
     @property
     def weighted(self) -> bool:
@@ -98,21 +103,29 @@ def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) ->
     """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG).
 
     As A1111's `tokenize_line`: BREAK and a full window close the current window; a last window stays only
-    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one.
+    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one. An
+    embedding takes n positions (id 0, its vectors placed by the encoder), in the next window if they do not fit.
     """
     windows: list[tuple[list[int], list[float]]] = []
     current: tuple[list[int], list[float]] = ([], [])
+    fixes = []
+    embeddings = tokenizer.embeddings
     for run, weight in parse_weights(text):
         if weight == -1.0:  # BREAK
             windows.append(current)
             current = ([], [])
             continue
-        for i in tokenizer.ids(run):
-            if len(current[0]) == WINDOW:
-                windows.append(current)
-                current = ([], [])
-            current[0].append(i)
-            current[1].append(weight)
+        for piece in embeddings.split(run) if embeddings is not None else [run]:
+            text = isinstance(piece, str)
+            n = 1 if text else piece.vectors
+            for i in tokenizer.ids(piece) if text else [0]:
+                if len(current[0]) + n > WINDOW:
+                    windows.append(current)
+                    current = ([], [])
+                if not text:
+                    fixes.append((len(windows), 1 + len(current[0]), piece))  # 1 +: after BOS
+                current[0].extend([i] * n)
+                current[1].extend([weight] * n)
     if current[0] or not windows:
         windows.append(current)
     while len(windows) < min_windows:
@@ -122,7 +135,7 @@ def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) ->
         n = len(toks)
         ids.append([BOS] + toks + [EOS] + [pad] * (WINDOW - n))
         weights.append([1.0] + ws + [1.0] * (WINDOW + 1 - n))
-    return TokenWindows(torch.tensor(ids), torch.tensor(weights))
+    return TokenWindows(torch.tensor(ids), torch.tensor(weights), tuple(fixes))
 
 
 def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -152,11 +152,17 @@ class CLIPTextEmbedder(nn.Module):
         )
         self.transformer = _container(text_model=text_model)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, W) output of all layers but the last, no final LayerNorm."""
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def forward(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, W) output of all layers but the last, no final LayerNorm. `embeds`: (B, T, W)
+        token embeddings to use instead of the ids' (textual inversion; transformers' `inputs_embeds`)."""
         _check_tokens(tokens, self.cfg.max_length)
         tm = self.transformer.text_model
-        x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding.weight[: tokens.shape[1]]
+        x = (tm.embeddings.token_embedding(tokens) if embeds is None else embeds) \
+            + tm.embeddings.position_embedding.weight[: tokens.shape[1]]
         for layer in tm.encoder.layers[:-1]:  # the last layer's output is never used
             x = layer(x)
         return x
@@ -237,11 +243,16 @@ class OpenCLIPTextEmbedder(nn.Module):
         _normal_(self.model.positional_embedding, std=0.01)
         _normal_(self.model.text_projection, std=W ** -0.5)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) token ids -> ((B, T, W) penultimate layer output, no ln_final; (B, P) pooled at the EOS = argmax token)."""
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def forward(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids -> ((B, T, W) penultimate layer output, no ln_final; (B, P) pooled at the EOS = argmax
+        token). `embeds`: (B, T, W) token embeddings to use instead of the ids' (the ids still place the EOS)."""
         _check_tokens(tokens, self.cfg.max_length)
         m = self.model
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]
+        x = (m.token_embedding(tokens) if embeds is None else embeds) + m.positional_embedding[: tokens.shape[1]]
         for block in m.transformer.resblocks[:-1]:
             x = block(x)
         penultimate = x

@@ -9,6 +9,7 @@ control characters), Python's lower() writes a word-final sigma as "ς", and it 
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import json
@@ -45,7 +46,10 @@ def _byte_units() -> list[str]:
 
 
 class Tokenizer:
-    """CLIP BPE: text -> ids, and batches of prompts -> (N, 77) LongTensors."""
+    """CLIP BPE: text -> ids, and batches of prompts -> (N, 77) LongTensors. `embeddings`: textual-inversion
+    embeddings whose names a prompt may use (sdxl.models.prompts), as diffusers adds their tokens to its tokenizer."""
+
+    embeddings = None  # sdxl.formats.embeddings.Embeddings | None
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
         if len(vocab) != VOCAB_SIZE or vocab.get(_BOS_TEXT) != BOS or vocab.get(_EOS_TEXT) != EOS:
@@ -95,6 +99,12 @@ class Tokenizer:
         vocab_json.write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
         merges_txt.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
         return vocab_json, merges_txt
+
+    def with_embeddings(self, embeddings) -> Tokenizer:
+        """This tokenizer (shared, not copied) knowing `embeddings` (sdxl.formats.embeddings.Embeddings)."""
+        tok = copy.copy(self)
+        tok.embeddings = embeddings
+        return tok
 
     def __len__(self) -> int:
         return len(self.vocab)

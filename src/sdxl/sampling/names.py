@@ -15,7 +15,7 @@ from sdxl.sampling.schedules import SCHEDULES
 A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2",
                   "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
                   "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_sde": "DPM++ SDE", "dpmpp_2s_ancestral": "DPM++ 2S a",
-                  "ddim": "DDIM", "uni_pc": "UniPC"}
+                  "ddim": "DDIM", "uni_pc": "UniPC", "lcm": "LCM", "tcd": "TCD"}
 # Our schedule name -> A1111's "Schedule type" ("Leading"/"Trailing" are diffusers' spacings, not A1111's).
 A1111_SCHEDULES = {"sgm": "Uniform", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
                    "simple": "Simple", "ddim_uniform": "DDIM", "leading": "Leading", "trailing": "Trailing"}

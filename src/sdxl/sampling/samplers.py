@@ -9,7 +9,7 @@ ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
 `{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
 
 The schedule arithmetic runs on Python floats (float64), the tensors stay in x's dtype.
-`EpsDenoiser` turns SDXL's eps-predicting UNet into D. docs/samplers.md maps each sampler to
+`EpsDenoiser` turns SDXL's eps-predicting UNet into D, `VDenoiser` a v-predicting one. docs/samplers.md maps each sampler to
 its diffusers scheduler configuration and lists where they differ.
 """
 
@@ -55,6 +55,22 @@ class EpsDenoiser:
         c_in = (s**2 + 1) ** -0.5
         eps = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
         return x - (s * eps).to(x.dtype)
+
+
+class VDenoiser(EpsDenoiser):
+    """D(x, sigma) = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v(x / sqrt(sigma^2 + 1), t(sigma)): a
+    v-predicting UNet (Salimans & Ho 2022, v = alpha eps - sigma_vp x0); k-diffusion `DiscreteVDDPMDenoiser`
+    with sigma_data 1, diffusers' `prediction_type="v_prediction"`. Same `t_mode` as `EpsDenoiser`."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+        c_in = (s**2 + 1) ** -0.5
+        v = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+        return (x * c_in**2 - s * c_in * v).to(x.dtype)
+
+
+# Prediction type -> the wrapper that turns the UNet into D (the names of `ModelConfig.prediction`)
+DENOISERS = {"epsilon": EpsDenoiser, "v": VDenoiser}
 
 
 class GeneratorNoise:
@@ -389,6 +405,47 @@ def _unipc_update(x, history, sigma_t, order, variant, model_t=None):
     return x_t - b_h * res
 
 
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
+    """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to D(x), re-noise to the next sigma.
+
+    ComfyUI `sample_lcm` (comfy/k_diffusion/sampling.py at 02159d814dee); diffusers' `LCMScheduler.step`
+    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by its boundary-condition c_skip =
+    0.25 / ((10 t)^2 + 0.25), below 2e-7 for t >= 100, which ComfyUI and we leave out.
+    """
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    for i in range(len(s) - 1):
+        x = _main_step_denoised(model, x, s, i, extra_args, callback)
+        if s[i + 1] > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * s[i + 1]
+    return x
+
+
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, gamma=0.3):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, §4.3), in sigma form.
+
+    Each step goes to x_s = D + sigma_s * eps at timestep s = floor((1 - gamma) * t_next), then adds noise back up to
+    sigma_next; gamma = 0 is DDIM. Into sigma = 0, s = 0 and the result is x_s at the smallest training sigma in VP
+    scaling (x_s / sqrt(sigma_s^2 + 1)), as diffusers' `TCDScheduler.step` (scheduling_tcd.py at 58eb52c0803e; gamma
+    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`.
+    Timesteps come from the denoiser's `sigmas_train` (nearest), SDXL's `discrete_sigmas()` if it has none.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
+    table = getattr(model, "sigmas_train", None)
+    table = (discrete_sigmas() if table is None else table).to(torch.float64).cpu()
+    for i in range(len(s) - 1):
+        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
+        t_next = int(sigma_to_t(torch.tensor([s[i + 1]], dtype=torch.float64), table))
+        sigma_s = float(table[math.floor((1 - gamma) * t_next)])
+        x = denoised + (x - denoised) * (sigma_s / s[i])
+        if s[i + 1] == 0:
+            x = x / (sigma_s**2 + 1) ** 0.5
+        elif gamma > 0:
+            x = x + noise_sampler(s[i], s[i + 1]) * max(s[i + 1] ** 2 - sigma_s**2, 0.0) ** 0.5
+    return x
+
+
 class _Samplers(dict):
     """Name -> sampler function; an unknown name raises ValueError listing the valid ones."""
 
@@ -410,6 +467,8 @@ SAMPLERS = _Samplers(
     dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral,
     ddim=sample_ddim,
     uni_pc=sample_uni_pc,
+    lcm=sample_lcm,
+    tcd=sample_tcd,
 )
 
 

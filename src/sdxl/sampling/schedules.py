@@ -22,10 +22,25 @@ from torch import Tensor
 SCHEDULES = ("sgm", "leading", "trailing", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
 
-def discrete_sigmas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
-    """Ascending sigmas (num_train_timesteps,) of the scaled-linear DDPM (sgm `LegacyDDPMDiscretization`), float64."""
+# alphabar at the last timestep of a zero-terminal-SNR schedule, where it is 0 (sigma infinite): diffusers'
+# EulerDiscreteScheduler puts 2^-24 there (sigma 4096); ComfyUI's `rescale_zero_terminal_snr_sigmas` 4.9e-8
+ZERO_SNR_ALPHABAR = 2.0**-24
+
+
+def discrete_sigmas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                    zero_terminal_snr: bool = False) -> Tensor:
+    """Ascending sigmas (num_train_timesteps,) of the scaled-linear DDPM (sgm `LegacyDDPMDiscretization`), float64.
+
+    `zero_terminal_snr`: sqrt(alphabar) shifted to 0 at the last timestep and scaled to keep the first (Lin et al.
+    2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1); the last sigma, infinite,
+    is `ZERO_SNR_ALPHABAR`'s, as diffusers' `EulerDiscreteScheduler(rescale_betas_zero_snr=True)`.
+    """
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if zero_terminal_snr:
+        root = alphas_cumprod.sqrt()
+        root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+        alphas_cumprod = torch.cat([root[:-1] ** 2, root.new_full((1,), ZERO_SNR_ALPHABAR)])
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 

@@ -577,14 +577,27 @@ def loras(request: Request):
 
 @router.get(f"{API}/embeddings")
 def embeddings(request: Request):
-    """Textual-inversion embeddings are not applied by this pipeline: every file is listed as skipped."""
-    skipped = {m.name.rsplit(".", 1)[0]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                          "shape": 0, "vectors": 0} for m in request.app.state.models.list("embeddings")}
-    return {"loaded": {}, "skipped": skipped}
+    """The embeddings folder checked against the current checkpoint's text encoders (sdxl.formats.embeddings):
+    `loaded` by the name a prompt uses, `skipped` the files refused, each with A1111's fields and the `reason`."""
+    from sdxl.formats.embeddings import SDXL_WIDTHS, checkpoint_widths, load_folder
+
+    models = request.app.state.models
+    folder = models.folder("embeddings")
+    if folder is None:
+        return {"loaded": {}, "skipped": {}}
+    try:
+        widths = checkpoint_widths(models.resolve("checkpoints", models.current, "model"))
+    except SDXLError:  # a checkpoint that will not load either: the embeddings are checked against SDXL's widths
+        widths = SDXL_WIDTHS
+    found = load_folder(folder, widths)
+    blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0, "vectors": 0}
+    return {"loaded": {name: e.as_dict() for name, e in found.loaded.items()},
+            "skipped": {name: blank | {"reason": why} for name, why in found.skipped.items()}}
 
 
 @router.post(f"{API}/refresh-checkpoints")
 @router.post(f"{API}/refresh-loras")
+@router.post(f"{API}/refresh-embeddings")
 def refresh():
     """The folders are read on every listing, so there is nothing to refresh."""
     return None

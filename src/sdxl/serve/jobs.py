@@ -7,6 +7,7 @@ in memory per sampler step, with a preview right for the loaded VAE (sdxl.serve.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ from sdxl.errors import SDXLError
 from sdxl.serve.config import Limits
 from sdxl.serve.models import ModelsFolder
 from sdxl.serve.preview import renderer
-from sdxl.session import build_request, dtype_name, split_loras, write_images
+from sdxl.session import build_request, dtype_name, lora_free, request_loras, use_loras, write_images
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +41,7 @@ class JobSpec:
     model: str | None = None  # checkpoint name in the models folder; None: the current one
     refiner: str | None = None  # None: the model's default; "none": no refiner
     vae: str | None = None
-    loras: tuple[tuple[str, float], ...] = ()  # besides the prompt's <lora:NAME:W>
+    loras: tuple[tuple[str, float], ...] = ()  # besides the prompt's <lora:NAME:W> tags (which stay in it)
     init_image: bytes | None = None  # PNG/JPEG bytes
     mask: bytes | None = None
     n_iter: int = 1  # runs of `batch` images, the seed advancing by batch each run
@@ -210,14 +211,10 @@ class Jobs:
 
     def prepare(self, spec: JobSpec):
         """(Models, [Request per run]): the same rules at submit and when the job runs."""
-        settings = dict(spec.settings)
-        prompt, tags = split_loras(settings["prompt"]) if isinstance(settings.get("prompt"), str) else (None, ())
-        if prompt is not None:
-            settings["prompt"] = prompt
-        models = self.models.models(spec.model, spec.refiner, spec.vae, tuple(spec.loras) + tags)
+        models = self.models.models(spec.model, spec.refiner, spec.vae, tuple(spec.loras))
         init = _image(spec.init_image, "init_image", self.limits)
         mask = _image(spec.mask, "mask", self.limits)
-        first = build_request(settings, models, spec.source, init, mask)
+        first = build_request(dict(spec.settings), models, spec.source, init, mask)
         check_request_limits(first, spec.n_iter, self.limits)
         return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
 
@@ -263,7 +260,9 @@ class Jobs:
         """Run every run of a job and write its PNGs; ("done" | "cancelled", results)."""
         job_id = live.id
         models, requests = self.prepare(spec)
-        pipe = pool.pipeline(models, log=lambda line: print(f"job {job_id}: {line}"))
+        log = functools.partial(print, f"job {job_id}:")
+        pipe = pool.pipeline(models, log=log)
+        use_loras(pipe, request_loras(requests[0], models), log)  # the same prompt, so the same LoRAs, every run
         live.render = renderer(pipe)
         live.total = sum(pipe.plan(r).total_steps for r in requests)
         for stale in self.output_dir.glob(f"{job_id}-*.png"):  # from an attempt a crash cut short
@@ -278,11 +277,12 @@ class Jobs:
             except Cancelled:
                 return "cancelled", result
             written = write_images(req, out.images, models, dtype_name(pool.dtype),
-                                   self.output_dir / f"{job_id}-{j}.png", numbered=True)
+                                   self.output_dir / f"{job_id}-{j}.png", numbered=True,
+                                   embeddings=pipe.tokenizer.embeddings)
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
             result["seeds"] += [w.seed for w in written]
-            result["prompts"] += [req.prompt_of(i) for i in range(len(written))]
+            result["prompts"] += [lora_free(req.prompt_of(i)) for i in range(len(written))]
             result["width"], result["height"] = out.images[0].size
         return "done", result
 

@@ -3,7 +3,7 @@
 checkpoints/ (or Stable-diffusion/), loras/ (or Lora/), embeddings/, vae/ (or VAE/). Files are listed by name and
 hash; a name from a request is resolved inside its folder only (no `..`, absolute paths or symlinks out). Pickle
 files are listed as refused and never loaded. Pipelines load on first use and stay loaded within a memory budget,
-least recently used out.
+least recently used out; a request's LoRAs are applied to the loaded pipeline (sdxl.adapters), never reloading it.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
+from sdxl.session import (PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, resolve_models,
+                          use_embeddings)
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
 FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
            "embeddings": ("embeddings",), "vae": ("vae", "VAE")}
 LOADABLE = (".safetensors",)
-PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 DEFAULT = "default"  # the embedded default model's name, listed when the folder has no checkpoint
 NO_REFINER = "none"  # a request's refiner "none": no refiner, not even the default model's own
 
@@ -88,7 +88,7 @@ class ModelsFolder:
             suffix = path.suffix.lower()
             if not path.is_file() or suffix not in LOADABLE + PICKLES or path.name.startswith("."):
                 continue
-            if not _inside(path, folder):
+            if not inside(path, folder):
                 continue
             refused = f"{suffix} is a pickle format, never loaded; convert it to .safetensors" \
                 if suffix in PICKLES else None
@@ -123,32 +123,28 @@ class ModelsFolder:
         off = refiner is not None and refiner.lower() == NO_REFINER
         ref = str(self.resolve("checkpoints", refiner, "refiner")) if refiner and not off else None
         vae_path = str(self.resolve("vae", vae, "vae")) if vae else None
-        specs = [f"{self.resolve('loras', n, 'lora')}:{w}" for n, w in loras]
-        return resolve_models(path, ref, off, vae_path, specs)
+        specs = [f"{find_lora(n, self.folder('loras'))}:{w}" for n, w in loras]
+        embeddings = self.folder("embeddings")
+        return resolve_models(path, ref, off, vae_path, specs, str(embeddings) if embeddings else None,
+                              lora_dir=self.folder("loras"))
 
     def pipeline(self, models: Models, log=print):
-        """The loaded pipeline of `models`, loading it (and unloading the least recently used) as needed."""
-        key = (models.model, models.refiner, models.vae, models.loras)
+        """The loaded pipeline of `models`' checkpoint files, loading it (and unloading the least recently used) as
+        needed; without LoRAs (each request applies its own: `sdxl.session.use_loras`)."""
+        key = (models.model, models.refiner, models.vae)
         with self.lock:
             if key in self.loaded:
                 self.loaded.move_to_end(key)
+                use_embeddings(self.loaded[key][0], models.embeddings, log)  # the folder as it is now
                 return self.loaded[key][0]
             need = sum(_file_size(p) for p in (models.model, models.refiner) if p)
             while self.loaded and sum(size for _, size in self.loaded.values()) + need > self.budget:
                 self.loaded.popitem(last=False)
                 _free(self.device)
-        pipe = load_pipeline(models, self.device, self.dtype, log=log)
+        pipe = load_pipeline(replace(models, loras=()), self.device, self.dtype, log=log)
         with self.lock:
             self.loaded[key] = (pipe, _pipeline_bytes(pipe))
         return pipe
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """`path` resolves (symlinks followed) to a place inside `folder`."""
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
 
 
 def _file_size(path: str) -> int:

@@ -87,7 +87,8 @@ def job_schema() -> dict:
 
 def _schema(annotation: str) -> dict:
     """A Request field annotation ("int", "float | None", "tuple[int, int] | None") as JSON schema."""
-    kinds = {"int": {"type": "integer"}, "float": {"type": "number"}, "str": {"type": "string"}}
+    kinds = {"int": {"type": "integer"}, "float": {"type": "number"}, "str": {"type": "string"},
+             "bool": {"type": "boolean"}}
     out = []
     for kind in annotation.split(" | "):
         if kind == "None":

@@ -3,7 +3,9 @@
 Objective (docs/training.md §1): epsilon prediction on the 1000-step scaled-linear DDPM. In sigma form
 x = x0 + sigma * eps and the UNet sees c_in * x = x / sqrt(sigma^2 + 1) at timestep t, which
 is exactly sqrt(abar) x0 + sqrt(1 - abar) eps and exactly what inference (`GuidedDenoiser`)
-feeds it. Conditioning goes through the model's own Conditioner, as at inference.
+feeds it. A v-prediction model (its `ModelConfig.prediction`) learns v = (eps - sigma x0) / sqrt(sigma^2 + 1)
+instead (`target`), on zero-terminal-SNR sigmas if its config says so. Conditioning goes through the model's own
+Conditioner, as at inference.
 
 Under `torchrun` every process takes `batch_size` samples of each global batch; gradients are
 averaged by DistributedDataParallel (or FSDP shards a full UNet). All randomness of a sample
@@ -346,7 +348,9 @@ class Objective(nn.Module):
         self.unet, self.conditioner = model.unet, model.conditioner
         self.train_text = cfg.lora_text_encoders
         self.min_snr_gamma = cfg.min_snr_gamma
-        self.sigmas = discrete_sigmas().float()  # (1000,) ascending; not a buffer: never saved or broadcast
+        self.prediction = model.cfg.prediction
+        # (1000,) ascending; not a buffer: never saved or broadcast
+        self.sigmas = discrete_sigmas(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
 
     def forward(self, inputs: dict) -> torch.Tensor:
         t, noise = inputs["t"], inputs["noise"]
@@ -358,11 +362,18 @@ class Objective(nn.Module):
         c = self.conditioner(crossattn, pooled, inputs["micro"], empty=inputs["drop"])  # as inference conditions
         sigma = self.sigmas.to(t.device)[t].view(-1, 1, 1, 1)
         x = inputs["latents"] + sigma * noise
-        eps = self.unet(x / torch.sqrt(sigma * sigma + 1), t.float(), c.crossattn, c.vector)
-        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))  # (B,)
-        if self.min_snr_gamma > 0:  # min(SNR, gamma) / SNR with SNR = 1 / sigma^2 (Hang et al. 2023, eps form)
-            loss = loss * (self.min_snr_gamma * sigma.flatten() ** 2).clamp(max=1.0)
-        return loss
+        out = self.unet(x / torch.sqrt(sigma * sigma + 1), t.float(), c.crossattn, c.vector)
+        loss = (out.float() - target(self.prediction, inputs["latents"], noise, sigma)).square().mean(dim=(1, 2, 3))
+        if self.min_snr_gamma > 0:  # min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v), SNR = 1 / sigma^2 (Hang et al. 2023)
+            s2 = sigma.flatten() ** 2
+            loss = loss * (self.min_snr_gamma * s2).clamp(max=1.0) / (s2 + 1 if self.prediction == "v" else 1)
+        return loss  # (B,)
+
+
+def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns at x = x0 + sigma * noise: the noise ("epsilon") or the velocity ("v",
+    sqrt(abar) eps - sqrt(1 - abar) x0 with abar = 1 / (sigma^2 + 1); Salimans & Ho 2022, diffusers `get_velocity`)."""
+    return noise if prediction == "epsilon" else (noise - sigma * x0) / torch.sqrt(sigma * sigma + 1)
 
 
 @torch.no_grad()
