@@ -65,6 +65,21 @@ def test_replaced_weights_turn_the_fused_path_off():
     assert attn._fused_weight() is None
 
 
+def test_fuse_leaves_wrapped_layers_alone():
+    """A UNet with trainable LoRA layers (training previews build a Pipeline from it) is not fused."""
+    from sdxl.formats.lora import LoRA
+
+    unet = tiny_unet()
+    attn = unet.middle_block[1].transformer_blocks[0].attn1
+    attn.to_q = LoRA(attn.to_q, rank=2)
+    x, t, ctx, y = inputs()
+    with torch.no_grad():
+        want = unet(x, t, ctx, y)
+        unet.fuse_qkv()
+        torch.testing.assert_close(unet(x, t, ctx, y), want, **TOL)
+    assert type(attn.to_q) is LoRA and attn._fused_weight() is None
+
+
 def test_gradients_bypass_the_kv_cache():
     unet = tiny_unet()
     x, t, ctx, y = inputs()

@@ -103,20 +103,25 @@ class CrossAttention(nn.Module):
     def _plain(self) -> bool:
         """Eager inference through plain linear layers (no gradients, no LoRA wrappers, not under torch.compile,
         which fuses on its own and must not trace the cache's bookkeeping)."""
-        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v)))
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._linear()
+
+    def _linear(self) -> bool:
+        """q, k, v are plain linear layers (not LoRA wrappers)."""
+        return all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
 
     def fuse_qkv(self) -> None:
         """Make the q/k/v weights views of one (3 inner, dim) tensor: in-place edits (a merged LoRA, `load_state_dict`)
         reach it, and a replaced, moved or recast weight turns the fused path off (checked per call). Idempotent."""
-        if self._fused_weight() is not None:
-            return
+        if not self._linear() or self._fused_weight() is not None:
+            return  # LoRA-wrapped layers (training) stay as they are
         fused = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
         for m, w in zip((self.to_q, self.to_k, self.to_v), fused.chunk(3)):
             m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
 
     def _fused_weight(self) -> torch.Tensor | None:
         """The (3 inner, dim) tensor whose consecutive thirds are the q, k, v weights, if they are such views."""
+        if not self._linear():
+            return None
         q, k, v = (m.weight for m in (self.to_q, self.to_k, self.to_v))
         size = q.numel() * q.element_size()
         if (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
