@@ -155,3 +155,18 @@ def test_configure_threads_keeps_the_users_choice(monkeypatch):
     session.configure_threads()
     assert session.os.environ["OMP_NUM_THREADS"] == "3"
     assert session.process_seconds() > 0
+
+
+@pytest.mark.parametrize("idle_jiffies, threads, policy", [(100, "1", "PASSIVE"), (195, "2", None)])
+def test_configure_threads_from_idle_cores(idle_jiffies, threads, policy, monkeypatch):
+    """Half the CPUs busy: 1 thread, passive wait; all idle: every core, libgomp's default wait."""
+    env = {}
+    monkeypatch.setattr(session.os, "environ", env)
+    monkeypatch.delitem(session.sys.modules, "torch")  # as in `sdxl` before torch loads
+    monkeypatch.setitem(session._THREADS, "why", "as set")
+    samples = iter([[0] * 8, [200 - idle_jiffies, 0, 0, idle_jiffies, 0, 0, 0, 0]])
+    monkeypatch.setattr(session, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(session.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(session.os, "sched_getaffinity", lambda pid: {0, 1})
+    session.configure_threads(sample_s=0)
+    assert env.get("OMP_NUM_THREADS") == threads and env.get("OMP_WAIT_POLICY") == policy

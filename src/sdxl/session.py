@@ -53,15 +53,13 @@ _THREADS = {"why": "as set"}
 
 
 def configure_threads(sample_s: float = 0.05) -> None:
-    """Before torch is imported (OpenMP reads its settings once): unless set, OMP_WAIT_POLICY=PASSIVE and
-    OMP_NUM_THREADS = the idle cores this process may use, at least 1 (the idle share of all CPUs in /proc/stat over
-    `sample_s`, rounded). A spinning OpenMP thread on a core another process holds stalls every parallel region at its
-    barrier: on a busy 2-core machine 2 threads took 72 s where 1 thread or 2 passive ones took 17 s
-    (bench/RESULTS.md, "Threads")."""
-    if "torch" in sys.modules:  # a host process (tests, a notebook) has chosen already
-        return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "OMP_NUM_THREADS" in os.environ:
+    """Before torch is imported (OpenMP reads its settings once), unless OMP_NUM_THREADS is set: as many threads as
+    this process's cores that are idle now (the idle share of all CPUs in /proc/stat over `sample_s`, rounded; at
+    least 1), and where some are busy, OMP_WAIT_POLICY=PASSIVE (unless set). A spinning OpenMP thread on a core that
+    another process holds stalls every parallel region: on a busy 2-core machine 2 spinning threads took 37-116 s
+    where 1 thread or 2 passive ones took 12-21 s (bench/RESULTS.md, "Threads"). A quiet machine keeps torch's
+    defaults (all cores, libgomp's spin-then-sleep wait)."""
+    if "torch" in sys.modules or "OMP_NUM_THREADS" in os.environ:  # a host process or the user has chosen
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
@@ -70,8 +68,11 @@ def configure_threads(sample_s: float = 0.05) -> None:
         idle = _idle_cpus(first, _cpu_times())
     except (OSError, ValueError, IndexError, ZeroDivisionError):
         idle = float(cores)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, min(cores, round(idle))))
-    _THREADS["why"] = f"{idle:.1f} of {cores} cores idle"
+    n = max(1, min(cores, round(idle)))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if n < cores:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _THREADS["why"] = f"{idle:.1f} of {cores} cores idle" + (", passive wait" if n < cores else "")
 
 
 def _cpu_times() -> list[int]:
