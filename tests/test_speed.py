@@ -170,3 +170,10 @@ def test_configure_threads_from_idle_cores(idle_jiffies, threads, policy, monkey
     monkeypatch.setattr(session.os, "sched_getaffinity", lambda pid: {0, 1})
     session.configure_threads(sample_s=0)
     assert env.get("OMP_NUM_THREADS") == threads and env.get("OMP_WAIT_POLICY") == policy
+
+
+def test_fast_flag_is_checked(capsys):
+    from sdxl.cli import main
+
+    assert main(["generate", "a red circle", "--fast", "-2"]) == 2
+    assert "--fast: expected a whole number from 1 (off) to 10, got '-2'" in capsys.readouterr().err

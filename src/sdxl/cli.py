@@ -373,6 +373,22 @@ def _add_image_flags(g) -> None:
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
 
 
+def _interval(text: str) -> int:
+    """--fast N: 1 (off) to 10."""
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 (off) to 10, got {text!r}")
+    return int(text)
+
+
+def _add_speed_flags(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
+                   help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
+                        "faster per step at N=2, at a small quality cost (bench/RESULTS.md)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first step compiles (minutes for SDXL; cached in "
+                        "~/.cache/sdxl/inductor); the summary line gives the compile time")
+
+
 def _add_generate(sub) -> None:
     from sdxl.presets import PRESETS
     from sdxl.request import MAX_BATCH, MAX_SIDE, MAX_STEPS, PREDICTIONS
@@ -431,12 +447,7 @@ def _add_generate(sub) -> None:
                         "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
-    g.add_argument("--fast", type=int, nargs="?", const=2, default=0, metavar="N",
-                   help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about "
-                        "N/(1 + 0.1 N) times faster per step, at a quality cost (bench/RESULTS.md)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet: the first step compiles (minutes for SDXL; cached in "
-                        "~/.cache/sdxl/inductor), later steps may run faster; the summary line gives the compile time")
+    _add_speed_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
