@@ -132,15 +132,16 @@ def row(r: dict, dtype: str, batch: int, px: int) -> str:
 
 
 def write(lines: list[str]) -> None:
+    """Add rows to the table with these columns in bench/RESULTS.md (made under HEAD if there is none)."""
     path = Path(__file__).with_name("RESULTS.md")
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if HEAD not in text:
-        text += f"\n{HEAD}\n"
-    sub = "Command: `python bench/unet_vs_diffusers.py --write` (issue 13 columns)"
-    if sub not in text:
-        text = text.replace(HEAD, f"{HEAD}\n\n{sub}; see the script's docstring.\n\n{COLUMNS}", 1)
+    header = COLUMNS.split("\n")[0]
+    if header not in text:
+        text = text if HEAD in text else text + f"\n{HEAD}\n"
+        sub = "Command: `python bench/unet_vs_diffusers.py --write`; see the script's docstring."
+        text = text.replace(HEAD, f"{HEAD}\n\n{sub}\n\n{COLUMNS}", 1)
     out = text.split("\n")
-    i = out.index(COLUMNS.split("\n")[1]) + 1
+    i = out.index(header) + 2
     while i < len(out) and out[i].startswith("| 2"):
         i += 1
     out[i:i] = lines
