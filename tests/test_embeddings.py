@@ -10,7 +10,8 @@ from conftest import randomize
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl.formats.embeddings import Embeddings, checkpoint_widths, load_embedding, load_folder
+from sdxl.formats.embeddings import (EmbeddingError, Embeddings, checkpoint_widths, load_embedding, load_folder,
+                                     recorded_hashes)
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize
 from sdxl.models.tokenizer import PAD_BIGG, Tokenizer
@@ -76,7 +77,17 @@ def test_a_diffusers_pair_is_one_embedding(tmp_path):
     ("long.safetensors", {"clip_l": vectors(76, 128, 0), "clip_g": vectors(76, 128, 0)}, "from 1 to 75"),
     ("nan.safetensors", {"clip_l": torch.full((1, 128), float("nan")), "clip_g": vectors(1, 128, 0)}, "non-finite"),
     ("lora.safetensors", {"a": vectors(1, 128, 0), "b": vectors(1, 128, 0)}, "not clip_l and clip_g"),
-    ("image.safetensors", {"clip_l": torch.zeros(1, 2, 128), "clip_g": torch.zeros(1, 128)}, "holds 2 tensors"),
+    ("image.safetensors", {"clip_l": torch.zeros(1, 2, 128), "clip_g": torch.zeros(1, 128)},
+     "holds 2 tensors (clip_g [1, 128], clip_l [1, 2, 128]); a textual-inversion embedding for this model holds "
+     "clip_l (n, 128) and clip_g (n, 128), n from 1 to 75"),
+    ("empty.safetensors", {"clip_l": torch.zeros(0, 128), "clip_g": torch.zeros(0, 128)}, "clip_l (n, 128) and"),
+    ("huge.safetensors", {"clip_l": torch.full((1, 128), 1e30), "clip_g": vectors(1, 128, 0)},
+     "holds values up to 1e+30, beyond +-1000"),
+    ("junk.safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1), "junk": vectors(1, 4, 0)},
+     "holds junk besides clip_l and clip_g"),
+    ("BREAK.safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1)},
+     "the prompt parser reads the name 'BREAK' as syntax"),
+    ("(style).safetensors", {"clip_l": vectors(1, 128, 0), "clip_g": vectors(1, 128, 1)}, "'(style)' as syntax"),
 ])
 def test_refused_files_say_what_they_are(tmp_path, name, tensors, message):
     write(tmp_path / name, tensors)
@@ -104,6 +115,57 @@ def test_names_are_whole_words_ignoring_case_and_the_embedding_wins(tmp_path):
     assert db.used(["neg_v2 red", None, "red, neg"]) == [neg2, red, neg]
     assert db.infotext(["a cat", "neg"]) == f"neg: {neg.hash}" and len(neg.hash) == 12
     assert db.infotext(["a cat"]) is None
+
+
+def test_values_up_to_the_limit_load(tmp_path):
+    e = load_embedding(write(tmp_path / "loud.safetensors", {"clip_l": torch.full((1, 128), -1000.0),
+                                                             "clip_g": vectors(1, 128, 1)}), W)
+    assert e.clip_l.min().item() == -1000.0
+
+
+def test_only_embeddings_the_parsed_prompts_use_are_recorded(tmp_path):
+    sdxl_file(tmp_path / "myemb.safetensors", 1)
+    sdxl_file(tmp_path / "BREAK.safetensors", 1)
+    sdxl_file(tmp_path / "müde.safetensors", 1)
+    db = load_folder(tmp_path, W)
+    assert sorted(db.loaded) == ["myemb", "müde"] and "syntax" in db.skipped["BREAK"]
+    mine, tired = db.loaded["myemb"], db.loaded["müde"]
+    assert db.infotext(["a cat BREAK a dog", "a break"]) is None  # BREAK is the window break, never an embedding
+    assert db.infotext(["(myemb:1.2) BREAK [müde]"]) == f"myemb: {mine.hash}, müde: {tired.hash}"
+    assert db.used([r"\(myemb\)", None]) == [mine]
+
+
+def test_a_prompt_naming_a_refused_file_is_an_error_naming_it(tmp_path):
+    write(tmp_path / "nanemb.safetensors", {"clip_l": torch.full((1, 128), float("nan")), "clip_g": vectors(1, 128, 0)})
+    write(tmp_path / "sd15.safetensors", {"emb_params": vectors(2, 768, 0)})
+    sdxl_file(tmp_path / "finemb.safetensors")
+    sdxl_file(tmp_path / "BREAK.safetensors")
+    db = load_folder(tmp_path, W)
+    for texts in (["a blue nanemb star"], ["a star", "(NanEmb:1.2), blurry"], ["a star", None, "x nanemb"]):
+        with pytest.raises(EmbeddingError, match=r"names the embedding '(?i:nanemb)', which was refused: .*"
+                                                 r"nanemb\.safetensors: holds non-finite values"):
+            db.check(texts)
+    with pytest.raises(EmbeddingError, match="sd15.safetensors: an SD 1.x embedding"):
+        db.check(["finemb, sd15"])
+    db.check(["a finemb star BREAK nanembs, sd15_v2 and a break"])  # other words, and BREAK: no error
+
+
+def test_an_embedding_named_like_a_word_warns_once(tmp_path, recwarn):
+    sdxl_file(tmp_path / "white.safetensors", 1)
+    sdxl_file(tmp_path / "mystyle.safetensors", 1)
+    db = load_folder(tmp_path, W)
+    db.check(["a white cat on a white mat, mystyle", "white"])
+    assert [str(w.message) for w in recwarn] == [f"the prompt word 'white' is taken as the embedding "
+                                                 f"{tmp_path / 'white.safetensors'}, not as the word (as A1111 "
+                                                 "does); rename the file to use the word"]
+
+
+def test_recorded_ti_hashes_are_read_from_the_infotext():
+    text = ('a mystyle cat\nNegative prompt: x\n'
+            'Steps: 2, TI hashes: "mystyle: 0123456789ab, müde: ba9876543210", Seed: 1')
+    assert recorded_hashes(text) == {"mystyle": "0123456789ab", "müde": "ba9876543210"}
+    assert recorded_hashes('Steps: 2, TI hashes: "m\\u00fcde: 0123456789ab"') == {"müde": "0123456789ab"}
+    assert recorded_hashes("TI hashes: x: 1\nSteps: 2") == {}  # in the prompt, not the settings line
 
 
 # --- prompts --------------------------------------------------------------------------------------------------------
@@ -240,11 +302,51 @@ def test_cli_embeddings_dir_uses_them_and_records_their_hashes(tmp_path, capsys)
     code, _, err = run(capsys, "generate", "a cat", "--embeddings-dir", tmp_path / "nowhere", *args)
     assert code == 2 and "--embeddings-dir" in err and "not a folder" in err
     code, _, err = run(capsys, "generate", "--from-png", tmp_path / "with.png", "-o", tmp_path / "again.png")
-    assert code == 2 and f"textual-inversion embeddings (myemb: {file_hash(emb)[:12]})" in err
+    assert code == 2 and "made with textual-inversion embeddings (myemb); give the folder that holds them with " \
+                         "--embeddings-dir DIR" in err
     code, _, _ = run(capsys, "generate", "--from-png", tmp_path / "with.png", "--embeddings-dir", folder,
                      "--no-watermark", "-o", tmp_path / "again.png")
     with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "again.png") as b:
         assert code == 0 and a.tobytes() == b.tobytes()
+
+
+def test_cli_replay_needs_every_recorded_embedding_and_refused_names_are_errors(tmp_path, capsys):
+    from conftest import FAST, run, tiny_checkpoints
+
+    base, _ = tiny_checkpoints(tmp_path)
+    good, empty, changed, broken = (tmp_path / n for n in ("good", "empty", "changed", "broken"))
+    for folder in (good, empty, changed, broken):
+        folder.mkdir()
+    mine, tired = sdxl_file(good / "myemb.safetensors", 2), sdxl_file(good / "müde.safetensors", 1, seed=3)
+    sdxl_file(good / "unused.safetensors", 1, seed=4)  # in the folder, not in the prompt: not recorded
+    sdxl_file(changed / "myemb.safetensors", 2, seed=9)
+    sdxl_file(changed / "müde.safetensors", 1, seed=3)
+    write(broken / "myemb.safetensors", {"clip_l": torch.full((2, 128), 1e30), "clip_g": vectors(2, 128, 0)})
+    png = tmp_path / "made.png"
+    code, _, _ = run(capsys, "generate", "a (myemb:1.2) müde cat", "--embeddings-dir", good, "--model", base,
+                     "--seed", 3, "-o", png, *FAST)
+    assert code == 0
+    hashes = f"myemb: {load_embedding(mine, W).hash}, müde: {load_embedding(tired, W).hash}"
+    assert f'TI hashes: "{hashes}"' in _infotext(png)
+    again = ["generate", "--from-png", png, "--no-watermark", "-q"]
+    code, _, err = run(capsys, *again, "--embeddings-dir", empty, "-o", tmp_path / "e.png")
+    assert code == 2 and f"--embeddings-dir {empty} does not load (myemb: not in the folder; müde: not in the " \
+                         "folder); give the folder that holds them with --embeddings-dir DIR" in err
+    code, _, err = run(capsys, *again, "--embeddings-dir", broken, "-o", tmp_path / "b.png")
+    assert code == 2 and f"(myemb: {broken / 'myemb.safetensors'}: holds values up to 1e+30" in err
+    with pytest.warns(UserWarning) as caught:
+        code, _, _ = run(capsys, *again, "--embeddings-dir", changed, "-o", tmp_path / "c.png")
+    have = load_embedding(changed / "myemb.safetensors", W).hash
+    assert code == 0 and [str(w.message) for w in caught] == [
+        f"embedding myemb {changed / 'myemb.safetensors'} has hash {have} but {png} was made with hash "
+        f"{load_embedding(mine, W).hash}; the image will differ"]
+    for flags in (["a blue myemb star"], ["a star", "--negative", "(myemb:1.1), blurry"],
+                  ["a star", "--prompt-2", "myemb"], ["a star", "--negative-2", "myemb"]):
+        code, _, err = run(capsys, "generate", *flags, "--embeddings-dir", broken, "--model", base, "-o",
+                           tmp_path / "x.png", *FAST)
+        assert code == 2 and f"names the embedding 'myemb', which was refused: {broken / 'myemb.safetensors'}: " \
+                             "holds values up to 1e+30" in err, flags
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
@@ -264,9 +366,31 @@ def test_server_lists_and_applies_the_models_folder_embeddings(tmp_path):
         (pipe, _), = live.app.state.models.loaded.values()
         assert list(pipe.tokenizer.embeddings.loaded) == ["myemb"]  # what the job's prompts were encoded with
         assert httpx.post(f"{live.url}/sdapi/v1/refresh-embeddings").status_code == 200
+        refused = [httpx.post(f"{live.url}/sdapi/v1/txt2img", json={**body, **extra}, timeout=300)
+                   for extra in ({"prompt": "a sd15 cat"}, {"negative_prompt": "(sd15:1.2)"})]
     assert listing["loaded"] == {"myemb": {"step": 700, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                            "shape": 256, "vectors": 2}}
     assert set(listing["skipped"]) == {"sd15", "old"}
+    for r in refused:
+        assert r.status_code == 422 and "names the embedding 'sd15', which was refused" in r.text \
+            and "an SD 1.x embedding" in r.text, r.text
     assert "SD 1.x" in listing["skipped"]["sd15"]["reason"] and "pickle" in listing["skipped"]["old"]["reason"]
     info = json.loads(with_emb["info"])
     assert f'TI hashes: "myemb: {emb.hash}"' in info["infotexts"][0]
+
+
+def test_lora_tags_are_not_embedding_names(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import tiny_checkpoints
+
+    from sdxl.session import check_embeddings, resolve_models
+
+    base, _ = tiny_checkpoints(tmp_path)
+    (tmp_path / "emb").mkdir()
+    write(tmp_path / "emb" / "style.safetensors", {"emb_params": vectors(2, 768, 0)})  # refused: SD 1.x
+    models = resolve_models(base, None, True, embeddings=str(tmp_path / "emb"))
+    req = SimpleNamespace(prompt="a cat <lora:style:0.8>", negative_prompt="", prompt_2=None, negative_prompt_2=None)
+    check_embeddings(req, models)  # the tag names a LoRA: no error
+    with pytest.raises(EmbeddingError, match="names the embedding 'style', which was refused: .*SD 1.x"):
+        check_embeddings(SimpleNamespace(**vars(req) | {"prompt": ("a style cat", "a dog")}), models)

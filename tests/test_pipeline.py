@@ -255,34 +255,13 @@ def test_bad_requests(ours):
         ours.generate(Request("x", width=SIZE, height=SIZE, steps=2, init_image=picture(), mask=Image.new("L", (32, 32))))
 
 
-def test_tiled_vae_has_no_seams_and_matches_untiled_when_one_tile(ours):
-    from sdxl.models.vae import AutoencoderKL, VAEConfig
-
-    torch.manual_seed(0)
-    vae = randomize(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)), 0, 0.02).eval()
-    z = torch.nn.functional.interpolate(torch.randn(1, 4, 12, 16), size=(48, 64), mode="bicubic")  # smooth
-    with torch.no_grad():
-        full = vae.decode(z)
-        torch.testing.assert_close(vae.decode_tiled(z, tile=64), full)  # one tile: the plain decode
-        tiled = vae.decode_tiled(z, tile=24, overlap=8)
-    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
-
-    def seam_ratio(img, seams):  # mean |horizontal gradient| on tile seams relative to everywhere
-        g = (img[..., 1:] - img[..., :-1]).abs().mean(dim=(0, 1, 2))
-        return float(g[seams].mean() / g.mean())
-
-    # tiles start at latent columns 0, 16, 32, 40 (x8 pixels); overlaps end at 24*8, 40*8, 48*8 pixels
-    seams = [c * 8 - 1 for c in (16, 24, 32, 40, 48)]
-    assert seam_ratio(tiled, seams) < 1.25 * seam_ratio(full, seams)
-
-
 def nan_in_low_precision(monkeypatch, method: str) -> list:
     """Make `AutoencoderKL.<method>` give NaN whenever it runs in bf16 (an fp16 overflow, as seen on real VAEs)."""
     calls, real = [], getattr(AutoencoderKL, method)
 
-    def flaky(self, x):
+    def flaky(self, x, band=None):
         calls.append(x.dtype)
-        out = real(self, x)
+        out = real(self, x, band)
         if x.dtype != torch.bfloat16:
             return out
         return out * float("nan") if method == "decode" else type(out)(out.mean * float("nan"), out.logvar)

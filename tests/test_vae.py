@@ -181,25 +181,3 @@ def test_channels_last_fp32_matches(tiny_pair):
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ours.decode(z), **FP32)
     torch.testing.assert_close(cl.encode(x.to(memory_format=torch.channels_last)).mean, ours.encode(x).mean, **FP32)
-
-
-@torch.no_grad()
-def test_tiled_in_bf16_runs_and_matches_fp32(tiny_pair):
-    """Tiling in bf16 (the pipeline tiles latents over 128x128, 1024 px on SDXL): the statistics probe shrinks the
-    input with antialiasing, which has no bf16 kernel; it runs in float32 and the result matches the fp32 tiling.
-    Smooth inputs, as images and latents are (a shrunk white-noise image has other statistics)."""
-    cfg, _, ours = tiny_pair
-    low = AutoencoderKL(cfg).to(torch.bfloat16)
-    low.load_state_dict(ours.state_dict())
-    g = torch.Generator().manual_seed(4)
-    smooth = lambda c, n: torch.nn.functional.interpolate(  # noqa: E731
-        torch.rand(1, c, n // 8, n // 8, generator=g) * 2 - 1, size=(n, n), mode="bicubic")
-    z, x = smooth(4, 72), smooth(3, 144)
-    tiles = dict(decode=dict(tile=48, overlap=16, stats_size=32), encode=dict(tile=96, overlap=32, stats_size=48))
-    img, want_img = low.decode_tiled(z.bfloat16(), **tiles["decode"]), ours.decode_tiled(z, **tiles["decode"])
-    mean = low.encode_tiled(x.bfloat16(), **tiles["encode"]).mean
-    want_mean = ours.encode_tiled(x, **tiles["encode"]).mean
-    assert img.dtype == mean.dtype == torch.bfloat16 and img.shape == want_img.shape
-    # bf16 through the network, as test_low_precision_and_channels_last
-    torch.testing.assert_close(img.float(), want_img, atol=5e-2 * want_img.abs().max().item(), rtol=5e-2)
-    torch.testing.assert_close(mean.float(), want_mean, atol=5e-2 * want_mean.abs().max().item(), rtol=5e-2)

@@ -14,17 +14,17 @@ A patch's multiplier is the UNet's for the UNet, the text encoders' for CLIP-L a
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sdxl.errors import CheckpointError
-
-View = Callable[[torch.Tensor], torch.Tensor]  # a parameter -> the part of it a patch changes (a view)
+from sdxl.errors import CheckpointError, SDXLError
+from sdxl.formats.lora import View, place
 
 
 @dataclass
@@ -57,11 +57,14 @@ class _AddDeltas(nn.Module):
 def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], runtime: bool = False) -> list:
     """Make `uses` ((file, text-encoder multiplier, UNet multiplier), ...) the adapters on `model`, merged or at
     run time; the set applied before is removed first (exactly). Returns the Adapters newly read, [] when `uses`
-    is the set already applied. Every file is read and checked before a weight changes; a delta that is not finite
-    (overflow) undoes the whole set and raises CheckpointError."""
+    is the set already applied. Every file is read and checked before a weight changes; a multiplier that is not
+    finite is refused, a delta that overflows (non-finite in the weight's dtype) undoes the whole set and raises
+    CheckpointError naming the file and its weight."""
     from sdxl.formats.lora import read_adapter
 
     key = (tuple((str(p), float(te), float(unet)) for p, te, unet in uses), runtime)
+    if bad := next((u for u in key[0] if not all(map(math.isfinite, u[1:]))), None):
+        raise SDXLError(f"{bad[0]}: the weights {bad[1]}, {bad[2]} must be finite numbers")
     if (now := _APPLIED.get(model)) is not None and now.key == key:
         return []
     adapters = [read_adapter(model, path) for path, _, _ in key[0]]
@@ -69,9 +72,12 @@ def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], run
     applied = _APPLIED[model] = _Applied(key, adapters)
     try:
         with torch.no_grad():
-            for adapter, (_, te, unet) in zip(adapters, key[0]):
+            for adapter, (path, te, unet) in zip(adapters, key[0]):
                 for patch in adapter.patches:
-                    _apply(model, applied, patch, unet if patch.component == "unet" else te, runtime)
+                    w = unet if patch.component == "unet" else te
+                    if not _apply(model, applied, patch, w, runtime):
+                        raise CheckpointError(f"{path}: its {patch.kind} change of {patch.site.kohya} overflows "
+                                              f"(non-finite) at weight {w:g}; use a smaller weight")
     except BaseException:
         remove_adapters(model)
         raise
@@ -96,35 +102,32 @@ def applied_adapters(model: nn.Module) -> tuple[tuple[str, float, float], ...]:
     return applied.key[0] if applied else ()
 
 
-def _apply(model: nn.Module, applied: _Applied, patch, multiplier: float, runtime: bool) -> None:
+def non_finite_cause(model: nn.Module, what: str) -> SDXLError | None:
+    """The error to raise when `what` (sampling) gave NaN/Inf on `model` with adapters applied: they are named
+    with their weights as the cause (a LoRA's change at a large weight overflows the activations); None without."""
+    if not (uses := applied_adapters(model)):
+        return None
+    names = ", ".join(f"{path} at weight {te:g}" + (f" (UNet {unet:g})" if unet != te else "")
+                      for path, te, unet in uses)
+    return SDXLError(f"{what} gave non-finite values (NaN/Inf) with the LoRA(s) {names}: their change overflows; "
+                     "lower their weights (or leave them out to check the model alone)")
+
+
+def _apply(model: nn.Module, applied: _Applied, patch, multiplier: float, runtime: bool) -> bool:
     """One patch, times its multiplier, rounded to the weight's dtype once; merged into the weight, or stored in
-    the weight's parametrization."""
-    module, name, view = _target(model, patch.site, patch.param)
+    the weight's parametrization. False (nothing changed) where the rounded delta is not finite (overflow)."""
+    module, name, view = place(model, patch.site, patch.param)
     weight = getattr(module, name)  # as changed so far (merged, or its parametrization's value): DoRA reads it
-    delta = patch.delta(view(weight)).to(weight.device) * multiplier
-    if not bool(torch.isfinite(delta).all()):
-        raise CheckpointError(f"{patch.site.path}: the adapter's change overflows (non-finite) at weight {multiplier}")
-    delta = delta.to(weight.dtype)
+    delta = (patch.delta(view(weight)).to(weight.device) * multiplier).to(weight.dtype)
+    if not bool(torch.isfinite(view(weight) + delta).all()):  # the delta, or the weight with it, overflows
+        return False
     if not runtime:
         if (module, name) not in applied.backups:
             applied.backups[module, name] = weight.detach().to("cpu", copy=True)
         view(weight).add_(delta)
-        return
+        return True
     if not parametrize.is_parametrized(module, name):
         parametrize.register_parametrization(module, name, _AddDeltas())
         applied.parametrized.append((module, name))
     module.parametrizations[name][0].deltas.append((view, delta))
-
-
-def _target(model: nn.Module, site, param: str) -> tuple[nn.Module, str, View]:
-    """(module, parameter name, view) of the tensor a patch changes (as `sdxl.formats.lora.target`): a layer's
-    weight or bias, bigG's q/k/v rows of its fused in_proj, or bigG's text_projection (transposed, as transformers'
-    Linear weight)."""
-    if site.rows is not None:
-        module = model.get_submodule(site.path.removesuffix(".in_proj"))
-        width = module.in_proj_weight.shape[1]
-        return module, f"in_proj_{param}", lambda w: w[site.rows * width:(site.rows + 1) * width]
-    if site.transposed:
-        parent, _, name = site.path.rpartition(".")
-        return model.get_submodule(parent), name, torch.Tensor.t
-    return model.get_submodule(site.path), param, lambda w: w
+    return True

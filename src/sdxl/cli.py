@@ -11,9 +11,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
-from sdxl.session import (DTYPES, Models, build_request, configure_threads, device_and_dtype, dtype_name,
-                          load_pipeline, process_seconds, request_loras, resolve_models, threads_note, use_loras,
-                          write_images)
+from sdxl.session import (DTYPES, Models, build_request, check_embeddings, configure_threads, device_and_dtype,
+                          dtype_name, load_pipeline, process_seconds, request_loras, resolve_models, threads_note,
+                          use_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -79,7 +79,7 @@ def _quad(text: str) -> tuple[int, int, int, int]:
 
 def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
-    from sdxl.formats.png import file_hash, local_path
+    from sdxl.formats.png import file_hash, local_path, model_files, replay_lora
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
@@ -88,32 +88,40 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
                 and not (key == "refiner" and args.no_refiner):
             raise SDXLError(f"{args.from_png} was made with {key} {path}, which is not on this machine; give "
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
-    loras = args.lora or [v for k, v in sorted(recorded.items()) if k.startswith("lora")]
+    lora_dir = args.lora_dir or (rec and rec.lora_dir)
+    keys = sorted((k for k in recorded if k.startswith("lora")), key=lambda k: int(k[4:]))
+    loras = args.lora or [replay_lora(recorded[k], lora_dir, f"{args.from_png}: {k}") for k in keys]
     m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
                        args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"),
-                       args.lora_dir or (rec and rec.lora_dir))
-    _check_replayed_embeddings(args)
-    for key, path in m.table().items():
-        want = rec.hashes.get(key) if rec else None
-        if want and path and Path(path).is_file() and (have := file_hash(path)[:10]) != want:
-            warnings.warn(f"{key} {path} has hash {have} but {args.from_png} was made with hash {want}; "
+                       lora_dir)
+    files = [(key, path, file_hash(path)[:10], rec.hashes.get(key)) for key, path in model_files(m.table()).items()
+             if rec and rec.hashes.get(key)]  # every file, a LoRA's with or without a weight
+    for what, path, have, want in files + _replayed_embeddings(args, m):
+        if have != want:
+            warnings.warn(f"{what} {path} has hash {have} but {args.from_png} was made with hash {want}; "
                           "the image will differ")
     return m
 
 
-def _check_replayed_embeddings(args: argparse.Namespace) -> None:
-    """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`) needs their folder:
-    without it the names would be read as plain words and give another image."""
-    if not args.from_png or args.embeddings_dir is not None:
-        return
+def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str, Path, str, str]]:
+    """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`): each must load from
+    --embeddings-dir (else the names would be read as plain words: another image); (what, file, hash, recorded)."""
+    if not args.from_png:
+        return []
+    from sdxl.formats.embeddings import Embeddings, for_model, recorded_hashes
     from sdxl.images import opened
 
     with opened(args.from_png, "--from-png") as im:
-        found = re.search(r'TI hashes: ("(?:[^"\\]|\\.)*"|[^,\n]*)', str(im.info.get("parameters", "")))
-    if found:
-        names = found.group(1).strip('"')
-        raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings ({names}); give the folder that "
+        recorded = recorded_hashes(str(im.info.get("parameters", "")))
+    found = for_model(m.embeddings, m.model) if m.embeddings and recorded else Embeddings({}, {})
+    missing, changed = found.replay(recorded)
+    if missing:
+        why = (f"that --embeddings-dir {m.embeddings} does not load (" + "; ".join(f"{n}: {r}" for n, r in
+                                                                          missing.items()) + ")"
+               if m.embeddings else f"({', '.join(missing)})")
+        raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings {why}; give the folder that "
                         "holds them with --embeddings-dir DIR")
+    return [(f"embedding {e.name}", e.path, e.hash, want) for e, want in changed]
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
@@ -201,6 +209,7 @@ def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Mo
     reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
     for req in reqs:
         req.validate(has_refiner=models.refiner is not None)
+        check_embeddings(req, models)
         _check_replayed_loras(args, rec, request_loras(req, models))
     return models, reqs
 
@@ -446,7 +455,8 @@ def _add_generate(sub) -> None:
                    help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where the CPU has AMX or "
                         "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
-    g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="tile the VAE (auto: above 1024x1024 pixels)")
+    g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
+                   help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
     _add_speed_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)

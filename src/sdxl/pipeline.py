@@ -296,8 +296,9 @@ class Pipeline:
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
                  vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
-                 vae_tiling: bool | None = None, fast: int = 0, compile: bool = False):
-        self.device, self.dtype, self.vae_tiling = torch.device(device), dtype, vae_tiling
+                 vae_tiling: bool | None = None, vae_band: int = 64 << 20,
+                 fast: int = 0, compile: bool = False):
+        self.device, self.dtype, self.vae_tiling, self.vae_band = torch.device(device), dtype, vae_tiling, vae_band
         self.fast, self.compiled = fast, compile
         self.vae_dtype = vae_dtype or dtype
         self.tokenizer = tokenizer or Tokenizer.default()
@@ -388,8 +389,7 @@ class Pipeline:
     def encode_image(self, images: torch.Tensor, noise: GeneratorNoise) -> torch.Tensor:
         """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior with each image's generator."""
         images = images.to(self.device, self.vae_dtype)
-        f = self.latent_factor
-        dist = self._vae("encode", images, self._tiled(images[:, :, ::f, ::f]))
+        dist = self._vae("encode", images)
         eps = noise.randn(tuple(dist.mean.shape[1:]), self.device)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
@@ -399,33 +399,36 @@ class Pipeline:
         z = (latents / self.scaling_factor).to(self.device, self.vae_dtype)
         if self.vae_dtype != torch.float32:
             z = z.contiguous(memory_format=torch.channels_last)
-        pixels = (self._vae("decode", z, self._tiled(z)).float() / 2 + 0.5).clamp(0, 1)
+        pixels = (self._vae("decode", z).float() / 2 + 0.5).clamp(0, 1)
         flat = [i for i, im in enumerate(pixels) if float(im.amax() - im.amin()) < 1 / 255]
         if flat:  # e.g. a VAE whose weights saturate every pixel: finite, yet no image
             warnings.warn(f"image(s) {', '.join(map(str, flat))} of the batch decoded to one flat colour; the VAE "
                           "weights or the latents are likely broken (check --vae / the checkpoint)")
         return pixels
 
-    def _vae(self, method: str, x: torch.Tensor, tiled: bool):
-        """The VAE's `encode` or `decode` (tiled or not); non-finite output (fp16/bf16 overflow) is retried on a
-        float32 copy of the VAE and checked again, so NaN never reaches an image."""
-        name = f"{method}_tiled" if tiled else method
-        out = getattr(self.vae, name)(x)
+    def _vae(self, method: str, x: torch.Tensor):
+        """The VAE's `encode` or `decode`, in row bands as `_band` says; non-finite output (fp16/bf16 overflow) is
+        retried on a float32 copy of the VAE and checked again, so NaN never reaches an image."""
+        band = self._band(x[:, 0].numel() * (self.latent_factor ** 2 if method == "decode" else 1))  # pixels
+        out = getattr(self.vae, method)(x, band)
         if _finite(out):
             return out
         if self.vae_dtype == torch.float32:
             raise non_finite_error(f"the VAE ({method})", torch.float32)
         warnings.warn(f"VAE {method} in {self.vae_dtype} gave non-finite values; retrying in float32")
-        out = getattr(own_copy(self.vae, self.device, torch.float32), name)(x.float())
+        out = getattr(own_copy(self.vae, self.device, torch.float32), method)(x.float(), band)
         if not _finite(out):
             raise non_finite_error(f"the VAE ({method})", torch.float32)
         return out
 
-    def _tiled(self, latents: torch.Tensor) -> bool:
-        """Tile the VAE when asked, or automatically for latents over 128x128 (1024x1024 pixels)."""
-        if self.vae_tiling is not None:
-            return self.vae_tiling
-        return latents.shape[-2] * latents.shape[-1] > 128 * 128
+    AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
+
+    def _band(self, pixels: int) -> int | None:
+        """The VAE's band (`AutoencoderKL.decode`): `vae_band` bytes (a memory planner may pass a smaller one) when
+        tiling is on, or auto and the batch has AUTO_TILING_PIXELS or more; None (whole tensors) when off. Bands give
+        the same image as whole tensors, with a lower peak (bench/RESULTS.md)."""
+        auto = self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
+        return self.vae_band if self.vae_tiling or auto else None
 
     @staticmethod
     def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -667,8 +670,10 @@ class Pipeline:
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
-        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it
-            raise non_finite_error("sampling", self.dtype)
+        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
+            from sdxl.adapters import non_finite_cause
+
+            raise non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
         return x
 
     @staticmethod

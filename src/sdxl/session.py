@@ -218,27 +218,37 @@ def _lora_tag(args: str) -> LoraUse:
         raise SDXLError(f"{tag}: no LoRA name; write <lora:NAME:0.8>")
     if bad := sorted(set(named) - {"te", "unet"}) or positional[3:]:
         raise SDXLError(f"{tag}: {bad[0]!r} is not supported; a tag takes NAME, a weight, a UNet weight, te=, unet=")
-    te = _multiplier(tag, named.get("te", positional[1] if len(positional) > 1 else "1"))
-    unet = _multiplier(tag, named.get("unet", positional[2] if len(positional) > 2 else te))
+    te = lora_weight(named.get("te", positional[1] if len(positional) > 1 else "1"), tag)
+    unet = lora_weight(named.get("unet", positional[2] if len(positional) > 2 else te), tag)
     return LoraUse(positional[0].strip(), None, te, unet)
 
 
-def _multiplier(tag: str, text) -> float:
-    try:
-        value = float(text)
-        assert math.isfinite(value)
-        return value
-    except (ValueError, AssertionError):
-        raise SDXLError(f"{tag}: the weight {text!r} must be a number, e.g. <lora:NAME:0.8>") from None
+# A1111 reads a LoRA weight with Python's float() and no limit (extensions-builtin/Lora/extra_networks_lora.py,
+# v1.10.1), which takes `1_0`, `nan` and `inf`. One rule here: a decimal number, exponent allowed, |w| <=
+# MAX_LORA_WEIGHT (beyond it a LoRA's change swamps the weights it is added to; sampling overflows).
+MAX_LORA_WEIGHT = 10.0
+_WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def lora_spec(spec: str) -> tuple[str, float]:
-    """"FILE" or "FILE:WEIGHT" -> (FILE, weight); a file whose name holds ':' is taken whole."""
-    path, _, weight = spec.rpartition(":") if not Path(spec).exists() and ":" in spec else (spec, "", "")
-    try:
-        return path, float(weight) if weight else 1.0
-    except ValueError:
-        raise SDXLError(f"--lora {spec}: the weight after ':' must be a number, e.g. style.safetensors:0.8") from None
+def lora_weight(value, where: str) -> float:
+    """A LoRA multiplier as --lora FILE:W, <lora:NAME:W:W>, the server's loras and recipes give it (text or a JSON
+    number) -> float; anything else (`1_0`, nan, inf, 1e400, |w| > MAX_LORA_WEIGHT) is one line naming `where`."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    w = float(value) if number or isinstance(value, str) and _WEIGHT.fullmatch(value.strip()) else math.nan
+    if not (math.isfinite(w) and abs(w) <= MAX_LORA_WEIGHT):
+        raise SDXLError(f"{where}: the weight {value!r} must be a number from -{MAX_LORA_WEIGHT:g} to "
+                        f"{MAX_LORA_WEIGHT:g}, e.g. 0.8")
+    return w
+
+
+def lora_spec(spec: str, where: str | None = None) -> tuple[str, float]:
+    """"FILE" or "FILE:WEIGHT" -> (FILE, weight); a file whose name holds ':' is taken whole; `where` names the
+    spec in messages (default: `--lora SPEC`)."""
+    where = where or f"--lora {spec!r}"
+    path, sep, weight = spec.rpartition(":") if not Path(spec).exists() and ":" in spec else (spec, "", "")
+    if not path.strip():
+        raise SDXLError(f"{where}: no LoRA file given; write FILE or FILE:WEIGHT, e.g. style.safetensors:0.8")
+    return path, lora_weight(weight, where) if sep else 1.0
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -254,6 +264,8 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
     list_available_networks): the stem of a file anywhere under `folder`, else the `ss_output_name` alias in a
     file's metadata; where two files share a stem, their paths inside the folder (sub/NAME) tell them apart.
     Nothing outside the folder (no paths, no symlinks out), and pickles are refused."""
+    if not name.strip():
+        raise SDXLError("lora '': no LoRA name; give a name listed in loras, e.g. <lora:NAME:0.8>")
     if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise SDXLError(f"lora {name!r}: give a name listed in loras, not a path")
     if folder is None:
@@ -335,18 +347,28 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
     request_loras(req, models)  # its LoRA tags read and found before anything loads
+    check_embeddings(req, models)
     return req
 
 
+def check_embeddings(req, models: Models) -> None:
+    """The embedding names of a Request's prompts checked against the embeddings folder (Embeddings.check)."""
+    if models.embeddings is not None:
+        from sdxl.formats.embeddings import for_model
+
+        texts = [lora_free(req.prompt), req.negative_prompt, req.prompt_2, req.negative_prompt_2]  # as encoded
+        for_model(models.embeddings, models.model).check(t for v in texts for t in (v if isinstance(v, tuple) else [v]))
+
+
 def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print, **speed):
-    """The Pipeline of `models` on device/dtype with its --lora files applied (a request's tags: `use_loras`);
-    `speed`: Pipeline's fast= and compile=."""
+    """The Pipeline of `models` on device/dtype, without LoRAs: each request applies its own set, --lora files and
+    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once. `speed`: Pipeline's fast=,
+    compile=."""
     from sdxl.pipeline import Pipeline
 
-    loras = file_loras(models)  # bad weights fail before the weights load
+    file_loras(models)  # bad weights fail before the weights load
     pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
                          unet=models.unet, **speed)
-    use_loras(pipe, loras, log)
     use_embeddings(pipe, models.embeddings, log)
     return pipe
 

@@ -9,7 +9,8 @@ sdxl_train_textual_inversion.py; files named, commits not pinned):
   {token: (n, 1280)}.
 Refused, with the reason: pickles (.pt/.bin/.ckpt: never unpickled), SD 1.x and SD 2.x embeddings (one 768- or
 1024-wide tensor, e.g. kohya's `emb_params`), widths other than this model's encoders, different vector counts,
-non-finite values, more than `MAX_VECTORS` vectors (they must fit one 75-token window).
+non-finite values or values beyond +-`MAX_MAGNITUDE`, tensors besides clip_l and clip_g, more than `MAX_VECTORS`
+vectors (they must fit one 75-token window), and names a prompt can never use (`BREAK`, brackets, colons).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from sdxl.formats.files import SafetensorsFile
 
 MAX_VECTORS = 75  # one prompt window (sdxl.models.prompts.WINDOW): A1111 never splits an embedding across windows
 MAX_ELEMENTS = MAX_VECTORS * 4096  # per tensor, checked before reading: no text encoder is wider than 4096
+MAX_MAGNITUDE = 1000.0  # larger values overflow the text encoders (1e30: its square in LayerNorm is inf even in fp32)
 PICKLES = (".pt", ".bin", ".ckpt", ".pth", ".pkl")
 # the single-encoder embeddings of other Stable Diffusion versions, by token width
 OTHER_MODELS = {768: "an SD 1.x embedding (one 768-wide tensor, CLIP ViT-L only)",
@@ -75,7 +78,7 @@ class Embedding:
                 "sd_checkpoint_name": self.sd_checkpoint_name, "shape": self.shape, "vectors": self.vectors}
 
 
-def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _tensors(path: Path, widths: Widths) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A small safetensors file's tensors (float32, checked: at most 2-D) and metadata; pickles refused unread."""
     if path.suffix.lower() in PICKLES:
         raise EmbeddingError(f"{path}: {path.suffix} is a Python pickle, never loaded here (it can run code); "
@@ -84,8 +87,9 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     shapes = f.shapes()
     if len(shapes) > 4 or any(len(s) not in (1, 2) or not 0 < math.prod(s) <= MAX_ELEMENTS for s in shapes.values()):
         listed = first_few(f"{k} {list(s)}" for k, s in shapes.items())
-        raise EmbeddingError(f"{path}: holds {len(shapes)} tensors ({listed}); a textual-inversion embedding holds "
-                             "clip_l (n, 768) and clip_g (n, 1280)")
+        raise EmbeddingError(f"{path}: holds {len(shapes)} tensors ({listed}); a textual-inversion embedding for "
+                             f"this model holds clip_l (n, {widths[0]}) and clip_g (n, {widths[1]}), n from 1 to "
+                             f"{MAX_VECTORS}")
     if bad := [k for k, d in f.dtypes().items() if not d.is_floating_point]:
         raise EmbeddingError(f"{path}: tensor {bad[0]} is not floating point")
     return {k: f[k].float().reshape(-1, s[-1]) for k, s in shapes.items()}, f.metadata
@@ -107,11 +111,16 @@ def load_embedding(path: str | Path, widths: Widths = SDXL_WIDTHS, partner: str 
     """An embedding file (with `partner`: a diffusers pair, `path` CLIP-L and `partner` bigG), checked against the
     model's token widths; the name is the file stem. Raises EmbeddingError naming the problem."""
     path = Path(path)
-    t, meta = _tensors(path)
+    if why := _unusable(path.stem):
+        raise EmbeddingError(f"{path}: {why}")
+    t, meta = _tensors(path, widths)
     if "clip_l" in t and "clip_g" in t:
+        if extra := [k for k in t if k not in ("clip_l", "clip_g")]:
+            raise EmbeddingError(f"{path}: holds {first_few(extra)} besides clip_l and clip_g, which no embedding "
+                                 "form has: refused rather than guessed at")
         clip_l, clip_g = t["clip_l"], t["clip_g"]
     elif len(t) == 1 and partner is not None:
-        other, _ = _tensors(Path(partner))
+        other, _ = _tensors(Path(partner), widths)
         if len(other) != 1:
             raise EmbeddingError(f"{partner}: holds {len(other)} tensors; the bigG half of a diffusers pair holds one")
         clip_l, clip_g = next(iter(t.values())), next(iter(other.values()))
@@ -128,6 +137,9 @@ def load_embedding(path: str | Path, widths: Widths = SDXL_WIDTHS, partner: str 
                              f"has the same number for both, from 1 to {MAX_VECTORS}")
     if not bool(clip_l.isfinite().all() and clip_g.isfinite().all()):
         raise EmbeddingError(f"{path}: holds non-finite values (NaN/Inf); re-download or retrain it")
+    if (top := max(clip_l.abs().max().item(), clip_g.abs().max().item())) > MAX_MAGNITUDE:
+        raise EmbeddingError(f"{path}: holds values up to {top:.3g}, beyond +-{MAX_MAGNITUDE:g} (the text encoders "
+                             "would give non-finite values): a broken file; re-download or retrain it")
     step = meta.get("step", "")
     return Embedding(path.stem, path, clip_l.clone(), clip_g.clone(), int(step) if step.isdigit() else None,
                      meta.get("sd_checkpoint"), meta.get("sd_checkpoint_name"))
@@ -143,8 +155,7 @@ class Embeddings:
 
     @functools.cached_property
     def _pattern(self) -> re.Pattern | None:
-        names = sorted(self.loaded, key=len, reverse=True)  # the longest name first: "neg_v2" before "neg"
-        return re.compile(r"(?<!\w)(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.I) if names else None
+        return _whole_words(self.loaded)
 
     @functools.cached_property
     def _by_lower(self) -> dict[str, Embedding]:
@@ -158,14 +169,83 @@ class Embeddings:
         return [self._by_lower[p.lower()] if i % 2 else p for i, p in enumerate(parts) if p]
 
     def used(self, texts: Iterable[str | None]) -> list[Embedding]:
-        """The embeddings named in `texts`, each once, in order of first use."""
-        found = {e.name: e for t in texts if t for e in self.split(t) if isinstance(e, Embedding)}
+        """The embeddings named in `texts` as the prompt parser reads them (sdxl.models.prompts.tokenize), each
+        once, in order of first use."""
+        found = {e.name: e for run in _runs(texts) for e in self.split(run) if isinstance(e, Embedding)}
         return list(found.values())
 
     def infotext(self, texts: Iterable[str | None]) -> str | None:
         """A1111's `TI hashes` value for the embeddings `texts` use: "name: hash, ..." (modules/sd_hijack_clip.py)."""
-        used = self.used(texts)
-        return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in used) or None
+        return ", ".join(f"{_infotext_name(e.name)}: {e.hash}" for e in self.used(texts)) or None
+
+    def check(self, texts: Iterable[str | None]) -> None:
+        """Prompts `texts` checked before they run: a word naming a refused file is an EmbeddingError naming the file
+        and why (not read as plain words); an embedding named like an ordinary word (one CLIP token, e.g. "white")
+        gets one warning that the word is taken as the embedding, as A1111 takes it."""
+        from sdxl.models.tokenizer import Tokenizer
+
+        texts = list(texts)
+        refused = {n.lower(): why for n, why in self.skipped.items()
+                   if n.lower() not in self._by_lower and _unusable(n) is None}  # a same-named file loaded: no error
+        if pattern := _whole_words(refused):
+            if hit := next((m.group(1) for run in _runs(texts) if (m := pattern.search(run))), None):
+                raise EmbeddingError(f"the prompt names the embedding {hit!r}, which was refused: "
+                                     f"{refused[hit.lower()]}")
+        vocab = Tokenizer.default().vocab
+        for e in self.used(texts):
+            if all(f"{word}</w>" in vocab for word in e.name.lower().split()):
+                warnings.warn(f"the prompt word {e.name!r} is taken as the embedding {e.path}, not as the word (as "
+                              "A1111 does); rename the file to use the word", stacklevel=2)
+
+    def replay(self, recorded: Mapping[str, str]) -> tuple[dict[str, str], list[tuple[Embedding, str]]]:
+        """An image's `TI hashes` (name -> hash, `recorded_hashes`) against this folder: ({name: why} of those not
+        loaded, [(embedding, recorded hash)] of those whose file has another hash)."""
+        by_name = {_infotext_name(n).lower(): e for n, e in self.loaded.items()}
+        skipped = {_infotext_name(n).lower(): why for n, why in self.skipped.items()}
+        missing = {n: skipped.get(n.lower(), "not in the folder") for n in recorded if n.lower() not in by_name}
+        changed = [(by_name[n.lower()], h) for n, h in recorded.items()
+                   if n.lower() in by_name and by_name[n.lower()].hash != h]
+        return missing, changed
+
+
+def _whole_words(names: Iterable[str]) -> re.Pattern | None:
+    """A pattern finding `names` as whole words, ignoring case, the longest first ("neg_v2" before "neg")."""
+    names = sorted(names, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.I) if names else None
+
+
+def _runs(texts: Iterable[str | None]) -> list[str]:
+    """The plain-text runs of prompts as the prompt parser splits them (no brackets, weights or BREAK)."""
+    from sdxl.models.prompts import parse_weights
+
+    return [run for t in texts if t for run, weight in parse_weights(t) if weight != -1.0]
+
+
+def _unusable(name: str) -> str | None:
+    """Why a prompt can never name an embedding called `name` (the parser reads part of it as syntax), or None."""
+    from sdxl.models.prompts import parse_weights
+
+    if parse_weights(name) != [(name, 1.0)]:
+        return (f"the prompt parser reads the name {name!r} as syntax (BREAK, brackets, ':' weights or '\\' "
+                "escapes), so no prompt can use it; rename the file")
+    return None
+
+
+def _infotext_name(name: str) -> str:
+    """A name as `TI hashes` writes it: without ':' and ',' (A1111 modules/sd_hijack_clip.py)."""
+    return name.replace(":", "").replace(",", "")
+
+
+def recorded_hashes(infotext: str) -> dict[str, str]:
+    """The `TI hashes` of an A1111 infotext: name -> hash (12 hex digits); {} when there are none."""
+    last = infotext.rstrip("\n").rsplit("\n", 1)[-1]  # the `Key: value` pairs (modules/processing.py)
+    if not (found := re.search(r'(?:^|, )TI hashes: ("(?:[^"\\]|\\.)*"|[^,]*)', last)):
+        return {}
+    try:
+        value = json.loads(found.group(1)) if found.group(1).startswith('"') else found.group(1)
+    except ValueError:
+        value = found.group(1).strip('"')
+    return dict(pair.rsplit(": ", 1) for pair in value.split(", ") if ": " in pair)
 
 
 def embedding_files(folder: str | Path) -> list[Path]:
@@ -175,6 +255,11 @@ def embedding_files(folder: str | Path) -> list[Path]:
         raise SDXLError(f"--embeddings-dir {folder}: not a folder")
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in (".safetensors",) + PICKLES)
+
+
+def for_model(folder: str | Path, model: str | Path) -> Embeddings:
+    """The folder's embeddings checked against `model`'s encoders (the same object the pipeline gets)."""
+    return load_folder(folder, checkpoint_widths(model))
 
 
 def load_folder(folder: str | Path, widths: Widths = SDXL_WIDTHS) -> Embeddings:

@@ -593,17 +593,34 @@ def _peft_scale(config: dict, theirs: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def target(model: nn.Module, site: Site, param: str = "weight") -> torch.Tensor | None:
-    """The live tensor a patch changes (a view for bigG's q/k/v rows and text_projection), or None (no bias)."""
-    _, _, layer = _locate(model, site.path.removesuffix(".in_proj") if site.rows is not None else site.path)
-    if isinstance(layer, _WRAPPERS):
-        layer = layer.base
+View = Callable[[torch.Tensor], torch.Tensor]  # a parameter -> the part of it a patch changes (a view)
+
+
+def place(model: nn.Module, site: Site, param: str = "weight") -> tuple[nn.Module, str, View]:
+    """(module, parameter name, view) of the tensor a patch changes: a layer's weight or bias (through a training
+    LoRA wrapper), bigG's q/k/v rows of its fused in_proj, or bigG's text_projection (open_clip's (width, proj)
+    Parameter, transposed: transformers' Linear.weight)."""
+    parent, name, layer = _locate(model, site.path.removesuffix(".in_proj") if site.rows is not None else site.path)
     if site.transposed:
-        return layer.t() if param == "weight" else None  # open_clip's (width, proj) is transformers' Linear.weight.T
+        return parent, name, torch.Tensor.t
+    layer = layer.base if isinstance(layer, _WRAPPERS) else layer
     if site.rows is None:
-        return getattr(layer, param)
-    w = layer.in_proj_weight.shape[1]
-    return getattr(layer, f"in_proj_{param}")[site.rows * w:(site.rows + 1) * w]
+        return layer, param, lambda w: w
+    width = layer.in_proj_weight.shape[1]
+    return layer, f"in_proj_{param}", lambda w: w[site.rows * width:(site.rows + 1) * width]
+
+
+def target(model: nn.Module, site: Site, param: str = "weight") -> torch.Tensor | None:
+    """The live tensor a patch changes (`place`'s view of it), or None (no bias there)."""
+    if site.transposed and param != "weight":
+        return None
+    module, name, view = place(model, site, param)
+    return None if getattr(module, name) is None else view(getattr(module, name))
+
+
+def adapter_file(path) -> Path:
+    """The file an adapter path means: itself, or a diffusers LoRA folder's `PEFT_FILE`."""
+    return Path(path) / PEFT_FILE if Path(path).is_dir() else Path(path)
 
 
 def read_adapter(model: SDXLModel, path) -> Adapter:
@@ -614,10 +631,7 @@ def read_adapter(model: SDXLModel, path) -> Adapter:
     architecture, shapes (each patch is evaluated on the meta device), non-float or non-finite values.
     Modules for layers this model does not have are skipped with one warning.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / PEFT_FILE
-    f = SafetensorsFile(path)  # refuses pickles unread
+    f = SafetensorsFile(adapter_file(path))  # refuses pickles unread
     name = str(f.path)
     check_float(name, {k: d for k, d in f.dtypes().items() if not k.endswith(".on_input")})  # (IA)^3's flag: an int
     groups, skipped = _groups(f, name, model.cfg)
@@ -633,8 +647,10 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0, te_multiplier: fl
 
     UNet layers get `multiplier`, text-encoder layers `te_multiplier` (default: `multiplier`).
     """
-    adapter = read_adapter(model, path)
     te = multiplier if te_multiplier is None else te_multiplier
+    if not (math.isfinite(multiplier) and math.isfinite(te)):
+        raise SDXLError(f"{path}: the weights {multiplier}, {te} must be finite numbers")
+    adapter = read_adapter(model, path)
     report = LoadReport(adapter.path, adapter.format, float(multiplier), skipped=adapter.skipped,
                         te_multiplier=None if te_multiplier is None else float(te_multiplier))
     with torch.no_grad():
@@ -642,7 +658,8 @@ def load_lora(model: SDXLModel, path, multiplier: float = 1.0, te_multiplier: fl
             w = target(model, p.site, p.param)
             delta = p.delta(w) * (multiplier if p.component == "unet" else te)
             if not torch.isfinite(delta).all():
-                raise CheckpointError(f"{adapter.path}: {p.site.kohya}: the {p.kind} product overflows (non-finite)")
+                raise CheckpointError(f"{adapter.path}: {p.site.kohya}: the {p.kind} product overflows (non-finite) "
+                                      f"at weight {multiplier if p.component == 'unet' else te}")
             w.add_(delta.to(w.dtype))
     for site, kind in {(p.site, p.kind + "+dora" * p.dora) for p in adapter.patches}:  # one per module
         report.applied[site.component] += 1

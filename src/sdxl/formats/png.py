@@ -91,22 +91,65 @@ def local_path(entry: str) -> str:
 def _model_entry_ok(key: str, entry: str) -> bool:
     """A recipe may name checkpoints only: `sdxl:NAME` of the package, a .safetensors file (a LoRA's with an
     optional `:WEIGHT`), or a diffusers folder; never an arbitrary file to open and hash."""
+    from sdxl.session import lora_spec
+
     if entry.startswith(PACKAGED):
         return re.fullmatch(r"[\w.-]+\.safetensors", entry[len(PACKAGED):]) is not None
-    path = re.sub(r":-?[\d.]+$", "", entry) if key.startswith("lora") else entry
+    path = lora_spec(entry)[0] if key.startswith("lora") else entry
     return path.endswith(".safetensors") or (key in ("model", "refiner") and Path(path).is_dir())
+
+
+def model_files(models: dict[str, str | None]) -> dict[str, Path]:
+    """The files of a model table (model, refiner, vae, unet, lora0, ...) that a recipe hashes and a replay checks:
+    a LoRA's without its weight (a diffusers LoRA folder's file)."""
+    from sdxl.formats.lora import adapter_file
+    from sdxl.session import lora_spec
+
+    out = {k: adapter_file(lora_spec(v)[0]) if k.startswith("lora") else Path(v) for k, v in models.items() if v}
+    return {k: p for k, p in out.items() if p.is_file()}
+
+
+def lora_entry(spec: str, lora_dir: str | None) -> str:
+    """A --lora FILE[:WEIGHT] as a recipe records it, to replay from any working directory: `FILE:WEIGHT` with FILE
+    relative to the LoRA folder where it lies in it (`lora_dir` is recorded then), else absolute."""
+    from sdxl.formats.lora import adapter_file
+    from sdxl.session import inside, lora_spec
+
+    path, weight = lora_spec(spec)
+    path = adapter_file(path).resolve()
+    if lora_dir is not None and inside(path, Path(lora_dir)):
+        return f"{path.relative_to(Path(lora_dir).resolve()).as_posix()}:{weight!r}"
+    return f"{path}:{weight!r}"
+
+
+def replay_lora(entry: str, lora_dir: str | None, where: str) -> str:
+    """A recipe's LoRA entry -> FILE:WEIGHT here: a relative FILE inside `lora_dir` (the LoRA folder given now,
+    else the recorded one) where it is there, else as written (recipes that recorded paths from the working
+    directory); a file not found is an error."""
+    from sdxl.session import lora_spec
+
+    path, weight = lora_spec(entry, where)
+    if lora_dir is not None and not Path(path).is_absolute() and (Path(lora_dir) / path).is_file():
+        path = str(Path(lora_dir) / path)
+    if not Path(path).exists():
+        raise SDXLError(f"{where}: the LoRA {path} is not here; give --lora-dir DIR (the folder it is in) or "
+                        "--lora FILE")
+    return f"{path}:{weight!r}"
 
 
 def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | None = None, loras=(),
            lora_dir: str | None = None) -> dict:
     """The JSON recipe of a request: every setting (not images/tensors; the prompt with its <lora:> tags), the model
-    files and their hashes, the folder the tags were found in and their files' hashes (`lora_hash`), and the saved
+    files (`lora_entry`) and their hashes, the LoRA folder with its tags' files' hashes (`lora_hash`), and the saved
     latent it started from (file, index, hash), if any."""
     d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
-    d["models"] = {k: portable(v) if not k.startswith("lora") else v for k, v in models.items() if v}
-    d["hashes"] = {k: file_hash(v)[:10] for k, v in models.items() if v and Path(v).is_file()}
-    if tagged := {u.name: lora_hash(u.path) for u in loras if u.tag}:
-        d["lora_dir"], d["lora_hashes"] = str(Path(lora_dir).resolve()), tagged
+    d["models"] = {k: lora_entry(v, lora_dir) if k.startswith("lora") else portable(v) for k, v in models.items() if v}
+    d["hashes"] = {k: file_hash(p)[:10] for k, p in model_files(models).items()}
+    tagged = {u.name: lora_hash(u.path) for u in loras if u.tag}
+    if tagged or any(k.startswith("lora") and not Path(v).is_absolute() for k, v in d["models"].items()):
+        d["lora_dir"] = str(Path(lora_dir).resolve())
+    if tagged:
+        d["lora_hashes"] = tagged
     if latent is not None:
         d["latent"] = {"file": str(latent[0]), "index": latent[1], "hash": file_hash(latent[0])[:10]}
     images = {k: image_hash(getattr(req, k)) for k in ("init_image", "mask") if getattr(req, k) is not None}
@@ -159,9 +202,12 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     if loras:  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
         pairs["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', u.name)}: {lora_hash(u.path)}" for u in loras)
     if embeddings is not None:
+        from sdxl.session import lora_free  # the text the encoders saw, without its <lora:...> tags
+
         row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
                                                                               req.negative_prompt_2)]
-        pairs["TI hashes"] = embeddings.infotext([req.prompt_of(index), row[0]] + (row[1:] if req.cfg != 1.0 else []))
+        texts = [lora_free(req.prompt_of(index)), row[0]] + (row[1:] if req.cfg != 1.0 else [])
+        pairs["TI hashes"] = embeddings.infotext(texts)
     text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{u.name}:{u.unet}>" for u in loras if not u.tag]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
@@ -170,7 +216,7 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
 
 def _quote(v) -> str:
     s = str(v)
-    return json.dumps(s) if ("," in s or ":" in s or "\n" in s) else s
+    return json.dumps(s, ensure_ascii=False) if ("," in s or ":" in s or "\n" in s) else s
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str, recipe_: dict) -> Path:
@@ -235,6 +281,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 def parse_recipe(d, source: str) -> Recipe:
     """A recipe dict -> Recipe; the settings go through Request's rules, the rest is checked here."""
+    from sdxl.session import lora_spec
+
     if not isinstance(d, dict):
         raise SDXLError(f"{source} is not a JSON object")
     d = dict(d)
@@ -247,6 +295,8 @@ def parse_recipe(d, source: str) -> Recipe:
     models = {k: v for k, v in models.items() if v is not None}
     if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
         raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, unet, lora0, ...)")
+    for k in (k for k in models if k.startswith("lora")):  # its weight by the one rule (sdxl.session.lora_weight)
+        lora_spec(models[k], f"{source}: models.{k}")
     if bad := [k for k, v in models.items() if not _model_entry_ok(k, v)]:
         raise SDXLError(f"{source}: models.{bad[0]} {models[bad[0]]!r:.80} is not a checkpoint name (a .safetensors "
                         "file or a diffusers folder); pass the files with --model/--refiner/--vae/--unet/--lora")

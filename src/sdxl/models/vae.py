@@ -8,6 +8,20 @@ on unscaled latents; the pipeline multiplies by `scaling_factor`.
 
 Precision: the released SDXL VAE weights overflow in fp16 at large sizes (the reason the
 community "fp16-fix" VAE exists); prefer bf16 or fp32 with them.
+
+Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries,
+the full width each. A block's input and output stay whole tensors; a 3x3 conv reads its band plus
+one row either side (the halo), with zero rows only at the image's edges, so each band's output is
+exactly the whole conv's; GroupNorm takes each band's mean and variance and merges them (law of total
+variance) into the whole tensor's statistics before any band is normalised; the mid-block attention
+runs whole, at latent size. So banded equals whole up to float rounding (fp32: 2.5e-6 of the
+output's scale on the test models, 1e-5 at full size with random weights), with no seams; the big
+temporaries (normalised and upsampled copies) shrink to one band, and a resnet block's second conv
+writes over its input, so a block holds two whole tensors. Tiles with halos (TiledVAE) must also keep
+every tile's state at each GroupNorm until all tiles have reached it: the whole activation again,
+plus halos, for no smaller peak; blended tiles with per-tile statistics (diffusers' tiling) differ
+from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16 decode 1.2 GiB
+banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
 """
 
 from __future__ import annotations
@@ -42,6 +56,84 @@ def _norm(c: int, device, dtype) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6, affine=True, device=device, dtype=dtype)
 
 
+# --- row bands (see the module docstring) -----------------------------------------------------
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _rows_per_band(x: torch.Tensor, band: int | None, cost: int = 1, multiple: int = 1) -> int:
+    """Output rows per band (a multiple of `multiple`) so that `cost` rows of x per output row, in float32, fill
+    about `band` bytes; None: all rows, one band."""
+    if band is None:
+        return x.shape[2] * 2
+    return max(multiple, band // (4 * cost * x[:, :, 0].numel()) // multiple * multiple)
+
+
+def _banded(rows_fn, x: torch.Tensor, h_out: int, rows: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """`rows_fn(r0, r1)` (output rows r0:r1) over bands of `rows` rows, into one new tensor in x's memory format
+    or into `into`: a band is written once the next has been computed, so a one-row halo can read `into`."""
+    if rows >= h_out:
+        return rows_fn(0, h_out)
+    out, last = into, None
+    for r0 in range(0, h_out, rows):
+        piece = rows_fn(r0, min(r0 + rows, h_out))
+        if out is None:
+            out = torch.empty((*piece.shape[:2], h_out, piece.shape[3]), dtype=piece.dtype, device=piece.device,
+                              memory_format=_format(x))
+        if last is not None:
+            out[:, :, last[0]:r0] = last[1]
+        last = (r0, piece)
+    out[:, :, last[0]:] = last[1]
+    return out
+
+
+def _halo(pre, conv: nn.Conv2d, x: torch.Tensor, rows: int, up: int = 1, add=None, into=None) -> torch.Tensor:
+    """conv(pre(x)) (+ add(r0, r1) per band of output rows) for a 3x3 padding-1 `conv` after a `pre` that is
+    pointwise or (up=2) a nearest 2x upsampling: each band reads one more row of pre(x) either side (the halo)."""
+    h = x.shape[2] * up
+
+    def band_rows(o0: int, o1: int) -> torch.Tensor:
+        a, b = max(o0 - 1, 0), min(o1 + 1, h)  # rows of pre(x) the band reads
+        t = pre(x[:, :, a // up:-(-b // up)])[:, :, a % up:a % up + b - a]
+        top, bottom = int(o0 == 0), int(o1 == h)  # the conv's zero padding at the image's edges
+        if top != bottom:
+            t, top = F.pad(t, (0, 0, top, bottom)), 0
+        y = F.conv2d(t, conv.weight, conv.bias, padding=(top, 1))  # (B, C, o1 - o0, W)
+        return y if add is None else y.add_(add(o0, o1))
+
+    return _banded(band_rows, x, h, rows, into)
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, rows: int):
+    """silu(norm(t)) for bands t of x, with the group mean and variance of the whole x: each band's, from
+    GroupNorm's own kernel (float32 inside), merged by the law of total variance."""
+    if rows >= x.shape[2]:
+        return lambda t: F.silu(norm(t))
+    b, c, h, w = x.shape
+    g, eps = norm.num_groups, norm.eps
+    fmt = _format(x)
+    stats = [torch.ops.aten.native_group_norm(x[:, :, r:r + rows].contiguous(memory_format=fmt), None, None, b, c,
+                                              x[0, 0, r:r + rows].numel(), g, eps)[1:]
+             for r in range(0, h, rows)]  # per band: mean, rstd (B, G)
+    mean, rstd = (torch.stack(v).float() for v in zip(*stats))  # (bands, B, G)
+    share = torch.tensor([min(rows, h - r) / h for r in range(0, h, rows)], device=x.device).view(-1, 1, 1)
+    group_mean = (share * mean).sum(0)  # (B, G)
+    group_var = (share * (rstd.pow(-2) - eps + (mean - group_mean).square())).sum(0)
+    scale = norm.weight.float().view(g, -1) * torch.rsqrt(group_var + eps)[:, :, None]  # (B, G, C/G)
+    shift = norm.bias.float().view(g, -1) - group_mean[:, :, None] * scale
+    scale, shift = (v.reshape(b, c, 1, 1).to(x.dtype) for v in (scale, shift))
+    return lambda t: F.silu(torch.addcmul(shift, t, scale), inplace=True)
+
+
+def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, band: int | None, add=None,
+               into=None) -> torch.Tensor:
+    """conv(silu(norm(x))) (+ add(r0, r1)) over row bands, the GroupNorm statistics of the whole x."""
+    rows = _rows_per_band(x, band)
+    return _halo(_norm_silu(norm, x, rows), conv, x, rows, add=add, into=into)
+
+
 class ResnetBlock(nn.Module):
     """`ResnetBlock` in model.py, without timestep embedding (temb_channels=0) and dropout 0."""
 
@@ -54,10 +146,11 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, **kw)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, **kw) if c_in != c_out else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        h = _norm_conv(self.norm1, self.conv1, x, band)
+        skip = self.nin_shortcut or nn.Identity()
+        # h is ours and read by conv2 alone: its bands are overwritten by the output as they are done
+        return _norm_conv(self.norm2, self.conv2, h, band, add=lambda r0, r1: skip(x[:, :, r0:r1]), into=h)
 
 
 class AttnBlock(nn.Module):
@@ -92,8 +185,12 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        def rows(o0: int, o1: int) -> torch.Tensor:  # output row r reads input rows 2r..2r+2; row H is the padding
+            t = x[:, :, 2 * o0:2 * o1 + 1]
+            return self.conv(F.pad(t, (0, 1, 0, 2 * (o1 - o0) + 1 - t.shape[2])))
+
+        return _banded(rows, x, x.shape[2] // 2, _rows_per_band(x, band, cost=2))
 
 
 class Upsample(nn.Module):
@@ -103,8 +200,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        up = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
+        return _halo(up, self.conv, x, _rows_per_band(x, band, cost=2, multiple=2), up=2)
 
 
 class MidBlock(nn.Module):
@@ -116,8 +214,8 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(c, device, dtype)
         self.block_2 = ResnetBlock(c, c, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, band)), band)  # attention over the whole latent
 
 
 class DownLevel(nn.Module):
@@ -128,10 +226,10 @@ class DownLevel(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.downsample = downsample  # None at the lowest resolution: no tensors, no key
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
         for blk in self.block:
-            x = blk(x)
-        return x if self.downsample is None else self.downsample(x)
+            x = blk(x, band)
+        return x if self.downsample is None else self.downsample(x, band)
 
 
 class UpLevel(nn.Module):
@@ -142,10 +240,10 @@ class UpLevel(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.upsample = upsample  # None at full resolution (up.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
         for blk in self.block:
-            x = blk(x)
-        return x if self.upsample is None else self.upsample(x)
+            x = blk(x, band)
+        return x if self.upsample is None else self.upsample(x, band)
 
 
 class Encoder(nn.Module):
@@ -169,12 +267,12 @@ class Encoder(nn.Module):
         self.norm_out = _norm(c, **kw)
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        h = _halo(nn.Identity(), self.conv_in, x, _rows_per_band(x, band))
         for level in self.down:
-            h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 * z_channels, H/f, W/f)
+            h = level(h, band)
+        h = self.mid(h, band)
+        return _norm_conv(self.norm_out, self.conv_out, h, band)  # (B, 2 * z_channels, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -198,11 +296,11 @@ class Decoder(nn.Module):
         self.norm_out = _norm(c, **kw)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1, **kw)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        h = self.mid(_halo(nn.Identity(), self.conv_in, z, _rows_per_band(z, band)), band)
         for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level(h, band)
+        return _norm_conv(self.norm_out, self.conv_out, h, band)
 
 
 @dataclass(frozen=True)
@@ -243,13 +341,17 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1, **kw)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1, **kw)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Image (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+    def encode(self, x: torch.Tensor, band: int | None = None) -> DiagonalGaussian:
+        """Image (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8); `band` as `decode`."""
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, band)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1].
+
+        band: run in row bands of about this many bytes of float32 temporaries (see "row bands" above), None:
+        whole tensors. Same result either way up to float rounding (tests/test_vae_tiling.py states the bounds).
+        """
+        return self.decoder(self.post_quant_conv(z), band)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mode."""
@@ -259,119 +361,6 @@ class AutoencoderKL(nn.Module):
     def factor(self) -> int:
         """Pixels per latent along each side: 8 for SDXL."""
         return 2 ** (len(self.cfg.ch_mult) - 1)
-
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16, stats_size: int | None = 64) -> torch.Tensor:
-        """`decode` in overlapping latent tiles blended with linear ramps: memory bounded by the tile size.
-
-        Every tile normalises with whole-image GroupNorm statistics, taken from one decode of the latent
-        shrunk to `stats_size` (None: full size) as TiledVAE's fast mode does: per-tile statistics would
-        give each tile its own tone, a visible seam.
-        """
-        if max(z.shape[-2:]) <= tile:
-            return self.decode(z)
-        probe = z if stats_size is None else _shrink(z, stats_size)
-        with _shared_norm_stats(self.decoder, lambda: self.decode(probe)):
-            return _tiled(self.decode, z, tile, overlap, self.factor)
-
-    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 128,
-                     stats_size: int | None = 512) -> DiagonalGaussian:
-        """`encode` in overlapping pixel tiles, with shared GroupNorm statistics as `decode_tiled`."""
-        f = self.factor
-        if max(x.shape[-2:]) <= tile:
-            return self.encode(x)
-        enc = lambda t: self.quant_conv(self.encoder(t))  # noqa: E731
-        probe = x if stats_size is None else _shrink(x, stats_size)
-        with _shared_norm_stats(self.encoder, lambda: enc(probe)):
-            moments = _tiled(enc, x, tile // f * f, overlap // f * f, 1 / f)
-        return DiagonalGaussian.from_moments(moments)
-
-
-def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x resized (area-preserving aspect) so its longer side is at most `size`."""
-    h, w = x.shape[-2:]
-    s = min(1.0, size / max(h, w))
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    # float32: antialiased interpolation has no bf16/fp16 kernel on CPU
-    return F.interpolate(x.float(), size=size, mode="bilinear", antialias=True).to(x.dtype)
-
-
-class _shared_norm_stats:
-    """Within the block, `module`'s GroupNorms use the statistics recorded while running `probe()` once."""
-
-    def __init__(self, module: nn.Module, probe):
-        self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
-        self.probe, self.stats = probe, {}
-
-    def __enter__(self):
-        def record(m, args):
-            x = args[0].float().reshape(args[0].shape[0], m.num_groups, -1)
-            self.stats[m] = (x.mean(-1), x.var(-1, unbiased=False))  # (B, groups) each
-
-        hooks = [m.register_forward_pre_hook(record) for m in self.norms]
-        try:
-            with torch.no_grad():
-                self.probe()
-        finally:
-            for h in hooks:
-                h.remove()
-        for m in self.norms:
-            m.forward = self._fixed(m)
-        return self
-
-    def _fixed(self, m: nn.GroupNorm):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            mean, var = self.stats[m]
-            b, c = x.shape[:2]
-            g = x.reshape(b, m.num_groups, -1)  # (B, groups, C/groups * H * W)
-            g = (g - mean[:, :, None].to(x.dtype)) * torch.rsqrt(var[:, :, None] + m.eps).to(x.dtype)
-            return g.reshape(x.shape) * m.weight.view(1, c, 1, 1) + m.bias.view(1, c, 1, 1)
-        return forward
-
-    def __exit__(self, *exc):
-        for m in self.norms:
-            del m.forward  # back to GroupNorm.forward
-        return False
-
-
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
-
-
-def _ramp(n: int, overlap: int, first: bool, last: bool, device) -> torch.Tensor:
-    """Weights along one side of a tile: rising over `overlap` at inner edges, 1 at the image border."""
-    w = torch.ones(n, device=device)
-    k = min(overlap, n // 2)
-    if k and not first:
-        w[:k] = torch.linspace(1 / (k + 1), k / (k + 1), k, device=device)
-    if k and not last:
-        w[n - k:] = torch.linspace(k / (k + 1), 1 / (k + 1), k, device=device)
-    return w
-
-
-def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
-    """Apply a fully convolutional `fn` (output `scale` x the input size) tile by tile, feathering the overlaps."""
-    b, _, h, w = x.shape
-    ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
-    if len(ys) == len(xs) == 1:
-        return fn(x)
-    out = weight = None
-    for i, y0 in enumerate(ys):
-        for j, x0 in enumerate(xs):
-            piece = fn(x[:, :, y0:y0 + tile, x0:x0 + tile]).float()
-            ph, pw = piece.shape[-2:]
-            oy, ox, ov = int(y0 * scale), int(x0 * scale), int(overlap * scale)
-            wy = _ramp(ph, ov, i == 0, i == len(ys) - 1, x.device)
-            wx = _ramp(pw, ov, j == 0, j == len(xs) - 1, x.device)
-            m = wy[:, None] * wx[None, :]  # (ph, pw)
-            if out is None:
-                out = torch.zeros(b, piece.shape[1], int(h * scale), int(w * scale), device=x.device)
-                weight = torch.zeros(int(h * scale), int(w * scale), device=x.device)
-            out[:, :, oy:oy + ph, ox:ox + pw] += piece * m
-            weight[oy:oy + ph, ox:ox + pw] += m
-    return (out / weight).to(x.dtype)
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:

@@ -570,9 +570,20 @@ def sd_vae(request: Request):
 
 @router.get(f"{API}/loras")
 def loras(request: Request):
-    """The loras folder; NAME is what `<lora:NAME:0.8>` in a prompt takes."""
-    return [{"name": m.name.rsplit(".", 1)[0], "alias": m.name.rsplit(".", 1)[0], "path": str(m.path),
-             "metadata": {}} for m in request.app.state.models.list("loras") if m.refused is None]
+    """The loras folder as A1111 lists it (extensions-builtin/Lora/lora_script.py create_lora_json, network.py
+    NetworkOnDisk, v1.10.1): `name` the file's stem, `alias` its ss_output_name (else the stem), `path`, `metadata`
+    the file's; a prompt takes either, or `sub/NAME` where two files share a stem (sdxl.session.find_lora)."""
+    from sdxl.formats.files import SafetensorsFile
+
+    out = []
+    for m in (m for m in request.app.state.models.list("loras") if m.refused is None):
+        try:
+            meta = SafetensorsFile(m.path).metadata
+        except SDXLError:  # a broken header: listed by its name; using it gives the reason
+            meta = {}
+        out.append({"name": m.path.stem, "alias": meta.get("ss_output_name", m.path.stem), "path": str(m.path),
+                    "metadata": meta})
+    return out
 
 
 @router.get(f"{API}/embeddings")

@@ -29,6 +29,7 @@ from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS
 from sdxl.request import Request as GenerationRequest
 from sdxl.serve.jobs import JobSpec, JobState
+from sdxl.session import lora_weight
 
 router = APIRouter(prefix="/v1", tags=["native"])
 # the job fields that are not Request settings, and their JSON schemas
@@ -117,7 +118,8 @@ def spec_from_body(body, source: str) -> JobSpec:
         raise SDXLError(f"{source}: loras must be a list of [NAME, WEIGHT] pairs")
     n_iter = body.get("n_iter", 1)
     return JobSpec(settings, body.get("model"), body.get("refiner"), body.get("vae"),
-                   tuple((n, float(w)) for n, w in loras), decode_image(body.get("init_image"), "init_image", source),
+                   tuple((n, lora_weight(w, f"{source}: loras[{i}] {n!r}")) for i, (n, w) in enumerate(loras)),
+                   decode_image(body.get("init_image"), "init_image", source),
                    decode_image(body.get("mask"), "mask", source), n_iter, source)
 
 
