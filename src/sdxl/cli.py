@@ -452,8 +452,8 @@ def _add_generate(sub) -> None:
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
     g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     g.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where the CPU has AMX or "
-                        "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
+                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
+                        "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
                    help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
