@@ -1,8 +1,16 @@
 """Forward time of our SDXL base UNet vs diffusers' UNet2DConditionModel, same weights, same inputs, same run.
 
-Usage: python bench/unet_vs_diffusers.py [--latent 32] [--batch 2] [--reps 3] [--dtype fp32] [--channels-last]
-Random full-size weights, shared between both models (no copy). Timings alternate between the two models so
-that machine noise hits both alike; the ratio is the result, not the absolute seconds.
+Usage: python bench/unet_vs_diffusers.py [--px 512 1024] [--dtype bf16 fp32] [--batch 2] [--reps 3] [--write]
+
+Random full-size weights, shared between both models (no copy), channels-last. Diffusers runs its best eager setup:
+SDPA (its default processor), channels-last, `fuse_qkv_projections()`. Timings alternate between the models so that
+machine noise hits both alike; the ratios are the result, not the absolute seconds. Per case it prints
+- ours: equal numerics (fused self-attention QKV, the text's K/V kept across calls as during sampling);
+- fast: `Pipeline(fast=2)`, DeepCache every other call: the mean of a full and a shallow call, and its relative
+  error on fixed inputs (a shallow call vs the full call it replaces, a step apart; for scale, beside it the
+  relative difference of our and diffusers' outputs, which is rounding alone);
+- the machine's bf16 (or fp32) matmul limit, measured by a probe in the same run, and the fraction of it each
+  model reaches (FLOPs counted by torch.utils.flop_counter on the meta device).
 """
 
 import argparse
@@ -14,75 +22,153 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sdxl.formats.checkpoint import _unet_diffusers_config
-from sdxl.models.conditioning import FourierEmbedder
 from sdxl.formats.convert import to_ours, unet_table
-from sdxl.models.unet import SDXL_BASE, UNet
+from sdxl.models.conditioning import FourierEmbedder
+from sdxl.models.unet import SDXL_BASE, DeepCache, UNet
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEAD = "## UNet forward vs diffusers"
+COLUMNS = ("| date | machine, load | case | ours | diffusers | ours/diffusers | fast (DeepCache 2) | fast speed-up | "
+           "fast rel. error (ours vs diffusers) | matmul limit | fraction ours / diffusers |\n|" + "---|" * 11)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--latent", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--write", action="store_true", help="append the result to bench/RESULTS.md")
-    args = ap.parse_args()
+def matmul_limit(dtype: torch.dtype, reps: int = 3) -> float:
+    """The best FLOP/s of a few UNet-shaped matmuls (tokens x width @ width x 4 width) in `dtype`."""
+    best = 0.0
+    for m, k, n in ((8192, 640, 2560), (2048, 1280, 5120), (2048, 5120, 1280)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def unet_flops(inputs: tuple) -> int:
+    """FLOPs of one base UNet forward on these input shapes (meta device: nothing is computed)."""
+    meta = UNet(SDXL_BASE, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(*(t.to("meta") for t in inputs))
+    return counter.get_total_flops()
+
+
+def models(dtype: torch.dtype, theirs=None):
+    """(ours, theirs) sharing random full-size weights in `dtype`; `theirs` is recast in place when given."""
     from diffusers import UNet2DConditionModel
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
-    theirs = UNet2DConditionModel.from_config(_unet_diffusers_config(SDXL_BASE)).to(dtype).eval()
+    if theirs is None:
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialised in `dtype`: no float32 copy of 2.6 B weights first
+        theirs = UNet2DConditionModel.from_config(_unet_diffusers_config(SDXL_BASE))
+        torch.set_default_dtype(default)
+    theirs.to(dtype).eval().to(memory_format=torch.channels_last)
+    state = {k: v for k, v in theirs.state_dict().items() if ".to_qkv." not in k and ".to_kv." not in k}  # fused
     ours = UNet(SDXL_BASE, device="meta")
-    ours.load_state_dict(to_ours(unet_table(SDXL_BASE), theirs.state_dict()), strict=True, assign=True)
-    ours.eval()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    theirs.to(memory_format=fmt)
-    ours.to(memory_format=fmt)
-    b, n = args.batch, args.latent
-    x = torch.randn(b, 4, n, n, dtype=dtype).contiguous(memory_format=fmt)
-    t = torch.full((b,), 500.0)
-    ctx = torch.randn(b, 77, 2048, dtype=dtype)
-    pooled = torch.randn(b, 1280, dtype=dtype)
-    ids = torch.tensor([[n * 8, n * 8, 0, 0, n * 8, n * 8]] * b, dtype=torch.float32)
+    ours.load_state_dict(to_ours(unet_table(SDXL_BASE), state), strict=True, assign=True)
+    ours.eval().to(memory_format=torch.channels_last)
+    ours.fuse_qkv()
+    theirs.fuse_qkv_projections()
+    return ours, theirs
+
+
+def inputs(dtype: torch.dtype, batch: int, px: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    n = px // 8
+    x = torch.randn(batch, 4, n, n, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    ctx = torch.randn(batch, 77, 2048, generator=g).to(dtype)
+    pooled = torch.randn(batch, 1280, generator=g).to(dtype)
+    ids = torch.tensor([[px, px, 0, 0, px, px]] * batch, dtype=torch.float32)
     y = torch.cat([pooled, FourierEmbedder(256)(ids).to(dtype)], 1)
+    return x, ctx, pooled, ids, y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def fast_error(ours: UNet, x, ctx, y) -> float:
+    """A DeepCache shallow call vs the full call at the same input: x at t=500, then one Euler step later."""
+    t1, t2 = torch.full((x.shape[0],), 500.0), torch.full((x.shape[0],), 475.0)
+    cache = DeepCache(2)
+    eps = ours(x, t1, ctx, y, cache=cache)
+    x2 = (x.float() - 0.05 * eps.float()).to(x.dtype)
+    return rel(ours(x2, t2, ctx, y, cache=cache), ours(x2, t2, ctx, y))
+
+
+def case(ours, theirs, dtype, batch: int, px: int, reps: int, limit: float) -> dict:
+    x, ctx, pooled, ids, y = inputs(dtype, batch, px)
+    t = torch.full((batch,), 500.0)
+    cache = DeepCache(2)
     runs = {"ours": lambda: ours(x, t, ctx, y),
+            "fast": lambda: (ours(x, t, ctx, y, cache=cache), ours(x, t, ctx, y, cache=cache)),
             "diffusers": lambda: theirs(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample}
     times = {k: [] for k in runs}
     with torch.no_grad():
         for fn in runs.values():  # warm-up
             fn()
-        for _ in range(args.reps):
+        for _ in range(reps):
             for k, fn in runs.items():
                 start = time.perf_counter()
                 fn()
-                times[k].append(time.perf_counter() - start)
+                times[k].append((time.perf_counter() - start) / (2 if k == "fast" else 1))
+        err = fast_error(ours, x, ctx, y)
+        noise = rel(runs["ours"](), runs["diffusers"]())
     med = {k: statistics.median(v) for k, v in times.items()}
-    load = os.getloadavg()[0]
-    line = (f"| {date.today()} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"load {load:.1f} | "
-            f"base UNet, batch {b}, {n}x{n} latent, {args.dtype}{', channels-last' if args.channels_last else ''} | "
-            f"{med['ours']:.2f} s | {med['diffusers']:.2f} s | {med['diffusers'] / med['ours']:.2f}x |")
-    print(line)
+    flops = unet_flops((x, t, ctx, y))
+    return med | {"err": err, "noise": noise, "flops": flops, "limit": limit, "load": os.getloadavg()[0]}
+
+
+def row(r: dict, dtype: str, batch: int, px: int) -> str:
+    m = r["diffusers"]
+    return (f"| {date.today()} | {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads, load "
+            f"{r['load']:.1f} | batch {batch}, {px} px, {dtype} | {r['ours']:.2f} s | {m:.2f} s | {m / r['ours']:.2f}x | "
+            f"{r['fast']:.2f} s | {m / r['fast']:.2f}x | {r['err']:.4f} ({r['noise']:.4f}) | {r['limit'] / 1e12:.3f} TFLOP/s | "
+            f"{r['flops'] / r['ours'] / r['limit']:.0%} / {r['flops'] / m / r['limit']:.0%} |")
+
+
+def write(lines: list[str]) -> None:
+    """Add rows to the table with these columns in bench/RESULTS.md (made under HEAD if there is none)."""
+    path = Path(__file__).with_name("RESULTS.md")
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    header = COLUMNS.split("\n")[0]
+    if header not in text:
+        text = text if HEAD in text else text + f"\n{HEAD}\n"
+        sub = "Command: `python bench/unet_vs_diffusers.py --write`; see the script's docstring."
+        text = text.replace(HEAD, f"{HEAD}\n\n{sub}\n\n{COLUMNS}", 1)
+    out = text.split("\n")
+    i = out.index(header) + 2
+    while i < len(out) and out[i].startswith("| 2"):
+        i += 1
+    out[i:i] = lines
+    path.write_text("\n".join(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--px", type=int, nargs="+", default=[512])
+    ap.add_argument("--dtype", choices=tuple(DTYPES), nargs="+", default=["bf16"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="add the rows to bench/RESULTS.md")
+    args = ap.parse_args()
+    theirs, lines = None, []
+    for name in args.dtype:
+        dtype = DTYPES[name]
+        ours, theirs = models(dtype, theirs)
+        for px in args.px:
+            limit = matmul_limit(dtype)
+            r = case(ours, theirs, dtype, args.batch, px, args.reps, limit)
+            r["limit"] = max(limit, matmul_limit(dtype))
+            lines.append(row(r, name, args.batch, px))
+            print(lines[-1], flush=True)
+        del ours
     if args.write:
-        path = Path(__file__).with_name("RESULTS.md")
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        head = "## UNet forward vs diffusers"
-        if head not in text:
-            text += (f"\n{head}\n\nCommand: `python bench/unet_vs_diffusers.py --write [flags]` (median of reps, "
-                     "alternating models in one run; random full-size weights shared by both).\n\n"
-                     "| date | machine | case | ours | diffusers | speed-up |\n|---|---|---|---|---|---|\n")
-        lines = text.split("\n")
-        i = lines.index(head)
-        j = i + 1
-        while j < len(lines) and not lines[j].startswith("## "):
-            j += 1
-        while lines[j - 1] == "":
-            j -= 1
-        lines.insert(j, line)
-        path.write_text("\n".join(lines) + ("\n" if not lines[-1] == "" else ""))
+        write(lines)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def generate_help(capsys) -> str:
 
 
 def test_help_says_how_the_dtype_is_chosen(capsys):
-    assert "on CPUs bf16 where the CPU has AMX or AVX512-BF16 (several times faster there), else fp32" in \
+    assert "on CPUs bf16 where a quick matmul probe finds it faster than fp32" in \
         generate_help(capsys)
 
 

@@ -11,8 +11,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
-from sdxl.session import (DTYPES, Models, build_request, check_embeddings, device_and_dtype, dtype_name,
-                          load_pipeline, request_loras, resolve_models, use_loras, write_images)
+from sdxl.session import (DTYPES, Models, build_request, check_embeddings, configure_threads, device_and_dtype,
+                          dtype_name, load_pipeline, process_seconds, request_loras, resolve_models, threads_note,
+                          use_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -323,7 +324,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     reqs = [(k, r) for k, r in enumerate(reqs) if k % world == rank]
     _outputs(args)
     start = time.perf_counter()
-    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling))
+    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling), fast=args.fast,
+                         compile=args.compile)
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
@@ -341,8 +343,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         steps_done += len(counted)
         _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings)
     wall = time.perf_counter() - start
-    print(f"{wall:.1f} s wall, {wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, "
-          f"{dtype_name(dtype)} ({why})")
+    compiled = f", compiling {pipe.compile_seconds:.1f} s of it" if args.compile else ""
+    print(f"{wall:.1f} s wall{compiled} ({process_seconds():.1f} s since the process started, {threads_note()}), "
+          f"{wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, {dtype_name(dtype)} ({why})")
     return 0
 
 
@@ -382,6 +385,22 @@ def _add_image_flags(g) -> None:
     g.add_argument("--negative-target-size", type=_pair)
     g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
+
+
+def _interval(text: str) -> int:
+    """--fast N: 1 (off) to 10."""
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 (off) to 10, got {text!r}")
+    return int(text)
+
+
+def _add_speed_flags(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
+                   help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
+                        "faster per step at N=2, at a small quality cost (bench/RESULTS.md)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first step compiles (minutes for SDXL; cached in "
+                        "~/.cache/sdxl/inductor); the summary line gives the compile time")
 
 
 def _add_generate(sub) -> None:
@@ -438,11 +457,12 @@ def _add_generate(sub) -> None:
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
     g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     g.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where the CPU has AMX or "
-                        "AVX512-BF16 (several times faster there), else fp32 (bf16 is far slower without them). "
+                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
+                        "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
                    help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
+    _add_speed_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
@@ -746,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_threads()  # before torch is imported: OpenMP reads its settings once
     warnings.formatwarning = lambda message, *args, **kw: f"sdxl: warning: {message}\n"
     for stream in (sys.stdout, sys.stderr):  # file names with bytes that are not UTF-8 are printed, not a traceback
         try:

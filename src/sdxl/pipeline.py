@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
+import os
+import platform
+import re
+import time
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,15 +35,59 @@ from sdxl.errors import SDXLError
 from sdxl.request import Request
 from sdxl.models.model import BUCKETS, SDXLModel
 from sdxl.models.tokenizer import Tokenizer
+from sdxl.models.unet import DeepCache
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: there bf16 matmul/conv run several times faster than fp32; elsewhere far slower."""
+    """Whether bf16 matmuls beat float32 on this CPU (with AVX512-BF16 or AMX about 2-4x faster; without, hundreds
+    of times slower), measured by `bf16_probe` once per CPU model and torch version, cached in ~/.cache/sdxl."""
+    key = f"{_cpu_model()} | torch {torch.__version__}"
+    path = cache_dir() / "cpu_bf16.json"
     try:
-        flags = open("/proc/cpuinfo").read()
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known.get(key), bool):
+        known[key] = bf16_probe()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home: probe again next time
+    return known[key]
+
+
+def cache_dir() -> Path:
+    """sdxl's per-user cache: $XDG_CACHE_HOME/sdxl or ~/.cache/sdxl."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdxl"
+
+
+def _cpu_model() -> str:
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        names = []
+    return names[0].strip() if names else platform.processor() or platform.machine()
+
+
+def bf16_probe(n: int = 256, reps: int = 3) -> bool:
+    """A (n, n) @ (n, n) matmul timed in float32 and bf16 (best of `reps`, ~10 ms where bf16 is fast, ~0.4 s where it
+    is emulated): bf16 wins when it takes under 0.8x the float32 time."""
+    a = torch.randn(n, n)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # first call: kernel selection
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] < 0.8 * best[torch.float32]
 
 
 def default_device() -> str:
@@ -45,7 +95,7 @@ def default_device() -> str:
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """fp16 on GPUs (bf16 where supported), bf16 on CPUs with AMX/AVX512-BF16, else fp32."""
+    """fp16 on GPUs (bf16 where supported), bf16 on CPUs where the probe finds it faster than fp32, else fp32."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -138,8 +188,11 @@ class GuidedDenoiser:
     def __init__(self, unet, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0,
                  sigma_range: tuple[float, float] = (-1.0, math.inf), extra: torch.Tensor | None = None,
                  blend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, skip_first_blend: bool = False,
-                 prediction: str = "epsilon", sigmas_train: torch.Tensor | None = None):
+                 prediction: str = "epsilon", sigmas_train: torch.Tensor | None = None, cache=None):
         self.unet, self.cond, self.uncond = unet, cond, uncond
+        # one (uncond, cond) tensor for every step: the UNet keeps the text's K/V while it sees the same tensor
+        self.both = Conditioning.cat([uncond, cond]) if uncond is not None else None
+        self.kw = {} if cache is None else {"cache": cache}  # DeepCache (`unet.DeepCache`): Pipeline(fast=N)
         self.scale, self.rescale, self.sigma_range = scale, rescale, sigma_range
         self.extra, self.blend, self.skip_blend = extra, blend, skip_first_blend
         self.dtype = next(unet.parameters()).dtype
@@ -152,9 +205,9 @@ class GuidedDenoiser:
             x_in = torch.cat([x_in, self.extra], dim=1)
         x_in = x_in.to(self.dtype)
         if not guided:
-            return self.unet(x_in, t, self.cond.crossattn, self.cond.vector).float()
-        both = Conditioning.cat([self.uncond, self.cond])
-        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), both.crossattn, both.vector).float()
+            return self.unet(x_in, t, self.cond.crossattn, self.cond.vector, **self.kw).float()
+        both = self.both
+        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), both.crossattn, both.vector, **self.kw).float()
         eps_u, eps_c = out.chunk(2)
         eps = eps_u + self.scale * (eps_c - eps_u)
         if self.rescale > 0:
@@ -236,12 +289,17 @@ class Pipeline:
 
     The pipeline works on its own copies of the given modules (tensors shared where device and dtype
     already match): the caller's models keep their dtype, mode, requires_grad and memory format.
+    Speed: `fast` N > 1 reuses the UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in
+    bench/RESULTS.md); `compile` compiles each UNet with torch.compile (the first call compiles; inductor's cache in
+    ~/.cache/sdxl/inductor makes later processes faster), `compile_seconds` sums the time spent compiling.
     """
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
                  vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
-                 vae_tiling: bool | None = None, vae_band: int = 64 << 20):
+                 vae_tiling: bool | None = None, vae_band: int = 64 << 20,
+                 fast: int = 0, compile: bool = False):
         self.device, self.dtype, self.vae_tiling, self.vae_band = torch.device(device), dtype, vae_tiling, vae_band
+        self.fast, self.compiled = fast, compile
         self.vae_dtype = vae_dtype or dtype
         self.tokenizer = tokenizer or Tokenizer.default()
         memo = {}
@@ -250,6 +308,20 @@ class Pipeline:
         self.vae = self.base.vae
         self.scaling_factor = self.vae.cfg.scaling_factor
         self.latent_factor = self.vae.factor  # 8 for SDXL
+        if compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+            for m in (self.base, self.refiner):
+                if m is not None:
+                    m.unet.compile()
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling in this process so far (torch.compile's own count; 0 without `compile`)."""
+        if not self.compiled:
+            return 0.0
+        from torch._dynamo.utils import compilation_time_metrics
+
+        return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
     def _own(self, m: SDXLModel, memo: dict, channels_last: bool,
              names=("unet", "conditioner", "vae")) -> SDXLModel:
@@ -260,6 +332,8 @@ class Pipeline:
             for name in ("unet", "vae"):
                 if name in parts:
                     parts[name].to(memory_format=torch.channels_last)
+        if "unet" in parts:
+            parts["unet"].fuse_qkv()
         return SDXLModel.from_parts(**parts, like=m.cfg)
 
     @classmethod
@@ -275,6 +349,9 @@ class Pipeline:
             for m in (base.unet, base.vae, ref.unet if ref is not None else None):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
+        for m in (base.unet, ref.unet if ref is not None else None):
+            if m is not None:
+                m.fuse_qkv()
         return cls(base, ref, device, dtype, channels_last=channels_last, **kw)
 
     # --- conditioning ------------------------------------------------------------------------
@@ -600,7 +677,8 @@ class Pipeline:
         cond, uncond = conditioning
         table, prediction = self.training_sigmas(req, model), self._sampling(req, model)[0]
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
-                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table)
+                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table,
+                                  DeepCache(self.fast) if self.fast > 1 else None)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))

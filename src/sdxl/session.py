@@ -7,11 +7,16 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
+
+_IMPORTED = time.perf_counter()
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # a model whose file records no native settings gets SDXL's (SDXL report §2.3, sgm's sampling defaults)
@@ -52,6 +57,60 @@ class Models:
         """The files as a recipe records them: model, refiner, vae, unet, lora0, lora1, ..."""
         return {"model": self.model, "refiner": self.refiner, "vae": self.vae, "unet": self.unet} | {
             f"lora{i}": spec for i, spec in enumerate(self.loras)}
+
+
+_THREADS = {"why": "as set"}
+
+
+def configure_threads(sample_s: float = 0.05) -> None:
+    """Before torch is imported (OpenMP reads its settings once), unless OMP_NUM_THREADS is set: as many threads as
+    this process's cores that are idle now (the idle share of all CPUs in /proc/stat over `sample_s`, rounded; at
+    least 1), and where some are busy, OMP_WAIT_POLICY=PASSIVE (unless set). A spinning OpenMP thread on a core that
+    another process holds stalls every parallel region: on a busy 2-core machine 2 spinning threads took 37-116 s
+    where 1 thread or 2 passive ones took 12-21 s (bench/RESULTS.md, "Threads"). A quiet machine keeps torch's
+    defaults (all cores, libgomp's spin-then-sleep wait)."""
+    if "torch" in sys.modules or "OMP_NUM_THREADS" in os.environ:  # a host process or the user has chosen
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        first = _cpu_times()
+        time.sleep(sample_s)
+        idle = _idle_cpus(first, _cpu_times())
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        idle = float(cores)
+    n = max(1, min(cores, round(idle)))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if n < cores:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _THREADS["why"] = f"{idle:.1f} of {cores} cores idle" + (", passive wait" if n < cores else "")
+
+
+def _cpu_times() -> list[int]:
+    """The aggregate "cpu" line of /proc/stat: jiffies per state (user nice system idle iowait ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def _idle_cpus(before: list[int], after: list[int]) -> float:
+    """CPUs idle between two /proc/stat samples: the idle + iowait share of the elapsed jiffies times the CPU count."""
+    delta = [b - a for a, b in zip(before, after)]
+    return (delta[3] + delta[4]) / sum(delta) * (os.cpu_count() or 1)
+
+
+def threads_note() -> str:
+    """How many threads torch uses and why, for the summary line."""
+    import torch
+
+    return f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}: {_THREADS['why']}"
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included), from /proc; else since
+    this module was imported."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 
 def native_settings(model: str) -> tuple[dict, str]:
@@ -135,9 +194,9 @@ def device_and_dtype(device: str | None, dtype: str | None):
     if dev.type != "cpu":
         why = f"the default on {dev.type}"
     elif chosen == torch.bfloat16:
-        why = "this CPU has AMX or AVX512-BF16, where bf16 runs several times faster; --dtype fp32 for references"
+        why = "a matmul probe found bf16 faster than fp32 on this CPU; --dtype fp32 for references"
     else:
-        why = "this CPU lacks AMX and AVX512-BF16, where bf16 would be far slower"
+        why = "a matmul probe found bf16 slower than fp32 on this CPU (no AVX512-BF16/AMX)"
     return str(dev), chosen, why
 
 
@@ -358,14 +417,15 @@ def check_embeddings(req, models: Models) -> None:
         for_model(models.embeddings, models.model).check(t for v in texts for t in (v if isinstance(v, tuple) else [v]))
 
 
-def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):
+def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print, **speed):
     """The Pipeline of `models` on device/dtype, without LoRAs: each request applies its own set, --lora files and
-    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once."""
+    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once. `speed`: Pipeline's fast=,
+    compile=."""
     from sdxl.pipeline import Pipeline
 
     file_loras(models)  # bad weights fail before the weights load
     pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
-                         unet=models.unet)
+                         unet=models.unet, **speed)
     use_embeddings(pipe, models.embeddings, log)
     return pipe
 

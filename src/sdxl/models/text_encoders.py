@@ -66,6 +66,17 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return y.transpose(1, 2).reshape(B, T, W)
 
 
+def _normal_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """`nn.init.normal_`, skipped on the meta device (models built there get loaded weights; on meta it imports
+    torch._dynamo, about a second per process)."""
+    return t if t.device.type == "meta" else nn.init.normal_(t, std=std)
+
+
+def _embedding(n: int, width: int, device=None, dtype=None) -> nn.Embedding:
+    """`nn.Embedding` initialised as torch does (N(0, 1)), not initialised on the meta device."""
+    return nn.Embedding(n, width, _weight=_normal_(torch.empty(n, width, device=device, dtype=dtype)))
+
+
 def _check_tokens(tokens: torch.Tensor, max_length: int) -> None:
     if tokens.ndim != 2 or tokens.shape[1] > max_length:
         raise ValueError(f"tokens must be (batch, <= {max_length}), got {tuple(tokens.shape)}")
@@ -133,8 +144,8 @@ class CLIPTextEmbedder(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.cfg = cfg
         text_model = _container(
-            embeddings=_container(token_embedding=nn.Embedding(cfg.vocab_size, cfg.width, **kw),
-                                  position_embedding=nn.Embedding(cfg.max_length, cfg.width, **kw)),
+            embeddings=_container(token_embedding=_embedding(cfg.vocab_size, cfg.width, **kw),
+                                  position_embedding=_embedding(cfg.max_length, cfg.width, **kw)),
             encoder=_container(layers=nn.ModuleList(CLIPEncoderLayer(cfg, **kw) for _ in range(cfg.layers))),
             # in the checkpoint but unused: SDXL takes hidden_states[11] of 12, before this norm
             final_layer_norm=nn.LayerNorm(cfg.width, eps=cfg.eps, **kw),
@@ -220,7 +231,7 @@ class OpenCLIPTextEmbedder(nn.Module):
         W, kw = cfg.width, dict(device=device, dtype=dtype)
         self.cfg = cfg
         self.model = _container(
-            token_embedding=nn.Embedding(cfg.vocab_size, W, **kw),
+            token_embedding=_embedding(cfg.vocab_size, W, **kw),
             positional_embedding=nn.Parameter(torch.empty(cfg.max_length, W, **kw)),
             transformer=_container(resblocks=nn.ModuleList(ResidualAttentionBlock(cfg, **kw) for _ in range(cfg.layers))),
             ln_final=nn.LayerNorm(W, eps=cfg.eps, **kw),
@@ -228,9 +239,9 @@ class OpenCLIPTextEmbedder(nn.Module):
             logit_scale=nn.Parameter(torch.full((), math.log(1 / 0.07), **kw)),  # CLIP loss temperature, unused here
         )
         # open_clip `TextTransformer.init_parameters`; real weights come from a checkpoint
-        nn.init.normal_(self.model.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.model.positional_embedding, std=0.01)
-        nn.init.normal_(self.model.text_projection, std=W ** -0.5)
+        _normal_(self.model.token_embedding.weight, std=0.02)
+        _normal_(self.model.positional_embedding, std=0.01)
+        _normal_(self.model.text_projection, std=W ** -0.5)
 
     @property
     def token_embedding(self) -> nn.Embedding:

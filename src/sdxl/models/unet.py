@@ -74,7 +74,11 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """sgm `CrossAttention` (self-attention when no context is given), through SDPA."""
+    """sgm `CrossAttention` (self-attention when no context is given), through SDPA.
+
+    Inference only (no gradients), two shortcuts that leave the result unchanged: `fuse_qkv` makes the q/k/v weights
+    views of one tensor so self-attention projects with one matmul, and the text's K/V are kept and reused while the
+    context tensor and the weights are unchanged (the text is the same at every sampler step)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -85,14 +89,62 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False, **kw)
         self.to_v = nn.Linear(context_dim, inner, bias=False, **kw)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, **kw)])
+        self._kv: tuple | None = None  # (context, versions, K, V) of the last context
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         b, n, _ = x.shape
-        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)  # (B, h, N, d)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+        if context is None:
+            q, k, v = self._project_qkv(x)
+        else:
+            q, (k, v) = self.to_q(x), self._context_kv(context)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+        return self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+    def _plain(self) -> bool:
+        """Eager inference through plain linear layers (no gradients, no LoRA wrappers, not under torch.compile,
+        which fuses on its own and must not trace the cache's bookkeeping)."""
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._linear()
+
+    def _linear(self) -> bool:
+        """q, k, v are plain linear layers (not LoRA wrappers)."""
+        return all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
+
+    def fuse_qkv(self) -> None:
+        """Make the q/k/v weights views of one (3 inner, dim) tensor: in-place edits (a merged LoRA, `load_state_dict`)
+        reach it, and a replaced, moved or recast weight turns the fused path off (checked per call). Idempotent."""
+        if not self._linear() or self._fused_weight() is not None:
+            return  # LoRA-wrapped layers (training) stay as they are
+        fused = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
+        for m, w in zip((self.to_q, self.to_k, self.to_v), fused.chunk(3)):
+            m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+
+    def _fused_weight(self) -> torch.Tensor | None:
+        """The (3 inner, dim) tensor whose consecutive thirds are the q, k, v weights, if they are such views."""
+        if not self._linear():
+            return None
+        q, k, v = (m.weight for m in (self.to_q, self.to_k, self.to_v))
+        size = q.numel() * q.element_size()
+        if (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
+                and k.data_ptr() == q.data_ptr() + size and v.data_ptr() == q.data_ptr() + 2 * size
+                and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+            return q.as_strided((3 * q.shape[0], q.shape[1]), q.stride())
+        return None
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self._fused_weight() if self._plain() else None
+        if fused is not None:
+            return F.linear(x, fused).chunk(3, dim=-1)  # 3 x (B, N, inner)
+        return self.to_q(x), self.to_k(x), self.to_v(x)
+
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of the context, each (B, L, inner); reused while context and weights are unchanged."""
+        if not self._plain():
+            return self.to_k(context), self.to_v(context)
+        key = (context._version,) + tuple((w._version, w.data_ptr()) for w in (self.to_k.weight, self.to_v.weight))
+        if self._kv is None or self._kv[0] is not context or self._kv[1] != key:
+            self._kv = None  # free the old K/V first
+            self._kv = (context, key, self.to_k(context), self.to_v(context))
+        return self._kv[2], self._kv[3]
 
 
 class GEGLU(nn.Module):
@@ -198,6 +250,27 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclass
+class DeepCache:
+    """DeepCache (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858, uniform
+    1:N strategy): every `interval`-th UNet call runs in full and keeps the feature entering the last `depth` output
+    blocks; the calls between run only the first `depth` input blocks and those output blocks on the kept feature.
+    depth 2 = conv_in and the first ResBlock, DeepCache's setting for SD (cache_layer_id=0, cache_block_id=0).
+    One cache per sampler run (the feature belongs to its inputs' batch)."""
+
+    interval: int = 2
+    depth: int = 2
+    calls: int = 0
+    feature: torch.Tensor | None = None
+
+    def shallow(self, batch: int) -> bool:
+        """Whether this call reuses the kept feature (counts the call; `calls` cycles so torch.compile sees few
+        values)."""
+        reuse = self.calls != 0 and self.feature is not None and self.feature.shape[0] == batch
+        self.calls = (self.calls + 1) % self.interval if reuse or self.calls == 0 else 1 % self.interval
+        return reuse
+
+
 class UNet(nn.Module):
     """sgm `UNetModel` as configured for SDXL: eps prediction, text cross-attention, "vector" conditioning."""
 
@@ -246,23 +319,34 @@ class UNet(nn.Module):
                                  nn.Conv2d(mc, cfg.out_channels, 3, padding=1, **kw))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                cache: DeepCache | None = None) -> torch.Tensor:
         """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W).
 
-        Any H, W: a downsample rounds an odd side up and the matching upsample goes back to the skip's size."""
+        Any H, W: a downsample rounds an odd side up and the matching upsample goes back to the skip's size.
+        `cache`: DeepCache's shallow steps (see `DeepCache`)."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
+        shallow = cache is not None and cache.shallow(x.shape[0])
         h, skips = x.to(dtype), []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:cache.depth if shallow else None]:
             h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        h = cache.feature if shallow else self._run(self.middle_block, h, emb, context)
+        for i in range(len(self.output_blocks) - len(skips), len(self.output_blocks)):
+            if cache is not None and not shallow and i == len(self.output_blocks) - cache.depth:
+                cache.feature = h
             h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
+            h = self._run(self.output_blocks[i], h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
+
+    def fuse_qkv(self) -> None:
+        """Self-attention projects q, k, v with one matmul (`CrossAttention.fuse_qkv`); for inference copies."""
+        for m in self.modules():
+            if isinstance(m, BasicTransformerBlock):
+                m.attn1.fuse_qkv()
 
     def _run(self, block: TimestepEmbedSequential, h, emb, context, size=None):
         if self.gradient_checkpointing and self.training:
