@@ -1,6 +1,7 @@
 """The faults a tester found in LoRAs, --unet, prediction types and presets (reports/tester-b.md), each with the
 value it must give."""
 
+import inspect
 import os
 import shutil
 
@@ -91,9 +92,10 @@ def test_prediction_flags_do_not_reach_the_refiner(monkeypatch):
     base, refiner = randomize(SDXLModel(TINY_BASE), 0, 0.05), randomize(SDXLModel(TINY_REFINER), 1, 0.05)
     seen, real = [], pipeline.GuidedDenoiser
 
-    def spy(unet, *args):
-        seen.append((args[-2], float(args[-1][-1])))  # the base's stage, then the refiner's
-        return real(unet, *args)
+    def spy(*args, **kw):
+        bound = inspect.signature(real).bind(*args, **kw).arguments
+        seen.append((bound["prediction"], float(bound["sigmas_train"][-1])))  # the base's stage, then the refiner's
+        return real(*args, **kw)
 
     monkeypatch.setattr(pipeline, "GuidedDenoiser", spy)
     req = Request("a cat", width=64, height=64, steps=4, seed=1, prediction="v", zero_terminal_snr=True,
