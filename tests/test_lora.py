@@ -397,7 +397,7 @@ def _nan_in_last_module(sd: dict) -> dict:
      "lora_unet_middle_block_1_proj_in lacks lora_up"),
     (lambda sd: {"lora_unet_middle_block_1_proj_in.hada_w1_a": torch.zeros(4, 4)},
      "1 bad adapter module: lora_unet_middle_block_1_proj_in lacks hada_w1_b"),
-    (lambda sd: {"x": torch.zeros(1)}, r"1 tensor that are no adapter weights \(x\); supported: lora, loha, lokr"),
+    (lambda sd: {"x": torch.zeros(1)}, r"1 tensor whose name matches no adapter weights \(x\); supported: lora, loha, lokr"),
 ], ids=["nan", "inf-alpha", "no-up", "loha", "other"])
 def test_non_finite_and_incomplete_loras_change_nothing(tmp_path, damage, message):
     sd = lora_state_dict(trained(TINY_BASE, DEFAULT_TARGETS))

@@ -83,6 +83,8 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
 
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
+    if empty := next((k for k, v in given.items() if v is not None and not v.strip()), None):  # else read as unset
+        raise SDXLError(f"--{empty} '': no file given; give the file, or leave --{empty} out")
     for key, path in recorded.items():
         if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
                 and not (key == "refiner" and args.no_refiner):
@@ -148,8 +150,11 @@ def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
 
     names = {f.name for f in fields(Request)} - set(NOT_SETTINGS)  # --init-image and --mask are files
     flags = {FLAG_FIELDS.get(k, k): v for k, v in vars(args).items() if v is not None}
-    preset = preset_settings(args.preset) if args.preset else {}
-    s = (rec.settings if rec else {}) | preset | {k: v for k, v in flags.items() if k in names}
+    given = {k: v for k, v in flags.items() if k in names}
+    preset = preset_settings(args.preset, models.native["resolution"]) if args.preset else {}
+    if {"width", "height"} & given.keys():  # a size given replaces the preset's as a whole (sdxl.presets)
+        preset = {k: v for k, v in preset.items() if k not in ("width", "height")}
+    s = (rec.settings if rec else {}) | preset | given
     if init is None and "width" not in s and "height" not in s and models.native_from != "SDXL's default":
         size = models.native["resolution"]
         print(f"size {size}x{size}: the native resolution {models.native_from}")

@@ -466,6 +466,9 @@ class Pipeline:
             req = outpaint_request(req)
         first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
         stages, table = [], self.training_sigmas(req)
+        if self._sampling(req) == ("epsilon", True):
+            warnings.warn("zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin "
+                          "et al. 2024); use --prediction v for a v-prediction model, else --no-zero-terminal-snr")
         if req.init_latent is None or req.refiner_strength is None:  # a saved latent with a refiner strength: no base
             sigmas = schedules.get_sigmas(req.schedule, req.steps, table)
             if first != "noise":
@@ -485,11 +488,21 @@ class Pipeline:
             stages.append(Stage("hires", "base", schedules.img2img_sigmas(sigmas, req.hires_strength), "previous"))
         return Plan(tuple(stages))
 
-    def training_sigmas(self, req: Request) -> torch.Tensor:
-        """The training noise levels a request's schedules pick from: with zero terminal SNR if the request says so,
-        or (None) if the base's checkpoint does."""
-        ztsnr = self.base.cfg.zero_terminal_snr if req.zero_terminal_snr is None else req.zero_terminal_snr
-        return schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
+    def training_sigmas(self, req: Request, model: SDXLModel | None = None) -> torch.Tensor:
+        """The training noise levels of `model` (default: the base) that a request's schedules pick from: with zero
+        terminal SNR if the request says so, or (None) if the checkpoint does; the request's flags describe the base
+        only, the refiner's come from its checkpoint."""
+        return schedules.discrete_sigmas(zero_terminal_snr=self._sampling(req, model)[1])
+
+    def _sampling(self, req: Request, model: SDXLModel | None = None) -> tuple[str, bool]:
+        """(prediction, zero terminal SNR) of `model` (default: the base): the request's flags, where set, describe
+        the base only; else its checkpoint's. Zero terminal SNR with epsilon prediction is warned about: at the last
+        noise level eps tells nothing of the image (Lin et al. 2024 §3.1), so it gives noise (`plan` warns)."""
+        model = model or self.base
+        own = model is self.base
+        prediction = (req.prediction if own else None) or model.cfg.prediction
+        ztsnr = req.zero_terminal_snr if own and req.zero_terminal_snr is not None else model.cfg.zero_terminal_snr
+        return prediction, bool(ztsnr)
 
     @staticmethod
     def _switch_index(sigmas: torch.Tensor, frac: float, table: torch.Tensor) -> int:
@@ -662,10 +675,9 @@ class Pipeline:
                 x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
                 skip_first_blend=False) -> torch.Tensor:
         cond, uncond = conditioning
-        table = self.training_sigmas(req)
+        table, prediction = self.training_sigmas(req, model), self._sampling(req, model)[0]
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
-                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend,
-                                  req.prediction or model.cfg.prediction, table,
+                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table,
                                   DeepCache(self.fast) if self.fast > 1 else None)
         fn = samplers_.SAMPLERS[req.sampler]
         with torch.no_grad():
@@ -673,6 +685,10 @@ class Pipeline:
         if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
             from sdxl.adapters import non_finite_cause
 
+            if self.dtype != torch.float32 and (bad := next(  # not an overflow of the dtype: the file's fault
+                    (n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None)):
+                raise SDXLError(f"sampling gave non-finite values (NaN/Inf): the UNet's weight {bad} holds NaN/Inf; "
+                                "the checkpoint (or --unet) file is damaged: re-download or re-save it")
             raise non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
         return x
 

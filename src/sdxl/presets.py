@@ -2,6 +2,9 @@
 
 `sdxl generate --preset NAME` fills these settings; flags given explicitly override them. CFG scale 1 turns
 guidance off, which is what the authors' `guidance_scale=0` does in diffusers (guidance applies above 1).
+A preset's size (turbo's 512x512) is for the SDXL-size model it was published for: it applies only on a model
+whose native size is at least 1024 (SDXL's; a smaller model, such as the small default one, keeps its own),
+and a --width or --height given replaces it as a whole (the other side is then the model's native size).
 
 | preset | model files | published settings | source |
 |---|---|---|---|
@@ -29,10 +32,11 @@ class Preset:
     cfg: float
     size: int | None = None  # pixels a side; None: the model's native size
 
-    def settings(self) -> dict:
-        """The Request settings it fills (sampler, schedule, steps, cfg, and width/height with a size)."""
+    def settings(self, native: int = 1024) -> dict:
+        """The Request settings it fills (sampler, schedule, steps, cfg, and width/height with a size, on a model
+        whose `native` size, pixels a side, is SDXL's 1024 or more)."""
         s = {"sampler": self.sampler, "schedule": self.schedule, "steps": self.steps, "cfg": self.cfg}
-        return s | ({"width": self.size, "height": self.size} if self.size else {})
+        return s | ({"width": self.size, "height": self.size} if self.size and native >= 1024 else {})
 
 
 PRESETS = {
@@ -44,8 +48,9 @@ PRESETS = {
 }
 
 
-def preset_settings(name: str) -> dict:
-    """The settings of a named preset; an unknown name is an SDXLError listing the known ones."""
+def preset_settings(name: str, native: int = 1024) -> dict:
+    """The settings of a named preset on a model of `native` size (`Preset.settings`); an unknown name is an
+    SDXLError listing the known ones."""
     if name not in PRESETS:
         raise SDXLError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name].settings()
+    return PRESETS[name].settings(native)

@@ -24,6 +24,16 @@ SDXL_NATIVE = {"resolution": 1024, "steps": 40, "cfg": 5.0, "refiner_switch": 0.
 # A1111's extra-network tag for LoRAs, `<lora:ARG:ARG...>`, and its `lyco` alias (stable-diffusion-webui v1.10.1:
 # modules/extra_networks.py re_extra_net, extensions-builtin/Lora/scripts/lora_script.py)
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
+TAG_UNSAFE = re.compile(r"[:,<>]")  # not in a tag's NAME: A1111 drops ':' and ',' from `Lora hashes` names too
+
+
+def tag_name(name: str) -> str:
+    """A LoRA's name as a `<lora:NAME:W>` tag and `Lora hashes` write it (a file `we:ird` is `weird`); `find_lora`
+    finds the file by it."""
+    return TAG_UNSAFE.sub("", name)
+
+
+TAG_LIKE = re.compile(r"<\s*\w+\s*:[^>]*>?")  # what a user may mean as a tag: `<LORA:x:1>`, `<hypernet:x>`, `<lora:x:1`
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # model files in pickle formats: listed as refused, never loaded
 
 
@@ -132,7 +142,7 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
 
         native, source = native_settings(model)
         return Models(model, None if no_refiner else refiner, vae, tuple(loras or ()), native, source, False,
-                      embeddings, unet, sampling_settings(model), lora_dir)
+                      embeddings, unet, sampling_settings(model) | unet_sampling(unet), lora_dir)
     from sdxl.default_model import default_model_paths
 
     info = default_model_paths()
@@ -141,7 +151,22 @@ def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae
         refiner = str(info["refiner"])
     native = {k: info[k] for k in SDXL_NATIVE}
     return Models(str(info["base"]), None if no_refiner else refiner, vae, tuple(loras or ()), native,
-                  "of the default model", default_refiner, embeddings, unet, lora_dir=lora_dir)
+                  "of the default model", default_refiner, embeddings, unet, unet_sampling(unet) or None, lora_dir)
+
+
+def unet_sampling(unet: str | None) -> dict:
+    """The prediction and zero_terminal_snr a --unet file's own v_pred/ztsnr keys say (they override the
+    checkpoint's, as sdxl.formats.checkpoint.load_unet applies them); {} without such keys."""
+    if unet is None or not Path(unet).is_file():
+        return {}
+    from sdxl.formats.checkpoint import MARKERS, sampling_of
+    from sdxl.formats.files import SafetensorsFile
+
+    try:
+        keys = SafetensorsFile(unet).shapes()
+    except SDXLError:  # the load that follows says why
+        return {}
+    return sampling_of(keys) if any(k in keys for k in MARKERS) else {}
 
 
 def device_and_dtype(device: str | None, dtype: str | None):
@@ -238,7 +263,7 @@ def lora_weight(value, where: str) -> float:
     if not (math.isfinite(w) and abs(w) <= MAX_LORA_WEIGHT):
         raise SDXLError(f"{where}: the weight {value!r} must be a number from -{MAX_LORA_WEIGHT:g} to "
                         f"{MAX_LORA_WEIGHT:g}, e.g. 0.8")
-    return w
+    return w + 0.0  # -0.0 is 0
 
 
 def lora_spec(spec: str, where: str | None = None) -> tuple[str, float]:
@@ -272,23 +297,35 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
         raise SDXLError(f"lora {name!r}: no LoRA folder to find it in (--lora-dir DIR; a server's loras/)")
     folder = Path(folder)
     if not folder.is_dir():
-        raise SDXLError(f"lora {name!r}: the LoRA folder {folder} is not a folder")
+        raise SDXLError(f"lora {name!r}: the LoRA folder {folder} is " + ("not a folder" if folder.exists() else
+                        "gone (moved or deleted)") + "; give --lora-dir DIR, the folder the LoRA is in now")
     files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in (".safetensors",) + PICKLES
              and not p.name.startswith(".") and p.is_file() and inside(p, folder)]
     stem = {p: p.relative_to(folder).with_suffix("").as_posix() for p in files}
     hits = ([p for p in files if name in (p.stem, stem[p])]
+            or [p for p in files if name in (tag_name(p.stem), tag_name(stem[p]))]
             or [p for p in files if p.suffix.lower() == ".safetensors" and _alias(p) == name])
     if len(hits) > 1:
         raise SDXLError(f"lora {name!r}: {len(hits)} files in loras ({folder}) have that name "
                         f"({', '.join(stem[p] for p in hits)}); write the one meant, e.g. <lora:{stem[hits[-1]]}:1>")
-    if hits and hits[0].suffix.lower() in PICKLES:
-        raise SDXLError(f"lora {name!r}: {hits[0]} is a pickle format, never loaded; convert it to .safetensors")
+    if hits and (why := lora_problem(hits[0])):
+        raise SDXLError(f"lora {name!r}: {why}")
     if hits:
         return hits[0]
-    names = sorted({p.stem for p in files})
+    names = sorted({p.stem for p in files if not lora_problem(p)})
     close = difflib.get_close_matches(name, names, n=5)
     raise SDXLError(f"lora {name!r}: no such file in loras ({folder}); " + (
         f"close names: {', '.join(close)}" if close else f"choose one of: {', '.join(names[:20]) or '(none)'}"))
+
+
+def lora_problem(path: Path) -> str | None:
+    """Why a file in a LoRA folder cannot be used (a pickle; a header that is no adapter: sdxl.formats.lora
+    adapter_problem), None when it can."""
+    from sdxl.formats.lora import adapter_problem
+
+    if path.suffix.lower() in PICKLES:
+        return f"{path} is a pickle format, never loaded; convert it to .safetensors"
+    return adapter_problem(path)
 
 
 def _alias(path: Path) -> str | None:
@@ -347,8 +384,28 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     req = replace(req, init_image=init, mask=mask, init_latent=latent)
     req.validate(has_refiner=models.refiner is not None)
     request_loras(req, models)  # its LoRA tags read and found before anything loads
+    warn_stray_tags(req)
     check_embeddings(req, models)
     return req
+
+
+def warn_stray_tags(req) -> None:
+    """One warning for tag-like text the encoders will read as words: in the prompt anything but a `<lora:...>`/
+    `<lyco:...>` tag (`<LORA:x:1>`, `<hypernet:x:1>`, `<lora:x:1` unclosed, `<lora:>`), and any tag in the negative
+    and bigG prompts (LoRA tags are taken from the prompt only)."""
+    def values(v):
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
+
+    stray = [m[0] for p in values(req.prompt) for m in TAG_LIKE.finditer(p) if not LORA_TAG.fullmatch(m[0])]
+    stray += [m[0] for v in (req.negative_prompt, req.prompt_2, req.negative_prompt_2) for p in values(v)
+              for m in TAG_LIKE.finditer(p)]
+    if stray:
+        import warnings
+
+        from sdxl.errors import first_few
+
+        warnings.warn(f"{first_few(list(dict.fromkeys(stray)))}: not a LoRA tag, read as words; LoRA tags are "
+                      "<lora:NAME:W> (lower case, closed) in the prompt only", stacklevel=2)
 
 
 def check_embeddings(req, models: Models) -> None:

@@ -142,6 +142,15 @@ def check_float(name: str, dtypes: Mapping[str, torch.dtype]) -> None:
                               f"weights belong ({first_few(bad)}); the file is corrupt: re-download or re-save it")
 
 
+def check_finite(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every weight of a swapped-in file (--unet, --vae) is finite: NaN/Inf in one is the file's fault, named here
+    rather than as an overflow of the dtype when sampling."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{name}: {len(bad)} tensor{'s' if len(bad) != 1 else ''} holding NaN/Inf "
+                              f"({first_few(bad)}); the file is damaged: re-download or re-save it")
+
+
 def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str], list[str]]:
     """(missing, unexpected, wrong shape) keys of `found` against `expected` shapes."""
     missing = [k for k in expected if k not in found]
@@ -543,7 +552,9 @@ def load_unet(path, base: unet.UNetConfig, device="cpu", dtype: torch.dtype | No
     if missing or unexpected or wrong:
         raise CheckpointError.keys(name, missing, unexpected, wrong)
     sampling = sampling_of(f.shapes()) if any(k in f.shapes() for k in MARKERS) else {}
-    return _materialise(ModelConfig(base, None, None), {k: f[v] for k, v in ours.items()}, device, dtype).unet, sampling
+    tensors = {k: f[v] for k, v in ours.items()}
+    check_finite(name, tensors)
+    return _materialise(ModelConfig(base, None, None), tensors, device, dtype).unet, sampling
 
 
 def _unet_names(shapes: Mapping, base: unet.UNetConfig, name: str) -> dict[str, str]:
@@ -589,6 +600,7 @@ def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.Autoen
                                               {PREFIXES["vae"] + k: t.shape for k, t in sd.items()})
     if missing or unexpected or wrong:
         raise CheckpointError.keys(name, missing, unexpected, wrong)
+    check_finite(name, sd)
     return _materialise(ModelConfig(None, None, cfg), {PREFIXES["vae"] + k: t for k, t in sd.items()}, device, dtype).vae
 
 

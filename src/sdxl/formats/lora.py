@@ -698,12 +698,13 @@ def _foreign(f: SafetensorsFile, unknown: list[str], cfg: ModelConfig) -> str | 
     return None
 
 
-def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site, tuple[str, dict]], dict[str, int]]:
-    """File keys by site: (module name, role -> key); and modules skipped per component (layers this model lacks)."""
+def _modules(f: SafetensorsFile, name: str) -> dict[str, dict[str, str]]:
+    """A file's keys by module name (role -> key), whatever the model; CheckpointError for keys that are no adapter
+    tensor, a LyCORIS kind not supported, or no adapter tensor at all."""
     if other := sorted({t for suffix, t in _UNSUPPORTED.items() if any(k.endswith(suffix) for k in f)}):
         raise CheckpointError(f"{name}: a LyCORIS {other[0]} adapter, which is not supported (supported: "
                               f"{', '.join(KINDS)}, DoRA)")
-    names, groups, unsupported = _names(cfg), {}, []
+    groups, unsupported = {}, []
     for key in f:
         parsed = _split(key)
         if parsed is None or parsed[1] == "weight" and f"{parsed[0]}.on_input" not in f:  # (IA)^3 has both
@@ -711,10 +712,28 @@ def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site,
         else:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
     if unsupported:
-        raise CheckpointError(f"{name}: {len(unsupported)} tensor{'s' if len(unsupported) != 1 else ''} that are no "
-                              f"adapter weights ({first_few(unsupported)}); supported: {', '.join(KINDS)}, DoRA")
+        one = len(unsupported) == 1
+        raise CheckpointError(f"{name}: {len(unsupported)} tensor{'' if one else 's'} whose name{'' if one else 's'} "
+                              f"match{'es' if one else ''} no adapter weights ({first_few(unsupported)}); supported: "
+                              f"{', '.join(KINDS)}, DoRA")
     if not groups:
         raise CheckpointError(f"{name}: holds no LoRA tensors")
+    return groups
+
+
+def adapter_problem(path) -> str | None:
+    """Why an adapter file cannot be used by any model (unreadable, not safetensors, no adapter tensors), read
+    from its header alone; None when it may be used (`read_adapter` checks the rest against a model)."""
+    try:
+        _modules(f := SafetensorsFile(adapter_file(path)), str(f.path))
+    except SDXLError as e:
+        return str(e)
+    return None
+
+
+def _groups(f: SafetensorsFile, name: str, cfg: ModelConfig) -> tuple[dict[Site, tuple[str, dict]], dict[str, int]]:
+    """File keys by site: (module name, role -> key); and modules skipped per component (layers this model lacks)."""
+    names, groups = _names(cfg), _modules(f, name)
     unknown = sorted(g for g in groups if g not in names)
     if unknown and (arch := _foreign(f, unknown, cfg)):
         raise CheckpointError(f"{name}: an adapter for {arch}, not this {cfg.architecture} model "

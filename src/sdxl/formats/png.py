@@ -74,11 +74,12 @@ PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the def
 
 
 def portable(path: str) -> str:
-    """A model path as a recipe records it: as given, or `sdxl:NAME` for a file shipped in the package."""
+    """A model path as a recipe records it: absolute (a replay from another working directory finds it), or
+    `sdxl:NAME` for a file shipped in the package."""
     from sdxl.default_model import ASSETS
 
     p = Path(path)
-    return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else str(path)
+    return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else os.path.abspath(path)
 
 
 def local_path(entry: str) -> str:
@@ -174,6 +175,8 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     if model:
         pairs["Model hash"] = file_hash(model)[:10] if Path(model).is_file() else None
         pairs["Model"] = Path(model).stem
+    if unet := models.get("unet"):  # A1111 has no field for a UNet-only file
+        pairs["UNet"], pairs["UNet hash"] = Path(unet).stem, file_hash(unet)[:10] if Path(unet).is_file() else None
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
     if req.prediction == "v":
@@ -199,8 +202,10 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     pairs["Target size"] = "x".join(map(str, reversed(req.target_size or (h, w))))
     if req.batch > 1:
         pairs |= {"Batch size": req.batch, "Batch pos": index}
-    if loras:  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
-        pairs["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', u.name)}: {lora_hash(u.path)}" for u in loras)
+    from sdxl.session import tag_name  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
+
+    if loras:
+        pairs["Lora hashes"] = ", ".join(f"{tag_name(u.name)}: {lora_hash(u.path)}" for u in loras)
     if embeddings is not None:
         from sdxl.session import lora_free  # the text the encoders saw, without its <lora:...> tags
 
@@ -208,7 +213,7 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
                                                                               req.negative_prompt_2)]
         texts = [lora_free(req.prompt_of(index)), row[0]] + (row[1:] if req.cfg != 1.0 else [])
         pairs["TI hashes"] = embeddings.infotext(texts)
-    text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{u.name}:{u.unet}>" for u in loras if not u.tag]))
+    text = " ".join(filter(None, [req.prompt_of(index)] + [f"<lora:{tag_name(u.name)}:{u.unet}>" for u in loras if not u.tag]))
     if req.negative_prompt:
         text += f"\nNegative prompt: {req.negative_prompt}"
     return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v is not None)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.session import (PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, resolve_models,
-                          use_embeddings)
+from sdxl.session import (PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, lora_problem,
+                          resolve_models, use_embeddings)
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
 FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
@@ -91,7 +91,7 @@ class ModelsFolder:
             if not inside(path, folder):
                 continue
             refused = f"{suffix} is a pickle format, never loaded; convert it to .safetensors" \
-                if suffix in PICKLES else None
+                if suffix in PICKLES else lora_problem(path) if kind == "loras" else None
             out.append(ModelFile(kind, path.relative_to(folder).as_posix(), path, refused))
         return out
 
