@@ -156,13 +156,25 @@ def build_request(settings: dict, models: Models, source: str, init=None, mask=N
     return req
 
 
-def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print):
-    """The Pipeline of `models` on device/dtype, with its LoRAs applied to the base (each reported through `log`)."""
+def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print,
+                  memory_budget: str | None = None):
+    """The Pipeline of `models` on device/dtype, with its LoRAs applied to the base (each reported through `log`);
+    `memory_budget` ("6GB", "auto", "medvram", ...): the memory plan (sdxl.memory), logged in one line."""
     from sdxl.formats.lora import load_lora
     from sdxl.pipeline import Pipeline
 
     specs = [lora_spec(s) for s in models.loras]  # bad weights fail before the weights load
-    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling)
+    plan = None
+    if memory_budget is not None:
+        from sdxl.memory import Sizes, make_plan
+
+        plan = make_plan(memory_budget, Sizes.of_files(models.model, models.refiner), device, dtype)
+        log(plan.line())
+        if specs and plan.lazy(models.model):
+            raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({plan.level}) releases them: "
+                            "give a larger --memory-budget or leave it out")
+    pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
+                         memory=plan)
     for path, multiplier in specs:
         report = load_lora(pipe.base, path, multiplier)
         log(f"LoRA {path}: {report.total} layers, weight {multiplier}")

@@ -8,15 +8,19 @@ when it is used). Models are built on the meta device and materialised straight 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdxl.models import conditioning
 from sdxl.models import text_encoders
@@ -120,14 +124,51 @@ def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str
     return missing, unexpected, wrong
 
 
-def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, dtype) -> SDXLModel:
-    """Build on meta, then assign the tensors (converted only when device or dtype differ): no random init."""
-    model = SDXLModel(cfg, device="meta")
-    state = {}
-    for k, t in model.state_dict().items():
+@contextlib.contextmanager
+def skip_init():
+    """torch.nn.init's fill functions as no-ops while a model is built on meta: nothing to fill, and (measured) they
+    cost ~0.9 s importing torch._dynamo. Process-wide while it lasts, as transformers' `no_init_weights`."""
+    saved = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+    for n in saved:
+        setattr(nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def placeholder(shape, dtype, device) -> torch.Tensor:
+    """A tensor of this shape, dtype and device holding no memory (one element, zero strides): a weight not loaded."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, dtype, channels_last: bool = False,
+                 lazy: tuple[str, ...] = ()) -> SDXLModel:
+    """Build on meta (no init), then make each tensor from the file in one copy (dtype, device and, with
+    `channels_last`, the UNet's and VAE's 4-d weights' memory format at once), in parallel over tensors, each
+    tensor's file pages released once copied; a tensor needing no change stays a view of the file. Keys starting
+    with a `lazy` prefix get placeholders (`placeholder`), to be filled later (sdxl.memory)."""
+    with skip_init():
+        model = SDXLModel(cfg, device="meta")
+    layout = (PREFIXES["unet"], PREFIXES["vae"]) if channels_last else ()
+    release = getattr(tensors, "release", lambda keys: None)
+
+    def fill(k: str) -> torch.Tensor:
         src = tensors[k]
         target = dtype if (dtype is not None and src.is_floating_point()) else src.dtype
-        state[k] = src.to(device=device, dtype=target)
+        if k.startswith(lazy) and lazy:
+            return placeholder(src.shape, target, device)
+        fmt = torch.channels_last if src.ndim == 4 and k.startswith(layout) and layout else torch.contiguous_format
+        if src.dtype == target and src.device == torch.device(device) and src.is_contiguous(memory_format=fmt):
+            return src
+        out = torch.empty(src.shape, dtype=target, device=device, memory_format=fmt).copy_(src)
+        release([k])
+        return out
+
+    keys = list(model.state_dict())
+    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as pool:
+        state = dict(zip(keys, pool.map(fill, keys)))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -137,7 +178,8 @@ def _keep(cfg: ModelConfig, components) -> ModelConfig:
 
 
 def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
-                     components=("unet", "conditioner", "vae")) -> SDXLModel:
+                     components=("unet", "conditioner", "vae"), channels_last: bool = False,
+                     lazy: tuple[str, ...] = ()) -> SDXLModel:
     """Load an official-layout single-file checkpoint (any SDXL-family size) as an SDXLModel."""
     f = SafetensorsFile(path)
     cfg = config_from_shapes(f.shapes(), str(f.path))
@@ -145,7 +187,7 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), f.shapes())
     if missing or unexpected or wrong:
         raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
-    return _materialise(_keep(cfg, components), f, device, dtype)
+    return _materialise(_keep(cfg, components), f, device, dtype, channels_last, lazy)
 
 
 def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
@@ -453,15 +495,17 @@ _NEEDED = {"unet": "no UNet (model.diffusion_model.*): --model and --refiner tak
 
 
 def load(path, device="cpu", dtype: torch.dtype | None = None, vae_path=None,
-         components=("unet", "conditioner", "vae"), require=()) -> SDXLModel:
+         components=("unet", "conditioner", "vae"), require=(), channels_last: bool = False,
+         lazy: tuple[str, ...] = ()) -> SDXLModel:
     """Load a single file or a diffusers folder; `vae_path` replaces the checkpoint's VAE; `require`:
     components that must be there (an error naming what is missing and which flag supplies it); a UNet,
-    when among `components`, always is (every use of a checkpoint needs one)."""
+    when among `components`, always is (every use of a checkpoint needs one). Single files only:
+    `channels_last` (the UNet's and VAE's convolutions), `lazy` key prefixes left as placeholders."""
     path = Path(path)
     if path.is_dir():
         model = load_diffusers(path, device, dtype, components=components)
     elif path.exists():
-        model = load_single_file(path, device, dtype, components)
+        model = load_single_file(path, device, dtype, components, channels_last, lazy)
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     if vae_path is not None:
