@@ -143,3 +143,12 @@ def test_released_file_pages_read_back_the_same(files):
     before = f[key].clone()
     f.release(list(f))
     assert torch.equal(f[key], before)
+
+
+@pytest.mark.parametrize("shape, fmt", [((700, 3, 3, 3), torch.channels_last), ((3, 200_000), torch.contiguous_format),
+                                        ((300_001,), torch.contiguous_format), ((), torch.contiguous_format)])
+def test_convert_is_a_plain_cast(shape, fmt):
+    src = torch.randn(shape, dtype=torch.float32).half()
+    out = ck.convert(src, torch.bfloat16, "cpu", fmt)
+    assert torch.equal(out.view(torch.int16), src.to(torch.bfloat16).view(torch.int16))
+    assert out.is_contiguous(memory_format=fmt)

@@ -196,9 +196,10 @@ class Component:
         return [(leaf, self.prefix + (f"{path}.{leaf}" if path else leaf)) for leaf, _ in m.named_parameters(recurse=False)]
 
     def _from_file(self, key: str) -> torch.Tensor:
+        from sdxl.formats.checkpoint import convert
+
         src = self.file[key]
-        fmt = torch.channels_last if src.ndim == 4 else torch.contiguous_format
-        out = torch.empty(src.shape, dtype=self.dtype, device=self.device, memory_format=fmt).copy_(src)
+        out = convert(src, self.dtype, self.device, torch.channels_last if src.ndim == 4 else torch.contiguous_format)
         self.file.release([key])
         return out
 
