@@ -103,7 +103,7 @@ class Plan:
     estimate: int  # bytes at 1024x1024
 
     def line(self) -> str:
-        gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+        gib = lambda b: f"{b / GiB:.1f} GiB" if b >= GiB else f"{b >> 20} MiB"  # noqa: E731
         parts = [f"memory plan: {self.level} for a budget of {gib(self.budget)} on {self.device}",
                  "text encoders " + ("released after encoding" if self.offload_text else "resident"),
                  "UNet " + ("streamed layer by layer from the file" if self.stream else
@@ -252,6 +252,20 @@ class Component:
                 self._set(m, leaf, placeholder(p.shape, self.dtype, self.device))
         self.store.clear()
         self.loaded = False
+        if self.device.type == "cpu":
+            _trim()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim): weights smaller than malloc's mmap
+    threshold live on the heap, and without this a released component could stay in the process's RSS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Memory:
