@@ -256,16 +256,30 @@ class Component:
             _trim()
 
 
-def _trim() -> None:
-    """Hand freed heap memory back to the system (glibc's malloc_trim): weights smaller than malloc's mmap
-    threshold live on the heap, and without this a released component could stay in the process's RSS."""
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def heap_returns_memory() -> None:
+    """glibc: blocks of 1 MiB and more always get their own mapping (mallopt M_MMAP_THRESHOLD), so freed weights and
+    temporaries go back to the system. Without it, long-lived 8-bit weights interleaved with freed temporaries on
+    the heap measured 2.3x their size in RSS (the dynamic threshold rises to 32 MiB after the first large free)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 class Memory:
@@ -291,6 +305,8 @@ def attach(pipe, plan: Plan, model_file, refiner_file=None) -> Memory:
 
     from sdxl.formats.files import SafetensorsFile
 
+    if torch.device(pipe.device).type == "cpu" and plan.level != "resident":
+        heap_returns_memory()
     unet_mode = "stream" if plan.stream else "8bit" if plan.weights else "offload" if plan.swap_unets else "resident"
     text_mode = "offload" if plan.offload_text else "resident"
     parts = []
