@@ -325,7 +325,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _outputs(args)
     start = time.perf_counter()
     pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling), fast=args.fast,
-                         compile=args.compile)
+                         compile=args.compile, memory_budget=args.memory_budget)
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
@@ -462,6 +462,13 @@ def _add_generate(sub) -> None:
                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
                    help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
+    g.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
+                   "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
+                   "the plan is printed in one line")
+    g.add_argument("--medvram", action="store_const", const="medvram", dest="memory_budget",
+                   help="A1111's level: --memory-budget 8GB")
+    g.add_argument("--lowvram", action="store_const", const="lowvram", dest="memory_budget",
+                   help="A1111's level: --memory-budget 4GB")
     _add_speed_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)

@@ -256,6 +256,11 @@ def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = 
     return copy.deepcopy(module, memo).eval()
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """4-d weights to channels-last, in place; weights not loaded yet (`checkpoint.placeholder`) stay as they are."""
+    return module._apply(lambda t: t if t.ndim != 4 or not any(t.stride()) else t.contiguous(memory_format=torch.channels_last))
+
+
 def _finite(out) -> bool:
     """A VAE output (pixels, or a posterior's mean and log-variance) holds no NaN/Inf."""
     tensors = (out.mean, out.logvar) if hasattr(out, "logvar") else (out,)
@@ -331,28 +336,40 @@ class Pipeline:
         if channels_last:
             for name in ("unet", "vae"):
                 if name in parts:
-                    parts[name].to(memory_format=torch.channels_last)
+                    to_channels_last(parts[name])
         if "unet" in parts:
             parts["unet"].fuse_qkv()
         return SDXLModel.from_parts(**parts, like=m.cfg)
 
     @classmethod
     def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
-             unet=None, **kw) -> "Pipeline":
+             unet=None, memory=None, **kw) -> "Pipeline":
+        """`unet`: a UNet-only file for the base's UNet; `memory`: an `sdxl.memory.Plan` (what is loaded when);
+        None: everything, once."""
         from sdxl.formats.checkpoint import load
 
-        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"), unet_path=unet)
-        ref = load(refiner, device, dtype, components=("unet", "conditioner")) if refiner else None
+        lazy = memory.lazy if memory is not None else lambda path: ()
+        base = load(model, device, dtype, vae_path=vae, require=("unet", "conditioner", "vae"), unet_path=unet,
+                    channels_last=channels_last, lazy=lazy(model))
+        ref = load(refiner, device, dtype, components=("unet", "conditioner"), channels_last=channels_last,
+                   lazy=lazy(refiner)) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))
         if channels_last:  # these are ours: converted in place, the Pipeline shares them instead of copying
             for m in (base.unet, base.vae, ref.unet if ref is not None else None):
                 if m is not None:
-                    m.to(memory_format=torch.channels_last)
+                    to_channels_last(m)
         for m in (base.unet, ref.unet if ref is not None else None):
             if m is not None:
                 m.fuse_qkv()
-        return cls(base, ref, device, dtype, channels_last=channels_last, **kw)
+        if memory is not None and kw.get("vae_tiling") is None:
+            kw["vae_tiling"] = memory.vae_tiling
+        pipe = cls(base, ref, device, dtype, channels_last=channels_last, **kw)
+        if memory is not None:
+            from sdxl.memory import attach
+
+            pipe.memory = attach(pipe, memory, model, refiner)
+        return pipe
 
     # --- conditioning ------------------------------------------------------------------------
 

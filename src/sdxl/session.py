@@ -417,15 +417,25 @@ def check_embeddings(req, models: Models) -> None:
         for_model(models.embeddings, models.model).check(t for v in texts for t in (v if isinstance(v, tuple) else [v]))
 
 
-def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print, **speed):
+def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None, log=print,
+                  memory_budget: str | None = None, **speed):
     """The Pipeline of `models` on device/dtype, without LoRAs: each request applies its own set, --lora files and
-    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once. `speed`: Pipeline's fast=,
-    compile=."""
+    tags (`use_loras(pipe, request_loras(req, models))`), so a set is applied once. `memory_budget` ("6GB", "auto",
+    "medvram", ...): the memory plan (sdxl.memory), logged in one line. `speed`: Pipeline's fast=, compile=."""
     from sdxl.pipeline import Pipeline
 
     file_loras(models)  # bad weights fail before the weights load
+    plan = None
+    if memory_budget is not None:
+        from sdxl.memory import Sizes, make_plan
+
+        plan = make_plan(memory_budget, Sizes.of_files(models.model, models.refiner), device, dtype)
+        log(plan.line())
+        if models.unet and plan.lazy(models.model):
+            raise SDXLError(f"--unet needs the UNet resident; the memory plan ({plan.level}) releases it: give a "
+                            "larger --memory-budget or leave it out")
     pipe = Pipeline.load(models.model, models.refiner, models.vae, device=device, dtype=dtype, vae_tiling=vae_tiling,
-                         unet=models.unet, **speed)
+                         unet=models.unet, memory=plan, **speed)
     use_embeddings(pipe, models.embeddings, log)
     return pipe
 
@@ -435,6 +445,10 @@ def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False
     before is removed exactly; the same set again costs nothing); each newly applied one reported through `log`."""
     from sdxl.adapters import use_adapters
 
+    memory = getattr(pipe, "memory", None)
+    if loras and memory is not None and any(c.mode != "resident" for c in memory.components.values()):
+        raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({memory.plan.level}) releases "
+                        "them: give a larger --memory-budget or leave it out")
     applied = use_adapters(pipe.base, [(u.path, u.te, u.unet) for u in loras], runtime)
     for u, adapter in zip(loras, applied):
         weight = f"weight {u.unet}" if u.te == u.unet else f"weight {u.te} text encoders, {u.unet} UNet"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import secrets
 import stat
@@ -67,6 +68,10 @@ class SafetensorsFile(Mapping):
             advice = f"; {fix}" if fix else ""
             raise CheckpointError(f"{self.path}: {_reason(str(e), self.path, n, size)}{advice}") from None
         self.metadata: dict[str, str] = self._f.metadata() or {}
+        self._data_start, self._map = 8 + n, None
+        with open(self.path, "rb") as fh:  # the offsets (the header was validated above)
+            header = json.loads(fh.read(8 + n)[8:])
+        self.offsets = {k: tuple(h["data_offsets"]) for k, h in header.items() if k != "__metadata__"}
         self.infos: dict[str, TensorInfo] = {}
         for key in self._f.keys():
             s = self._f.get_slice(key)
@@ -89,10 +94,28 @@ class SafetensorsFile(Mapping):
         return iter(self.infos)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        """The tensor, a view of the file's private memory map: no read until used."""
-        if key not in self.infos:
-            raise KeyError(key)
-        return self._f.get_tensor(key)
+        """The tensor, a view of the file's private (copy-on-write) memory map: no read until used."""
+        info = self.infos[key]
+        start, end = self.offsets[key]
+        if end == start:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        if self._map is None:
+            with open(self.path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self._data_start + start)
+        return raw.view(DTYPES[info.dtype]).view(info.shape)
+
+    def release(self, keys) -> None:
+        """Drop this process's pages of these tensors (madvise DONTNEED): they leave its resident memory and are
+        read again from the file (the page cache) if used again. Views of them stay valid."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        for key in keys:
+            start, end = (self._data_start + o for o in self.offsets[key])
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            last = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._map))
+            if last > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _head(path: Path) -> tuple[bytes, int]:
