@@ -128,6 +128,22 @@ def test_loras_refused_when_weights_are_released(files, tmp_path, capsys):
     assert code == 2 and "LoRAs need the model's weights resident" in err
 
 
+def test_prompt_loras_and_unet_refused_when_weights_are_released(files, tmp_path, capsys):
+    from sdxl.formats.lora import add_lora, save_lora
+
+    model = ck.load_single_file(files[0], dtype=torch.float32)
+    add_lora(model, rank=2)
+    (tmp_path / "loras").mkdir()
+    save_lora(model, tmp_path / "loras" / "style.safetensors")
+    code, _, err = run(capsys, "generate", "a boat <lora:style:0.5>", "--model", files[0], "--memory-budget", "1MB",
+                       "--lora-dir", tmp_path / "loras", "-o", tmp_path / "x.png", *FAST)
+    assert code == 2 and "LoRAs need the model's weights resident" in err
+    code, _, err = run(capsys, "generate", "a boat", "--model", files[0], "--memory-budget", "1MB",
+                       "--unet", files[0], "-o", tmp_path / "y.png", *FAST)
+    assert code == 2 and "--unet needs the UNet resident" in err
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_channels_last_load_equals_plain_load(files):
     plain = ck.load_single_file(files[0], dtype=torch.float32)
     fast = ck.load_single_file(files[0], dtype=torch.bfloat16, channels_last=True)

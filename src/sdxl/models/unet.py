@@ -114,6 +114,8 @@ class CrossAttention(nn.Module):
         reach it, and a replaced, moved or recast weight turns the fused path off (checked per call). Idempotent."""
         if not self._linear() or self._fused_weight() is not None:
             return  # LoRA-wrapped layers (training) stay as they are
+        if any(0 in m.weight.stride() for m in (self.to_q, self.to_k, self.to_v)):
+            return  # a weight not loaded yet (a memory plan's placeholder): loaded later, unfused
         fused = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
         for m, w in zip((self.to_q, self.to_k, self.to_v), fused.chunk(3)):
             m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
