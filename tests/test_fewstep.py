@@ -301,3 +301,32 @@ def test_a1111_api_maps_lcm_and_tcd(name, scheduler, sampler, schedule):
     s = a1111.request_settings(a1111.checked_fields(payload), "txt2img")
     assert (s["sampler"], s["schedule"]) == (sampler, schedule)
     assert {"name": name.split()[0], "aliases": [sampler], "options": {}} in a1111.samplers()  # GET /samplers
+
+
+def test_eta_sets_tcd_gamma_and_ancestral_noise_and_replays(tmp_path, capsys):
+    """--eta reaches the sampler's noise parameter (TCD's gamma, the ancestral samplers' eta): the default value
+    gives the default image, another value another image, and the recipe replays it."""
+    def image(name, *flags):
+        out = tmp_path / f"{name}.png"
+        assert run(capsys, "generate", "a red ball", "--seed", 3, "--no-refiner", "-o", out, *flags, *FAST)[0] == 0
+        return out
+
+    for sampler, default, other in (("tcd", "0.3", "0.9"), ("euler_ancestral", "1", "0.2")):
+        plain, same, changed = (image(f"{sampler}{k}", "--sampler", sampler, *e)
+                                for k, e in ((0, ()), (1, ("--eta", default)), (2, ("--eta", other))))
+        assert Image.open(plain).tobytes() == Image.open(same).tobytes()
+        assert Image.open(plain).tobytes() != Image.open(changed).tobytes()
+        assert f"Eta: {float(other)}" in Image.open(changed).info["parameters"]
+        again = tmp_path / f"{sampler}-again.png"
+        assert run(capsys, "generate", "--from-png", changed, "-o", again, "--no-watermark", "-q")[0] == 0
+        assert Image.open(again).tobytes() == Image.open(changed).tobytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--sampler", "euler", "--eta", "0.5"), "eta applies to samplers that add noise (euler_ancestral"),
+    (("--sampler", "tcd", "--eta", "1.5"), "eta must be in [0, 1]"),
+    (("--sampler", "ddim", "--eta", "nan"), "eta must be a finite number"),
+])
+def test_eta_out_of_place_is_refused(flags, message, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "a red ball", *flags, "-o", tmp_path / "x.png", *FAST)
+    assert code == 2 and message in err and not list(tmp_path.glob("*.png"))

@@ -437,6 +437,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--steps", type=int, help=f"sampling steps, at most {MAX_STEPS} (default: the model's native)")
     g.add_argument("--sampler", help=f"{names.sampler_help()} (default euler)")
     g.add_argument("--scheduler", help=f"{names.schedule_help()} (default sgm)")
+    g.add_argument("--eta", type=float, help="fresh noise per step, 0..1, of the samplers that add it: ancestral, SDE, "
+                   "ddim (default 0) and tcd (its gamma, default 0.3); default: the sampler's own (1 for the others)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     g.add_argument("--prediction", choices=PREDICTIONS,
                    help="what the UNet predicts (default: as the checkpoint says by its v_pred key, else epsilon)")

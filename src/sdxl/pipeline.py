@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from sdxl.sampling import samplers as samplers_
-from sdxl.sampling import schedules
+from sdxl.sampling import names, schedules
 from sdxl.sampling.samplers import GeneratorNoise
 from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
 from sdxl.errors import SDXLError
@@ -697,8 +697,9 @@ class Pipeline:
                                   self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table,
                                   DeepCache(self.fast) if self.fast > 1 else None)
         fn = samplers_.SAMPLERS[req.sampler]
+        eta = {names.noise_parameter(req.sampler): req.eta} if req.eta is not None else {}
         with torch.no_grad():
-            x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x))
+            x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x), **eta)
         if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
             from sdxl.adapters import non_finite_cause
 

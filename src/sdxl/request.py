@@ -82,6 +82,7 @@ class Request:
     # None: as the checkpoint says (ModelConfig.prediction, .zero_terminal_snr)
     prediction: str | None = None
     zero_terminal_snr: bool | None = None
+    eta: float | None = None  # fresh noise per step of samplers that add it (names.noise_parameter); None: theirs
 
     @classmethod
     def fields_from_dict(cls, d, source: str) -> dict:
@@ -223,6 +224,11 @@ def _check_counts(r: Request) -> None:
     if r.seed > MAX_SEED - (r.batch - 1):
         raise SDXLError(f"seed {r.seed} with batch {r.batch}: image i of a batch uses seed + i, which passes 2**64-1; "
                         f"give a seed of at most {MAX_SEED - (r.batch - 1)}")
+    if r.eta is not None and names.noise_parameter(r.sampler) is None:
+        noisy = ", ".join(s for s in names.A1111_SAMPLERS if names.noise_parameter(s))
+        raise SDXLError(f"eta applies to samplers that add noise ({noisy}), not {r.sampler}; drop --eta")
+    if r.eta is not None and not 0.0 <= r.eta <= 1.0:
+        raise SDXLError(f"eta must be in [0, 1] (0: no fresh noise), got {r.eta}")
     if not 0.0 <= r.cfg <= MAX_CFG:
         raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
     if not 0 <= r.mask_blur <= MAX_MASK_BLUR:

@@ -179,6 +179,8 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
         pairs["UNet"], pairs["UNet hash"] = Path(unet).stem, file_hash(unet)[:10] if Path(unet).is_file() else None
     if req.guidance_rescale:
         pairs["CFG Rescale phi"] = req.guidance_rescale
+    if req.eta is not None:
+        pairs["Eta"] = req.eta
     if req.prediction == "v":
         pairs["Prediction"] = "v"
     if req.zero_terminal_snr:

@@ -7,6 +7,8 @@ appended ("DPM++ 2M Karras"). `from_a1111` reads both forms.
 
 from __future__ import annotations
 
+import inspect
+
 from sdxl.errors import SDXLError
 from sdxl.sampling.samplers import SAMPLERS
 from sdxl.sampling.schedules import SCHEDULES
@@ -21,6 +23,13 @@ A1111_SCHEDULES = {"sgm": "Uniform", "karras": "Karras", "exponential": "Exponen
                    "simple": "Simple", "ddim_uniform": "DDIM", "leading": "Leading", "trailing": "Trailing"}
 # A1111's "Automatic" schedule type: the sampler's own default, ours is sgm.
 DEFAULT_SCHEDULE = "sgm"
+
+
+def noise_parameter(sampler: str) -> str | None:
+    """The keyword of a sampler's amount of fresh noise per step, which a Request's `eta` sets: `eta` of the ancestral,
+    SDE and DDIM samplers (k-diffusion), TCD's `gamma` (ComfyUI calls it eta too); None where there is none."""
+    params = inspect.signature(SAMPLERS[sampler]).parameters
+    return next((p for p in ("eta", "gamma") if p in params), None)
 
 
 def sampler_help() -> str:
