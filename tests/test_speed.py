@@ -157,9 +157,10 @@ def test_configure_threads_keeps_the_users_choice(monkeypatch):
     assert session.process_seconds() > 0
 
 
-@pytest.mark.parametrize("idle_jiffies, threads, policy", [(100, "1", "PASSIVE"), (195, "2", None)])
+@pytest.mark.parametrize("idle_jiffies, threads, policy", [(100, "2", "PASSIVE"), (195, "2", None)])
 def test_configure_threads_from_idle_cores(idle_jiffies, threads, policy, monkeypatch):
-    """Half the CPUs busy: 1 thread, passive wait; all idle: every core, libgomp's default wait."""
+    """Half the CPUs busy: every core, passive wait; all idle: every core, libgomp's default wait. The count never
+    depends on the load (it changes bf16 rounding, so the image)."""
     env = {}
     monkeypatch.setattr(session.os, "environ", env)
     monkeypatch.delitem(session.sys.modules, "torch")  # as in `sdxl` before torch loads
@@ -177,3 +178,41 @@ def test_fast_flag_is_checked(capsys):
 
     assert main(["generate", "a red circle", "--fast", "-2"]) == 2
     assert "--fast: expected a whole number from 1 (off) to 10, got '-2'" in capsys.readouterr().err
+
+
+def test_fast_and_8bit_weights_are_recorded_and_replayed(tmp_path, capsys):
+    """A --fast image replays as itself, not as the plain image; so does one made with 8-bit weights (its budget is
+    recorded); a replay under another weight storage warns."""
+    import json
+
+    from PIL import Image
+
+    from sdxl.cli import main
+
+    def make(name, *flags):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "a red ball", "--seed", "2", "--steps", "4", "--width", "64", "--height", "64",
+                     "--no-refiner", "--no-watermark", "-q", "--dtype", "fp32", "-o", str(out), *flags]) == 0
+        return out
+
+    plain, fast = make("plain"), make("fast", "--fast", "2")
+    assert Image.open(plain).tobytes() != Image.open(fast).tobytes()
+    assert "DeepCache interval: 2" in Image.open(fast).info["parameters"]
+    assert json.loads(Image.open(fast).info["sdxl-recipe"])["fast"] == 2
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(fast), "-o", str(again), "--no-watermark", "-q"]) == 0
+    assert Image.open(again).tobytes() == Image.open(fast).tobytes()
+    from sdxl.default_model import ASSETS
+    from sdxl.memory import Sizes, make_plan
+
+    budget = next(f"{mb}MB" for mb in range(100, 4000, 5) if make_plan(
+        f"{mb}MB", Sizes.of_files(str(ASSETS / "default_base.safetensors"), None), "cpu", torch.float32).weights)
+    eight = make("eight", "--memory-budget", budget)
+    rec = json.loads(Image.open(eight).info["sdxl-recipe"])
+    assert (rec["weights"], rec["memory_budget"]) == ("int8", budget)
+    again8 = tmp_path / "again8.png"
+    assert main(["generate", "--from-png", str(eight), "-o", str(again8), "--no-watermark", "-q"]) == 0
+    assert Image.open(again8).tobytes() == Image.open(eight).tobytes()
+    with pytest.warns(UserWarning, match="made with UNet weights in int8, this run has them in full precision"):
+        assert main(["generate", "--from-png", str(eight), "--memory-budget", "64GB", "-o", str(tmp_path / "x.png"),
+                     "--no-watermark", "-q"]) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from sdxl.errors import SDXLError
 from sdxl.session import (DTYPES, Models, build_request, check_embeddings, configure_threads, device_and_dtype,
                           dtype_name, load_pipeline, process_seconds, request_loras, resolve_models, threads_note,
-                          use_loras, write_images)
+                          run_settings, use_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -289,13 +289,14 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     return targets
 
 
-def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent, embeddings) -> None:
+def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent, embeddings,
+           run: dict) -> None:
     """The PNGs (infotext and recipe) and, with --save-latent, the latents of one request."""
     out = Path(args.output or OUTPUT)
     if args.prompts:
         out = out.with_name(f"{out.stem}-{k:04d}{out.suffix or '.png'}")
     for w in write_images(req, result.images, models, dtype, out, latent, watermark=not args.no_watermark,
-                          embeddings=embeddings):
+                          embeddings=embeddings, run=run):
         print(f"wrote {w.path}")
     if args.save_latent:
         from sdxl.formats.files import write_tensors
@@ -324,8 +325,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     reqs = [(k, r) for k, r in enumerate(reqs) if k % world == rank]
     _outputs(args)
     start = time.perf_counter()
-    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling), fast=args.fast,
-                         compile=args.compile, memory_budget=args.memory_budget)
+    budget = args.memory_budget or (rec.memory_budget if rec else None)  # a recipe's run settings, flags first
+    pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling),
+                         fast=args.fast or (rec.fast if rec else 0), compile=args.compile, memory_budget=budget)
+    run = run_settings(pipe, budget)
+    if rec and rec.weights != run.get("weights"):
+        warnings.warn(f"{args.from_png} was made with UNet weights in {rec.weights or 'full precision'}, this run "
+                      f"has them in {run.get('weights') or 'full precision'} (--memory-budget); the image will differ")
     latent = (latent_file, latent_index) if latent_file else None
     steps_done = 0
     for k, req in reqs:
@@ -341,7 +347,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             counted = []
             result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
         steps_done += len(counted)
-        _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings)
+        _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings, run)
     wall = time.perf_counter() - start
     compiled = f", compiling {pipe.compile_seconds:.1f} s of it" if args.compile else ""
     print(f"{wall:.1f} s wall{compiled} ({process_seconds():.1f} s since the process started, {threads_note()}), "
@@ -397,7 +403,8 @@ def _interval(text: str) -> int:
 def _add_speed_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
                    help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
-                        "faster per step at N=2, at a small quality cost (bench/RESULTS.md)")
+                        "faster per step at N=2; details change and objects can move (bench/RESULTS.md); recorded "
+                        "in the PNG and replayed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: the first step compiles (minutes for SDXL; cached in "
                         "~/.cache/sdxl/inductor); the summary line gives the compile time")

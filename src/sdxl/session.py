@@ -63,12 +63,13 @@ _THREADS = {"why": "as set"}
 
 
 def configure_threads(sample_s: float = 0.05) -> None:
-    """Before torch is imported (OpenMP reads its settings once), unless OMP_NUM_THREADS is set: as many threads as
-    this process's cores that are idle now (the idle share of all CPUs in /proc/stat over `sample_s`, rounded; at
-    least 1), and where some are busy, OMP_WAIT_POLICY=PASSIVE (unless set). A spinning OpenMP thread on a core that
+    """Before torch is imported (OpenMP reads its settings once), unless OMP_NUM_THREADS is set: one thread per core
+    of this process (always the same count, so the same command gives the same image on a busy machine too: the
+    thread count changes how bf16 sums are split), and where some cores are busy now (the idle share of all CPUs
+    in /proc/stat over `sample_s`), OMP_WAIT_POLICY=PASSIVE (unless set). A spinning OpenMP thread on a core that
     another process holds stalls every parallel region: on a busy 2-core machine 2 spinning threads took 37-116 s
-    where 1 thread or 2 passive ones took 12-21 s (bench/RESULTS.md, "Threads"). A quiet machine keeps torch's
-    defaults (all cores, libgomp's spin-then-sleep wait)."""
+    where 2 passive ones took 12-19 s, as fast as 1 thread (bench/RESULTS.md, "Threads"). A quiet machine keeps
+    libgomp's spin-then-sleep wait."""
     if "torch" in sys.modules or "OMP_NUM_THREADS" in os.environ:  # a host process or the user has chosen
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -78,11 +79,11 @@ def configure_threads(sample_s: float = 0.05) -> None:
         idle = _idle_cpus(first, _cpu_times())
     except (OSError, ValueError, IndexError, ZeroDivisionError):
         idle = float(cores)
-    n = max(1, min(cores, round(idle)))
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    if n < cores:
+    os.environ["OMP_NUM_THREADS"] = str(cores)
+    busy = round(idle) < cores
+    if busy:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _THREADS["why"] = f"{idle:.1f} of {cores} cores idle" + (", passive wait" if n < cores else "")
+    _THREADS["why"] = f"one per core, {idle:.1f} of {cores} idle" + (", passive wait" if busy else "")
 
 
 def _cpu_times() -> list[int]:
@@ -431,6 +432,9 @@ def load_pipeline(models: Models, device, dtype, vae_tiling: bool | None = None,
 
         plan = make_plan(memory_budget, Sizes.of_files(models.model, models.refiner), device, dtype)
         log(plan.line())
+        if speed.get("compile") and (plan.weights or plan.stream):  # dynamo recompiles each per-layer upcast
+            log(f"--compile is off: the memory plan ({plan.level}) builds the UNet's weights layer by layer")
+            speed["compile"] = False
         if models.unet and plan.lazy(models.model):
             raise SDXLError(f"--unet needs the UNet resident; the memory plan ({plan.level}) releases it: give a "
                             "larger --memory-budget or leave it out")
@@ -481,11 +485,22 @@ class Written:
     seed: int
 
 
+def run_settings(pipe, memory_budget: str | None) -> dict:
+    """What besides the Request and dtype changes a pipeline's numbers, as a recipe records it: `fast` (DeepCache's
+    interval) and, where a memory plan stores the UNets' weights in 8 bits, `weights` with the `memory_budget` that
+    chose it (plans that only release weights give the same image and are not recorded)."""
+    memory = getattr(pipe, "memory", None)
+    weights = memory.plan.weights if memory is not None else None
+    return ({"fast": pipe.fast} if pipe.fast > 1 else {}) | (
+        {"weights": weights, "memory_budget": memory_budget} if weights else {})
+
+
 def write_images(req, images, models: Models, dtype: str, out: Path, latent=None, watermark: bool = True,
-                 numbered: bool = False, embeddings=None) -> list[Written]:
+                 numbered: bool = False, embeddings=None, run: dict | None = None) -> list[Written]:
     """PNGs of one request's images, each with infotext and recipe, at `out` (or out-i for a batch; with
     `numbered`, always out-i), never replacing a file; `embeddings` (sdxl.formats.embeddings.Embeddings): the
-    textual-inversion embeddings the prompts could use, those used are named in the infotext."""
+    textual-inversion embeddings the prompts could use, those used are named in the infotext. `run`: what besides
+    the Request changed the numbers (`run_settings`), recorded in both."""
     from sdxl.formats.png import a1111_parameters, recipe, save_png
 
     if watermark:
@@ -497,7 +512,7 @@ def write_images(req, images, models: Models, dtype: str, out: Path, latent=None
     written = []
     for i, im in enumerate(images):
         target = out if len(images) == 1 and not numbered else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        text = a1111_parameters(req, table, i, embeddings, loras)
-        rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype}
+        text = a1111_parameters(req, table, i, embeddings, loras, run)
+        rec = common | {"index": i, "seed_of_image": req.seed + i, "dtype": dtype} | (run or {})
         written.append(Written(save_png(im, target, text, rec), text, req.seed + i))
     return written

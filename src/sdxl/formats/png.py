@@ -164,7 +164,8 @@ def request_dict(req) -> dict:
     return {f.name: getattr(req, f.name) for f in fields(req)}
 
 
-def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=()) -> str:
+def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=(),
+                     run: dict | None = None) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
     the prompt keeps its `<lora:...>` tags where they were, the --lora files are appended as tags (as A1111's
     sd_lora option does), and `Lora hashes` names every LoRA's `lora_hash` (extra_networks_lora.py); `TI hashes`
@@ -181,6 +182,9 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
         pairs["CFG Rescale phi"] = req.guidance_rescale
     if req.eta is not None:
         pairs["Eta"] = req.eta
+    for key, name in (("fast", "DeepCache interval"), ("weights", "UNet weights")):  # `sdxl.session.run_settings`
+        if (run or {}).get(key):
+            pairs[name] = run[key]
     if req.prediction == "v":
         pairs["Prediction"] = "v"
     if req.zero_terminal_snr:
@@ -251,6 +255,9 @@ class Recipe:
     inputs: dict | None = None  # {"init_image": hash, "mask": hash} of the images it started from
     lora_dir: str | None = None  # where the prompt's <lora:NAME> tags were found
     lora_hashes: dict | None = None  # NAME -> lora_hash of the file then
+    fast: int = 0  # the run's --fast (DeepCache interval; 0: off)
+    weights: str | None = None  # "int8"/"fp8": the UNet weights a memory plan stored in 8 bits
+    memory_budget: str | None = None  # the --memory-budget that chose them
 
 
 def image_hash(image) -> str:
@@ -325,4 +332,8 @@ def parse_recipe(d, source: str) -> Recipe:
     for key in ("index", "seed_of_image"):  # which image of the batch this PNG is; informational
         if type(d.pop(key, 0)) is not int:
             raise SDXLError(f"{source}: {key} must be an integer")
-    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent, inputs, lora_dir, lora_hashes)
+    fast, weights, budget = d.pop("fast", 0), d.pop("weights", None), d.pop("memory_budget", None)
+    if type(fast) is not int or weights not in (None, "int8", "fp8") or not (budget is None or isinstance(budget, str)):
+        raise SDXLError(f"{source}: fast must be an integer, weights int8 or fp8, memory_budget a size such as 6GB")
+    return Recipe(Request.fields_from_dict(d, source), models, hashes, dtype, latent, inputs, lora_dir, lora_hashes,
+                  fast, weights, budget)
