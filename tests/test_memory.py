@@ -168,3 +168,10 @@ def test_convert_is_a_plain_cast(shape, fmt):
     out = ck.convert(src, torch.bfloat16, "cpu", fmt)
     assert torch.equal(out.view(torch.int16), src.to(torch.bfloat16).view(torch.int16))
     assert out.is_contiguous(memory_format=fmt)
+
+
+def test_a_budget_below_the_lowest_level_says_so(files):
+    small = memory.make_plan("1MB", memory.Sizes.of_files(files[0], None), "cpu", torch.float32)
+    assert small.line().endswith(": over the budget, the least this model can run in")
+    roomy = memory.make_plan("64GB", memory.Sizes.of_files(files[0], None), "cpu", torch.float32)
+    assert "over the budget" not in roomy.line()

@@ -110,7 +110,8 @@ class Plan:
                             f"weights in {self.weights}, upcast per layer" if self.weights else "weights in full")
                  + (", base and refiner never loaded together" if self.swap_unets else ""),
                  "VAE " + ("tiled" if self.vae_tiling else "tiled above 1024x1024"),
-                 f"estimated peak {gib(self.estimate)} at 1024x1024"]
+                 f"estimated peak {gib(self.estimate)} at 1024x1024"
+                 + (": over the budget, the least this model can run in" if self.estimate > self.budget else "")]
         return "; ".join(parts)
 
     def lazy(self, path) -> tuple[str, ...]:
