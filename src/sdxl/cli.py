@@ -400,6 +400,24 @@ def _interval(text: str) -> int:
     return int(text)
 
 
+def _add_memory_flags(g: argparse.ArgumentParser) -> None:
+    """generate's device, precision and memory flags (sdxl.memory plans the memory)."""
+    g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    g.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
+                        "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
+                        "The summary line prints the choice and why; use fp32 to compare with fp32 references")
+    g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
+                   help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
+    g.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
+                   "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
+                   "the plan is printed in one line")
+    g.add_argument("--medvram", action="store_const", const="medvram", dest="memory_budget",
+                   help="A1111's level: --memory-budget 8GB")
+    g.add_argument("--lowvram", action="store_const", const="lowvram", dest="memory_budget",
+                   help="A1111's level: --memory-budget 4GB")
+
+
 def _add_speed_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
                    help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
@@ -464,20 +482,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--latent-index", type=int, help="which latent of that file")
     g.add_argument("--no-watermark", action="store_true", help="omit the invisible watermark")
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
-    g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    g.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
-                        "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
-                        "The summary line prints the choice and why; use fp32 to compare with fp32 references")
-    g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
-                   help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
-    g.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
-                   "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
-                   "the plan is printed in one line")
-    g.add_argument("--medvram", action="store_const", const="medvram", dest="memory_budget",
-                   help="A1111's level: --memory-budget 8GB")
-    g.add_argument("--lowvram", action="store_const", const="lowvram", dest="memory_budget",
-                   help="A1111's level: --memory-budget 4GB")
+    _add_memory_flags(g)
     _add_speed_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
