@@ -99,11 +99,13 @@ def live_server(output_dir: Path, models_dir: Path | None = None, **settings):
 
     from sdxl.serve.app import create_app
 
-    config = ServeConfig(**({"port": free_port(), "models_dir": models_dir, "output_dir": Path(output_dir),
+    sock = socket.socket()  # bound here and handed to uvicorn: no other test process can take the port meanwhile
+    sock.bind(("127.0.0.1", settings.pop("port", 0)))
+    config = ServeConfig(**({"port": sock.getsockname()[1], "models_dir": models_dir, "output_dir": Path(output_dir),
                              "device": "cpu", "dtype": "fp32"} | settings))
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         _wait_listening(config.port, thread.is_alive)
@@ -111,6 +113,7 @@ def live_server(output_dir: Path, models_dir: Path | None = None, **settings):
     finally:
         server.should_exit = True
         thread.join(timeout=120)
+        sock.close()
 
 
 @contextmanager
