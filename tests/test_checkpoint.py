@@ -347,3 +347,34 @@ def test_cli_entry_point_exit_code_and_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdxl.cli", "inspect", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("sdxl: error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_skip_init_only_skips_in_its_own_thread():
+    """A server's worker loading a checkpoint (skip_init) while another thread builds a random model: that model is
+    initialised (a process-wide patch left it torch.empty garbage, NaN in a clean CI run)."""
+    import threading
+
+    from torch import nn
+
+    from sdxl.formats.checkpoint import skip_init
+
+    inside, done = threading.Event(), threading.Event()
+
+    def loader():
+        with skip_init():
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=loader)
+    t.start()
+    inside.wait(10)
+    torch.manual_seed(0)
+    built = nn.Linear(64, 64)
+    done.set()
+    t.join()
+    torch.manual_seed(0)
+    assert torch.equal(built.weight, nn.Linear(64, 64).weight)
+    with skip_init():
+        t = torch.full((4,), 7.0)
+        nn.init.normal_(t)
+    assert torch.equal(t, torch.full((4,), 7.0))

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -164,18 +165,31 @@ def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str
     return missing, unexpected, wrong
 
 
+_SKIPPING = threading.local()  # skip_init's flag: per thread
+
+
+def _skippable(original):
+    """An nn.init fill function that does nothing in a thread inside `skip_init`, and its usual work elsewhere."""
+    def init(tensor, *args, **kwargs):
+        return tensor if getattr(_SKIPPING, "on", False) else original(tensor, *args, **kwargs)
+    init.skippable = True
+    return init
+
+
 @contextlib.contextmanager
 def skip_init():
-    """torch.nn.init's fill functions as no-ops while a model is built on meta: nothing to fill, and (measured) they
-    cost ~0.9 s importing torch._dynamo. Process-wide while it lasts, as transformers' `no_init_weights`."""
-    saved = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
-    for n in saved:
-        setattr(nn.init, n, lambda t, *a, **k: t)
+    """torch.nn.init's fill functions as no-ops while a model is built on meta in this thread: nothing to fill, and
+    (measured) they cost ~0.9 s importing torch._dynamo. Only this thread: a model built meanwhile in another one (a
+    server's worker loading while a test or a trainer builds a random model) is initialised as usual; the functions
+    are wrapped once per process and pass every call through outside `skip_init`."""
+    for name in (n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")):
+        if not getattr(getattr(nn.init, name), "skippable", False):
+            setattr(nn.init, name, _skippable(getattr(nn.init, name)))
+    before, _SKIPPING.on = getattr(_SKIPPING, "on", False), True
     try:
         yield
     finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
+        _SKIPPING.on = before
 
 
 def placeholder(shape, dtype, device) -> torch.Tensor:
