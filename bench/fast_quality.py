@@ -57,14 +57,12 @@ def main() -> None:
         grid.append((label, images[:8]))
     image_grid(grid, label_width=70).save(HERE / "fast_grid.png")
     if args.write:
-        path = HERE / "RESULTS.md"
-        head = "## Fast mode (DeepCache) on the embedded default: quality"
-        text = path.read_text()
-        if head not in text:
-            text += (f"\n{head}\n\nCommand: `python bench/fast_quality.py --write` ({args.n} held-out prompts, "
-                     f"{args.dtype}; images: bench/fast_grid.png)\n\n| date | machine | mode | accuracy | objects | "
-                     "background | latent rel. error vs full | sampling time |\n|---|---|---|---|---|---|---|---|\n")
-        path.write_text(text + "\n".join(rows) + "\n")
+        from results import append_rows
+
+        append_rows("## Fast mode (DeepCache) on the embedded default: quality",
+                    f"Command: `python bench/fast_quality.py --write` ({args.n} held-out prompts, {args.dtype}; "
+                    "images: bench/fast_grid.png)", "| date | machine | mode | accuracy | objects | background | "
+                    "latent rel. error vs full | sampling time |\n|---|---|---|---|---|---|---|---|", rows)
 
 
 if __name__ == "__main__":

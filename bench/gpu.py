@@ -12,7 +12,6 @@ torch.utils.flop_counter on the meta device). Not yet run on a GPU (written and 
 import argparse
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -134,13 +133,11 @@ def main() -> None:
                             f"{r[k]:.2f} it/s | {ratio} | {peak / 1e12:.0f} TFLOP/s | {frac} |")
                 print(rows[-1], flush=True)
     if args.write and not args.smoke:
-        path = Path(__file__).with_name("RESULTS.md")
-        head = "## GPU: UNet denoising loop (bench/gpu.py)"
-        text = path.read_text()
-        if head not in text:
-            text += (f"\n{head}\n\nCommand: `python bench/gpu.py --write`\n\n| date | GPU | case | model | it/s | "
-                     "vs diffusers | matmul peak (probe) | fraction of peak |\n|---|---|---|---|---|---|---|---|\n")
-        path.write_text(text + "\n".join(rows) + "\n")
+        from results import append_rows
+
+        append_rows("## GPU: UNet denoising loop (bench/gpu.py)", "Command: `python bench/gpu.py --write`",
+                    "| date | GPU | case | model | it/s | vs diffusers | matmul peak (probe) | fraction of peak |\n"
+                    "|---|---|---|---|---|---|---|---|", rows)
 
 
 if __name__ == "__main__":

@@ -77,13 +77,11 @@ def main() -> None:
                     rows += measure(name, cmd, busy, args.reps, cores, tmp)
                     print("\n".join(rows[-len(settings(cores)):]), flush=True)
     if args.write:
-        path = ROOT / "bench/RESULTS.md"
-        head = "## Threads: whole-process time"
-        text = path.read_text()
-        if head not in text:
-            text += (f"\n{head}\n\nCommand: `python bench/threads.py --write` (see its docstring)\n\n"
-                     "| date | machine | workload | machine state | setting | median | range |\n|---|---|---|---|---|---|---|\n")
-        path.write_text(text + "\n".join(rows) + "\n")
+        from results import append_rows
+
+        append_rows("## Threads: whole-process time", "Command: `python bench/threads.py --write` (see its docstring)",
+                    "| date | machine | workload | machine state | setting | median | range |\n|---|---|---|---|---|---|---|",
+                    rows)
 
 
 if __name__ == "__main__":
