@@ -58,9 +58,9 @@ class _AddDeltas(nn.Module):
 def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], runtime: bool = False) -> list:
     """Make `uses` ((file, text-encoder multiplier, UNet multiplier), ...) the adapters on `model`, merged or at
     run time; the set applied before is removed first (exactly). Returns the Adapters newly read, [] when `uses`
-    is the set already applied and no file of it changed since (size, mtime). Every file is read and checked before a weight changes; a multiplier that is not
-    finite is refused, a delta that overflows (non-finite in the weight's dtype) undoes the whole set and raises
-    CheckpointError naming the file and its weight."""
+    is the set already applied and no file of it changed since (`_stamp`). Every file is read and checked before a
+    weight changes; a multiplier that is not finite is refused, a delta that overflows (non-finite in the weight's
+    dtype) undoes the whole set and raises CheckpointError naming the file and its weight."""
     from sdxl.formats.lora import read_adapter
 
     uses = tuple((str(p), float(te), float(unet)) for p, te, unet in uses)
