@@ -212,3 +212,15 @@ def test_a1111_lists_loras_as_a1111_does(folder, tmp_path):
     with pytest.raises(SDXLError, match="2 files in loras"):  # two stems `a`: sub/NAME tells them apart
         find_lora("a", root / "loras")
     (root / "loras" / "sub" / "named.safetensors").unlink()
+
+
+@pytest.mark.parametrize("kind", ["file", "missing"])
+def test_lora_dir_that_is_no_folder_is_refused_even_without_tags(kind, tmp_path, capsys):
+    from sdxl.cli import main
+
+    bad = tmp_path / "t.txt"
+    if kind == "file":
+        bad.write_text("x")
+    assert main(["generate", "a cat", "--lora-dir", str(bad), "-o", str(tmp_path / "o.png"), "-q"]) == 2
+    assert f"--lora-dir {bad}: not a folder; give the folder that holds the LoRAs" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

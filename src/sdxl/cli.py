@@ -11,9 +11,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
-from sdxl.session import (DTYPES, Models, build_request, check_embeddings, configure_threads, device_and_dtype,
-                          dtype_name, load_pipeline, process_seconds, request_loras, resolve_models, threads_note,
-                          run_settings, use_loras, write_images)
+from sdxl.session import (DTYPES, Models, build_request, check_embeddings, check_folder, configure_threads,
+                          device_and_dtype, dtype_name, load_pipeline, process_seconds, request_loras, resolve_models,
+                          run_settings, threads_note, use_loras, write_images)
 
 
 class UsageError(SDXLError):
@@ -81,6 +81,7 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     """Flags over the recipe's model files; the recipe's hashes checked against the files used now."""
     from sdxl.formats.png import file_hash, local_path, model_files, replay_lora
 
+    check_folder("--lora-dir", args.lora_dir, "the LoRAs")  # the recipe's own folder is checked where it is used
     recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
     if empty := next((k for k, v in given.items() if v is not None and not v.strip()), None):  # else read as unset

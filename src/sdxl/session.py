@@ -130,13 +130,18 @@ def native_settings(model: str) -> tuple[dict, str]:
     return (native, f"recorded in {model} by training") if ok else (SDXL_NATIVE, "SDXL's default")
 
 
+def check_folder(flag: str, path: str | None, holds: str) -> None:
+    """A folder flag's value (None: not given) must be a folder: one line naming the flag otherwise."""
+    if path is not None and not Path(path).is_dir():
+        raise SDXLError(f"{flag} {path}: not a folder; give the folder that holds {holds}")
+
+
 def resolve_models(model: str | None, refiner: str | None, no_refiner: bool, vae: str | None = None,
                    loras: list[str] | tuple[str, ...] | None = None, embeddings: str | None = None,
                    unet: str | None = None, lora_dir: str | None = None) -> Models:
     """Without a model, the embedded default (and its refiner unless one is given or no_refiner); `unet`: a
     UNet-only file that replaces the model's; `lora_dir`: where a prompt's <lora:NAME> tags are found."""
-    if embeddings is not None and not Path(embeddings).is_dir():
-        raise SDXLError(f"--embeddings-dir {embeddings}: not a folder; give the folder that holds the embeddings")
+    check_folder("--embeddings-dir", embeddings, "the embeddings")
     lora_dir = None if lora_dir is None else str(lora_dir)
     if model is not None:
         from sdxl.formats.checkpoint import sampling_settings
