@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from sdxl.adapters import remove_adapters, use_adapters
+from sdxl.adapters.apply import remove_adapters, use_adapters
 from sdxl.formats.checkpoint import load_single_file
 from sdxl.formats.files import SafetensorsFile, write_tensors
-from sdxl.formats.lora import sites
+from sdxl.adapters.lora import sites
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

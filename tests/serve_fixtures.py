@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def make_models_folder(root: Path) -> Path:
     """root/checkpoints/{tiny,tiny_refiner}.safetensors and root/loras/style.safetensors (a random kohya LoRA)."""
-    from sdxl.formats.lora import add_lora, save_lora
+    from sdxl.adapters.lora import add_lora, save_lora
     from sdxl.models.model import TINY_BASE, SDXLModel
 
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -181,7 +181,7 @@ def test_prompts_file_and_rank_share(files, tmp_path, capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lora(files, tmp_path_factory):
-    from sdxl.formats.lora import add_lora, save_lora
+    from sdxl.adapters.lora import add_lora, save_lora
 
     model = ck.load(files[0])
     params = add_lora(model, rank=4, unet=True)

@@ -10,7 +10,7 @@ from conftest import randomize
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxl.formats.embeddings import (EmbeddingError, Embeddings, checkpoint_widths, load_embedding, load_folder,
+from sdxl.adapters.embeddings import (EmbeddingError, Embeddings, checkpoint_widths, load_embedding, load_folder,
                                      recorded_hashes)
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.models.prompts import apply_weights, tokenize

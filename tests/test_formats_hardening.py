@@ -14,7 +14,7 @@ from sdxl.cli import main
 from sdxl.errors import CheckpointError, SDXLError
 from sdxl.formats import checkpoint as ck
 from sdxl.formats.files import SafetensorsFile, write_file, write_tensors
-from sdxl.formats.lora import add_lora, load_lora, lora_state_dict
+from sdxl.adapters.lora import add_lora, load_lora, lora_state_dict
 from sdxl.formats.png import save_png
 from sdxl.models.model import TINY_BASE, SDXLModel
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from sdxl.cli import main
 from sdxl.errors import SDXLError
 from sdxl.formats import checkpoint as ck
-from sdxl.formats.lora import load_lora
+from sdxl.adapters.lora import load_lora
 from sdxl.models.model import TINY_BASE, SDXLModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from sdxl.formats import checkpoint as ck
 from sdxl.models.conditioning import FourierEmbedder
 from sdxl.errors import CheckpointError, SDXLError
-from sdxl.formats.lora import (CONV_TARGETS, DEFAULT_TARGETS, PEFT_FILE, FusedQKVLoRA, LoRA, add_lora, load_lora,
+from sdxl.adapters.lora import (CONV_TARGETS, DEFAULT_TARGETS, PEFT_FILE, FusedQKVLoRA, LoRA, add_lora, load_lora,
                        lora_modules, lora_state_dict, merge_lora, save_lora, sites)
 from sdxl.models.model import SDXL_BASE, TINY_BASE, TINY_REFINER, ModelConfig, SDXLModel
 

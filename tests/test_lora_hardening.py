@@ -17,12 +17,12 @@ from serve_fixtures import make_models_folder
 from test_lora import fresh
 from test_lora_prompts import lora_file
 
-from sdxl.adapters import applied_adapters, use_adapters
+from sdxl.adapters.apply import applied_adapters, use_adapters
 from sdxl.errors import SDXLError
-from sdxl.formats.lora import load_lora, place, sites, target
+from sdxl.adapters.lora import load_lora, place, sites, target
 from sdxl.formats.png import file_hash, lora_entry, parse_recipe, replay_lora
 from sdxl.serve.native import spec_from_body
-from sdxl.session import MAX_LORA_WEIGHT, find_lora, lora_spec, split_loras
+from sdxl.adapters.tags import MAX_LORA_WEIGHT, find_lora, lora_spec, split_loras
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,11 +15,11 @@ from serve_fixtures import FAST as SERVE_FAST
 from serve_fixtures import make_models_folder
 from test_lora import ALL_TARGETS, fresh, outputs
 
-from sdxl.adapters import applied_adapters, remove_adapters, use_adapters
+from sdxl.adapters.apply import applied_adapters, remove_adapters, use_adapters
 from sdxl.errors import SDXLError
-from sdxl.formats.lora import add_lora, load_lora, save_lora
+from sdxl.adapters.lora import add_lora, load_lora, save_lora
 from sdxl.formats.png import file_hash, lora_hash
-from sdxl.session import LoraUse, find_lora, split_loras
+from sdxl.adapters.tags import LoraUse, find_lora, split_loras
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,7 +168,7 @@ def test_lycoris_biases_and_norms_at_run_time_equal_merged(tmp_path):
 
 
 def test_merged_equals_load_lora(files):
-    """The same patches, multipliers and rounding as sdxl.formats.lora.load_lora: equal weights."""
+    """The same patches, multipliers and rounding as sdxl.adapters.lora.load_lora: equal weights."""
     _, a, b = files
     ours, theirs = fresh(), fresh()
     use_adapters(ours, [(a, 0.7, 1.3), (b, 1.0, -0.6)])

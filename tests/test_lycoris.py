@@ -12,7 +12,7 @@ from test_lora import FP32_TOL, assert_outputs_close, diffusers_outputs, fresh, 
 
 from sdxl.errors import SDXLError
 from sdxl.formats import checkpoint as ck
-from sdxl.formats.lora import load_lora, read_adapter, sites, target
+from sdxl.adapters.lora import load_lora, read_adapter, sites, target
 from sdxl.models.model import TINY_BASE, TINY_REFINER
 
 peft = pytest.importorskip("peft")

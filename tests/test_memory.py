@@ -129,7 +129,7 @@ def test_loras_refused_when_weights_are_released(files, tmp_path, capsys):
 
 
 def test_prompt_loras_and_unet_refused_when_weights_are_released(files, tmp_path, capsys):
-    from sdxl.formats.lora import add_lora, save_lora
+    from sdxl.adapters.lora import add_lora, save_lora
 
     model = ck.load_single_file(files[0], dtype=torch.float32)
     add_lora(model, rank=2)

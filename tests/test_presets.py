@@ -1,7 +1,7 @@
 """`--preset`: each few-step model's published settings, on a tiny model in the layout that model ships in.
 
 turbo: an all-in-one checkpoint; lightning: a UNet-only file (`--unet`); hyper-8step and lcm: LoRAs (kohya and
-PEFT files written by `sdxl.formats.lora`). Each run must load, sample and record exactly the preset's settings.
+PEFT files written by `sdxl.adapters.lora`). Each run must load, sample and record exactly the preset's settings.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdxl.errors import SDXLError
 from sdxl.formats import checkpoint as ck
-from sdxl.formats.lora import add_lora, save_lora
+from sdxl.adapters.lora import add_lora, save_lora
 from sdxl.models.model import TINY_BASE, SDXLModel
 from sdxl.presets import PRESETS, preset_settings
 from test_fewstep import unet_files

@@ -13,7 +13,7 @@ from serve_fixtures import live_server, make_models_folder
 from test_lora import fresh
 from test_lora_prompts import lora_file
 
-from sdxl.adapters import use_adapters
+from sdxl.adapters.apply import use_adapters
 from sdxl.errors import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

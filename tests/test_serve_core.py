@@ -21,7 +21,7 @@ from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS, Request
 from sdxl.serve.app import open_jobs
 from sdxl.serve.models import ModelsFolder
-from sdxl.session import LoraUse, split_loras
+from sdxl.adapters.tags import LoraUse, split_loras
 
 SLOW = {"steps": 400, "width": 64, "height": 64}  # long enough to be caught running
 

@@ -67,7 +67,7 @@ def test_replaced_weights_turn_the_fused_path_off():
 
 def test_fuse_leaves_wrapped_layers_alone():
     """A UNet with trainable LoRA layers (training previews build a Pipeline from it) is not fused."""
-    from sdxl.formats.lora import LoRA
+    from sdxl.adapters.lora import LoRA
 
     unet = tiny_unet()
     attn = unet.middle_block[1].transformer_blocks[0].attn1

@@ -279,7 +279,7 @@ def test_two_processes_equal_one(tmp_path, one_process, mode):
 
 
 def test_lora_changes_only_lora_weights(tmp_path):
-    from sdxl.formats.lora import DEFAULT_TARGETS, load_lora
+    from sdxl.adapters.lora import DEFAULT_TARGETS, load_lora
 
     loop.seed_everything(1)
     start_file = ck.save_single_file(loop.build_model(tiny(), torch.device("cpu")), tmp_path / "start.safetensors")

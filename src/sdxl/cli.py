@@ -11,9 +11,11 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from sdxl.errors import SDXLError
+from sdxl.adapters.apply import use_loras
+from sdxl.adapters.tags import request_loras
 from sdxl.session import (DTYPES, Models, build_request, check_embeddings, check_folder, configure_threads,
-                          device_and_dtype, dtype_name, load_pipeline, process_seconds, request_loras, resolve_models,
-                          run_settings, threads_note, use_loras, write_images)
+                          device_and_dtype, dtype_name, load_pipeline, process_seconds, resolve_models, run_settings,
+                          threads_note, write_images)
 
 
 class UsageError(SDXLError):
@@ -111,7 +113,7 @@ def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str,
     --embeddings-dir (else the names would be read as plain words: another image); (what, file, hash, recorded)."""
     if not args.from_png:
         return []
-    from sdxl.formats.embeddings import Embeddings, for_model, recorded_hashes
+    from sdxl.adapters.embeddings import Embeddings, for_model, recorded_hashes
     from sdxl.images import opened
 
     with opened(args.from_png, "--from-png") as im:

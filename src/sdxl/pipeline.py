@@ -393,7 +393,7 @@ class Pipeline:
     def conditioning(self, model: SDXLModel, req: Request) -> tuple[Conditioning, Conditioning | None]:
         """(cond, uncond) for a batch, one prompt per image or one for all; no uncond at cfg 1 (`Conditioner.guided`,
         docs/conditioning.md §3)."""
-        from sdxl.session import lora_free  # A1111's <lora:...> tags are for `use_loras`, not the encoders
+        from sdxl.adapters.tags import lora_free  # A1111's <lora:...> tags are for `use_loras`, not the encoders
 
         prompts = prompt_rows(lora_free(req.prompt), req.prompt_2, req.batch)
         negatives = prompt_rows(req.negative_prompt, req.negative_prompt_2, req.batch) if req.cfg != 1.0 else None
@@ -701,7 +701,7 @@ class Pipeline:
         with torch.no_grad():
             x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x), **eta)
         if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
-            from sdxl.adapters import non_finite_cause
+            from sdxl.adapters.apply import non_finite_cause
 
             if self.dtype != torch.float32 and (bad := next(  # not an overflow of the dtype: the file's fault
                     (n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None)):

@@ -92,7 +92,7 @@ def local_path(entry: str) -> str:
 def _model_entry_ok(key: str, entry: str) -> bool:
     """A recipe may name checkpoints only: `sdxl:NAME` of the package, a .safetensors file (a LoRA's with an
     optional `:WEIGHT`), or a diffusers folder; never an arbitrary file to open and hash."""
-    from sdxl.session import lora_spec
+    from sdxl.adapters.tags import lora_spec
 
     if entry.startswith(PACKAGED):
         return re.fullmatch(r"[\w.-]+\.safetensors", entry[len(PACKAGED):]) is not None
@@ -103,8 +103,8 @@ def _model_entry_ok(key: str, entry: str) -> bool:
 def model_files(models: dict[str, str | None]) -> dict[str, Path]:
     """The files of a model table (model, refiner, vae, unet, lora0, ...) that a recipe hashes and a replay checks:
     a LoRA's without its weight (a diffusers LoRA folder's file)."""
-    from sdxl.formats.lora import adapter_file
-    from sdxl.session import lora_spec
+    from sdxl.adapters.lora import adapter_file
+    from sdxl.adapters.tags import lora_spec
 
     out = {k: adapter_file(lora_spec(v)[0]) if k.startswith("lora") else Path(v) for k, v in models.items() if v}
     return {k: p for k, p in out.items() if p.is_file()}
@@ -113,8 +113,8 @@ def model_files(models: dict[str, str | None]) -> dict[str, Path]:
 def lora_entry(spec: str, lora_dir: str | None) -> str:
     """A --lora FILE[:WEIGHT] as a recipe records it, to replay from any working directory: `FILE:WEIGHT` with FILE
     relative to the LoRA folder where it lies in it (`lora_dir` is recorded then), else absolute."""
-    from sdxl.formats.lora import adapter_file
-    from sdxl.session import inside, lora_spec
+    from sdxl.adapters.lora import adapter_file
+    from sdxl.adapters.tags import inside, lora_spec
 
     path, weight = lora_spec(spec)
     path = adapter_file(path).resolve()
@@ -127,7 +127,7 @@ def replay_lora(entry: str, lora_dir: str | None, where: str) -> str:
     """A recipe's LoRA entry -> FILE:WEIGHT here: a relative FILE inside `lora_dir` (the LoRA folder given now,
     else the recorded one) where it is there, else as written (recipes that recorded paths from the working
     directory); a file not found is an error."""
-    from sdxl.session import lora_spec
+    from sdxl.adapters.tags import lora_spec
 
     path, weight = lora_spec(entry, where)
     if lora_dir is not None and not Path(path).is_absolute() and (Path(lora_dir) / path).is_file():
@@ -208,12 +208,12 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     pairs["Target size"] = "x".join(map(str, reversed(req.target_size or (h, w))))
     if req.batch > 1:
         pairs |= {"Batch size": req.batch, "Batch pos": index}
-    from sdxl.session import tag_name  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
+    from sdxl.adapters.tags import tag_name  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
 
     if loras:
         pairs["Lora hashes"] = ", ".join(f"{tag_name(u.name)}: {lora_hash(u.path)}" for u in loras)
     if embeddings is not None:
-        from sdxl.session import lora_free  # the text the encoders saw, without its <lora:...> tags
+        from sdxl.adapters.tags import lora_free  # the text the encoders saw, without its <lora:...> tags
 
         row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
                                                                               req.negative_prompt_2)]
@@ -295,7 +295,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 def parse_recipe(d, source: str) -> Recipe:
     """A recipe dict -> Recipe; the settings go through Request's rules, the rest is checked here."""
-    from sdxl.session import lora_spec
+    from sdxl.adapters.tags import lora_spec
 
     if not isinstance(d, dict):
         raise SDXLError(f"{source} is not a JSON object")
@@ -309,7 +309,7 @@ def parse_recipe(d, source: str) -> Recipe:
     models = {k: v for k, v in models.items() if v is not None}
     if bad := [k for k in models if not MODEL_KEY.fullmatch(k)]:
         raise SDXLError(f"{source}: unknown model entry {bad[0]!r:.40} (expected model, refiner, vae, unet, lora0, ...)")
-    for k in (k for k in models if k.startswith("lora")):  # its weight by the one rule (sdxl.session.lora_weight)
+    for k in (k for k in models if k.startswith("lora")):  # its weight by the one rule (sdxl.adapters.tags.lora_weight)
         lora_spec(models[k], f"{source}: models.{k}")
     if bad := [k for k, v in models.items() if not _model_entry_ok(k, v)]:
         raise SDXLError(f"{source}: models.{bad[0]} {models[bad[0]]!r:.80} is not a checkpoint name (a .safetensors "

@@ -4,7 +4,7 @@ Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /
 `(text:1.3)` explicit weight, `\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a
 new 75-token window. Long prompts are split into 75-token windows, each encoded as its
 own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis. A textual-inversion
-embedding's name (the tokenizer's `embeddings`, sdxl.formats.embeddings) stands for its n vectors, weighted like
+embedding's name (the tokenizer's `embeddings`, sdxl.adapters.embeddings) stands for its n vectors, weighted like
 tokens and never split across windows: one that does not fit the current window starts the next (A1111
 `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
 """

@@ -49,7 +49,7 @@ class Tokenizer:
     """CLIP BPE: text -> ids, and batches of prompts -> (N, 77) LongTensors. `embeddings`: textual-inversion
     embeddings whose names a prompt may use (sdxl.models.prompts), as diffusers adds their tokens to its tokenizer."""
 
-    embeddings = None  # sdxl.formats.embeddings.Embeddings | None
+    embeddings = None  # sdxl.adapters.embeddings.Embeddings | None
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
         if len(vocab) != VOCAB_SIZE or vocab.get(_BOS_TEXT) != BOS or vocab.get(_EOS_TEXT) != EOS:
@@ -101,7 +101,7 @@ class Tokenizer:
         return vocab_json, merges_txt
 
     def with_embeddings(self, embeddings) -> Tokenizer:
-        """This tokenizer (shared, not copied) knowing `embeddings` (sdxl.formats.embeddings.Embeddings)."""
+        """This tokenizer (shared, not copied) knowing `embeddings` (sdxl.adapters.embeddings.Embeddings)."""
         tok = copy.copy(self)
         tok.embeddings = embeddings
         return tok

@@ -572,7 +572,7 @@ def sd_vae(request: Request):
 def loras(request: Request):
     """The loras folder as A1111 lists it (extensions-builtin/Lora/lora_script.py create_lora_json, network.py
     NetworkOnDisk, v1.10.1): `name` the file's stem, `alias` its ss_output_name (else the stem), `path`, `metadata`
-    the file's; a prompt takes either, or `sub/NAME` where two files share a stem (sdxl.session.find_lora)."""
+    the file's; a prompt takes either, or `sub/NAME` where two files share a stem (sdxl.adapters.tags.find_lora)."""
     from sdxl.formats.files import SafetensorsFile
 
     out = []
@@ -588,9 +588,9 @@ def loras(request: Request):
 
 @router.get(f"{API}/embeddings")
 def embeddings(request: Request):
-    """The embeddings folder checked against the current checkpoint's text encoders (sdxl.formats.embeddings):
+    """The embeddings folder checked against the current checkpoint's text encoders (sdxl.adapters.embeddings):
     `loaded` by the name a prompt uses, `skipped` the files refused, each with A1111's fields and the `reason`."""
-    from sdxl.formats.embeddings import SDXL_WIDTHS, checkpoint_widths, load_folder
+    from sdxl.adapters.embeddings import SDXL_WIDTHS, checkpoint_widths, load_folder
 
     models = request.app.state.models
     folder = models.folder("embeddings")

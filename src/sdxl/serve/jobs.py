@@ -22,7 +22,9 @@ from sdxl.errors import SDXLError
 from sdxl.serve.config import Limits
 from sdxl.serve.models import ModelsFolder
 from sdxl.serve.preview import renderer
-from sdxl.session import build_request, dtype_name, lora_free, request_loras, use_loras, write_images
+from sdxl.adapters.apply import use_loras
+from sdxl.adapters.tags import lora_free, request_loras
+from sdxl.session import build_request, dtype_name, write_images
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (

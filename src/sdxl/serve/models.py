@@ -16,8 +16,9 @@ from pathlib import Path
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.session import (PICKLES, Models, device_and_dtype, find_lora, inside, load_pipeline, lora_problem,
-                          resolve_models, use_embeddings)
+from sdxl.adapters.apply import use_embeddings
+from sdxl.adapters.tags import PICKLES, find_lora, inside, lora_problem
+from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
 FOLDERS = {"checkpoints": ("checkpoints", "Stable-diffusion"), "loras": ("loras", "Lora"),
@@ -130,7 +131,7 @@ class ModelsFolder:
 
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`' checkpoint files, loading it (and unloading the least recently used) as
-        needed; without LoRAs (each request applies its own: `sdxl.session.use_loras`)."""
+        needed; without LoRAs (each request applies its own: `sdxl.adapters.apply.use_loras`)."""
         key = (models.model, models.refiner, models.vae)
         with self.lock:
             if key in self.loaded:

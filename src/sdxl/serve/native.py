@@ -29,7 +29,7 @@ from sdxl.errors import SDXLError
 from sdxl.request import NOT_SETTINGS
 from sdxl.request import Request as GenerationRequest
 from sdxl.serve.jobs import JobSpec, JobState
-from sdxl.session import lora_weight
+from sdxl.adapters.tags import lora_weight
 
 router = APIRouter(prefix="/v1", tags=["native"])
 # the job fields that are not Request settings, and their JSON schemas

@@ -40,7 +40,7 @@ class TrainConfig:
     vae: dict[str, Any] = field(default_factory=dict)
     clip_l: dict[str, Any] = field(default_factory=dict)
     bigg: dict[str, Any] = field(default_factory=dict)
-    train: Literal["unet", "lora"] = "unet"  # the full UNet, or LoRA (sdxl.formats.lora) on it
+    train: Literal["unet", "lora"] = "unet"  # the full UNet, or LoRA (sdxl.adapters.lora) on it
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: alpha = rank
     lora_text_encoders: bool = False  # also LoRA on both text encoders

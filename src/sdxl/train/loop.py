@@ -275,11 +275,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> SDXLModel:
 
 def trainable_parameters(model: SDXLModel, cfg: TrainConfig, d: Dist) -> dict[str, nn.Parameter]:
     """The trained parameters by their name in `model`: the full UNet (sharded under FSDP), or new LoRA layers
-    (sdxl.formats.lora); the UNet is put in training mode."""
+    (sdxl.adapters.lora); the UNet is put in training mode."""
     model.unet.train()
     model.unet.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.train == "lora":
-        from sdxl.formats.lora import add_lora
+        from sdxl.adapters.lora import add_lora
 
         new = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, unet=True,
                        text_encoders=cfg.lora_text_encoders, dtype=torch.float32)
@@ -621,7 +621,7 @@ def write_final(run: Run, output: Path) -> Path:
             for name, p in run.trained.items():
                 p.copy_(run.ema[name])
     if cfg.train == "lora":
-        from sdxl.formats.lora import merge_lora, save_lora
+        from sdxl.adapters.lora import merge_lora, save_lora
 
         if d.main:
             for name, fmt in (("final_lora.safetensors", "kohya"), ("final_lora_peft.safetensors", "peft")):

@@ -1,4 +1,4 @@
-"""A set of adapters (LoRA, LyCORIS: `sdxl.formats.lora.read_adapter`) on a loaded model, switched between requests
+"""A set of adapters (LoRA, LyCORIS: `sdxl.adapters.lora.read_adapter`) on a loaded model, switched between requests
 without reloading it, in one of two ways:
 
 - merged: each patched weight gets `multiplier * dW` added in place, as A1111 does, after a copy of it is kept in
@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sdxl.errors import CheckpointError, SDXLError
-from sdxl.formats.lora import View, place
+from sdxl.adapters.lora import View, place
+from sdxl.adapters.tags import LoraUse
 
 
 @dataclass
@@ -61,7 +62,7 @@ def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], run
     is the set already applied and no file of it changed since (`_stamp`). Every file is read and checked before a
     weight changes; a multiplier that is not finite is refused, a delta that overflows (non-finite in the weight's
     dtype) undoes the whole set and raises CheckpointError naming the file and its weight."""
-    from sdxl.formats.lora import read_adapter
+    from sdxl.adapters.lora import read_adapter
 
     uses = tuple((str(p), float(te), float(unet)) for p, te, unet in uses)
     if bad := next((u for u in uses if not all(map(math.isfinite, u[1:]))), None):
@@ -142,3 +143,33 @@ def _apply(model: nn.Module, applied: _Applied, patch, multiplier: float, runtim
         applied.parametrized.append((module, name))
     module.parametrizations[name][0].deltas.append((view, delta))
     return True
+
+
+def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False) -> None:
+    """Make `loras` the LoRAs on the pipeline's base without reloading it (`sdxl.adapters.apply.use_adapters`: the set
+    before is removed exactly; the same set again costs nothing); each newly applied one reported through `log`."""
+    memory = getattr(pipe, "memory", None)
+    if loras and memory is not None and any(c.mode != "resident" for c in memory.components.values()):
+        raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({memory.plan.level}) releases "
+                        "them: give a larger --memory-budget or leave it out")
+    applied = use_adapters(pipe.base, [(u.path, u.te, u.unet) for u in loras], runtime)
+    for u, adapter in zip(loras, applied):
+        weight = f"weight {u.unet}" if u.te == u.unet else f"weight {u.te} text encoders, {u.unet} UNet"
+        log(f"LoRA {u.name} ({u.path}): {len(adapter.patches)} layers, {weight}")
+
+
+def use_embeddings(pipe, folder: str | None, log=print) -> None:
+    """The textual-inversion embeddings of `folder` (None: none) for the pipeline's prompts, checked against its
+    encoders; the files refused are reported through `log` with the reason. Files are read again only when the
+    folder changes (A1111 re-reads its embeddings folder when it changes, too)."""
+    from sdxl.adapters.embeddings import load_folder
+
+    found = None
+    if folder is not None:
+        cond = pipe.base.conditioner.cfg
+        found = load_folder(folder, (cond.clip_l.width, cond.bigg.width))
+        if found is not pipe.tokenizer.embeddings:
+            for name, why in found.skipped.items():
+                log(f"embedding {name} skipped: {why}")
+            log(f"embeddings {folder}: {', '.join(found.loaded) or 'none'} ({len(found.loaded)} loaded)")
+    pipe.tokenizer = pipe.tokenizer.with_embeddings(found)
