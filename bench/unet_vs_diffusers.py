@@ -1,6 +1,7 @@
 """Forward time of our SDXL base UNet vs diffusers' UNet2DConditionModel, same weights, same inputs, same run.
 
 Usage: python bench/unet_vs_diffusers.py [--px 512 1024] [--dtype bf16 fp32] [--batch 2] [--reps 3] [--write]
+                                        [--profile]
 
 Random full-size weights, shared between both models (no copy), channels-last. Diffusers runs its best eager setup:
 SDPA (its default processor), channels-last, `fuse_qkv_projections()`. Timings alternate between the models so that
@@ -10,7 +11,8 @@ machine noise hits both alike; the ratios are the result, not the absolute secon
   error on fixed inputs (a shallow call vs the full call it replaces, a step apart; for scale, beside it the
   relative difference of our and diffusers' outputs, which is rounding alone);
 - the machine's bf16 (or fp32) matmul limit, measured by a probe in the same run, and the fraction of it each
-  model reaches (FLOPs counted by torch.utils.flop_counter on the meta device).
+  model reaches (FLOPs counted by torch.utils.flop_counter on the meta device);
+- with --profile, where our forward's time goes: the share of each kind of op (torch.profiler self time).
 """
 
 import argparse
@@ -123,6 +125,25 @@ def case(ours, theirs, dtype, batch: int, px: int, reps: int, limit: float) -> d
     return med | {"err": err, "noise": noise, "flops": flops, "limit": limit, "load": os.getloadavg()[0]}
 
 
+KINDS = (("attention", ("attention",)), ("linear", ("addmm", "::mm", "bmm", "linear")),
+         ("convolution", ("conv",)), ("normalization", ("norm",)), ("activation", ("gelu", "silu")))
+
+
+def breakdown(fn) -> dict[str, float]:
+    """The share of one call's operator time (self CPU time of aten ops) per kind of op; the rest is "other"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    times = {}
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            kind = next((k for k, names in KINDS if any(n in e.key for n in names)), "other")
+            times[kind] = times.get(kind, 0) + e.self_cpu_time_total
+    total = sum(times.values())
+    return {k: v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def row(r: dict, dtype: str, batch: int, px: int) -> str:
     m = r["diffusers"]
     return (f"| {date.today()} | {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads, load "
@@ -155,6 +176,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="add the rows to bench/RESULTS.md")
+    ap.add_argument("--profile", action="store_true", help="print where our forward's time goes, per kind of op")
     args = ap.parse_args()
     theirs, lines = None, []
     for name in args.dtype:
@@ -166,6 +188,10 @@ def main() -> None:
             r["limit"] = max(limit, matmul_limit(dtype))
             lines.append(row(r, name, args.batch, px))
             print(lines[-1], flush=True)
+            if args.profile:
+                x, ctx, _, _, y = inputs(dtype, args.batch, px)
+                shares = breakdown(lambda m=ours: m(x, torch.full((args.batch,), 500.0), ctx, y))
+                print(f"ours, {name}, {px} px: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()), flush=True)
         del ours
     if args.write:
         write(lines)

@@ -58,6 +58,15 @@ def available(device: torch.device) -> int:
         raise SDXLError("--memory-budget auto: cannot read MemAvailable from /proc/meminfo; give a size, e.g. 8GB") from None
 
 
+def share(budget: str | None, device, n: int) -> str | None:
+    """One of `n` equal shares of a budget (`make_plan`'s forms; auto: the free memory now), e.g. for workers
+    sharing a device; None stays None."""
+    if budget is None:
+        return None
+    whole = parse_budget(FLAGS.get(budget, budget))
+    return f"{(available(torch.device(device)) if whole is None else whole) // n >> 20}MB"
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Parameter counts of what a pipeline loads: base and refiner UNets and text encoders, the VAE."""
@@ -113,6 +122,12 @@ class Plan:
                  f"estimated peak {gib(self.estimate)} at 1024x1024"
                  + (": over the budget, the least this model can run in" if self.estimate > self.budget else "")]
         return "; ".join(parts)
+
+    def check_loras(self) -> None:
+        """LoRAs patch the weights in place, so they need every weight resident: SDXLError for any other level."""
+        if self.level != "resident":
+            raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({self.level}) releases "
+                            "them: give a larger --memory-budget or leave it out")
 
     def lazy(self, path) -> tuple[str, ...]:
         """The key prefixes a loader leaves as placeholders in this file, for `attach` to fill (none in a folder)."""

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sdxl.errors import CheckpointError, SDXLError
 from sdxl.adapters.lora import View, place
 from sdxl.adapters.tags import LoraUse
+from sdxl.errors import CheckpointError, SDXLError
 
 
 @dataclass
@@ -149,9 +149,8 @@ def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False
     """Make `loras` the LoRAs on the pipeline's base without reloading it (`sdxl.adapters.apply.use_adapters`: the set
     before is removed exactly; the same set again costs nothing); each newly applied one reported through `log`."""
     memory = getattr(pipe, "memory", None)
-    if loras and memory is not None and any(c.mode != "resident" for c in memory.components.values()):
-        raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({memory.plan.level}) releases "
-                        "them: give a larger --memory-budget or leave it out")
+    if loras and memory is not None:
+        memory.plan.check_loras()
     applied = use_adapters(pipe.base, [(u.path, u.te, u.unet) for u in loras], runtime)
     for u, adapter in zip(loras, applied):
         weight = f"weight {u.unet}" if u.te == u.unet else f"weight {u.te} text encoders, {u.unet} UNet"

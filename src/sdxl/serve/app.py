@@ -64,16 +64,20 @@ def create_app(config: ServeConfig, jobs=None) -> FastAPI:
 
 def open_jobs(config: ServeConfig):
     """(models folder, jobs) of a config, with a pool of pipelines per worker (its device); no worker started."""
+    import torch
+
     from sdxl.serve.jobs import Jobs
     from sdxl.serve.models import ModelsFolder
 
     devices = worker_devices(config.device, config.workers)
-    pools = [ModelsFolder(config.models_dir, d, config.dtype, config.memory_budget) for d in devices]
+    pools = [ModelsFolder(config.models_dir, d, config.dtype, config.memory_budget, config.memory_plan)
+             for d in devices]
     if len(set(devices)) < len(devices):  # workers sharing a device share its memory and its cores
-        import torch
+        from sdxl.memory import share
 
         for pool in pools:
             pool.budget //= len(devices)
+            pool.plan = share(pool.plan, pool.device, len(devices))
         if pools[0].device == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
     config.output_dir.mkdir(parents=True, exist_ok=True)

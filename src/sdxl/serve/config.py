@@ -34,6 +34,7 @@ class ServeConfig:
     dtype: str | None = None  # fp32 | bf16 | fp16; default: as `sdxl generate`
     allowed_hosts: tuple[str, ...] = ()  # more names the Host header may give (a reverse proxy's), any port
     memory_budget: int | None = None  # bytes of loaded pipelines; None: half the device's (or the machine's) memory
+    memory_plan: str | None = None  # --memory-budget/--medvram/--lowvram: each pipeline planned (sdxl.memory), one loaded
     workers: int = 1  # worker threads taking jobs from the one queue; each its own GPU when there are several
     limits: Limits = field(default_factory=Limits)
 

@@ -24,7 +24,7 @@ from sdxl.serve.models import ModelsFolder
 from sdxl.serve.preview import renderer
 from sdxl.adapters.apply import use_loras
 from sdxl.adapters.tags import lora_free, request_loras
-from sdxl.session import build_request, dtype_name, write_images
+from sdxl.session import build_request, dtype_name, run_settings, write_images
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
@@ -218,6 +218,7 @@ class Jobs:
         mask = _image(spec.mask, "mask", self.limits)
         first = build_request(dict(spec.settings), models, spec.source, init, mask)
         check_request_limits(first, spec.n_iter, self.limits)
+        self.models.check_plan(models, request_loras(first, models))
         return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
 
     def _next(self):
@@ -280,7 +281,7 @@ class Jobs:
                 return "cancelled", result
             written = write_images(req, out.images, models, dtype_name(pool.dtype),
                                    self.output_dir / f"{job_id}-{j}.png", numbered=True,
-                                   embeddings=pipe.tokenizer.embeddings)
+                                   embeddings=pipe.tokenizer.embeddings, run=run_settings(pipe, pool.plan))
             result["images"] += [str(w.path) for w in written]
             result["infotexts"] += [w.infotext for w in written]
             result["seeds"] += [w.seed for w in written]

@@ -56,10 +56,11 @@ class ModelsFolder:
     any thread."""
 
     def __init__(self, root: Path | None, device: str | None = None, dtype: str | None = None,
-                 budget: int | None = None):
+                 budget: int | None = None, plan: str | None = None):
         self.root = Path(root) if root is not None else None
         self.device, self.dtype, self.dtype_why = device_and_dtype(device, dtype)
-        self.budget = budget or _default_budget(self.device)
+        self.plan = plan  # a memory budget for the planner (sdxl.memory): it plans one pipeline, so one is loaded
+        self.budget = 0 if plan is not None else budget or _default_budget(self.device)
         self.loaded: OrderedDict[tuple, tuple[object, int]] = OrderedDict()  # files -> (pipeline, bytes), oldest first
         self.lock = threading.Lock()
         checkpoints = [m for m in self.list("checkpoints") if m.refused is None]
@@ -129,6 +130,13 @@ class ModelsFolder:
         return resolve_models(path, ref, off, vae_path, specs, str(embeddings) if embeddings else None,
                               lora_dir=self.folder("loras"))
 
+    def check_plan(self, models: Models, loras: tuple) -> None:
+        """With a memory budget: what the plan of `models` refuses (LoRAs unless resident), at submit time."""
+        if self.plan is not None and loras:
+            from sdxl.memory import Sizes, make_plan
+
+            make_plan(self.plan, Sizes.of_files(models.model, models.refiner), self.device, self.dtype).check_loras()
+
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`' checkpoint files, loading it (and unloading the least recently used) as
         needed; without LoRAs (each request applies its own: `sdxl.adapters.apply.use_loras`)."""
@@ -142,7 +150,7 @@ class ModelsFolder:
             while self.loaded and sum(size for _, size in self.loaded.values()) + need > self.budget:
                 self.loaded.popitem(last=False)
                 _free(self.device)
-        pipe = load_pipeline(replace(models, loras=()), self.device, self.dtype, log=log)
+        pipe = load_pipeline(replace(models, loras=()), self.device, self.dtype, log=log, memory_budget=self.plan)
         with self.lock:
             self.loaded[key] = (pipe, _pipeline_bytes(pipe))
         return pipe

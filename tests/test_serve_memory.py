@@ -1,0 +1,73 @@
+"""`sdxl serve --memory-budget`: each pipeline the server loads is planned by sdxl.memory as `sdxl generate`'s is,
+one pipeline is loaded at a time (the plan is for the whole budget), images equal a resident server's (fp32,
+exactly: releasing weights does not change numbers), LoRAs are refused with the plan's reason, and workers sharing
+a device share the budget."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_fixtures import live_server, tiny_models  # noqa: F401 (fixture)
+
+from sdxl import memory
+from sdxl.serve.models import ModelsFolder
+
+FAST = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+TINY_BUDGET = "100MB"  # below every level's estimate: the last level (stream) for the tiny models
+
+
+def test_each_pipeline_planned_and_one_loaded(tiny_models, tmp_path):  # noqa: F811
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    for name in ("a", "b"):
+        os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / f"{name}.safetensors")
+    lines = []
+    m = ModelsFolder(root, "cpu", "fp32", budget=10 * memory.GiB, plan=TINY_BUDGET)
+    pipe = m.pipeline(m.models("a", None, None, ()), log=lines.append)
+    assert pipe.memory.plan.level == "stream" and pipe.memory.plan.budget == 100 << 20
+    assert any(line.startswith("memory plan: stream for a budget of 100 MiB on cpu") for line in lines)
+    m.pipeline(m.models("b", None, None, ()), log=lines.append)
+    assert [k[0].rsplit("/", 1)[-1] for k in m.loaded] == ["b.safetensors"]  # never two planned pipelines
+
+
+@pytest.fixture(scope="module")
+def two_servers(tiny_models, tmp_path_factory):  # noqa: F811
+    with live_server(tmp_path_factory.mktemp("plan"), tiny_models, memory_plan=TINY_BUDGET) as planned, \
+            live_server(tmp_path_factory.mktemp("resident"), tiny_models) as resident:
+        yield planned, resident
+
+
+def test_planned_server_gives_the_resident_image(two_servers):
+    planned, resident = two_servers
+    body = {"prompt": "a red circle", "seed": 5, **FAST}
+    got = [s.wait(s.submit(**body)) for s in (planned, resident)]
+    assert [d["state"] for d in got] == ["done", "done"], got
+    a, b = (Image.open(d["images"][0]) for d in got)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert got[0]["infotexts"] == got[1]["infotexts"]  # a plan that only releases weights is not recorded
+
+
+def test_planned_server_refuses_loras_at_submit(two_servers, tiny_models):  # noqa: F811
+    """A LoRA (a prompt tag or the native API's `loras`) under a plan that releases weights: 422 at once, naming
+    the plan, on both APIs; nothing queued."""
+    planned, _ = two_servers
+    lora = next((tiny_models / "loras").glob("*.safetensors")).stem
+    want = "LoRAs need the model's weights resident; the memory plan (stream) releases them"
+    for path, body in (("/v1/jobs", {"prompt": f"a red circle <lora:{lora}:0.5>", **FAST}),
+                       ("/v1/jobs", {"prompt": "a red circle", "loras": [[lora, 0.5]], **FAST}),
+                       ("/sdapi/v1/txt2img", {"prompt": f"x <lora:{lora}:1>", **FAST})):
+        r = planned.http.post(path, json=body)
+        assert r.status_code == 422 and want in r.text, (path, r.status_code, r.text)
+    assert planned.http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+@pytest.mark.parametrize("budget, n, share", [("8GB", 2, "4096MB"), ("medvram", 4, "2048MB"), ("6GB", 1, "6144MB"),
+                                               (None, 2, None)])
+def test_workers_sharing_a_device_share_the_budget(budget, n, share):
+    assert memory.share(budget, "cpu", n) == share
+
+
+def test_auto_budget_shared_from_the_free_memory(monkeypatch):
+    monkeypatch.setattr(memory, "available", lambda device: 10 << 30)
+    assert memory.share("auto", "cpu", 4) == "2560MB"
