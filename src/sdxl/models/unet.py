@@ -6,6 +6,7 @@ official file loads with a strict `load_state_dict`. Attention heads are width /
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -230,9 +231,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Nearest 2x, or to `size` (the skip's size where a downsample rounded an odd side up), as diffusers'
         `forward_upsample_size` and ComfyUI's `output_shape` do, so any latent size works."""
-        if size is None:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -283,7 +282,11 @@ class UNet(nn.Module):
         self.cfg = cfg
         kw = dict(device=device, dtype=dtype)
         mc, emb_dim, levels = cfg.model_channels, cfg.time_embed_dim, len(cfg.channel_mult)
-        attn = lambda ch, depth: SpatialTransformer(ch, depth, cfg.context_dim, cfg.head_dim, **kw)  # noqa: E731
+
+        def res_attn(ch: int, level: int) -> list[nn.Module]:  # a ResBlock to the level's width, its transformer
+            width, depth = cfg.channel_mult[level] * mc, cfg.transformer_depth[level]
+            res = ResBlock(ch, emb_dim, width, **kw)
+            return [res, SpatialTransformer(width, depth, cfg.context_dim, cfg.head_dim, **kw)] if depth else [res]
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim, **kw), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **kw))
         self.label_emb = nn.Sequential(nn.Sequential(
@@ -293,26 +296,22 @@ class UNet(nn.Module):
         skip_chans, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc, **kw)]
+                self.input_blocks.append(TimestepEmbedSequential(*res_attn(ch, level)))
                 ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, **kw), attn(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, **kw))
+            ResBlock(ch, emb_dim, ch, **kw), SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim,
+                                                                cfg.head_dim, **kw), ResBlock(ch, emb_dim, ch, **kw))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, **kw)]
+                layers = res_attn(ch + skip_chans.pop(), level)
                 ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch, **kw))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -359,15 +358,13 @@ class UNet(nn.Module):
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> UNetConfig:
     """Infer a UNetConfig from tensor shapes alone (keys below `model.diffusion_model.`)."""
     mc, in_ch = shapes["input_blocks.0.0.weight"][:2]
+    res = "input_blocks.{}.0.in_layers.2.weight".format
     mult, depth, nrb, i = [], [], [], 1
-    while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:  # one level: resblocks then a downsample
-        n = 0
-        while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:
-            if n == 0:
-                mult.append(shapes[f"input_blocks.{i}.0.in_layers.2.weight"][0] // mc)
-                depth.append(_count(shapes, f"input_blocks.{i}.1.transformer_blocks."))
-            n, i = n + 1, i + 1
-        nrb.append(n)
+    while res(i) in shapes:  # one level: resblocks, then a downsample (but after the last level)
+        mult.append(shapes[res(i)][0] // mc)
+        depth.append(_count(shapes, f"input_blocks.{i}.1.transformer_blocks."))
+        nrb.append(next(n for n in itertools.count() if res(i + n) not in shapes))
+        i += nrb[-1]
         if f"input_blocks.{i}.0.op.weight" not in shapes:
             break
         i += 1

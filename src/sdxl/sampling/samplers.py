@@ -1,16 +1,12 @@
 """Samplers as pure functions over a denoiser, in k-diffusion's style.
 
-Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None,
-noise_sampler=None, **opts) -> x`: `model(x, sigma_batch, **extra_args)` returns the
-denoised x0 (D in Karras et al. 2022), `x` starts at noise level `sigmas[0]` (pure noise:
-`noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.sampling.schedules`, usually
-ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic
-ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
-`{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
-
-The schedule arithmetic runs on Python floats (float64), the tensors stay in x's dtype.
-`EpsDenoiser` turns SDXL's eps-predicting UNet into D, `VDenoiser` a v-predicting one. docs/samplers.md maps each sampler to
-its diffusers scheduler configuration and lists where they differ.
+Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, **opts) -> x`:
+`model(x, sigma_batch, **extra_args)` returns the denoised x0 (D in Karras et al. 2022), `x` starts at noise level
+`sigmas[0]` (pure noise: `noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.sampling.schedules`,
+usually ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic ones ignore it.
+`callback` gets k-diffusion's dict `{x, i, sigma, sigma_hat, denoised}` after the main model call of each step.
+Schedule arithmetic runs on Python floats (float64), tensors stay in x's dtype. `EpsDenoiser` / `VDenoiser` turn an
+eps- / v-predicting UNet into D. docs/samplers.md maps each sampler to its diffusers scheduler and their differences.
 """
 
 from __future__ import annotations
@@ -44,16 +40,18 @@ class EpsDenoiser:
         self.t_mode = t_mode
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        if self.t_mode == "nearest":
-            return sigma_to_t(sigma, self.sigmas_train)
-        if self.t_mode == "interp":
-            return sigma_to_t_interp(sigma, self.sigmas_train)
-        return self.t_mode(sigma)
+        if callable(self.t_mode):
+            return self.t_mode(sigma)
+        return (sigma_to_t if self.t_mode == "nearest" else sigma_to_t_interp)(sigma, self.sigmas_train)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         c_in = (s**2 + 1) ** -0.5
-        eps = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+        return self.combine(x, s, c_in, self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra))
+
+    @staticmethod
+    def combine(x: Tensor, s: Tensor, c_in: Tensor, eps: Tensor) -> Tensor:
+        """D from the UNet's output at sigma s."""
         return x - (s * eps).to(x.dtype)
 
 
@@ -62,10 +60,8 @@ class VDenoiser(EpsDenoiser):
     v-predicting UNet (Salimans & Ho 2022, v = alpha eps - sigma_vp x0); k-diffusion `DiscreteVDDPMDenoiser`
     with sigma_data 1, diffusers' `prediction_type="v_prediction"`. Same `t_mode` as `EpsDenoiser`."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-        c_in = (s**2 + 1) ** -0.5
-        v = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+    @staticmethod
+    def combine(x: Tensor, s: Tensor, c_in: Tensor, v: Tensor) -> Tensor:
         return (x * c_in**2 - s * c_in * v).to(x.dtype)
 
 
@@ -95,13 +91,9 @@ class GeneratorNoise:
 
 
 def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> NoiseSampler:
-    """`GeneratorNoise(seeds).sampler(x)` after discarding the first `skip` draws of x's shape.
-
-    With skip=1 the stream continues after the initial latent (`randn((1, C, H, W),
-    generator=Generator().manual_seed(seed))`), as one diffusers generator per image does in
-    text-to-image, instead of repeating the initial noise. Count every x-shaped draw the caller
-    took from the seed (diffusers' img2img takes two: the VAE posterior sample and the noise).
-    """
+    """`GeneratorNoise(seeds).sampler(x)` after discarding the first `skip` draws of x's shape: the draws the caller
+    took (skip=1: the initial latent, as one diffusers generator per image in text-to-image; its img2img takes two,
+    the VAE posterior sample and the noise)."""
     if len(seeds) != x.shape[0]:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for a batch of {x.shape[0]}")
     noise = GeneratorNoise(seeds)
@@ -208,27 +200,11 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                     lower_order_final=False):
-    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b); k-diffusion `sample_dpmpp_2m`.
-
-    `lower_order_final=True` is diffusers' rule (`DPMSolverMultistepScheduler`'s default): below 15
-    steps the last step is first order. Into sigma = 0 it is first order anyway (x = D).
-    """
-    s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
-    old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
-        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
-        if s[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
-            d = denoised
-            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-    return x
+    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b); k-diffusion `sample_dpmpp_2m`, which
+    is `sample_dpmpp_2m_sde` at eta 0. `lower_order_final=True` is diffusers' rule (`DPMSolverMultistepScheduler`'s
+    default): below 15 steps the last step is first order. Into sigma = 0 it is first order anyway (x = D)."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, noise_sampler, eta=0.0,
+                               lower_order_final=lower_order_final)
 
 
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
@@ -453,23 +429,10 @@ class _Samplers(dict):
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(self)}")
 
 
-SAMPLERS = _Samplers(
-    euler=sample_euler,
-    euler_ancestral=sample_euler_ancestral,
-    heun=sample_heun,
-    dpm_2=sample_dpm_2,
-    dpm_2_ancestral=sample_dpm_2_ancestral,
-    lms=sample_lms,
-    dpmpp_2m=sample_dpmpp_2m,
-    dpmpp_2m_sde=sample_dpmpp_2m_sde,
-    dpmpp_3m_sde=sample_dpmpp_3m_sde,
-    dpmpp_sde=sample_dpmpp_sde,
-    dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral,
-    ddim=sample_ddim,
-    uni_pc=sample_uni_pc,
-    lcm=sample_lcm,
-    tcd=sample_tcd,
-)
+SAMPLERS = _Samplers((f.__name__.removeprefix("sample_"), f) for f in (
+    sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
+    sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_dpmpp_2s_ancestral,
+    sample_ddim, sample_uni_pc, sample_lcm, sample_tcd))
 
 
 def _setup(x, sigmas, extra_args, noise_sampler):
