@@ -63,9 +63,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale(start, 1 / 1.1)
     merged: list[list] = []
-    for text_, w in runs:
-        if not text_:
-            continue
+    for text_, w in (run for run in runs if run[0]):  # empty runs dropped
         if merged and merged[-1][1] == w and w != -1.0:
             merged[-1][0] += text_
         else:
@@ -74,10 +72,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
 
 def _is_number(text: str) -> bool:
-    """A weight as A1111's prompt parser reads one (`[+-]?[.\\d]+`, modules/prompt_parser.py re_attention): digits and
-    a point, so `1e400`, `inf` or `nan` are not weights and their text stays literal."""
-    if not re.fullmatch(r"\s*[+-]?[.\d]+\s*", text):
-        return False
+    """Whether a weight `_TOKEN` matched (`[+-]?[.\\d]+`, as A1111's modules/prompt_parser.py re_attention, so never
+    `1e400`, `inf` or `nan`) is a number, not e.g. `1.2.3`."""
     try:
         float(text)
     except ValueError:

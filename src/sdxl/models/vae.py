@@ -23,6 +23,7 @@ decode 1.2 GiB banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -353,21 +354,11 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
         return tuple(shapes[key])
 
     ch, in_channels = get("encoder.conv_in.weight")[:2]
-    levels = 0
-    while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
-        levels += 1
-    blocks = 0
-    while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
-        blocks += 1
+    levels = next(i for i in itertools.count() if f"encoder.down.{i}.block.0.conv1.weight" not in shapes)
+    blocks = next(i for i in itertools.count() if f"encoder.down.0.block.{i}.conv1.weight" not in shapes)
     widths = [get(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
     if levels == 0 or blocks == 0 or any(w % ch for w in widths):
         raise CheckpointError(f"VAE: cannot read the level widths {widths} as multiples of {ch} channels")
-    return VAEConfig(
-        ch=ch,
-        ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=blocks,
-        z_channels=get("decoder.conv_in.weight")[1],
-        embed_dim=get("post_quant_conv.weight")[1],
-        in_channels=in_channels,
-        out_ch=get("decoder.conv_out.weight")[0],
-    )
+    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
+                     z_channels=get("decoder.conv_in.weight")[1], embed_dim=get("post_quant_conv.weight")[1],
+                     in_channels=in_channels, out_ch=get("decoder.conv_out.weight")[0])

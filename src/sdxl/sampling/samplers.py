@@ -210,40 +210,25 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_samp
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                         eta=1.0, s_noise=1.0, solver_type="midpoint", lower_order_final=False):
     """DPM-Solver++(2M) SDE (Lu et al., 2022b; k-diffusion `sample_dpmpp_2m_sde`), noise per step.
-
-    `lower_order_final`: diffusers' rule, as in `sample_dpmpp_2m`.
-    """
+    `lower_order_final`: diffusers' rule, as in `sample_dpmpp_2m`."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
-    old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
-        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
-        if s[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(s[i] / s[i + 1])
-            eta_h = eta * h
-            phi_1 = -math.expm1(-h - eta_h)
-            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi_1 * denoised
-            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
-                r = h_last / h
-                c = 0.5 * phi_1 if solver_type == "midpoint" else phi_1 / (-h - eta_h) + 1
-                x = x + (c / r) * (denoised - old_denoised)
-            if eta:
-                x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
-            h_last = h
-        old_denoised = denoised
-    return x
+    return _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, 2, eta, s_noise, solver_type,
+                            lower_order_final)
 
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                         eta=1.0, s_noise=1.0, lower_order_final=False):
-    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step.
+    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step. `lower_order_final=True` is
+    diffusers' rule: below 15 steps the last step is first order and the one before it at most second order."""
+    return _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, 3, eta, s_noise, "heun",
+                            lower_order_final)
 
-    `lower_order_final=True` is diffusers' rule: below 15 steps the last step is first order and the
-    one before it at most second order.
-    """
+
+def _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, order, eta, s_noise, solver_type,
+                     lower_order_final):
+    """DPM-Solver++ multistep of up to `order` (2 or 3), stochastic for eta > 0; the second-order correction
+    k-diffusion's "midpoint" or "heun" (the 3M SDE's)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(s) - 1):
@@ -252,11 +237,12 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
         if s[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(s[i] / s[i + 1])
+            h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            cap = _order_cap(i, len(s) - 1, lower_order_final)
+            phi_1 = -math.expm1(-h_eta)
+            phi_2 = 1 - phi_1 / h_eta
+            x = math.exp(-h_eta) * x + phi_1 * denoised
+            cap = min(order, _order_cap(i, len(s) - 1, lower_order_final))
             if h_2 is not None and cap >= 3:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
@@ -266,11 +252,10 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + phi_2 * d1 - phi_3 * d2
             elif h_1 is not None and cap >= 2:
-                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+                x = x + ((0.5 * phi_1 if solver_type == "midpoint" else phi_2) / (h_1 / h)) * (denoised - denoised_1)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
     return x
 
 
