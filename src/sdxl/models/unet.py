@@ -1,7 +1,5 @@
-"""The SDXL UNet: a port of sgm's `UNetModel` (sgm/modules/diffusionmodules/openaimodel.py).
-
-Module paths equal the official checkpoint keys below `model.diffusion_model.`, so an
-official file loads with a strict `load_state_dict`. Attention heads are width / 64.
+"""The SDXL UNet: a port of sgm's `UNetModel` (sgm/modules/diffusionmodules/openaimodel.py). Module paths equal
+the official checkpoint keys below `model.diffusion_model.` (a strict `load_state_dict`). Heads are width / 64.
 """
 
 from __future__ import annotations
@@ -27,10 +25,6 @@ class UNetConfig:
     context_dim: int = 2048  # CLIP-L 768 ++ bigG 1280
     adm_in_channels: int = 2816  # pooled bigG 1280 ++ 6 Fourier features of 256
     head_dim: int = 64
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
 
 
 # sgm configs/inference/sd_xl_base.yaml and sd_xl_refiner.yaml
@@ -75,11 +69,9 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """sgm `CrossAttention` (self-attention when no context is given), through SDPA.
-
-    Inference only (no gradients), two shortcuts that leave the result unchanged: `fuse_qkv` makes the q/k/v weights
-    views of one tensor so self-attention projects with one matmul, and the text's K/V are kept and reused while the
-    context tensor and the weights are unchanged (the text is the same at every sampler step)."""
+    """sgm `CrossAttention` (self-attention when no context is given), through SDPA. Two inference-only shortcuts
+    that leave the result unchanged: `fuse_qkv` (self-attention projects with one matmul), and the text's K/V kept
+    while the context tensor and the weights are unchanged (the text is the same at every sampler step)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -102,12 +94,11 @@ class CrossAttention(nn.Module):
         return self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
     def _plain(self) -> bool:
-        """Eager inference through plain linear layers (no gradients, no LoRA wrappers, not under torch.compile,
-        which fuses on its own and must not trace the cache's bookkeeping)."""
+        """Eager inference through plain linears (no gradients, no LoRA wrappers; not under torch.compile, which
+        fuses on its own and must not trace the cache)."""
         return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._linear()
 
-    def _linear(self) -> bool:
-        """q, k, v are plain linear layers (not LoRA wrappers)."""
+    def _linear(self) -> bool:  # q, k, v are plain linear layers, not LoRA wrappers
         return all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
 
     def fuse_qkv(self) -> None:
@@ -139,8 +130,7 @@ class CrossAttention(nn.Module):
             return F.linear(x, fused).chunk(3, dim=-1)  # 3 x (B, N, inner)
         return self.to_q(x), self.to_k(x), self.to_v(x)
 
-    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of the context, each (B, L, inner); reused while context and weights are unchanged."""
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (B, L, inner)
         if not self._plain():
             return self.to_k(context), self.to_v(context)
         key = (context._version,) + tuple((w._version, w.data_ptr()) for w in (self.to_k.weight, self.to_v.weight))
@@ -235,7 +225,7 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A block of layers; each gets what it needs (sgm `TimestepEmbedSequential`)."""
+    """sgm `TimestepEmbedSequential`: a block of layers, each given what it needs."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                 size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -265,8 +255,7 @@ class DeepCache:
     feature: torch.Tensor | None = None
 
     def shallow(self, batch: int) -> bool:
-        """Whether this call reuses the kept feature (counts the call; `calls` cycles so torch.compile sees few
-        values)."""
+        """Whether this call reuses the kept feature (counts the call, cycling so torch.compile sees few values)."""
         reuse = self.calls != 0 and self.feature is not None and self.feature.shape[0] == batch
         self.calls = (self.calls + 1) % self.interval if reuse or self.calls == 0 else 1 % self.interval
         return reuse
@@ -281,7 +270,8 @@ class UNet(nn.Module):
         assert cfg.transformer_depth_middle >= 1, "the middle block always has a transformer"
         self.cfg = cfg
         kw = dict(device=device, dtype=dtype)
-        mc, emb_dim, levels = cfg.model_channels, cfg.time_embed_dim, len(cfg.channel_mult)
+        mc, levels = cfg.model_channels, len(cfg.channel_mult)
+        emb_dim = 4 * mc  # time embedding width
 
         def res_attn(ch: int, level: int) -> list[nn.Module]:  # a ResBlock to the level's width, its transformer
             width, depth = cfg.channel_mult[level] * mc, cfg.transformer_depth[level]

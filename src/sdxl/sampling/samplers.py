@@ -25,12 +25,8 @@ NoiseSampler = Callable[[float, float], Tensor]
 
 class EpsDenoiser:
     """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1).
-
-    `t_mode` maps sigma to the UNet's timestep: "nearest" (default; the nearest training
-    timestep, as sgm's DiscreteDenoiser and ComfyUI), "interp" (fractional, log-sigma
-    interpolation, as diffusers passes for Karras/exponential sigmas), or a callable
-    `sigma_batch -> t_batch`.
-    """
+    `t_mode` maps sigma to the UNet's timestep: "nearest" training timestep (sgm's DiscreteDenoiser, ComfyUI),
+    "interp" (fractional, log-sigma interpolation, as diffusers for Karras/exponential sigmas), or a callable."""
 
     def __init__(self, eps_fn: Callable[..., Tensor], sigmas_train: Tensor | None = None, t_mode="nearest"):
         if t_mode not in ("nearest", "interp") and not callable(t_mode):
@@ -70,12 +66,9 @@ DENOISERS = {"epsilon": EpsDenoiser, "v": VDenoiser}
 
 
 class GeneratorNoise:
-    """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise.
-
-    Row b of every draw comes from `seeds[b]` alone, so an image does not depend on the device or on the
-    batch it is in (docs/samplers.md §1; diffusers' generator lists). The pipeline draws from it in order: the VAE
-    posterior sample, the initial noise, then each stochastic sampler step (`sampler`).
-    """
+    """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise. Row b
+    comes from `seeds[b]` alone, so an image depends neither on the device nor on its batch (docs/samplers.md §1;
+    diffusers' generator lists). The pipeline draws the VAE posterior sample, the initial noise, then sampler steps."""
 
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
@@ -176,8 +169,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, noi
 
 
 def _dpm_2_step(model, x, d, sigma, sigma_next, extra_args):
-    """DPM-Solver-2 from sigma to sigma_next along the derivative d: through the midpoint in log sigma; an Euler
-    step into sigma = 0."""
+    """DPM-Solver-2 from sigma to sigma_next along d, through the midpoint in log sigma (Euler into sigma = 0)."""
     if sigma_next == 0:
         return x + d * (sigma_next - sigma)
     sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
@@ -261,12 +253,9 @@ def _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, orde
 
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                      eta=1.0, s_noise=1.0, r=0.5):
-    """DPM-Solver++ (stochastic), k-diffusion `sample_dpmpp_sde`: singlestep second order with an SDE substep.
-
-    k-diffusion queries a Brownian tree over [sigma_i, sigma_s] and [sigma_i, sigma_next];
-    here the two increments are built from two draws of the per-step `noise_sampler`, which
-    gives them the same joint law (Brownian motion in sigma) without a tree.
-    """
+    """DPM-Solver++ (stochastic), k-diffusion `sample_dpmpp_sde`: singlestep second order with an SDE substep. Its
+    Brownian tree's increments over [sigma_i, sigma_s] and [sigma_i, sigma_next] come from two `noise_sampler` draws
+    here, with the same joint law (Brownian motion in sigma)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
         denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
@@ -368,11 +357,9 @@ def _unipc_update(x, history, sigma_t, order, variant, model_t=None):
 
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
     """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to D(x), re-noise to the next sigma.
-
     ComfyUI `sample_lcm` (comfy/k_diffusion/sampling.py at 02159d814dee); diffusers' `LCMScheduler.step`
-    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by its boundary-condition c_skip =
-    0.25 / ((10 t)^2 + 0.25), below 2e-7 for t >= 100, which ComfyUI and we leave out.
-    """
+    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by c_skip = 0.25 / ((10 t)^2 + 0.25), below 2e-7
+    for t >= 100, which ComfyUI and we leave out."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
         x = _main_step_denoised(model, x, s, i, extra_args, callback)
@@ -383,13 +370,11 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
 
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, gamma=0.3):
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, §4.3), in sigma form.
-
     Each step goes to x_s = D + sigma_s * eps at timestep s = floor((1 - gamma) * t_next), then adds noise back up to
     sigma_next; gamma = 0 is DDIM. Into sigma = 0, s = 0 and the result is x_s at the smallest training sigma in VP
     scaling (x_s / sqrt(sigma_s^2 + 1)), as diffusers' `TCDScheduler.step` (scheduling_tcd.py at 58eb52c0803e; gamma
-    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`.
-    Timesteps come from the denoiser's `sigmas_train` (nearest), SDXL's `discrete_sigmas()` if it has none.
-    """
+    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`. Timesteps: the denoiser's `sigmas_train` (nearest), else
+    SDXL's `discrete_sigmas()`."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
@@ -422,10 +407,7 @@ SAMPLERS = _Samplers((f.__name__.removeprefix("sample_"), f) for f in (
 
 def _setup(x, sigmas, extra_args, noise_sampler):
     """Sigmas as Python floats, extra_args as a dict, and torch's global RNG if no noise sampler is given."""
-
-    def global_rng(sigma: float, sigma_next: float) -> Tensor:
-        return torch.randn_like(x)
-
+    global_rng = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
     return [float(v) for v in sigmas.tolist()], extra_args or {}, noise_sampler or global_rng
 
 

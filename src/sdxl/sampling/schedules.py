@@ -1,14 +1,10 @@
 """Noise schedules: functions that return the descending sigmas a sampler walks, ending in 0.
 
-SDXL was trained as a discrete DDPM (1000 steps, scaled-linear betas, eps prediction); in
-sigma form (k-diffusion/EDM, docs/samplers.md §1) timestep t has noise level
-`sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`. A schedule picks `steps` of those levels
-(or levels in between) and appends 0. Names follow the tools users know: `sgm` is the
-reference code's, `leading`/`trailing` are diffusers' spacings, `karras`, `exponential`,
-`sgm_uniform`, `simple`, `ddim_uniform` are k-diffusion's/ComfyUI's. docs/samplers.md
-compares them with diffusers' scheduler options.
-
-Schedules are float64 tensors on the CPU; the samplers read them as Python floats.
+SDXL was trained as a discrete DDPM (1000 steps, scaled-linear betas, eps prediction); in sigma form (k-diffusion/EDM,
+docs/samplers.md §1) timestep t has noise level `sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`. A schedule picks
+`steps` of those levels (or levels in between) and appends 0. Names: `sgm` is the reference code's, `leading` and
+`trailing` diffusers' spacings, `karras`, `exponential`, `sgm_uniform`, `simple`, `ddim_uniform` k-diffusion's and
+ComfyUI's (docs/samplers.md compares them). Schedules are float64 CPU tensors; samplers read them as Python floats.
 """
 
 from __future__ import annotations
@@ -120,12 +116,8 @@ def get_sigmas(name: str, steps: int, sigmas_train: Tensor | None = None) -> Ten
 
 
 def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
-    """Tail of a schedule for img2img/SDEdit: the last int(steps * strength) steps (at least 1 if strength > 0).
-
-    Same steps as diffusers' SDXL img2img `get_timesteps` (`init_timestep = int(steps * strength)`),
-    except that a strength too small for one step gives one step where diffusers raises.
-    Strength 0 gives `[0]`, no steps. The caller noises the image latent to `tail[0]`.
-    """
+    """Tail of a schedule for img2img/SDEdit: the last int(steps * strength) steps, at least 1 if strength > 0 (where
+    diffusers' SDXL img2img `get_timesteps` raises), strength 0: `[0]`. The caller noises the latent to `tail[0]`."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     steps = len(sigmas) - 1
