@@ -1,12 +1,10 @@
 """Prompts as users of A1111 and ComfyUI write them: attention weights and prompts over 77 tokens.
 
-Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1,
-`(text:1.3)` explicit weight, `\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a
-new 75-token window. Long prompts are split into 75-token windows, each encoded as its
-own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis. A textual-inversion
-embedding's name (the tokenizer's `embeddings`, sdxl.adapters.embeddings) stands for its n vectors, weighted like
-tokens and never split across windows: one that does not fit the current window starts the next (A1111
-`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
+Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1, `(text:1.3)` explicit weight,
+`\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a new 75-token window. Long prompts are split into
+75-token windows, each encoded as its own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis.
+A textual-inversion embedding's name (the tokenizer's `embeddings`, sdxl.adapters.embeddings) stands for its n
+vectors, weighted like tokens, never split across windows (A1111 `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
 """
 
 from __future__ import annotations
@@ -96,12 +94,9 @@ class TokenWindows:
 
 
 def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) -> TokenWindows:
-    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG).
-
-    As A1111's `tokenize_line`: BREAK and a full window close the current window; a last window stays only
-    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one. An
-    embedding takes n positions (id 0, its vectors placed by the encoder), in the next window if they do not fit.
-    """
+    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG). As A1111's
+    `tokenize_line`: BREAK and a full window close the current window; a last window stays only if it holds tokens,
+    and there is always one. An embedding takes n positions (id 0), in the next window if they do not fit."""
     windows: list[tuple[list[int], list[float]]] = []
     current: tuple[list[int], list[float]] = ([], [])
     fixes = []

@@ -1,11 +1,9 @@
 """The two SDXL text encoders: OpenAI CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers.
 
-Ports sgm `FrozenCLIPEmbedder` (layer="hidden", layer_idx=11) and `FrozenOpenCLIPEmbedder2`
-(layer="penultimate", always_return_pooled) from `sgm/modules/encoders/modules.py`.
-Module paths equal the single-file checkpoint keys below `conditioner.embedders.N.`:
-CLIP-L keeps the transformers `CLIPTextModel` names, bigG the open_clip names.
-Both are the same pre-LN causal transformer; only names, activation and the fused
-q/k/v projection of bigG (`nn.MultiheadAttention.in_proj_weight`) differ.
+Ports sgm `FrozenCLIPEmbedder` (layer="hidden", layer_idx=11) and `FrozenOpenCLIPEmbedder2` (layer="penultimate",
+always_return_pooled) from `sgm/modules/encoders/modules.py`. Module paths equal the single-file checkpoint keys below
+`conditioner.embedders.N.`: CLIP-L keeps the transformers `CLIPTextModel` names, bigG the open_clip names. Both are
+the same pre-LN causal transformer; only names, activation and bigG's fused q/k/v (`in_proj_weight`) differ.
 """
 
 from __future__ import annotations
@@ -78,8 +76,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
 
 
 def _normal_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
-    """`nn.init.normal_`, skipped on the meta device (models built there get loaded weights; on meta it imports
-    torch._dynamo, about a second per process)."""
+    """`nn.init.normal_`, skipped on the meta device (where it imports torch._dynamo, a second per process)."""
     return t if t.device.type == "meta" else nn.init.normal_(t, std=std)
 
 
@@ -257,11 +254,8 @@ _SHAPE_KEYS = {
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], kind: Literal["clip", "openclip"]) -> TextEncoderConfig:
-    """The config of a CLIP ("clip", transformers names) or OpenCLIP ("openclip") text tower from its tensor shapes.
-
-    Keys are relative to the embedder (`transformer.text_model.…` or `model.…`). The activation is
-    the family's (quick_gelu for OpenAI CLIP, gelu for OpenCLIP); heads are width / 64.
-    """
+    """The config of a CLIP ("clip", transformers names) or OpenCLIP ("openclip") text tower from its tensor shapes,
+    keys relative to the embedder (`transformer.text_model.…` or `model.…`); the activation is the family's."""
     if kind not in _SHAPE_KEYS:
         raise ValueError(f"unknown text encoder kind {kind!r}")
     pre, token, pos, layer_re, fc, act, proj = _SHAPE_KEYS[kind]
