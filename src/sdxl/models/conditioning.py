@@ -1,8 +1,8 @@
 """The conditioner: text encoders and micro-conditioning -> (crossattn, vector).
 
-A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml
-(SDXL report §2.2; docs/conditioning.md §1). Module paths equal the checkpoint keys below
-`conditioner.`: `embedders.N` in the reference order, which fixes the concatenation order.
+A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml (SDXL report §2.2;
+docs/conditioning.md §1). Module paths equal the checkpoint keys below `conditioner.`: `embedders.N` in the reference
+order, which fixes the concatenation order.
 """
 
 from __future__ import annotations
@@ -185,11 +185,10 @@ class Conditioner(nn.Module):
 
     def forward(self, crossattn: torch.Tensor, pooled: torch.Tensor, micro: dict,
                 empty: torch.Tensor | bool = False) -> Conditioning:
-        """Text embeddings + micro-conditioning -> Conditioning; the one place training and inference meet.
-
-        Rows marked `empty` stand for the empty prompt (a dropped caption, an empty negative prompt): the base
-        zeroes their crossattn and pooled, the refiner keeps the encoding of "" that the caller gave
-        (docs/conditioning.md §3). vector = pooled ++ Fourier(micro) in embedder order (§1)."""
+        """Text embeddings + micro-conditioning -> Conditioning; the one place training and inference meet. Rows
+        marked `empty` stand for the empty prompt (a dropped caption, an empty negative prompt): the base zeroes their
+        crossattn and pooled, the refiner keeps the encoding of "" given (docs/conditioning.md §3). vector = pooled ++
+        Fourier(micro) in embedder order (§1)."""
         if self.zeroes_empty_text:
             empty = torch.as_tensor(empty, device=pooled.device).expand(pooled.shape[0])
             crossattn = torch.where(empty[:, None, None], crossattn.new_zeros(()), crossattn)

@@ -27,9 +27,8 @@ class ModelConfig:
     unet: UNetConfig | None
     conditioner: ConditionerConfig | None
     vae: VAEConfig | None
-    # what the UNet predicts: "epsilon" (SDXL) or "v" (v-prediction fine-tunes); zero_terminal_snr: trained on
-    # betas rescaled to zero SNR at the last timestep (Lin et al. 2024, Alg. 1). Files say so by their `v_pred`
-    # and `ztsnr` keys (formats/checkpoint.py).
+    # what the UNet predicts: "epsilon" (SDXL) or "v"; zero_terminal_snr: trained on betas rescaled to zero SNR at
+    # the last timestep (Lin et al. 2024, Alg. 1). Files say so by `v_pred` and `ztsnr` keys (formats/checkpoint.py).
     prediction: str = "epsilon"
     zero_terminal_snr: bool = False
 
@@ -92,12 +91,10 @@ class SDXLModel(nn.Module):
         model = cls(ModelConfig(None, None, None))
         sampling = (like.prediction, like.zero_terminal_snr) if like is not None else ()
         model.cfg = ModelConfig(*(None if m is None else m.cfg for m in (unet, conditioner, vae)), *sampling)
-        if unet is not None:
-            model.model = DiffusionWrapper(unet)
-        if conditioner is not None:
-            model.conditioner = conditioner
-        if vae is not None:
-            model.first_stage_model = vae
+        wrapped = None if unet is None else DiffusionWrapper(unet)
+        for key, part in (("model", wrapped), ("conditioner", conditioner), ("first_stage_model", vae)):
+            if part is not None:
+                setattr(model, key, part)
         return model
 
     @property
@@ -110,6 +107,5 @@ class SDXLModel(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         """The components present, by name: unet, conditioner, vae."""
-        mods = {"unet": getattr(self, "model", None), "conditioner": getattr(self, "conditioner", None),
-                "vae": getattr(self, "first_stage_model", None)}
-        return {k: (m.diffusion_model if k == "unet" else m) for k, m in mods.items() if m is not None}
+        keys = {"unet": "model", "conditioner": "conditioner", "vae": "first_stage_model"}
+        return {name: getattr(self, name) for name, key in keys.items() if hasattr(self, key)}

@@ -264,7 +264,5 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], kind: Literal["clip",
         raise CheckpointError.keys(f"{kind} text encoder", missing, [])
     vocab, width = shapes[pre + token]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(re.escape(pre) + layer_re, k)))
-    return TextEncoderConfig(
-        width=width, layers=layers, act=act, vocab_size=vocab, max_length=shapes[pre + pos][0],
-        mlp_ratio=shapes[pre + fc][0] // width, proj_dim=shapes[pre + proj][1] if proj else None,
-    )
+    return TextEncoderConfig(width=width, layers=layers, act=act, vocab_size=vocab, max_length=shapes[pre + pos][0],
+                             mlp_ratio=shapes[pre + fc][0] // width, proj_dim=shapes[pre + proj][1] if proj else None)

@@ -52,10 +52,9 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
         if len(vocab) != VOCAB_SIZE or vocab.get(_BOS_TEXT) != BOS or vocab.get(_EOS_TEXT) != EOS:
-            raise SDXLError(
-                f"tokenizer vocabulary has {len(vocab)} tokens (BOS {vocab.get(_BOS_TEXT)}, EOS {vocab.get(_EOS_TEXT)}); "
-                f"expected the CLIP vocabulary of {VOCAB_SIZE} with BOS {BOS}, EOS {EOS}"
-            )
+            raise SDXLError(f"tokenizer vocabulary has {len(vocab)} tokens (BOS {vocab.get(_BOS_TEXT)}, EOS "
+                            f"{vocab.get(_EOS_TEXT)}); expected the CLIP vocabulary of {VOCAB_SIZE} with BOS {BOS}, "
+                            f"EOS {EOS}")
         self.vocab, self.merges = vocab, merges
         bpe = BPE(vocab, merges, unk_token=_EOS_TEXT, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
         tok = _RustTokenizer(bpe)

@@ -294,8 +294,9 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, **kw), SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim,
-                                                                cfg.head_dim, **kw), ResBlock(ch, emb_dim, ch, **kw))
+            ResBlock(ch, emb_dim, ch, **kw),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.head_dim, **kw),
+            ResBlock(ch, emb_dim, ch, **kw))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):

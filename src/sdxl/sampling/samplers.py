@@ -416,16 +416,14 @@ def _denoise(model, x: Tensor, sigma: float, extra_args: dict) -> Tensor:
     return model(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **extra_args)
 
 
-def _main_step_denoised(model, x: Tensor, s: list[float], i: int, extra_args: dict, callback) -> Tensor:
-    """D(x) at s[i], the main model call of step i, reported to the callback."""
-    denoised = _denoise(model, x, s[i], extra_args)
-    _report(callback, x, i, s[i], s[i], denoised)
-    return denoised
-
-
-def _report(callback, x, i, sigma, sigma_hat, denoised):
+def _main_step_denoised(model, x: Tensor, s: list[float], i: int, extra_args: dict, callback,
+                        sigma_hat: float | None = None) -> Tensor:
+    """D(x) at sigma_hat (default s[i]), the main model call of step i, reported to the callback."""
+    sigma_hat = s[i] if sigma_hat is None else sigma_hat
+    denoised = _denoise(model, x, sigma_hat, extra_args)
     if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+        callback({"x": x, "i": i, "sigma": s[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return denoised
 
 
 def _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler, churn):
@@ -436,8 +434,7 @@ def _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler, chu
     sigma_hat = s[i] * (gamma + 1)
     if gamma > 0:
         x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
-    denoised = _denoise(model, x, sigma_hat, extra_args)
-    _report(callback, x, i, s[i], sigma_hat, denoised)
+    denoised = _main_step_denoised(model, x, s, i, extra_args, callback, sigma_hat)
     return x, sigma_hat, (x - denoised) / sigma_hat
 
 

@@ -103,10 +103,8 @@ def get_sigmas(name: str, steps: int, sigmas_train: Tensor | None = None) -> Ten
     if name in _PICKS:
         most = n - 1 if name in ("leading", "ddim_uniform") else n
         if steps > most:
-            raise ValueError(
-                f"schedule {name!r} picks distinct training timesteps, so at most {most} steps; "
-                "use karras, exponential or sgm_uniform for more"
-            )
+            raise ValueError(f"schedule {name!r} picks distinct training timesteps, so at most {most} steps; "
+                             "use karras, exponential or sgm_uniform for more")
         return _append_zero(sigmas_train[torch.tensor(_PICKS[name](n, steps).tolist(), dtype=torch.long)])
     if name == "sgm_uniform":
         # ComfyUI normal_scheduler(sgm=True): fractional timesteps linspace(n-1, 0, steps + 1)[:-1]
