@@ -78,8 +78,7 @@ class FourierEmbedder(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]  # x: (B, k) -> (B, k * dim)
-        return timestep_embedding(x.reshape(-1), self.dim).reshape(b, -1)
+        return timestep_embedding(x.reshape(-1), self.dim).reshape(x.shape[0], -1)  # (B, k) -> (B, k * dim)
 
 
 class Conditioner(nn.Module):

@@ -13,8 +13,8 @@ from torch import nn
 
 from sdxl.models import unet as unet_
 from sdxl.models import vae as vae_
-from sdxl.models.conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER, Conditioner,
-                           ConditionerConfig)
+from sdxl.models.conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER,
+                                      Conditioner, ConditionerConfig)
 from sdxl.models.text_encoders import CLIP_TINY, OPENCLIP_TINY
 from sdxl.models.unet import UNet, UNetConfig
 from sdxl.models.vae import AutoencoderKL, VAEConfig

@@ -51,8 +51,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         elif tok == "]" and square_open:
             scale(square_open.pop(), 1 / 1.1)
         else:
-            parts = _BREAK.split(tok)
-            for i, part in enumerate(parts):
+            for i, part in enumerate(_BREAK.split(tok)):
                 if i:
                     runs.append(["BREAK", -1.0])
                 runs.append([part, 1.0])
@@ -97,35 +96,28 @@ def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) ->
     """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG). As A1111's
     `tokenize_line`: BREAK and a full window close the current window; a last window stays only if it holds tokens,
     and there is always one. An embedding takes n positions (id 0), in the next window if they do not fit."""
-    windows: list[tuple[list[int], list[float]]] = []
-    current: tuple[list[int], list[float]] = ([], [])
+    windows: list[tuple[list[int], list[float]]] = [([], [])]  # (ids, weights); the last one is being filled
     fixes = []
     embeddings = tokenizer.embeddings
     for run, weight in parse_weights(text):
         if weight == -1.0:  # BREAK
-            windows.append(current)
-            current = ([], [])
+            windows.append(([], []))
             continue
         for piece in embeddings.split(run) if embeddings is not None else [run]:
             text = isinstance(piece, str)
             n = 1 if text else piece.vectors
             for i in tokenizer.ids(piece) if text else [0]:
-                if len(current[0]) + n > WINDOW:
-                    windows.append(current)
-                    current = ([], [])
+                if len(windows[-1][0]) + n > WINDOW:
+                    windows.append(([], []))
                 if not text:
-                    fixes.append((len(windows), 1 + len(current[0]), piece))  # 1 +: after BOS
-                current[0].extend([i] * n)
-                current[1].extend([weight] * n)
-    if current[0] or not windows:
-        windows.append(current)
-    while len(windows) < min_windows:
-        windows.append(([], []))
-    ids, weights = [], []
-    for toks, ws in windows:
-        n = len(toks)
-        ids.append([BOS] + toks + [EOS] + [pad] * (WINDOW - n))
-        weights.append([1.0] + ws + [1.0] * (WINDOW + 1 - n))
+                    fixes.append((len(windows) - 1, 1 + len(windows[-1][0]), piece))  # 1 +: after BOS
+                windows[-1][0].extend([i] * n)
+                windows[-1][1].extend([weight] * n)
+    if not windows[-1][0] and len(windows) > 1:
+        windows.pop()
+    windows += [([], [])] * (min_windows - len(windows))
+    ids = [[BOS] + toks + [EOS] + [pad] * (WINDOW - len(toks)) for toks, _ in windows]
+    weights = [[1.0] + ws + [1.0] * (WINDOW + 1 - len(ws)) for _, ws in windows]
     return TokenWindows(torch.tensor(ids), torch.tensor(weights), tuple(fixes))
 
 

@@ -213,7 +213,8 @@ class OpenCLIPTextEmbedder(nn.Module):
         self.model = _container(
             token_embedding=_embedding(cfg.vocab_size, W, **kw),
             positional_embedding=nn.Parameter(torch.empty(cfg.max_length, W, **kw)),
-            transformer=_container(resblocks=nn.ModuleList(ResidualAttentionBlock(cfg, **kw) for _ in range(cfg.layers))),
+            transformer=_container(resblocks=nn.ModuleList(ResidualAttentionBlock(cfg, **kw)
+                                                           for _ in range(cfg.layers))),
             ln_final=nn.LayerNorm(W, eps=cfg.eps, **kw),
             text_projection=nn.Parameter(torch.empty(W, cfg.proj_dim, **kw)),  # used as x @ text_projection
             logit_scale=nn.Parameter(torch.full((), math.log(1 / 0.07), **kw)),  # CLIP loss temperature, unused here

@@ -56,8 +56,8 @@ class Tokenizer:
                             f"{vocab.get(_EOS_TEXT)}); expected the CLIP vocabulary of {VOCAB_SIZE} with BOS {BOS}, "
                             f"EOS {EOS}")
         self.vocab, self.merges = vocab, merges
-        bpe = BPE(vocab, merges, unk_token=_EOS_TEXT, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
-        tok = _RustTokenizer(bpe)
+        tok = _RustTokenizer(BPE(vocab, merges, unk_token=_EOS_TEXT, continuing_subword_prefix="",
+                                 end_of_word_suffix="</w>", fuse_unk=False))
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (_BOS_TEXT, _EOS_TEXT)])
         # transformers' CLIPTokenizer also maps whitespace runs to " " (the split drops them anyway) and re-splits every
         # piece with GPT-2's regex, which only changes pieces equal to a special token (a case variant such as

@@ -56,7 +56,8 @@ class ResBlock(nn.Module):
     def __init__(self, ch: int, emb_dim: int, out_ch: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1, **kw))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(),
+                                       nn.Conv2d(ch, out_ch, 3, padding=1, **kw))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch, **kw))
         self.out_layers = nn.Sequential(nn.GroupNorm(32, out_ch, eps=1e-5, **kw), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1, **kw))
