@@ -7,6 +7,7 @@ order, which fixes the concatenation order.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -157,13 +158,7 @@ class Conditioner(nn.Module):
                        min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """One (prompt, prompt_2) per batch row -> crossattn (B, 77 * windows, C), pooled (B, P); shorter prompts get
         empty windows up to the longest (as A1111 pads a batch), each distinct prompt is encoded once."""
-        encoded: dict = {}
-
-        def encode(p: Prompt, windows: int):
-            if (p, windows) not in encoded:
-                encoded[p, windows] = self.encode_prompt(*p, tokenizer, windows)
-            return encoded[p, windows]
-
+        encode = functools.cache(lambda p, windows: self.encode_prompt(*p, tokenizer, windows))
         first = [encode(p, min_windows) for p in prompts]
         windows = max(x.shape[1] for x, _ in first) // MAX_LENGTH
         rows = [encode(p, windows) for p in prompts]

@@ -119,11 +119,10 @@ class CrossAttention(nn.Module):
             return None
         q, k, v = (m.weight for m in (self.to_q, self.to_k, self.to_v))
         size = q.numel() * q.element_size()
-        if (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
-                and k.data_ptr() == q.data_ptr() + size and v.data_ptr() == q.data_ptr() + 2 * size
-                and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
-            return q.as_strided((3 * q.shape[0], q.shape[1]), q.stride())
-        return None
+        views = (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
+                 and k.data_ptr() == q.data_ptr() + size and v.data_ptr() == q.data_ptr() + 2 * size
+                 and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr())
+        return q.as_strided((3 * q.shape[0], q.shape[1]), q.stride()) if views else None
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fused = self._fused_weight() if self._plain() else None

@@ -135,12 +135,10 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, noise_sampler=
         x, sigma_hat, d = _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler,
                                               (s_churn, s_tmin, s_tmax, s_noise))
         dt = s[i + 1] - sigma_hat
-        if s[i + 1] == 0:
-            x = x + d * dt
-        else:
+        if s[i + 1] != 0:  # the mean of the slopes at both ends
             x_2 = x + d * dt
-            d_2 = (x_2 - _denoise(model, x_2, s[i + 1], extra_args)) / s[i + 1]
-            x = x + (d + d_2) / 2 * dt
+            d = (d + (x_2 - _denoise(model, x_2, s[i + 1], extra_args)) / s[i + 1]) / 2
+        x = x + d * dt
     return x
 
 
