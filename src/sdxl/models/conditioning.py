@@ -171,11 +171,9 @@ class Conditioner(nn.Module):
         missing = [m for m in self.cfg.micro if m not in micro]
         if missing:
             raise ValueError(f"micro-conditioning needs {', '.join(missing)}")
-        parts = []
-        for name, emb in zip(self.cfg.micro, self.embedders[-len(self.cfg.micro):]):
-            v = torch.as_tensor(micro[name], dtype=torch.float32).reshape(-1, MICRO_SIZES[name])
-            parts.append(emb(v.expand(batch, -1)))
-        return torch.cat(parts, dim=-1)
+        values = [torch.as_tensor(micro[m], dtype=torch.float32).reshape(-1, MICRO_SIZES[m]) for m in self.cfg.micro]
+        fourier = self.embedders[-len(values):]
+        return torch.cat([emb(v.expand(batch, -1)) for emb, v in zip(fourier, values)], dim=-1)
 
     def forward(self, crossattn: torch.Tensor, pooled: torch.Tensor, micro: dict,
                 empty: torch.Tensor | bool = False) -> Conditioning:

@@ -1,8 +1,7 @@
 """A whole SDXL checkpoint as one module: its state_dict keys are the official single-file keys.
 
-`model.diffusion_model.*` (UNet), `conditioner.embedders.N.*` (text encoders and
-micro-conditioning), `first_stage_model.*` (VAE), as in sgm's `DiffusionEngine`.
-A component may be absent (a UNet-only file, a standalone VAE).
+`model.diffusion_model.*` (UNet), `conditioner.embedders.N.*` (text encoders and micro-conditioning),
+`first_stage_model.*` (VAE), as in sgm's `DiffusionEngine`. A component may be absent (a UNet-only file, a VAE).
 """
 
 from __future__ import annotations

@@ -243,11 +243,10 @@ class TimestepEmbedSequential(nn.Sequential):
 
 @dataclass
 class DeepCache:
-    """DeepCache (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858, uniform
-    1:N strategy): every `interval`-th UNet call runs in full and keeps the feature entering the last `depth` output
-    blocks; the calls between run only the first `depth` input blocks and those output blocks on the kept feature.
-    depth 2 = conv_in and the first ResBlock, DeepCache's setting for SD (cache_layer_id=0, cache_block_id=0).
-    One cache per sampler run (the feature belongs to its inputs' batch)."""
+    """DeepCache (Ma et al. 2024, arXiv:2312.00858, uniform 1:N strategy): every `interval`-th UNet call runs in full
+    and keeps the feature entering the last `depth` output blocks; the calls between run only the first `depth` input
+    blocks and those output blocks on the kept feature. depth 2 = conv_in and the first ResBlock, DeepCache's setting
+    for SD (cache_layer_id=0, cache_block_id=0). One cache per sampler run (the feature belongs to its batch)."""
 
     interval: int = 2
     depth: int = 2
@@ -314,9 +313,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 cache: DeepCache | None = None) -> torch.Tensor:
         """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W).
-
-        Any H, W: a downsample rounds an odd side up and the matching upsample goes back to the skip's size.
-        `cache`: DeepCache's shallow steps (see `DeepCache`)."""
+        Any H, W: a downsample rounds an odd side up, its upsample goes back to the skip's size. `cache`: `DeepCache`."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         emb = emb + self.label_emb(y.to(dtype))

@@ -328,11 +328,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, band)))
 
     def decode(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1].
-
-        band: run in row bands of about this many bytes of float32 temporaries (see "row bands" above), None:
-        whole tensors. Same result either way up to float rounding (tests/test_vae_tiling.py states the bounds).
-        """
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1]. band: row bands of about this
+        many bytes of float32 temporaries (module docstring), None: whole tensors; equal up to float rounding."""
         return self.decoder(self.post_quant_conv(z), band)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
