@@ -230,7 +230,6 @@ def _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, orde
             h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
             h_eta = h * (eta + 1)
             phi_1 = -math.expm1(-h_eta)
-            phi_2 = 1 - phi_1 / h_eta
             x = math.exp(-h_eta) * x + phi_1 * denoised
             cap = min(order, _order_cap(i, len(s) - 1, lower_order_final))
             if h_2 is not None and cap >= 3:
@@ -239,10 +238,11 @@ def _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, orde
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2  # phi_3 = phi_2 / h_eta - 1/2
             elif h_1 is not None and cap >= 2:
-                x = x + ((0.5 * phi_1 if solver_type == "midpoint" else phi_2) / (h_1 / h)) * (denoised - denoised_1)
+                c = 0.5 * phi_1 if solver_type == "midpoint" else math.expm1(-h_eta) / h_eta + 1  # heun: phi_2
+                x = x + (c / (h_1 / h)) * (denoised - denoised_1)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
