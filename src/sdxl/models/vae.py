@@ -9,16 +9,15 @@ multiplies by `scaling_factor`.
 Precision: the released SDXL VAE weights overflow in fp16 at large sizes (hence the community "fp16-fix" VAE);
 prefer bf16 or fp32 with them.
 
-Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries, the full width
-each. A block's input and output stay whole tensors; a 3x3 conv reads its band plus one row either side (the halo),
-zero rows only at the image's edges, so each band's output is exactly the whole conv's; GroupNorm merges each band's
-mean and variance (law of total variance) into the whole tensor's statistics before any band is normalised; the
-mid-block attention runs whole, at latent size. So banded equals whole up to float rounding (fp32: 2.5e-6 of the
-output's scale on the test models, 1e-5 at full size with random weights), with no seams; the big temporaries shrink
-to one band, and a resnet block's second conv writes over its input, so a block holds two whole tensors. Tiles with
-halos (TiledVAE) would keep every tile's state at each GroupNorm: no smaller peak; blended tiles with per-tile
-statistics (diffusers' tiling) differ from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16
-decode 1.2 GiB banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
+Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries, full width. Block
+inputs and outputs stay whole; a 3x3 conv reads its band plus one row either side (the halo), zero rows only at the
+image's edges, so each band equals the whole conv's; GroupNorm merges the bands' means and variances (law of total
+variance) before normalising any band; the mid-block attention runs whole, at latent size. So banded equals whole up
+to float rounding (fp32: 2.5e-6 of the output's scale on the test models, 1e-5 at full size), with no seams, and a
+block holds two whole tensors (a resnet block's second conv writes over its input). Tiles with halos (TiledVAE) would
+keep every tile's state at each GroupNorm, no smaller peak; per-tile statistics (diffusers' tiling) differ from the
+whole image. Peaks (bench/vae.py, bench/RESULTS.md): 1024 px bf16 decode 1.2 GiB banded vs 1.62 whole, encode 0.86
+vs 1.26, at the same speed.
 """
 
 from __future__ import annotations
