@@ -313,7 +313,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 cache: DeepCache | None = None) -> torch.Tensor:
         """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W).
-        Any H, W: a downsample rounds an odd side up, its upsample goes back to the skip's size. `cache`: `DeepCache`."""
+        Any H, W: a downsample rounds an odd side up, its upsample returns to the skip's size. `cache`: `DeepCache`."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         emb = emb + self.label_emb(y.to(dtype))
