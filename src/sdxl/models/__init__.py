@@ -1,1 +1,2 @@
-"""The networks of SDXL: UNet, VAE, text encoders and tokenizer, prompt weighting, the conditioner, a whole checkpoint as one module."""
+"""The networks of SDXL: UNet, VAE, text encoders and tokenizer, prompt weighting, the conditioner, a whole checkpoint
+as one module."""

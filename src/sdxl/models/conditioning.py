@@ -1,12 +1,13 @@
 """The conditioner: text encoders and micro-conditioning -> (crossattn, vector).
 
-A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml
-(SDXL report §2.2; docs/conditioning.md §1). Module paths equal the checkpoint keys below
-`conditioner.`: `embedders.N` in the reference order, which fixes the concatenation order.
+A port of sgm's `GeneralConditioner` as configured in sd_xl_base.yaml / sd_xl_refiner.yaml (SDXL report §2.2;
+docs/conditioning.md §1). Module paths equal the checkpoint keys below `conditioner.`: `embedders.N` in the reference
+order, which fixes the concatenation order.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,7 @@ class FourierEmbedder(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]  # x: (B, k) -> (B, k * dim)
-        return timestep_embedding(x.reshape(-1), self.dim).reshape(b, -1)
+        return timestep_embedding(x.reshape(-1), self.dim).reshape(x.shape[0], -1)  # (B, k) -> (B, k * dim)
 
 
 class Conditioner(nn.Module):
@@ -158,13 +158,7 @@ class Conditioner(nn.Module):
                        min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """One (prompt, prompt_2) per batch row -> crossattn (B, 77 * windows, C), pooled (B, P); shorter prompts get
         empty windows up to the longest (as A1111 pads a batch), each distinct prompt is encoded once."""
-        encoded: dict = {}
-
-        def encode(p: Prompt, windows: int):
-            if (p, windows) not in encoded:
-                encoded[p, windows] = self.encode_prompt(*p, tokenizer, windows)
-            return encoded[p, windows]
-
+        encode = functools.cache(lambda p, windows: self.encode_prompt(*p, tokenizer, windows))
         first = [encode(p, min_windows) for p in prompts]
         windows = max(x.shape[1] for x, _ in first) // MAX_LENGTH
         rows = [encode(p, windows) for p in prompts]
@@ -177,19 +171,16 @@ class Conditioner(nn.Module):
         missing = [m for m in self.cfg.micro if m not in micro]
         if missing:
             raise ValueError(f"micro-conditioning needs {', '.join(missing)}")
-        parts = []
-        for name, emb in zip(self.cfg.micro, self.embedders[-len(self.cfg.micro):]):
-            v = torch.as_tensor(micro[name], dtype=torch.float32).reshape(-1, MICRO_SIZES[name])
-            parts.append(emb(v.expand(batch, -1)))
-        return torch.cat(parts, dim=-1)
+        values = [torch.as_tensor(micro[m], dtype=torch.float32).reshape(-1, MICRO_SIZES[m]) for m in self.cfg.micro]
+        fourier = self.embedders[-len(values):]
+        return torch.cat([emb(v.expand(batch, -1)) for emb, v in zip(fourier, values)], dim=-1)
 
     def forward(self, crossattn: torch.Tensor, pooled: torch.Tensor, micro: dict,
                 empty: torch.Tensor | bool = False) -> Conditioning:
-        """Text embeddings + micro-conditioning -> Conditioning; the one place training and inference meet.
-
-        Rows marked `empty` stand for the empty prompt (a dropped caption, an empty negative prompt): the base
-        zeroes their crossattn and pooled, the refiner keeps the encoding of "" that the caller gave
-        (docs/conditioning.md §3). vector = pooled ++ Fourier(micro) in embedder order (§1)."""
+        """Text embeddings + micro-conditioning -> Conditioning; the one place training and inference meet. Rows
+        marked `empty` stand for the empty prompt (a dropped caption, an empty negative prompt): the base zeroes their
+        crossattn and pooled, the refiner keeps the encoding of "" given (docs/conditioning.md §3). vector = pooled ++
+        Fourier(micro) in embedder order (§1)."""
         if self.zeroes_empty_text:
             empty = torch.as_tensor(empty, device=pooled.device).expand(pooled.shape[0])
             crossattn = torch.where(empty[:, None, None], crossattn.new_zeros(()), crossattn)

@@ -1,8 +1,7 @@
 """A whole SDXL checkpoint as one module: its state_dict keys are the official single-file keys.
 
-`model.diffusion_model.*` (UNet), `conditioner.embedders.N.*` (text encoders and
-micro-conditioning), `first_stage_model.*` (VAE), as in sgm's `DiffusionEngine`.
-A component may be absent (a UNet-only file, a standalone VAE).
+`model.diffusion_model.*` (UNet), `conditioner.embedders.N.*` (text encoders and micro-conditioning),
+`first_stage_model.*` (VAE), as in sgm's `DiffusionEngine`. A component may be absent (a UNet-only file, a VAE).
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from torch import nn
 
 from sdxl.models import unet as unet_
 from sdxl.models import vae as vae_
-from sdxl.models.conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER, Conditioner,
-                           ConditionerConfig)
+from sdxl.models.conditioning import (BASE_MICRO, REFINER_MICRO, SDXL_BASE_CONDITIONER, SDXL_REFINER_CONDITIONER,
+                                      Conditioner, ConditionerConfig)
 from sdxl.models.text_encoders import CLIP_TINY, OPENCLIP_TINY
 from sdxl.models.unet import UNet, UNetConfig
 from sdxl.models.vae import AutoencoderKL, VAEConfig
@@ -27,9 +26,8 @@ class ModelConfig:
     unet: UNetConfig | None
     conditioner: ConditionerConfig | None
     vae: VAEConfig | None
-    # what the UNet predicts: "epsilon" (SDXL) or "v" (v-prediction fine-tunes); zero_terminal_snr: trained on
-    # betas rescaled to zero SNR at the last timestep (Lin et al. 2024, Alg. 1). Files say so by their `v_pred`
-    # and `ztsnr` keys (formats/checkpoint.py).
+    # what the UNet predicts: "epsilon" (SDXL) or "v"; zero_terminal_snr: trained on betas rescaled to zero SNR at
+    # the last timestep (Lin et al. 2024, Alg. 1). Files say so by `v_pred` and `ztsnr` keys (formats/checkpoint.py).
     prediction: str = "epsilon"
     zero_terminal_snr: bool = False
 
@@ -92,12 +90,10 @@ class SDXLModel(nn.Module):
         model = cls(ModelConfig(None, None, None))
         sampling = (like.prediction, like.zero_terminal_snr) if like is not None else ()
         model.cfg = ModelConfig(*(None if m is None else m.cfg for m in (unet, conditioner, vae)), *sampling)
-        if unet is not None:
-            model.model = DiffusionWrapper(unet)
-        if conditioner is not None:
-            model.conditioner = conditioner
-        if vae is not None:
-            model.first_stage_model = vae
+        wrapped = None if unet is None else DiffusionWrapper(unet)
+        for key, part in (("model", wrapped), ("conditioner", conditioner), ("first_stage_model", vae)):
+            if part is not None:
+                setattr(model, key, part)
         return model
 
     @property
@@ -110,6 +106,5 @@ class SDXLModel(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         """The components present, by name: unet, conditioner, vae."""
-        mods = {"unet": getattr(self, "model", None), "conditioner": getattr(self, "conditioner", None),
-                "vae": getattr(self, "first_stage_model", None)}
-        return {k: (m.diffusion_model if k == "unet" else m) for k, m in mods.items() if m is not None}
+        keys = {"unet": "model", "conditioner": "conditioner", "vae": "first_stage_model"}
+        return {name: getattr(self, name) for name, key in keys.items() if hasattr(self, key)}

@@ -1,12 +1,10 @@
 """Prompts as users of A1111 and ComfyUI write them: attention weights and prompts over 77 tokens.
 
-Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1,
-`(text:1.3)` explicit weight, `\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a
-new 75-token window. Long prompts are split into 75-token windows, each encoded as its
-own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis. A textual-inversion
-embedding's name (the tokenizer's `embeddings`, sdxl.adapters.embeddings) stands for its n vectors, weighted like
-tokens and never split across windows: one that does not fit the current window starts the next (A1111
-`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
+Syntax (A1111 `prompt_parser.parse_prompt_attention`): `(text)` x1.1, `[text]` /1.1, `(text:1.3)` explicit weight,
+`\\(` `\\)` `\\[` `\\]` `\\\\` literal brackets, `BREAK` starts a new 75-token window. Long prompts are split into
+75-token windows, each encoded as its own 77-token sequence (BOS + 75 + EOS) and concatenated along the sequence axis.
+A textual-inversion embedding's name (the tokenizer's `embeddings`, sdxl.adapters.embeddings) stands for its n
+vectors, weighted like tokens, never split across windows (A1111 `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`).
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         elif tok == "]" and square_open:
             scale(square_open.pop(), 1 / 1.1)
         else:
-            parts = _BREAK.split(tok)
-            for i, part in enumerate(parts):
+            for i, part in enumerate(_BREAK.split(tok)):
                 if i:
                     runs.append(["BREAK", -1.0])
                 runs.append([part, 1.0])
@@ -63,9 +60,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale(start, 1 / 1.1)
     merged: list[list] = []
-    for text_, w in runs:
-        if not text_:
-            continue
+    for text_, w in (run for run in runs if run[0]):  # empty runs dropped
         if merged and merged[-1][1] == w and w != -1.0:
             merged[-1][0] += text_
         else:
@@ -74,10 +69,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
 
 def _is_number(text: str) -> bool:
-    """A weight as A1111's prompt parser reads one (`[+-]?[.\\d]+`, modules/prompt_parser.py re_attention): digits and
-    a point, so `1e400`, `inf` or `nan` are not weights and their text stays literal."""
-    if not re.fullmatch(r"\s*[+-]?[.\d]+\s*", text):
-        return False
+    """Whether a weight `_TOKEN` matched (`[+-]?[.\\d]+`, as A1111's modules/prompt_parser.py re_attention, so never
+    `1e400`, `inf` or `nan`) is a number, not e.g. `1.2.3`."""
     try:
         float(text)
     except ValueError:
@@ -100,41 +93,31 @@ class TokenWindows:
 
 
 def tokenize(text: str, tokenizer: Tokenizer, pad: int, min_windows: int = 1) -> TokenWindows:
-    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG).
-
-    As A1111's `tokenize_line`: BREAK and a full window close the current window; a last window stays only
-    if it holds tokens (a prompt ending in BREAK adds no empty window), and there is always at least one. An
-    embedding takes n positions (id 0, its vectors placed by the encoder), in the next window if they do not fit.
-    """
-    windows: list[tuple[list[int], list[float]]] = []
-    current: tuple[list[int], list[float]] = ([], [])
+    """Weighted prompt -> 75-token windows with BOS/EOS/padding (pad: EOS for CLIP-L, 0 for bigG). As A1111's
+    `tokenize_line`: BREAK and a full window close the current window; a last window stays only if it holds tokens,
+    and there is always one. An embedding takes n positions (id 0), in the next window if they do not fit."""
+    windows: list[tuple[list[int], list[float]]] = [([], [])]  # (ids, weights); the last one is being filled
     fixes = []
     embeddings = tokenizer.embeddings
     for run, weight in parse_weights(text):
         if weight == -1.0:  # BREAK
-            windows.append(current)
-            current = ([], [])
+            windows.append(([], []))
             continue
         for piece in embeddings.split(run) if embeddings is not None else [run]:
             text = isinstance(piece, str)
             n = 1 if text else piece.vectors
             for i in tokenizer.ids(piece) if text else [0]:
-                if len(current[0]) + n > WINDOW:
-                    windows.append(current)
-                    current = ([], [])
+                if len(windows[-1][0]) + n > WINDOW:
+                    windows.append(([], []))
                 if not text:
-                    fixes.append((len(windows), 1 + len(current[0]), piece))  # 1 +: after BOS
-                current[0].extend([i] * n)
-                current[1].extend([weight] * n)
-    if current[0] or not windows:
-        windows.append(current)
-    while len(windows) < min_windows:
-        windows.append(([], []))
-    ids, weights = [], []
-    for toks, ws in windows:
-        n = len(toks)
-        ids.append([BOS] + toks + [EOS] + [pad] * (WINDOW - n))
-        weights.append([1.0] + ws + [1.0] * (WINDOW + 1 - n))
+                    fixes.append((len(windows) - 1, 1 + len(windows[-1][0]), piece))  # 1 +: after BOS
+                windows[-1][0].extend([i] * n)
+                windows[-1][1].extend([weight] * n)
+    if not windows[-1][0] and len(windows) > 1:
+        windows.pop()
+    windows += [([], [])] * (min_windows - len(windows))
+    ids = [[BOS] + toks + [EOS] + [pad] * (WINDOW - len(toks)) for toks, _ in windows]
+    weights = [[1.0] + ws + [1.0] * (WINDOW + 1 - len(ws)) for _, ws in windows]
     return TokenWindows(torch.tensor(ids), torch.tensor(weights), tuple(fixes))
 
 

@@ -1,17 +1,16 @@
 """The two SDXL text encoders: OpenAI CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers.
 
-Ports sgm `FrozenCLIPEmbedder` (layer="hidden", layer_idx=11) and `FrozenOpenCLIPEmbedder2`
-(layer="penultimate", always_return_pooled) from `sgm/modules/encoders/modules.py`.
-Module paths equal the single-file checkpoint keys below `conditioner.embedders.N.`:
-CLIP-L keeps the transformers `CLIPTextModel` names, bigG the open_clip names.
-Both are the same pre-LN causal transformer; only names, activation and the fused
-q/k/v projection of bigG (`nn.MultiheadAttention.in_proj_weight`) differ.
+Ports sgm `FrozenCLIPEmbedder` (layer="hidden", layer_idx=11) and `FrozenOpenCLIPEmbedder2` (layer="penultimate",
+always_return_pooled) from `sgm/modules/encoders/modules.py`. Module paths equal the single-file checkpoint keys below
+`conditioner.embedders.N.`: CLIP-L keeps the transformers `CLIPTextModel` names, bigG the open_clip names. Both are
+the same pre-LN causal transformer; only names, activation and bigG's fused q/k/v (`in_proj_weight`) differ.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,9 +52,19 @@ CLIP_TINY = TextEncoderConfig(width=128, layers=3, act="quick_gelu")
 OPENCLIP_TINY = TextEncoderConfig(width=128, layers=3, act="gelu", proj_dim=96)
 
 
-def _act(name: str, x: torch.Tensor) -> torch.Tensor:
-    """quick_gelu is OpenAI CLIP's x * sigmoid(1.702 x); gelu the exact erf form (open_clip nn.GELU)."""
-    return x * torch.sigmoid(1.702 * x) if name == "quick_gelu" else F.gelu(x)
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation, x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _mlp(cfg: TextEncoderConfig, fc: str, proj: str, device=None, dtype=None) -> nn.Sequential:
+    """Linear to mlp_ratio * width, activation (gelu: the exact erf form, open_clip's nn.GELU), Linear back; the
+    linears named as in the checkpoint: transformers `CLIPMLP` (fc1, fc2), open_clip's `mlp` (c_fc, c_proj)."""
+    W, H, kw = cfg.width, cfg.mlp_ratio * cfg.width, dict(device=device, dtype=dtype)
+    act = QuickGELU() if cfg.act == "quick_gelu" else nn.GELU()
+    return nn.Sequential(OrderedDict([(fc, nn.Linear(W, H, **kw)), ("act", act), (proj, nn.Linear(H, W, **kw))]))
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -67,8 +76,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
 
 
 def _normal_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
-    """`nn.init.normal_`, skipped on the meta device (models built there get loaded weights; on meta it imports
-    torch._dynamo, about a second per process)."""
+    """`nn.init.normal_`, skipped on the meta device (where it imports torch._dynamo, a second per process)."""
     return t if t.device.type == "meta" else nn.init.normal_(t, std=std)
 
 
@@ -106,20 +114,6 @@ class CLIPAttention(nn.Module):
         return self.out_proj(_causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
-class CLIPMLP(nn.Module):
-    """transformers `CLIPMLP`."""
-
-    def __init__(self, cfg: TextEncoderConfig, device=None, dtype=None):
-        super().__init__()
-        W, kw = cfg.width, dict(device=device, dtype=dtype)
-        self.act = cfg.act
-        self.fc1 = nn.Linear(W, cfg.mlp_ratio * W, **kw)
-        self.fc2 = nn.Linear(cfg.mlp_ratio * W, W, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(_act(self.act, self.fc1(x)))
-
-
 class CLIPEncoderLayer(nn.Module):
     """transformers `CLIPEncoderLayer`: pre-LN attention and MLP, each residual."""
 
@@ -128,7 +122,7 @@ class CLIPEncoderLayer(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.self_attn = CLIPAttention(cfg, **kw)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps, **kw)
-        self.mlp = CLIPMLP(cfg, **kw)
+        self.mlp = _mlp(cfg, "fc1", "fc2", **kw)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,20 +185,6 @@ class MultiheadSelfAttention(nn.Module):
         return self.out_proj(_causal_attention(q, k, v, self.heads))
 
 
-class OpenCLIPMLP(nn.Module):
-    """open_clip `ResidualAttentionBlock.mlp` (c_fc, GELU, c_proj)."""
-
-    def __init__(self, cfg: TextEncoderConfig, device=None, dtype=None):
-        super().__init__()
-        W, kw = cfg.width, dict(device=device, dtype=dtype)
-        self.act = cfg.act
-        self.c_fc = nn.Linear(W, cfg.mlp_ratio * W, **kw)
-        self.c_proj = nn.Linear(cfg.mlp_ratio * W, W, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(_act(self.act, self.c_fc(x)))
-
-
 class ResidualAttentionBlock(nn.Module):
     """open_clip `ResidualAttentionBlock`: pre-LN attention and MLP, each residual."""
 
@@ -214,7 +194,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.eps, **kw)
         self.attn = MultiheadSelfAttention(cfg, **kw)
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.eps, **kw)
-        self.mlp = OpenCLIPMLP(cfg, **kw)
+        self.mlp = _mlp(cfg, "c_fc", "c_proj", **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -233,7 +213,8 @@ class OpenCLIPTextEmbedder(nn.Module):
         self.model = _container(
             token_embedding=_embedding(cfg.vocab_size, W, **kw),
             positional_embedding=nn.Parameter(torch.empty(cfg.max_length, W, **kw)),
-            transformer=_container(resblocks=nn.ModuleList(ResidualAttentionBlock(cfg, **kw) for _ in range(cfg.layers))),
+            transformer=_container(resblocks=nn.ModuleList(ResidualAttentionBlock(cfg, **kw)
+                                                           for _ in range(cfg.layers))),
             ln_final=nn.LayerNorm(W, eps=cfg.eps, **kw),
             text_projection=nn.Parameter(torch.empty(W, cfg.proj_dim, **kw)),  # used as x @ text_projection
             logit_scale=nn.Parameter(torch.full((), math.log(1 / 0.07), **kw)),  # CLIP loss temperature, unused here
@@ -264,30 +245,25 @@ class OpenCLIPTextEmbedder(nn.Module):
 
 # --- configs from checkpoint shapes ------------------------------------------------------------
 
-def config_from_shapes(shapes: dict[str, tuple[int, ...]], kind: Literal["clip", "openclip"]) -> TextEncoderConfig:
-    """The config of a CLIP ("clip", transformers names) or OpenCLIP ("openclip") text tower from its tensor shapes.
+# kind -> key prefix, token embedding, position embedding, layer pattern, first MLP weight, activation, projection
+_SHAPE_KEYS = {
+    "clip": ("transformer.text_model.", "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+             r"encoder\.layers\.(\d+)\.", "encoder.layers.0.mlp.fc1.weight", "quick_gelu", None),
+    "openclip": ("model.", "token_embedding.weight", "positional_embedding", r"transformer\.resblocks\.(\d+)\.",
+                 "transformer.resblocks.0.mlp.c_fc.weight", "gelu", "text_projection"),
+}
 
-    Keys are relative to the embedder (`transformer.text_model.…` or `model.…`). The activation is
-    the family's (quick_gelu for OpenAI CLIP, gelu for OpenCLIP); heads are width / 64.
-    """
-    if kind == "clip":
-        pre, token, pos, layer_re, fc = ("transformer.text_model.", "embeddings.token_embedding.weight",
-                                         "embeddings.position_embedding.weight", r"encoder\.layers\.(\d+)\.",
-                                         "encoder.layers.0.mlp.fc1.weight")
-        act, proj = "quick_gelu", None
-    elif kind == "openclip":
-        pre, token, pos, layer_re, fc = ("model.", "token_embedding.weight", "positional_embedding",
-                                         r"transformer\.resblocks\.(\d+)\.", "transformer.resblocks.0.mlp.c_fc.weight")
-        act, proj = "gelu", "text_projection"
-    else:
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], kind: Literal["clip", "openclip"]) -> TextEncoderConfig:
+    """The config of a CLIP ("clip", transformers names) or OpenCLIP ("openclip") text tower from its tensor shapes,
+    keys relative to the embedder (`transformer.text_model.…` or `model.…`); the activation is the family's."""
+    if kind not in _SHAPE_KEYS:
         raise ValueError(f"unknown text encoder kind {kind!r}")
-    need = [pre + k for k in (token, pos, fc) + ((proj,) if proj else ())]
-    missing = [k for k in need if k not in shapes]
+    pre, token, pos, layer_re, fc, act, proj = _SHAPE_KEYS[kind]
+    missing = [pre + k for k in (token, pos, fc, proj) if k and pre + k not in shapes]
     if missing:
         raise CheckpointError.keys(f"{kind} text encoder", missing, [])
     vocab, width = shapes[pre + token]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(re.escape(pre) + layer_re, k)))
-    return TextEncoderConfig(
-        width=width, layers=layers, act=act, vocab_size=vocab, max_length=shapes[pre + pos][0],
-        mlp_ratio=shapes[pre + fc][0] // width, proj_dim=shapes[pre + proj][1] if proj else None,
-    )
+    return TextEncoderConfig(width=width, layers=layers, act=act, vocab_size=vocab, max_length=shapes[pre + pos][0],
+                             mlp_ratio=shapes[pre + fc][0] // width, proj_dim=shapes[pre + proj][1] if proj else None)

@@ -1,10 +1,9 @@
 """The CLIP byte-level BPE tokenizer shared by both SDXL text encoders (docs/architecture.md §4).
 
-Ports openai/CLIP `simple_tokenizer.py` onto the `tokenizers` library with the normalisation
-of transformers' `CLIPTokenizer` (what diffusers uses): NFC, lower case, split on whitespace.
-open_clip (the reference for bigG) differs on some text: it also runs ftfy.fix_text and
-html.unescape twice (HTML entities, curly quotes, ligatures, full-width forms, mojibake and
-control characters), Python's lower() writes a word-final sigma as "ς", and it BPEs a literal
+Ports openai/CLIP `simple_tokenizer.py` onto the `tokenizers` library with the normalisation of transformers'
+`CLIPTokenizer` (what diffusers uses): NFC, lower case, split on whitespace. open_clip (the reference for bigG) differs
+on some text: it also runs ftfy.fix_text and html.unescape twice (HTML entities, curly quotes, ligatures, full-width
+forms, mojibake, control characters), Python's lower() writes a word-final sigma as "ς", and it BPEs a literal
 "<|endoftext|>" in the prompt instead of reading it as the EOS token."""
 
 from __future__ import annotations
@@ -53,17 +52,16 @@ class Tokenizer:
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
         if len(vocab) != VOCAB_SIZE or vocab.get(_BOS_TEXT) != BOS or vocab.get(_EOS_TEXT) != EOS:
-            raise SDXLError(
-                f"tokenizer vocabulary has {len(vocab)} tokens (BOS {vocab.get(_BOS_TEXT)}, EOS {vocab.get(_EOS_TEXT)}); "
-                f"expected the CLIP vocabulary of {VOCAB_SIZE} with BOS {BOS}, EOS {EOS}"
-            )
+            raise SDXLError(f"tokenizer vocabulary has {len(vocab)} tokens (BOS {vocab.get(_BOS_TEXT)}, EOS "
+                            f"{vocab.get(_EOS_TEXT)}); expected the CLIP vocabulary of {VOCAB_SIZE} with BOS {BOS}, "
+                            f"EOS {EOS}")
         self.vocab, self.merges = vocab, merges
-        bpe = BPE(vocab, merges, unk_token=_EOS_TEXT, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False)
-        tok = _RustTokenizer(bpe)
+        tok = _RustTokenizer(BPE(vocab, merges, unk_token=_EOS_TEXT, continuing_subword_prefix="",
+                                 end_of_word_suffix="</w>", fuse_unk=False))
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (_BOS_TEXT, _EOS_TEXT)])
-        # transformers' CLIPTokenizer also maps whitespace runs to " " (the split drops them anyway)
-        # and re-splits every piece with GPT-2's regex, which only changes pieces equal to a special
-        # token (a case variant such as "<|EndOfText|>"): _SPECIAL_PIECE does that alone, 1.5x faster.
+        # transformers' CLIPTokenizer also maps whitespace runs to " " (the split drops them anyway) and re-splits every
+        # piece with GPT-2's regex, which only changes pieces equal to a special token (a case variant such as
+        # "<|EndOfText|>"): _SPECIAL_PIECE does that alone, 1.5x faster.
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),

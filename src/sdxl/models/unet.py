@@ -1,11 +1,10 @@
-"""The SDXL UNet: a port of sgm's `UNetModel` (sgm/modules/diffusionmodules/openaimodel.py).
-
-Module paths equal the official checkpoint keys below `model.diffusion_model.`, so an
-official file loads with a strict `load_state_dict`. Attention heads are width / 64.
+"""The SDXL UNet: a port of sgm's `UNetModel` (sgm/modules/diffusionmodules/openaimodel.py). Module paths equal
+the official checkpoint keys below `model.diffusion_model.` (a strict `load_state_dict`). Heads are width / 64.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -26,10 +25,6 @@ class UNetConfig:
     context_dim: int = 2048  # CLIP-L 768 ++ bigG 1280
     adm_in_channels: int = 2816  # pooled bigG 1280 ++ 6 Fourier features of 256
     head_dim: int = 64
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.model_channels
 
 
 # sgm configs/inference/sd_xl_base.yaml and sd_xl_refiner.yaml
@@ -61,7 +56,8 @@ class ResBlock(nn.Module):
     def __init__(self, ch: int, emb_dim: int, out_ch: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1, **kw))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch, eps=1e-5, **kw), nn.SiLU(),
+                                       nn.Conv2d(ch, out_ch, 3, padding=1, **kw))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch, **kw))
         self.out_layers = nn.Sequential(nn.GroupNorm(32, out_ch, eps=1e-5, **kw), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1, **kw))
@@ -74,11 +70,9 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """sgm `CrossAttention` (self-attention when no context is given), through SDPA.
-
-    Inference only (no gradients), two shortcuts that leave the result unchanged: `fuse_qkv` makes the q/k/v weights
-    views of one tensor so self-attention projects with one matmul, and the text's K/V are kept and reused while the
-    context tensor and the weights are unchanged (the text is the same at every sampler step)."""
+    """sgm `CrossAttention` (self-attention when no context is given), through SDPA. Two inference-only shortcuts
+    that leave the result unchanged: `fuse_qkv` (self-attention projects with one matmul), and the text's K/V kept
+    while the context tensor and the weights are unchanged (the text is the same at every sampler step)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -101,12 +95,11 @@ class CrossAttention(nn.Module):
         return self.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
     def _plain(self) -> bool:
-        """Eager inference through plain linear layers (no gradients, no LoRA wrappers, not under torch.compile,
-        which fuses on its own and must not trace the cache's bookkeeping)."""
+        """Eager inference through plain linears (no gradients, no LoRA wrappers; not under torch.compile, which
+        fuses on its own and must not trace the cache)."""
         return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and self._linear()
 
-    def _linear(self) -> bool:
-        """q, k, v are plain linear layers (not LoRA wrappers)."""
+    def _linear(self) -> bool:  # q, k, v are plain linear layers, not LoRA wrappers
         return all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))
 
     def fuse_qkv(self) -> None:
@@ -126,11 +119,10 @@ class CrossAttention(nn.Module):
             return None
         q, k, v = (m.weight for m in (self.to_q, self.to_k, self.to_v))
         size = q.numel() * q.element_size()
-        if (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
-                and k.data_ptr() == q.data_ptr() + size and v.data_ptr() == q.data_ptr() + 2 * size
-                and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
-            return q.as_strided((3 * q.shape[0], q.shape[1]), q.stride())
-        return None
+        views = (q.is_contiguous() and q.shape == k.shape == v.shape and k.is_contiguous() and v.is_contiguous()
+                 and k.data_ptr() == q.data_ptr() + size and v.data_ptr() == q.data_ptr() + 2 * size
+                 and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr())
+        return q.as_strided((3 * q.shape[0], q.shape[1]), q.stride()) if views else None
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fused = self._fused_weight() if self._plain() else None
@@ -138,8 +130,7 @@ class CrossAttention(nn.Module):
             return F.linear(x, fused).chunk(3, dim=-1)  # 3 x (B, N, inner)
         return self.to_q(x), self.to_k(x), self.to_v(x)
 
-    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of the context, each (B, L, inner); reused while context and weights are unchanged."""
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (B, L, inner)
         if not self._plain():
             return self.to_k(context), self.to_v(context)
         key = (context._version,) + tuple((w._version, w.data_ptr()) for w in (self.to_k.weight, self.to_v.weight))
@@ -230,13 +221,11 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Nearest 2x, or to `size` (the skip's size where a downsample rounded an odd side up), as diffusers'
         `forward_upsample_size` and ComfyUI's `output_shape` do, so any latent size works."""
-        if size is None:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A block of layers; each gets what it needs (sgm `TimestepEmbedSequential`)."""
+    """sgm `TimestepEmbedSequential`: a block of layers, each given what it needs."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                 size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -254,11 +243,10 @@ class TimestepEmbedSequential(nn.Sequential):
 
 @dataclass
 class DeepCache:
-    """DeepCache (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858, uniform
-    1:N strategy): every `interval`-th UNet call runs in full and keeps the feature entering the last `depth` output
-    blocks; the calls between run only the first `depth` input blocks and those output blocks on the kept feature.
-    depth 2 = conv_in and the first ResBlock, DeepCache's setting for SD (cache_layer_id=0, cache_block_id=0).
-    One cache per sampler run (the feature belongs to its inputs' batch)."""
+    """DeepCache (Ma et al. 2024, arXiv:2312.00858, uniform 1:N strategy): every `interval`-th UNet call runs in full
+    and keeps the feature entering the last `depth` output blocks; the calls between run only the first `depth` input
+    blocks and those output blocks on the kept feature. depth 2 = conv_in and the first ResBlock, DeepCache's setting
+    for SD (cache_layer_id=0, cache_block_id=0). One cache per sampler run (the feature belongs to its batch)."""
 
     interval: int = 2
     depth: int = 2
@@ -266,8 +254,7 @@ class DeepCache:
     feature: torch.Tensor | None = None
 
     def shallow(self, batch: int) -> bool:
-        """Whether this call reuses the kept feature (counts the call; `calls` cycles so torch.compile sees few
-        values)."""
+        """Whether this call reuses the kept feature (counts the call, cycling so torch.compile sees few values)."""
         reuse = self.calls != 0 and self.feature is not None and self.feature.shape[0] == batch
         self.calls = (self.calls + 1) % self.interval if reuse or self.calls == 0 else 1 % self.interval
         return reuse
@@ -282,8 +269,13 @@ class UNet(nn.Module):
         assert cfg.transformer_depth_middle >= 1, "the middle block always has a transformer"
         self.cfg = cfg
         kw = dict(device=device, dtype=dtype)
-        mc, emb_dim, levels = cfg.model_channels, cfg.time_embed_dim, len(cfg.channel_mult)
-        attn = lambda ch, depth: SpatialTransformer(ch, depth, cfg.context_dim, cfg.head_dim, **kw)  # noqa: E731
+        mc, levels = cfg.model_channels, len(cfg.channel_mult)
+        emb_dim = 4 * mc  # time embedding width
+
+        def res_attn(ch: int, level: int) -> list[nn.Module]:  # a ResBlock to the level's width, its transformer
+            width, depth = cfg.channel_mult[level] * mc, cfg.transformer_depth[level]
+            res = ResBlock(ch, emb_dim, width, **kw)
+            return [res, SpatialTransformer(width, depth, cfg.context_dim, cfg.head_dim, **kw)] if depth else [res]
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim, **kw), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **kw))
         self.label_emb = nn.Sequential(nn.Sequential(
@@ -293,26 +285,23 @@ class UNet(nn.Module):
         skip_chans, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc, **kw)]
+                self.input_blocks.append(TimestepEmbedSequential(*res_attn(ch, level)))
                 ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, **kw)))
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, **kw), attn(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_dim, ch, **kw))
+            ResBlock(ch, emb_dim, ch, **kw),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.context_dim, cfg.head_dim, **kw),
+            ResBlock(ch, emb_dim, ch, **kw))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, **kw)]
+                layers = res_attn(ch + skip_chans.pop(), level)
                 ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch, **kw))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -324,9 +313,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                 cache: DeepCache | None = None) -> torch.Tensor:
         """x (B, C, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm_in_channels) -> eps (B, C_out, H, W).
-
-        Any H, W: a downsample rounds an odd side up and the matching upsample goes back to the skip's size.
-        `cache`: DeepCache's shallow steps (see `DeepCache`)."""
+        Any H, W: a downsample rounds an odd side up, its upsample returns to the skip's size. `cache`: `DeepCache`."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         emb = emb + self.label_emb(y.to(dtype))
@@ -359,15 +346,13 @@ class UNet(nn.Module):
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> UNetConfig:
     """Infer a UNetConfig from tensor shapes alone (keys below `model.diffusion_model.`)."""
     mc, in_ch = shapes["input_blocks.0.0.weight"][:2]
+    res = "input_blocks.{}.0.in_layers.2.weight".format
     mult, depth, nrb, i = [], [], [], 1
-    while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:  # one level: resblocks then a downsample
-        n = 0
-        while f"input_blocks.{i}.0.in_layers.2.weight" in shapes:
-            if n == 0:
-                mult.append(shapes[f"input_blocks.{i}.0.in_layers.2.weight"][0] // mc)
-                depth.append(_count(shapes, f"input_blocks.{i}.1.transformer_blocks."))
-            n, i = n + 1, i + 1
-        nrb.append(n)
+    while res(i) in shapes:  # one level: resblocks, then a downsample (but after the last level)
+        mult.append(shapes[res(i)][0] // mc)
+        depth.append(_count(shapes, f"input_blocks.{i}.1.transformer_blocks."))
+        nrb.append(next(n for n in itertools.count() if res(i + n) not in shapes))
+        i += nrb[-1]
         if f"input_blocks.{i}.0.op.weight" not in shapes:
             break
         i += 1

@@ -1,31 +1,28 @@
 """The SDXL VAE: the LDM/sgm KL autoencoder, 8x down-sampling to 4 latent channels.
 
 Port of `Encoder`, `Decoder`, `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample` from
-`sgm/modules/diffusionmodules/model.py` and `AutoencoderKL` / `DiagonalGaussianDistribution`
-from `sgm/models/autoencoder.py` / `sgm/modules/distributions/distributions.py`. Module paths
-equal the official single-file keys under `first_stage_model.`. `encode` and `decode` work
-on unscaled latents; the pipeline multiplies by `scaling_factor`.
+`sgm/modules/diffusionmodules/model.py` and `AutoencoderKL` / `DiagonalGaussianDistribution` from
+`sgm/models/autoencoder.py` / `sgm/modules/distributions/distributions.py`. Module paths equal the official
+single-file keys under `first_stage_model.`. `encode` and `decode` work on unscaled latents; the pipeline
+multiplies by `scaling_factor`.
 
-Precision: the released SDXL VAE weights overflow in fp16 at large sizes (the reason the
-community "fp16-fix" VAE exists); prefer bf16 or fp32 with them.
+Precision: the released SDXL VAE weights overflow in fp16 at large sizes (hence the community "fp16-fix" VAE);
+prefer bf16 or fp32 with them.
 
-Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries,
-the full width each. A block's input and output stay whole tensors; a 3x3 conv reads its band plus
-one row either side (the halo), with zero rows only at the image's edges, so each band's output is
-exactly the whole conv's; GroupNorm takes each band's mean and variance and merges them (law of total
-variance) into the whole tensor's statistics before any band is normalised; the mid-block attention
-runs whole, at latent size. So banded equals whole up to float rounding (fp32: 2.5e-6 of the
-output's scale on the test models, 1e-5 at full size with random weights), with no seams; the big
-temporaries (normalised and upsampled copies) shrink to one band, and a resnet block's second conv
-writes over its input, so a block holds two whole tensors. Tiles with halos (TiledVAE) must also keep
-every tile's state at each GroupNorm until all tiles have reached it: the whole activation again,
-plus halos, for no smaller peak; blended tiles with per-tile statistics (diffusers' tiling) differ
-from the whole image. Peaks (bench/vae.py, bench/RESULTS.md): a 1024 px bf16 decode 1.2 GiB
-banded vs 1.62 whole, an encode 0.86 vs 1.26, at the same speed.
+Large images (`band`): the blocks run over row bands of about `band` bytes of float32 temporaries, full width. Block
+inputs and outputs stay whole; a 3x3 conv reads its band plus one row either side (the halo), zero rows only at the
+image's edges, so each band equals the whole conv's; GroupNorm merges the bands' means and variances (law of total
+variance) before normalising any band; the mid-block attention runs whole, at latent size. So banded equals whole up
+to float rounding (fp32: 2.5e-6 of the output's scale on the test models, 1e-5 at full size), with no seams, and a
+block holds two whole tensors (a resnet block's second conv writes over its input). Tiles with halos (TiledVAE) would
+keep every tile's state at each GroupNorm, no smaller peak; per-tile statistics (diffusers' tiling) differ from the
+whole image. Peaks (bench/vae.py, bench/RESULTS.md): 1024 px bf16 decode 1.2 GiB banded vs 1.62 whole, encode 0.86
+vs 1.26, at the same speed.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -218,32 +215,21 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x, band)), band)  # attention over the whole latent
 
 
-class DownLevel(nn.Module):
-    """One entry of `Encoder.down` in model.py (its empty `attn` list holds no tensors)."""
+class Level(nn.Module):
+    """One entry of `Encoder.down` / `Decoder.up` in model.py: resnet blocks, then a `downsample` or an `upsample`
+    (None at the lowest / full resolution: no tensors, no key; the empty `attn` list holds none either)."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None):
+    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None = None,
+                 upsample: Upsample | None = None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
-        self.downsample = downsample  # None at the lowest resolution: no tensors, no key
+        self.downsample, self.upsample = downsample, upsample
 
     def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
         for blk in self.block:
             x = blk(x, band)
-        return x if self.downsample is None else self.downsample(x, band)
-
-
-class UpLevel(nn.Module):
-    """One entry of `Decoder.up` in model.py (its empty `attn` list holds no tensors)."""
-
-    def __init__(self, blocks: list[ResnetBlock], upsample: Upsample | None):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.upsample = upsample  # None at full resolution (up.0)
-
-    def forward(self, x: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        for blk in self.block:
-            x = blk(x, band)
-        return x if self.upsample is None else self.upsample(x, band)
+        resample = self.downsample or self.upsample
+        return x if resample is None else resample(x, band)
 
 
 class Encoder(nn.Module):
@@ -257,12 +243,9 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         c = cfg.ch
         for i, w in enumerate(widths):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(c, w, **kw))
-                c = w
-            last = i == len(widths) - 1
-            self.down.append(DownLevel(blocks, None if last else Downsample(c, **kw)))
+            blocks = [ResnetBlock(c if j == 0 else w, w, **kw) for j in range(cfg.num_res_blocks)]
+            c = w
+            self.down.append(Level(blocks, downsample=Downsample(c, **kw) if i < len(widths) - 1 else None))
         self.mid = MidBlock(c, **kw)
         self.norm_out = _norm(c, **kw)
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1, **kw)
@@ -287,11 +270,9 @@ class Decoder(nn.Module):
         self.mid = MidBlock(c, **kw)
         up = []
         for i in reversed(range(len(widths))):
-            blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(c, widths[i], **kw))
-                c = widths[i]
-            up.insert(0, UpLevel(blocks, Upsample(c, **kw) if i != 0 else None))
+            blocks = [ResnetBlock(c if j == 0 else widths[i], widths[i], **kw) for j in range(cfg.num_res_blocks + 1)]
+            c = widths[i]
+            up.insert(0, Level(blocks, upsample=Upsample(c, **kw) if i else None))
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(c, **kw)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1, **kw)
@@ -346,11 +327,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, band)))
 
     def decode(self, z: torch.Tensor, band: int | None = None) -> torch.Tensor:
-        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1].
-
-        band: run in row bands of about this many bytes of float32 temporaries (see "row bands" above), None:
-        whole tensors. Same result either way up to float rounding (tests/test_vae_tiling.py states the bounds).
-        """
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1]. band: row bands of about this
+        many bytes of float32 temporaries (module docstring), None: whole tensors; equal up to float rounding."""
         return self.decoder(self.post_quant_conv(z), band)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,21 +350,11 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
         return tuple(shapes[key])
 
     ch, in_channels = get("encoder.conv_in.weight")[:2]
-    levels = 0
-    while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
-        levels += 1
-    blocks = 0
-    while f"encoder.down.0.block.{blocks}.conv1.weight" in shapes:
-        blocks += 1
+    levels = next(i for i in itertools.count() if f"encoder.down.{i}.block.0.conv1.weight" not in shapes)
+    blocks = next(i for i in itertools.count() if f"encoder.down.0.block.{i}.conv1.weight" not in shapes)
     widths = [get(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
     if levels == 0 or blocks == 0 or any(w % ch for w in widths):
         raise CheckpointError(f"VAE: cannot read the level widths {widths} as multiples of {ch} channels")
-    return VAEConfig(
-        ch=ch,
-        ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=blocks,
-        z_channels=get("decoder.conv_in.weight")[1],
-        embed_dim=get("post_quant_conv.weight")[1],
-        in_channels=in_channels,
-        out_ch=get("decoder.conv_out.weight")[0],
-    )
+    return VAEConfig(ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=blocks,
+                     z_channels=get("decoder.conv_in.weight")[1], embed_dim=get("post_quant_conv.weight")[1],
+                     in_channels=in_channels, out_ch=get("decoder.conv_out.weight")[0])

@@ -1,8 +1,6 @@
 """Names of samplers and schedules as users meet them: ours (`SAMPLERS`, `SCHEDULES`) and A1111's display names.
-
-A1111 writes the sampler and the schedule as two infotext fields ("Sampler: DPM++ 2M, Schedule type: Karras",
-modules/sd_samplers_kdiffusion.py and modules/sd_schedulers.py); before v1.9 it wrote one name with the schedule
-appended ("DPM++ 2M Karras"). `from_a1111` reads both forms.
+A1111 writes them as two infotext fields ("Sampler: DPM++ 2M, Schedule type: Karras", modules/sd_samplers_kdiffusion.py
+and modules/sd_schedulers.py); before v1.9 as one ("DPM++ 2M Karras"). `from_a1111` reads both forms.
 """
 
 from __future__ import annotations

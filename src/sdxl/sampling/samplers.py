@@ -1,16 +1,12 @@
 """Samplers as pure functions over a denoiser, in k-diffusion's style.
 
-Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None,
-noise_sampler=None, **opts) -> x`: `model(x, sigma_batch, **extra_args)` returns the
-denoised x0 (D in Karras et al. 2022), `x` starts at noise level `sigmas[0]` (pure noise:
-`noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.sampling.schedules`, usually
-ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic
-ones accept and ignore it. `callback`, if given, gets k-diffusion's dict
-`{x, i, sigma, sigma_hat, denoised}` after each model call of the main step.
-
-The schedule arithmetic runs on Python floats (float64), the tensors stay in x's dtype.
-`EpsDenoiser` turns SDXL's eps-predicting UNet into D, `VDenoiser` a v-predicting one. docs/samplers.md maps each sampler to
-its diffusers scheduler configuration and lists where they differ.
+Every sampler is `sample_<name>(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, **opts) -> x`:
+`model(x, sigma_batch, **extra_args)` returns the denoised x0 (D in Karras et al. 2022), `x` starts at noise level
+`sigmas[0]` (pure noise: `noise * sigmas[0]`), `sigmas` is a descending schedule from `sdxl.sampling.schedules`,
+usually ending in 0. Stochastic samplers draw from `noise_sampler(sigma, sigma_next)`; deterministic ones ignore it.
+`callback` gets k-diffusion's dict `{x, i, sigma, sigma_hat, denoised}` after the main model call of each step.
+Schedule arithmetic runs on Python floats (float64), tensors stay in x's dtype. `EpsDenoiser` / `VDenoiser` turn an
+eps- / v-predicting UNet into D. docs/samplers.md maps each sampler to its diffusers scheduler and their differences.
 """
 
 from __future__ import annotations
@@ -29,12 +25,8 @@ NoiseSampler = Callable[[float, float], Tensor]
 
 class EpsDenoiser:
     """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): c_out = -sigma, c_in = 1/sqrt(sigma^2 + 1).
-
-    `t_mode` maps sigma to the UNet's timestep: "nearest" (default; the nearest training
-    timestep, as sgm's DiscreteDenoiser and ComfyUI), "interp" (fractional, log-sigma
-    interpolation, as diffusers passes for Karras/exponential sigmas), or a callable
-    `sigma_batch -> t_batch`.
-    """
+    `t_mode` maps sigma to the UNet's timestep: "nearest" training timestep (sgm's DiscreteDenoiser, ComfyUI),
+    "interp" (fractional, log-sigma interpolation, as diffusers for Karras/exponential sigmas), or a callable."""
 
     def __init__(self, eps_fn: Callable[..., Tensor], sigmas_train: Tensor | None = None, t_mode="nearest"):
         if t_mode not in ("nearest", "interp") and not callable(t_mode):
@@ -44,16 +36,18 @@ class EpsDenoiser:
         self.t_mode = t_mode
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        if self.t_mode == "nearest":
-            return sigma_to_t(sigma, self.sigmas_train)
-        if self.t_mode == "interp":
-            return sigma_to_t_interp(sigma, self.sigmas_train)
-        return self.t_mode(sigma)
+        if callable(self.t_mode):
+            return self.t_mode(sigma)
+        return (sigma_to_t if self.t_mode == "nearest" else sigma_to_t_interp)(sigma, self.sigmas_train)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         c_in = (s**2 + 1) ** -0.5
-        eps = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+        return self.combine(x, s, c_in, self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra))
+
+    @staticmethod
+    def combine(x: Tensor, s: Tensor, c_in: Tensor, eps: Tensor) -> Tensor:
+        """D from the UNet's output at sigma s."""
         return x - (s * eps).to(x.dtype)
 
 
@@ -62,10 +56,8 @@ class VDenoiser(EpsDenoiser):
     v-predicting UNet (Salimans & Ho 2022, v = alpha eps - sigma_vp x0); k-diffusion `DiscreteVDDPMDenoiser`
     with sigma_data 1, diffusers' `prediction_type="v_prediction"`. Same `t_mode` as `EpsDenoiser`."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-        c_in = (s**2 + 1) ** -0.5
-        v = self.eps_fn((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra)
+    @staticmethod
+    def combine(x: Tensor, s: Tensor, c_in: Tensor, v: Tensor) -> Tensor:
         return (x * c_in**2 - s * c_in * v).to(x.dtype)
 
 
@@ -74,12 +66,9 @@ DENOISERS = {"epsilon": EpsDenoiser, "v": VDenoiser}
 
 
 class GeneratorNoise:
-    """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise.
-
-    Row b of every draw comes from `seeds[b]` alone, so an image does not depend on the device or on the
-    batch it is in (docs/samplers.md §1; diffusers' generator lists). The pipeline draws from it in order: the VAE
-    posterior sample, the initial noise, then each stochastic sampler step (`sampler`).
-    """
+    """One CPU `torch.Generator(seed)` stream per image, drawn in float32: the only source of per-image noise. Row b
+    comes from `seeds[b]` alone, so an image depends neither on the device nor on its batch (docs/samplers.md §1;
+    diffusers' generator lists). The pipeline draws the VAE posterior sample, the initial noise, then sampler steps."""
 
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
@@ -95,13 +84,9 @@ class GeneratorNoise:
 
 
 def default_noise_sampler(x: Tensor, seeds: Sequence[int], skip: int = 1) -> NoiseSampler:
-    """`GeneratorNoise(seeds).sampler(x)` after discarding the first `skip` draws of x's shape.
-
-    With skip=1 the stream continues after the initial latent (`randn((1, C, H, W),
-    generator=Generator().manual_seed(seed))`), as one diffusers generator per image does in
-    text-to-image, instead of repeating the initial noise. Count every x-shaped draw the caller
-    took from the seed (diffusers' img2img takes two: the VAE posterior sample and the noise).
-    """
+    """`GeneratorNoise(seeds).sampler(x)` after discarding the first `skip` draws of x's shape: the draws the caller
+    took (skip=1: the initial latent, as one diffusers generator per image in text-to-image; its img2img takes two,
+    the VAE posterior sample and the noise)."""
     if len(seeds) != x.shape[0]:
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for a batch of {x.shape[0]}")
     noise = GeneratorNoise(seeds)
@@ -150,12 +135,10 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, noise_sampler=
         x, sigma_hat, d = _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler,
                                               (s_churn, s_tmin, s_tmax, s_noise))
         dt = s[i + 1] - sigma_hat
-        if s[i + 1] == 0:
-            x = x + d * dt
-        else:
+        if s[i + 1] != 0:  # the mean of the slopes at both ends
             x_2 = x + d * dt
-            d_2 = (x_2 - _denoise(model, x_2, s[i + 1], extra_args)) / s[i + 1]
-            x = x + (d + d_2) / 2 * dt
+            d = (d + (x_2 - _denoise(model, x_2, s[i + 1], extra_args)) / s[i + 1]) / 2
+        x = x + d * dt
     return x
 
 
@@ -184,8 +167,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, noi
 
 
 def _dpm_2_step(model, x, d, sigma, sigma_next, extra_args):
-    """DPM-Solver-2 from sigma to sigma_next along the derivative d: through the midpoint in log sigma; an Euler
-    step into sigma = 0."""
+    """DPM-Solver-2 from sigma to sigma_next along d, through the midpoint in log sigma (Euler into sigma = 0)."""
     if sigma_next == 0:
         return x + d * (sigma_next - sigma)
     sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
@@ -208,66 +190,35 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                     lower_order_final=False):
-    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b); k-diffusion `sample_dpmpp_2m`.
-
-    `lower_order_final=True` is diffusers' rule (`DPMSolverMultistepScheduler`'s default): below 15
-    steps the last step is first order. Into sigma = 0 it is first order anyway (x = D).
-    """
-    s, extra_args, _ = _setup(x, sigmas, extra_args, noise_sampler)
-    old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
-        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
-        if s[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
-            d = denoised
-            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-    return x
+    """DPM-Solver++(2M), the multistep second-order solver of Lu et al. (2022b); k-diffusion `sample_dpmpp_2m`, which
+    is `sample_dpmpp_2m_sde` at eta 0. `lower_order_final=True` is diffusers' rule (`DPMSolverMultistepScheduler`'s
+    default): below 15 steps the last step is first order. Into sigma = 0 it is first order anyway (x = D)."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, noise_sampler, eta=0.0,
+                               lower_order_final=lower_order_final)
 
 
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                         eta=1.0, s_noise=1.0, solver_type="midpoint", lower_order_final=False):
     """DPM-Solver++(2M) SDE (Lu et al., 2022b; k-diffusion `sample_dpmpp_2m_sde`), noise per step.
-
-    `lower_order_final`: diffusers' rule, as in `sample_dpmpp_2m`.
-    """
+    `lower_order_final`: diffusers' rule, as in `sample_dpmpp_2m`."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
-    old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
-        denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
-        if s[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(s[i] / s[i + 1])
-            eta_h = eta * h
-            phi_1 = -math.expm1(-h - eta_h)
-            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + phi_1 * denoised
-            if old_denoised is not None and _order_cap(i, len(s) - 1, lower_order_final) >= 2:
-                r = h_last / h
-                c = 0.5 * phi_1 if solver_type == "midpoint" else phi_1 / (-h - eta_h) + 1
-                x = x + (c / r) * (denoised - old_denoised)
-            if eta:
-                x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
-            h_last = h
-        old_denoised = denoised
-    return x
+    return _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, 2, eta, s_noise, solver_type,
+                            lower_order_final)
 
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                         eta=1.0, s_noise=1.0, lower_order_final=False):
-    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step.
+    """DPM-Solver++(3M) SDE (k-diffusion `sample_dpmpp_3m_sde`), noise per step. `lower_order_final=True` is
+    diffusers' rule: below 15 steps the last step is first order and the one before it at most second order."""
+    return _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, 3, eta, s_noise, "heun",
+                            lower_order_final)
 
-    `lower_order_final=True` is diffusers' rule: below 15 steps the last step is first order and the
-    one before it at most second order.
-    """
+
+def _dpmpp_multistep(model, x, sigmas, extra_args, callback, noise_sampler, order, eta, s_noise, solver_type,
+                     lower_order_final):
+    """DPM-Solver++ multistep of up to `order` (2 or 3), stochastic for eta > 0; the second-order correction
+    k-diffusion's "midpoint" or "heun" (the 3M SDE's)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(s) - 1):
@@ -276,36 +227,33 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, noise_
         if s[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(s[i] / s[i + 1])
+            h = math.log(s[i] / s[i + 1])  # step in lambda = -log(sigma)
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            cap = _order_cap(i, len(s) - 1, lower_order_final)
+            phi_1 = -math.expm1(-h_eta)
+            x = math.exp(-h_eta) * x + phi_1 * denoised
+            cap = min(order, _order_cap(i, len(s) - 1, lower_order_final))
             if h_2 is not None and cap >= 3:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2  # phi_3 = phi_2 / h_eta - 1/2
             elif h_1 is not None and cap >= 2:
-                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+                c = 0.5 * phi_1 if solver_type == "midpoint" else math.expm1(-h_eta) / h_eta + 1  # heun: phi_2
+                x = x + (c / (h_1 / h)) * (denoised - denoised_1)
             if eta:
                 x = x + noise_sampler(s[i], s[i + 1]) * (s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
     return x
 
 
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *,
                      eta=1.0, s_noise=1.0, r=0.5):
-    """DPM-Solver++ (stochastic), k-diffusion `sample_dpmpp_sde`: singlestep second order with an SDE substep.
-
-    k-diffusion queries a Brownian tree over [sigma_i, sigma_s] and [sigma_i, sigma_next];
-    here the two increments are built from two draws of the per-step `noise_sampler`, which
-    gives them the same joint law (Brownian motion in sigma) without a tree.
-    """
+    """DPM-Solver++ (stochastic), k-diffusion `sample_dpmpp_sde`: singlestep second order with an SDE substep. Its
+    Brownian tree's increments over [sigma_i, sigma_s] and [sigma_i, sigma_next] come from two `noise_sampler` draws
+    here, with the same joint law (Brownian motion in sigma)."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
         denoised = _main_step_denoised(model, x, s, i, extra_args, callback)
@@ -407,11 +355,9 @@ def _unipc_update(x, history, sigma_t, order, variant, model_t=None):
 
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None):
     """Latent Consistency Model sampling (Luo et al. 2023, Algorithm 1): jump to D(x), re-noise to the next sigma.
-
     ComfyUI `sample_lcm` (comfy/k_diffusion/sampling.py at 02159d814dee); diffusers' `LCMScheduler.step`
-    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by its boundary-condition c_skip =
-    0.25 / ((10 t)^2 + 0.25), below 2e-7 for t >= 100, which ComfyUI and we leave out.
-    """
+    (scheduling_lcm.py at 58eb52c0803e) also mixes in the input by c_skip = 0.25 / ((10 t)^2 + 0.25), below 2e-7
+    for t >= 100, which ComfyUI and we leave out."""
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
     for i in range(len(s) - 1):
         x = _main_step_denoised(model, x, s, i, extra_args, callback)
@@ -422,13 +368,11 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, noise_sampler=N
 
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, noise_sampler=None, *, gamma=0.3):
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, §4.3), in sigma form.
-
     Each step goes to x_s = D + sigma_s * eps at timestep s = floor((1 - gamma) * t_next), then adds noise back up to
     sigma_next; gamma = 0 is DDIM. Into sigma = 0, s = 0 and the result is x_s at the smallest training sigma in VP
     scaling (x_s / sqrt(sigma_s^2 + 1)), as diffusers' `TCDScheduler.step` (scheduling_tcd.py at 58eb52c0803e; gamma
-    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`.
-    Timesteps come from the denoiser's `sigmas_train` (nearest), SDXL's `discrete_sigmas()` if it has none.
-    """
+    is its `eta`) and JettHu/ComfyUI-TCD's `sample_tcd`. Timesteps: the denoiser's `sigmas_train` (nearest), else
+    SDXL's `discrete_sigmas()`."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     s, extra_args, noise_sampler = _setup(x, sigmas, extra_args, noise_sampler)
@@ -453,31 +397,15 @@ class _Samplers(dict):
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(self)}")
 
 
-SAMPLERS = _Samplers(
-    euler=sample_euler,
-    euler_ancestral=sample_euler_ancestral,
-    heun=sample_heun,
-    dpm_2=sample_dpm_2,
-    dpm_2_ancestral=sample_dpm_2_ancestral,
-    lms=sample_lms,
-    dpmpp_2m=sample_dpmpp_2m,
-    dpmpp_2m_sde=sample_dpmpp_2m_sde,
-    dpmpp_3m_sde=sample_dpmpp_3m_sde,
-    dpmpp_sde=sample_dpmpp_sde,
-    dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral,
-    ddim=sample_ddim,
-    uni_pc=sample_uni_pc,
-    lcm=sample_lcm,
-    tcd=sample_tcd,
-)
+SAMPLERS = _Samplers((f.__name__.removeprefix("sample_"), f) for f in (
+    sample_euler, sample_euler_ancestral, sample_heun, sample_dpm_2, sample_dpm_2_ancestral, sample_lms,
+    sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_dpmpp_2s_ancestral,
+    sample_ddim, sample_uni_pc, sample_lcm, sample_tcd))
 
 
 def _setup(x, sigmas, extra_args, noise_sampler):
     """Sigmas as Python floats, extra_args as a dict, and torch's global RNG if no noise sampler is given."""
-
-    def global_rng(sigma: float, sigma_next: float) -> Tensor:
-        return torch.randn_like(x)
-
+    global_rng = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
     return [float(v) for v in sigmas.tolist()], extra_args or {}, noise_sampler or global_rng
 
 
@@ -486,16 +414,14 @@ def _denoise(model, x: Tensor, sigma: float, extra_args: dict) -> Tensor:
     return model(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **extra_args)
 
 
-def _main_step_denoised(model, x: Tensor, s: list[float], i: int, extra_args: dict, callback) -> Tensor:
-    """D(x) at s[i], the main model call of step i, reported to the callback."""
-    denoised = _denoise(model, x, s[i], extra_args)
-    _report(callback, x, i, s[i], s[i], denoised)
-    return denoised
-
-
-def _report(callback, x, i, sigma, sigma_hat, denoised):
+def _main_step_denoised(model, x: Tensor, s: list[float], i: int, extra_args: dict, callback,
+                        sigma_hat: float | None = None) -> Tensor:
+    """D(x) at sigma_hat (default s[i]), the main model call of step i, reported to the callback."""
+    sigma_hat = s[i] if sigma_hat is None else sigma_hat
+    denoised = _denoise(model, x, sigma_hat, extra_args)
     if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+        callback({"x": x, "i": i, "sigma": s[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return denoised
 
 
 def _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler, churn):
@@ -506,8 +432,7 @@ def _churned_derivative(model, x, s, i, extra_args, callback, noise_sampler, chu
     sigma_hat = s[i] * (gamma + 1)
     if gamma > 0:
         x = x + noise_sampler(s[i], s[i + 1]) * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
-    denoised = _denoise(model, x, sigma_hat, extra_args)
-    _report(callback, x, i, s[i], sigma_hat, denoised)
+    denoised = _main_step_denoised(model, x, s, i, extra_args, callback, sigma_hat)
     return x, sigma_hat, (x - denoised) / sigma_hat
 
 

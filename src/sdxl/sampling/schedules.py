@@ -1,14 +1,10 @@
 """Noise schedules: functions that return the descending sigmas a sampler walks, ending in 0.
 
-SDXL was trained as a discrete DDPM (1000 steps, scaled-linear betas, eps prediction); in
-sigma form (k-diffusion/EDM, docs/samplers.md §1) timestep t has noise level
-`sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`. A schedule picks `steps` of those levels
-(or levels in between) and appends 0. Names follow the tools users know: `sgm` is the
-reference code's, `leading`/`trailing` are diffusers' spacings, `karras`, `exponential`,
-`sgm_uniform`, `simple`, `ddim_uniform` are k-diffusion's/ComfyUI's. docs/samplers.md
-compares them with diffusers' scheduler options.
-
-Schedules are float64 tensors on the CPU; the samplers read them as Python floats.
+SDXL was trained as a discrete DDPM (1000 steps, scaled-linear betas, eps prediction); in sigma form (k-diffusion/EDM,
+docs/samplers.md §1) timestep t has noise level `sigma_t = sqrt((1 - alphabar_t) / alphabar_t)`. A schedule picks
+`steps` of those levels (or levels in between) and appends 0. Names: `sgm` is the reference code's, `leading` and
+`trailing` diffusers' spacings, `karras`, `exponential`, `sgm_uniform`, `simple`, `ddim_uniform` k-diffusion's and
+ComfyUI's (docs/samplers.md compares them). Schedules are float64 CPU tensors; samplers read them as Python floats.
 """
 
 from __future__ import annotations
@@ -80,6 +76,22 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp())
 
 
+# Schedules that pick `steps` of the n training timesteps: name -> (n, steps) -> timesteps, highest first
+_PICKS = {
+    # sgm LegacyDDPMDiscretization: linspace(n-1, 0, steps, endpoint=False) floored, starts at n-1
+    "sgm": lambda n, steps: np.linspace(n - 1, 0, steps, endpoint=False).astype(np.int64),
+    # diffusers: arange(steps) * (n // steps), reversed, + steps_offset (1 in SDXL's scheduler config)
+    "leading": lambda n, steps: (np.arange(steps) * (n // steps))[::-1] + 1,
+    # diffusers: arange(n, 0, -n / steps).round() - 1; numpy's arange can yield steps + 1 values, we keep steps
+    "trailing": lambda n, steps: np.arange(n, 0, -n / steps)[:steps].round().astype(np.int64) - 1,
+    # ComfyUI simple_scheduler: every (n / steps)-th training sigma from the top
+    "simple": lambda n, steps: np.array([n - 1 - int(i * (n / steps)) for i in range(steps)]),
+    # ComfyUI ddim_scheduler / ldm make_ddim_timesteps: 1, 1 + c, 1 + 2c, ... with c = n // steps; those
+    # produce more than `steps` levels when steps does not divide n, we keep the lowest `steps` (= `leading`)
+    "ddim_uniform": lambda n, steps: (1 + np.arange(steps) * (n // steps))[::-1],
+}
+
+
 def get_sigmas(name: str, steps: int, sigmas_train: Tensor | None = None) -> Tensor:
     """Descending sigmas (steps + 1,) of the named schedule, last element 0; see the module docstring."""
     if name not in SCHEDULES:
@@ -88,47 +100,22 @@ def get_sigmas(name: str, steps: int, sigmas_train: Tensor | None = None) -> Ten
         raise ValueError(f"steps must be at least 1, got {steps}")
     sigmas_train = discrete_sigmas() if sigmas_train is None else sigmas_train.to(torch.float64).cpu()
     n = len(sigmas_train)  # 1000 training timesteps
-    if name in ("sgm", "leading", "trailing", "simple", "ddim_uniform"):
+    if name in _PICKS:
         most = n - 1 if name in ("leading", "ddim_uniform") else n
         if steps > most:
-            raise ValueError(
-                f"schedule {name!r} picks distinct training timesteps, so at most {most} steps; "
-                "use karras, exponential or sgm_uniform for more"
-            )
-
-    if name == "sgm":
-        # sgm LegacyDDPMDiscretization: linspace(n-1, 0, steps, endpoint=False) floored, starts at n-1
-        t = np.linspace(n - 1, 0, steps, endpoint=False).astype(np.int64)
-    elif name == "leading":
-        # diffusers: arange(steps) * (n // steps), reversed, + steps_offset (1 in SDXL's scheduler config)
-        t = (np.arange(steps) * (n // steps))[::-1] + 1
-    elif name == "trailing":
-        # diffusers: arange(n, 0, -n / steps).round() - 1; numpy's arange can yield steps + 1 values, we keep steps
-        t = np.arange(n, 0, -n / steps)[:steps].round().astype(np.int64) - 1
-    elif name == "simple":
-        # ComfyUI simple_scheduler: every (n / steps)-th training sigma from the top
-        t = np.array([n - 1 - int(i * (n / steps)) for i in range(steps)])
-    elif name == "ddim_uniform":
-        # ComfyUI ddim_scheduler / ldm make_ddim_timesteps: 1, 1 + c, 1 + 2c, ... with c = n // steps; those
-        # produce more than `steps` levels when steps does not divide n, we keep the lowest `steps` (= `leading`)
-        t = (1 + np.arange(steps) * (n // steps))[::-1]
-    elif name == "sgm_uniform":
+            raise ValueError(f"schedule {name!r} picks distinct training timesteps, so at most {most} steps; "
+                             "use karras, exponential or sgm_uniform for more")
+        return _append_zero(sigmas_train[torch.tensor(_PICKS[name](n, steps).tolist(), dtype=torch.long)])
+    if name == "sgm_uniform":
         # ComfyUI normal_scheduler(sgm=True): fractional timesteps linspace(n-1, 0, steps + 1)[:-1]
         return _append_zero(t_to_sigma(torch.linspace(n - 1, 0, steps + 1, dtype=torch.float64)[:-1], sigmas_train))
-    elif name == "karras":
-        return karras_sigmas(steps, sigmas_train[0].item(), sigmas_train[-1].item())
-    else:  # exponential
-        return exponential_sigmas(steps, sigmas_train[0].item(), sigmas_train[-1].item())
-    return _append_zero(sigmas_train[torch.tensor(t.tolist(), dtype=torch.long)])
+    spaced = karras_sigmas if name == "karras" else exponential_sigmas
+    return spaced(steps, sigmas_train[0].item(), sigmas_train[-1].item())
 
 
 def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
-    """Tail of a schedule for img2img/SDEdit: the last int(steps * strength) steps (at least 1 if strength > 0).
-
-    Same steps as diffusers' SDXL img2img `get_timesteps` (`init_timestep = int(steps * strength)`),
-    except that a strength too small for one step gives one step where diffusers raises.
-    Strength 0 gives `[0]`, no steps. The caller noises the image latent to `tail[0]`.
-    """
+    """Tail of a schedule for img2img/SDEdit: the last int(steps * strength) steps, at least 1 if strength > 0 (where
+    diffusers' SDXL img2img `get_timesteps` raises), strength 0: `[0]`. The caller noises the latent to `tail[0]`."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     steps = len(sigmas) - 1
