@@ -154,10 +154,8 @@ def outpaint_request(req: Request) -> Request:
         raise SDXLError(f"outpaint pads must be >= 0, got {req.outpaint}")
     left, top, right, bottom = (-(-p // 8) * 8 for p in req.outpaint)
     image = req.init_image.convert("RGB")
-    w, h = image.size
-    w8, h8 = w // 8 * 8, h // 8 * 8
-    image = image.crop((0, 0, w8, h8))
-    a = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    w8, h8 = image.width // 8 * 8, image.height // 8 * 8
+    a = np.pad(np.asarray(image.crop((0, 0, w8, h8))), ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full(a.shape[:2], 255, np.uint8)
     inner = (slice(top + 8 if top else 0, top + h8 - (8 if bottom else 0)),
              slice(left + 8 if left else 0, left + w8 - (8 if right else 0)))
@@ -167,15 +165,14 @@ def outpaint_request(req: Request) -> Request:
 
 
 class GuidedDenoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t) with classifier-free guidance in eps space;
-    a v-prediction UNet (`prediction="v"`) through `VDenoiser`, guided in v space as diffusers does (D is affine in
-    either).
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t), classifier-free guided in eps space; a v-prediction
+    UNet (`prediction="v"`) through `VDenoiser`, guided in v space as diffusers does (D is affine in either).
 
     Guidance rescale: Lin et al. 2023, eq. 15-16 (diffusers `rescale_noise_cfg`). Guidance applies only while
     low < sigma <= high of `sigma_range` (Kynkäänniemi et al. 2024); elsewhere the conditional branch runs alone.
     Inpainting: `blend` re-noises the known region to the current sigma before each model call but the first (equal
-    to diffusers' per-step blending for first-order samplers); a 9-channel UNet instead gets the mask and
-    masked-image latent as `extra` input channels.
+    to diffusers' per-step blending for first-order samplers); a 9-channel UNet gets mask and masked-image latent
+    as `extra` input channels instead.
     """
 
     def __init__(self, unet, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0,
@@ -199,8 +196,8 @@ class GuidedDenoiser:
         x_in = x_in.to(self.dtype)
         if not guided:
             return self.unet(x_in, t, self.cond.crossattn, self.cond.vector, **self.kw).float()
-        both = self.both
-        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), both.crossattn, both.vector, **self.kw).float()
+        both = (self.both.crossattn, self.both.vector)
+        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), *both, **self.kw).float()
         eps_u, eps_c = out.chunk(2)
         eps = eps_u + self.scale * (eps_c - eps_u)
         if self.rescale > 0:
@@ -210,12 +207,10 @@ class GuidedDenoiser:
         return eps
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.blend is not None:
-            if self.skip_blend:
-                self.skip_blend = False
-            else:
-                keep, known, noise = self.blend  # keep = 1 where the image is kept
-                x = x * (1 - keep) + (known + noise * sigma.view(-1, 1, 1, 1)) * keep
+        if self.blend is not None and not self.skip_blend:
+            keep, known, noise = self.blend  # keep = 1 where the image is kept
+            x = x * (1 - keep) + (known + noise * sigma.view(-1, 1, 1, 1)) * keep
+        self.skip_blend = False
         guided = (self.uncond is not None and self.scale != 1.0
                   and self.sigma_range[0] < float(sigma.max()) <= self.sigma_range[1] * (1 + 1e-6))
         return self.denoise(x, sigma.float(), guided=guided)
@@ -236,11 +231,9 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
-    """`module` on device/dtype, in eval mode, without gradients, leaving the given module as it was.
-
-    Tensors already on that device and dtype are shared, not copied; one `memo` across calls keeps modules
-    shared between models shared (a refiner with the base's bigG).
-    """
+    """`module` on device/dtype, in eval mode, without gradients, leaving the given module as it was. Tensors already
+    on that device and dtype are shared, not copied; one `memo` across calls keeps shared modules shared (a refiner
+    with the base's bigG)."""
     memo = {} if memo is None else memo
     for t in itertools.chain(module.parameters(), module.buffers()):
         if id(t) not in memo:
@@ -249,18 +242,14 @@ def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = 
     return copy.deepcopy(module, memo).eval()
 
 
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """4-d weights to channels-last, in place; weights not loaded yet (`checkpoint.placeholder`) stay as they are."""
-    cl = torch.channels_last
-    return module._apply(lambda t: t if t.ndim != 4 or not any(t.stride()) else t.contiguous(memory_format=cl))
-
-
 def _for_inference(model: SDXLModel, channels_last: bool) -> SDXLModel:
-    """In place: the UNet's q/k/v fused (`UNet.fuse_qkv`), UNet and VAE channels-last if asked."""
+    """In place: the UNet's q/k/v fused (`UNet.fuse_qkv`); if asked, the UNet's and VAE's 4-d weights channels-last,
+    but for weights not loaded yet (`checkpoint.placeholder`)."""
     parts = model.components()
+    cl = torch.channels_last
     for name in ("unet", "vae") if channels_last else ():
         if name in parts:
-            to_channels_last(parts[name])
+            parts[name]._apply(lambda t: t if t.ndim != 4 or not any(t.stride()) else t.contiguous(memory_format=cl))
     if "unet" in parts:
         parts["unet"].fuse_qkv()
     return model
@@ -306,17 +295,15 @@ def non_finite_error(what: str, dtype: torch.dtype) -> SDXLError:
 class Pipeline:
     """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`.
 
-    The pipeline works on its own copies of the given modules (tensors shared where device and dtype
-    already match): the caller's models keep their dtype, mode, requires_grad and memory format.
-    Speed: `fast` N > 1 reuses the UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in
+    The pipeline works on its own copies of the given modules (tensors shared where device and dtype already match):
+    the caller's models keep their dtype, mode, requires_grad and memory format. Speed: `fast` N > 1 reuses the UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in
     bench/RESULTS.md); `compile` compiles each UNet with torch.compile (the first call compiles; inductor's cache in
     ~/.cache/sdxl/inductor makes later processes faster), `compile_seconds` sums the time spent compiling.
     """
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
                  vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
-                 vae_tiling: bool | None = None, vae_band: int = 64 << 20,
-                 fast: int = 0, compile: bool = False):
+                 vae_tiling: bool | None = None, vae_band: int = 64 << 20, fast: int = 0, compile: bool = False):
         self.device, self.dtype, self.vae_tiling, self.vae_band = torch.device(device), dtype, vae_tiling, vae_band
         self.fast, self.compiled = fast, compile
         self.vae_dtype = vae_dtype or dtype
@@ -342,8 +329,7 @@ class Pipeline:
 
         return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
-    def _own(self, m: SDXLModel, memo: dict, channels_last: bool,
-             names=("unet", "conditioner", "vae")) -> SDXLModel:
+    def _own(self, m: SDXLModel, memo: dict, channels_last: bool, names=("unet", "conditioner", "vae")) -> SDXLModel:
         """The pipeline's copy of a model: UNet and text encoders in `dtype`, the VAE in `vae_dtype`."""
         parts = {name: own_copy(part, self.device, self.vae_dtype if name == "vae" else self.dtype, memo)
                  for name, part in m.components().items() if name in names}
@@ -419,10 +405,15 @@ class Pipeline:
                           "weights or the latents are likely broken (check --vae / the checkpoint)")
         return pixels
 
+    AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
+
     def _vae(self, method: str, x: torch.Tensor):
-        """The VAE's `encode` or `decode`, in row bands as `_band` says; non-finite output (fp16/bf16 overflow) is
-        retried on a float32 copy of the VAE and checked again, so NaN never reaches an image."""
-        band = self._band(x[:, 0].numel() * (self.latent_factor ** 2 if method == "decode" else 1))  # pixels
+        """The VAE's `encode` or `decode`; in row bands of `vae_band` bytes (`AutoencoderKL.decode`: the same image
+        at a lower peak, bench/RESULTS.md) when tiling is on, or None and the batch has AUTO_TILING_PIXELS or more.
+        Non-finite output (fp16/bf16 overflow) is retried on a float32 copy of the VAE: NaN never reaches an image."""
+        pixels = x[:, 0].numel() * (self.latent_factor ** 2 if method == "decode" else 1)
+        tiled = self.vae_tiling or self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
+        band = self.vae_band if tiled else None
         out = getattr(self.vae, method)(x, band)
         if not _finite(out) and self.vae_dtype != torch.float32:
             warnings.warn(f"VAE {method} in {self.vae_dtype} gave non-finite values; retrying in float32")
@@ -430,14 +421,6 @@ class Pipeline:
         if not _finite(out):
             raise non_finite_error(f"the VAE ({method})", torch.float32)
         return out
-
-    AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
-
-    def _band(self, pixels: int) -> int | None:
-        """The VAE's band (`AutoencoderKL.decode`): `vae_band` bytes when tiling is on, or auto and the batch has
-        AUTO_TILING_PIXELS or more; else None (whole tensors: the same image at a higher peak, bench/RESULTS.md)."""
-        auto = self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
-        return self.vae_band if self.vae_tiling or auto else None
 
     @staticmethod
     def _mask_tensor(req: Request, width: int, height: int) -> torch.Tensor:
@@ -467,7 +450,7 @@ class Pipeline:
         first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
         prediction, ztsnr = self._sampling(req)
         stages, table = [], schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
-        if (prediction, ztsnr) == ("epsilon", True):  # at the last noise level eps tells nothing (Lin et al. 2024 §3.1)
+        if (prediction, ztsnr) == ("epsilon", True):  # eps at the last noise level is no image (Lin et al. 2024 §3.1)
             warnings.warn("zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin "
                           "et al. 2024); use --prediction v for a v-prediction model, else --no-zero-terminal-snr")
 
@@ -587,7 +570,7 @@ class Pipeline:
 
     def _initial(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
         """The first stage's input: scaled noise, or a saved latent or the init image noised to its first sigma."""
-        shape = self._latent_shape(req)
+        shape = (self.vae.cfg.embed_dim, req.height // self.latent_factor, req.width // self.latent_factor)
         if req.init_latent is not None:
             known = req.init_latent.float().to(self.device)
             if known.shape[1:] != shape:
@@ -595,13 +578,12 @@ class Pipeline:
             known = known.expand(req.batch, -1, -1, -1) if known.shape[0] == 1 else known
             return _Start(self._noised(known, first.sigmas[0], noise))
         if req.init_image is not None:
-            return self._from_image(req, first, noise)
+            return self._from_image(req, first, noise, shape)
         return _Start(noise.randn(shape, self.device) * self._init_scale(req, first.sigmas))
 
-    def _from_image(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
-        """img2img and inpainting. Draws per image generator, as diffusers: image posterior, initial noise,
-        masked-image posterior."""
-        shape = self._latent_shape(req)
+    def _from_image(self, req: Request, first: Stage, noise: GeneratorNoise, shape: tuple[int, int, int]) -> _Start:
+        """img2img and inpainting from latents of `shape`. Draws per image generator, as diffusers: image posterior,
+        initial noise, masked-image posterior."""
         image = _pixels(req.init_image, "RGB", req.width, req.height).permute(2, 0, 1) * 2 - 1  # (3, H, W) in [-1, 1]
         mask = None if req.mask is None else (self._mask_tensor(req, req.width, req.height) >= 0.5).float()
         nine = mask is not None and self.base.cfg.unet.in_channels == 9
@@ -618,10 +600,6 @@ class Pipeline:
             masked = self.encode_image(batch_of(image * (mask[0] < 0.5)), noise)
             return _Start(x, extra=torch.cat([m.expand(req.batch, -1, -1, -1), masked], dim=1))
         return _Start(x, blend=(1 - m, known, first_noise), skip_first_blend=full_strength)  # latent blending
-
-    def _latent_shape(self, req: Request) -> tuple[int, int, int]:
-        f = self.latent_factor
-        return self.vae.cfg.embed_dim, req.height // f, req.width // f
 
     def _noised(self, x: torch.Tensor, sigma: torch.Tensor, noise: GeneratorNoise) -> torch.Tensor:
         """x plus each image's next noise draw at `sigma` (img2img, SDEdit, hires)."""
