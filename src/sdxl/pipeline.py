@@ -28,7 +28,7 @@ from torch import nn
 
 from sdxl.sampling import names, schedules
 from sdxl.sampling.samplers import DENOISERS, SAMPLERS, GeneratorNoise
-from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
+from sdxl.models.conditioning import Conditioner, Conditioning, conditioner_config, micro_values, prompt_rows
 from sdxl.errors import SDXLError
 from sdxl.formats.files import write_json
 from sdxl.request import Request
@@ -144,10 +144,8 @@ class _Start:
 
 
 def outpaint_request(req: Request) -> Request:
-    """Outpainting by padding: the init image on a larger canvas (edges extended), a mask over the new border.
-
-    Pads are rounded up to multiples of 8; the mask reaches 8 pixels into the old image so the seam is repainted.
-    """
+    """Outpainting by padding: the init image on a larger canvas (edges extended), a mask over the new border. Pads
+    are rounded up to multiples of 8; the mask reaches 8 pixels into the old image so the seam is repainted."""
     if req.init_image is None:
         raise SDXLError("outpainting needs an init image (--init-image)")
     if any(p < 0 for p in req.outpaint):
@@ -219,8 +217,6 @@ class GuidedDenoiser:
 def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "refiner") -> SDXLModel:
     """A UNet-only refiner file gets the base's bigG encoder (shared, not copied), with the refiner's
     micro-conditioning. The official refiner's bigG equals the base's; diffusers' docs share it the same way."""
-    from sdxl.models.conditioning import Conditioner, conditioner_config
-
     bigg, unet = base.conditioner.bigg, refiner.unet.cfg
     cfg = conditioner_config(None, bigg.cfg, unet.adm_in_channels)
     if unet.context_dim != bigg.cfg.width or cfg.vector_dim != unet.adm_in_channels:
@@ -588,8 +584,8 @@ class Pipeline:
         mask = None if req.mask is None else (self._mask_tensor(req, req.width, req.height) >= 0.5).float()
         nine = mask is not None and self.base.cfg.unet.in_channels == 9
         full_strength = req.strength >= 1.0
-        batch_of = lambda im: im[None].expand(req.batch, -1, -1, -1)  # noqa: E731
-        known = self.encode_image(batch_of(image), noise) if not (nine and full_strength) else None
+        images = image[None].expand(req.batch, -1, -1, -1)
+        known = self.encode_image(images, noise) if not (nine and full_strength) else None
         first_noise = noise.randn(shape, self.device)
         x = (first_noise * self._init_scale(req, first.sigmas) if full_strength
              else known + first_noise * first.sigmas[0])
@@ -597,7 +593,7 @@ class Pipeline:
             return _Start(x)
         m = F.interpolate(mask, size=shape[1:]).to(self.device)  # nearest, (1, 1, h, w)
         if nine:  # the inpainting UNet sees mask and masked-image latent as input channels
-            masked = self.encode_image(batch_of(image * (mask[0] < 0.5)), noise)
+            masked = self.encode_image(images * (mask < 0.5), noise)
             return _Start(x, extra=torch.cat([m.expand(req.batch, -1, -1, -1), masked], dim=1))
         return _Start(x, blend=(1 - m, known, first_noise), skip_first_blend=full_strength)  # latent blending
 

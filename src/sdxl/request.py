@@ -86,10 +86,8 @@ class Request:
 
     @classmethod
     def fields_from_dict(cls, d, source: str) -> dict:
-        """Settings from a JSON-like dict (CLI flags, a PNG recipe, an HTTP body) -> typed keyword arguments.
-
-        Each value is checked against its field's annotation (lists become tuples); errors name the field.
-        """
+        """Settings from a JSON-like dict (CLI flags, a PNG recipe, an HTTP body) -> typed keyword arguments, each
+        checked against its field's annotation (lists become tuples); errors name the field."""
         if not isinstance(d, Mapping):
             raise SDXLError(f"{source}: expected an object of settings, got {type(d).__name__}")
         known = {f.name: f.type for f in fields(cls)}
@@ -107,7 +105,7 @@ class Request:
     def from_dict(cls, d, source: str) -> "Request":
         """A Request from settings (see `fields_from_dict`); no seed or seed -1 means a random seed, as A1111."""
         kw = cls.fields_from_dict(d, source)
-        if "prompt" not in kw or kw["prompt"] is None:
+        if kw.get("prompt") is None:
             raise SDXLError(f"{source}: no prompt")
         if kw.get("seed", RANDOM_SEED) == RANDOM_SEED:
             kw["seed"] = secrets.randbelow(2**32)
