@@ -194,8 +194,8 @@ class GuidedDenoiser:
         x_in = x_in.to(self.dtype)
         if not guided:
             return self.unet(x_in, t, self.cond.crossattn, self.cond.vector, **self.kw).float()
-        both = (self.both.crossattn, self.both.vector)
-        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), *both, **self.kw).float()
+        both = self.both
+        out = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]), both.crossattn, both.vector, **self.kw).float()
         eps_u, eps_c = out.chunk(2)
         eps = eps_u + self.scale * (eps_c - eps_u)
         if self.rescale > 0:
