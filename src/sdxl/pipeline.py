@@ -292,9 +292,10 @@ class Pipeline:
     """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`.
 
     The pipeline works on its own copies of the given modules (tensors shared where device and dtype already match):
-    the caller's models keep their dtype, mode, requires_grad and memory format. Speed: `fast` N > 1 reuses the UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in
-    bench/RESULTS.md); `compile` compiles each UNet with torch.compile (the first call compiles; inductor's cache in
-    ~/.cache/sdxl/inductor makes later processes faster), `compile_seconds` sums the time spent compiling.
+    the caller's models keep their dtype, mode, requires_grad and memory format. Speed: `fast` N > 1 reuses the
+    UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in bench/RESULTS.md); `compile`
+    compiles each UNet with torch.compile (the first call compiles; inductor's cache in ~/.cache/sdxl/inductor makes
+    later processes faster), `compile_seconds` sums the time spent compiling.
     """
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
@@ -611,21 +612,22 @@ class Pipeline:
                    callback, embeddings: dict) -> torch.Tensor:
         """One stage from the previous result `x`; hires first upscales it, hires and a refiner SDEdit re-noise it to
         their first sigma. Inpainting's blend applies to base and refiner, its extra channels to the base."""
-        if stage.name == "hires":
+        hires, on_base = stage.name == "hires", stage.name == "base"
+        if hires:
             req, x = self._upscaled(req, x, noise)
-        if stage.name == "hires" or stage.name == "refiner-sdedit" and stage.start == "previous":
+        if hires or stage.name == "refiner-sdedit" and stage.start == "previous":
             x = self._noised(x, stage.sigmas[0], noise)
         if stage.steps == 0:
             return x
         model = self.base if stage.model == "base" else self.refiner
-        cond, uncond = self._conditioning(model, req, embeddings, resized=stage.name == "hires")
+        cond, uncond = self._conditioning(model, req, embeddings, resized=hires)
         prediction, ztsnr = self._sampling(req, model)
         table = schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
-        on_base = stage.name == "base"
         denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
-                                  self._guidance_sigmas(req, table), start.extra if on_base else None,
-                                  start.blend if stage.name != "hires" else None, start.skip_first_blend and on_base,
-                                  prediction, table, DeepCache(self.fast) if self.fast > 1 else None)
+                                  self._guidance_sigmas(req, table), extra=start.extra if on_base else None,
+                                  blend=None if hires else start.blend,
+                                  skip_first_blend=on_base and start.skip_first_blend, prediction=prediction,
+                                  sigmas_train=table, cache=DeepCache(self.fast) if self.fast > 1 else None)
         eta = {names.noise_parameter(req.sampler): req.eta} if req.eta is not None else {}
         with torch.no_grad():
             x = SAMPLERS[req.sampler](denoiser, x, stage.sigmas.to(x.device), callback=callback,
