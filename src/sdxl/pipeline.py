@@ -1,10 +1,9 @@
 """Generation: txt2img, img2img, inpainting, base -> refiner, hires fix. One `Pipeline`, components loaded once.
 
-The sampling path of docs/samplers.md §1: per-image seeded CPU noise, sigmas from a named schedule,
-a sampler over a denoiser D(x, sigma) that wraps the UNet with the eps parameterisation
-and classifier-free guidance. Latents stay float32 between steps; the UNet runs in the
-pipeline's dtype. `Pipeline.plan` lists the sampler runs (stages) of a request; `generate`
-makes the initial latent, runs the plan's stages, pastes the known region and decodes.
+The sampling path of docs/samplers.md §1: per-image seeded CPU noise, sigmas from a named schedule, a sampler over a
+denoiser D(x, sigma) wrapping the UNet with the eps parameterisation and classifier-free guidance. Latents stay float32
+between steps; the UNet runs in the pipeline's dtype. `Pipeline.plan` lists the sampler runs (stages) of a request;
+`generate` makes the initial latent, runs the stages, pastes the known region and decodes.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import math
 import os
 import platform
 import re
-import time
+import timeit
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sdxl.sampling import samplers as samplers_
 from sdxl.sampling import names, schedules
-from sdxl.sampling.samplers import GeneratorNoise
-from sdxl.models.conditioning import Conditioning, micro_values, prompt_rows
+from sdxl.sampling.samplers import DENOISERS, SAMPLERS, GeneratorNoise
+from sdxl.models.conditioning import Conditioner, Conditioning, conditioner_config, micro_values, prompt_rows
 from sdxl.errors import SDXLError
+from sdxl.formats.files import write_json
 from sdxl.request import Request
 from sdxl.models.model import BUCKETS, SDXLModel
 from sdxl.models.tokenizer import Tokenizer
@@ -45,17 +44,15 @@ def cpu_has_fast_bf16() -> bool:
     path = cache_dir() / "cpu_bf16.json"
     try:
         known = json.loads(path.read_text())
-        known = known if isinstance(known, dict) else {}
     except (OSError, ValueError):
         known = {}
+    known = known if isinstance(known, dict) else {}
     if not isinstance(known.get(key), bool):
         known[key] = bf16_probe()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(path)
-        except OSError:
+            write_json(path, known, mode="replace", indent=1)
+        except (OSError, SDXLError):
             pass  # a read-only home: probe again next time
     return known[key]
 
@@ -67,10 +64,10 @@ def cache_dir() -> Path:
 
 def _cpu_model() -> str:
     try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
-        names = []
-    return names[0].strip() if names else platform.processor() or platform.machine()
+        found = None
+    return found[1].strip() if found else platform.processor() or platform.machine()
 
 
 def bf16_probe(n: int = 256, reps: int = 3) -> bool:
@@ -81,12 +78,7 @@ def bf16_probe(n: int = 256, reps: int = 3) -> bool:
     for dtype in (torch.float32, torch.bfloat16):
         x = a.to(dtype)
         x @ x  # first call: kernel selection
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times)
+        best[dtype] = min(timeit.repeat(lambda: x @ x, number=1, repeat=reps))
     return best[torch.bfloat16] < 0.8 * best[torch.float32]
 
 
@@ -108,9 +100,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 class Stage:
     """One sampler run of a generation: which model walks which sigmas, starting from what.
 
-    `start`: "noise" (txt2img), "image" (the init image's latent, noised to sigmas[0]), "latent" (a saved
-    latent, noised to sigmas[0]) or "previous" (the stage before: continued by a hand-off, re-noised by
-    SDEdit and hires). A stage of 0 steps still starts (hires then only upscales).
+    `start`: "noise" (txt2img), "image" or "latent" (the init image's or a saved latent, noised to sigmas[0]), or
+    "previous" (the stage before: continued by a hand-off, re-noised by SDEdit and hires). A stage of 0 steps still
+    starts (hires then only upscales).
     """
 
     name: str  # "base", "refiner" (hand-off), "refiner-sdedit", "hires"
@@ -152,20 +144,16 @@ class _Start:
 
 
 def outpaint_request(req: Request) -> Request:
-    """Outpainting by padding: the init image on a larger canvas (edges extended), a mask over the new border.
-
-    Pads are rounded up to multiples of 8; the mask reaches 8 pixels into the old image so the seam is repainted.
-    """
+    """Outpainting by padding: the init image on a larger canvas (edges extended), a mask over the new border. Pads
+    are rounded up to multiples of 8; the mask reaches 8 pixels into the old image so the seam is repainted."""
     if req.init_image is None:
         raise SDXLError("outpainting needs an init image (--init-image)")
     if any(p < 0 for p in req.outpaint):
         raise SDXLError(f"outpaint pads must be >= 0, got {req.outpaint}")
     left, top, right, bottom = (-(-p // 8) * 8 for p in req.outpaint)
     image = req.init_image.convert("RGB")
-    w, h = image.size
-    w8, h8 = w // 8 * 8, h // 8 * 8
-    image = image.crop((0, 0, w8, h8))
-    a = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    w8, h8 = image.width // 8 * 8, image.height // 8 * 8
+    a = np.pad(np.asarray(image.crop((0, 0, w8, h8))), ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full(a.shape[:2], 255, np.uint8)
     inner = (slice(top + 8 if top else 0, top + h8 - (8 if bottom else 0)),
              slice(left + 8 if left else 0, left + w8 - (8 if right else 0)))
@@ -175,14 +163,14 @@ def outpaint_request(req: Request) -> Request:
 
 
 class GuidedDenoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t) with classifier-free guidance in eps space; a v-prediction
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t), classifier-free guided in eps space; a v-prediction
     UNet (`prediction="v"`) through `VDenoiser`, guided in v space as diffusers does (D is affine in either).
 
-    Guidance rescale: Lin et al. 2023, eq. 15-16 (diffusers `rescale_noise_cfg`). Guidance applies
-    only while low < sigma <= high of `sigma_range` (Kynkäänniemi et al. 2024); elsewhere the conditional
-    branch runs alone. Inpainting: `blend` re-noises the known region to the current sigma before
-    each model call but the first (equal to diffusers' per-step blending for first-order samplers);
-    a 9-channel UNet instead receives the mask and masked-image latent as extra input channels.
+    Guidance rescale: Lin et al. 2023, eq. 15-16 (diffusers `rescale_noise_cfg`). Guidance applies only while
+    low < sigma <= high of `sigma_range` (Kynkäänniemi et al. 2024); elsewhere the conditional branch runs alone.
+    Inpainting: `blend` re-noises the known region to the current sigma before each model call but the first (equal
+    to diffusers' per-step blending for first-order samplers); a 9-channel UNet gets mask and masked-image latent
+    as `extra` input channels instead.
     """
 
     def __init__(self, unet, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0,
@@ -196,7 +184,7 @@ class GuidedDenoiser:
         self.scale, self.rescale, self.sigma_range = scale, rescale, sigma_range
         self.extra, self.blend, self.skip_blend = extra, blend, skip_first_blend
         self.dtype = next(unet.parameters()).dtype
-        self.denoise = samplers_.DENOISERS[prediction](self.eps, sigmas_train)
+        self.denoise = DENOISERS[prediction](self.eps, sigmas_train)
         self.sigmas_train = self.denoise.sigmas_train  # the timesteps of samplers that need them (tcd)
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -217,12 +205,10 @@ class GuidedDenoiser:
         return eps
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.blend is not None:
-            if self.skip_blend:
-                self.skip_blend = False
-            else:
-                keep, known, noise = self.blend  # keep = 1 where the image is kept
-                x = x * (1 - keep) + (known + noise * sigma.view(-1, 1, 1, 1)) * keep
+        if self.blend is not None and not self.skip_blend:
+            keep, known, noise = self.blend  # keep = 1 where the image is kept
+            x = x * (1 - keep) + (known + noise * sigma.view(-1, 1, 1, 1)) * keep
+        self.skip_blend = False
         guided = (self.uncond is not None and self.scale != 1.0
                   and self.sigma_range[0] < float(sigma.max()) <= self.sigma_range[1] * (1 + 1e-6))
         return self.denoise(x, sigma.float(), guided=guided)
@@ -231,8 +217,6 @@ class GuidedDenoiser:
 def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "refiner") -> SDXLModel:
     """A UNet-only refiner file gets the base's bigG encoder (shared, not copied), with the refiner's
     micro-conditioning. The official refiner's bigG equals the base's; diffusers' docs share it the same way."""
-    from sdxl.models.conditioning import Conditioner, conditioner_config
-
     bigg, unet = base.conditioner.bigg, refiner.unet.cfg
     cfg = conditioner_config(None, bigg.cfg, unet.adm_in_channels)
     if unet.context_dim != bigg.cfg.width or cfg.vector_dim != unet.adm_in_channels:
@@ -243,11 +227,9 @@ def with_base_text_encoder(refiner: SDXLModel, base: SDXLModel, name: str = "ref
 
 
 def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = None) -> nn.Module:
-    """`module` on device/dtype, in eval mode, without gradients, leaving the given module as it was.
-
-    Tensors already on that device and dtype are shared, not copied; one `memo` across calls keeps modules
-    shared between models shared (a refiner with the base's bigG).
-    """
+    """`module` on device/dtype, in eval mode, without gradients, leaving the given module as it was. Tensors already
+    on that device and dtype are shared, not copied; one `memo` across calls keeps shared modules shared (a refiner
+    with the base's bigG)."""
     memo = {} if memo is None else memo
     for t in itertools.chain(module.parameters(), module.buffers()):
         if id(t) not in memo:
@@ -256,9 +238,26 @@ def own_copy(module: nn.Module, device, dtype: torch.dtype, memo: dict | None = 
     return copy.deepcopy(module, memo).eval()
 
 
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """4-d weights to channels-last, in place; weights not loaded yet (`checkpoint.placeholder`) stay as they are."""
-    return module._apply(lambda t: t if t.ndim != 4 or not any(t.stride()) else t.contiguous(memory_format=torch.channels_last))
+def _for_inference(model: SDXLModel, channels_last: bool) -> SDXLModel:
+    """In place: the UNet's q/k/v fused (`UNet.fuse_qkv`); if asked, the UNet's and VAE's 4-d weights channels-last,
+    but for weights not loaded yet (`checkpoint.placeholder`)."""
+    parts = model.components()
+    cl = torch.channels_last
+    for name in ("unet", "vae") if channels_last else ():
+        if name in parts:
+            parts[name]._apply(lambda t: t if t.ndim != 4 or not any(t.stride()) else t.contiguous(memory_format=cl))
+    if "unet" in parts:
+        parts["unet"].fuse_qkv()
+    return model
+
+
+def _pixels(image: Image.Image, mode: str, width: int, height: int) -> torch.Tensor:
+    """An init image or its mask in `mode` ("RGB", "L") at the output size, both resized alike (Lanczos): (H, W[, 3])
+    in [0, 1]."""
+    image = image.convert(mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
 def _finite(out) -> bool:
@@ -292,17 +291,16 @@ def non_finite_error(what: str, dtype: torch.dtype) -> SDXLError:
 class Pipeline:
     """Base (and optional refiner) SDXL models, loaded once, with their tokenizers; see `generate`.
 
-    The pipeline works on its own copies of the given modules (tensors shared where device and dtype
-    already match): the caller's models keep their dtype, mode, requires_grad and memory format.
-    Speed: `fast` N > 1 reuses the UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in
-    bench/RESULTS.md); `compile` compiles each UNet with torch.compile (the first call compiles; inductor's cache in
-    ~/.cache/sdxl/inductor makes later processes faster), `compile_seconds` sums the time spent compiling.
+    The pipeline works on its own copies of the given modules (tensors shared where device and dtype already match):
+    the caller's models keep their dtype, mode, requires_grad and memory format. Speed: `fast` N > 1 reuses the
+    UNet's deep features N-1 calls in N (DeepCache; `unet.DeepCache`, quality cost in bench/RESULTS.md); `compile`
+    compiles each UNet with torch.compile (the first call compiles; inductor's cache in ~/.cache/sdxl/inductor makes
+    later processes faster), `compile_seconds` sums the time spent compiling.
     """
 
     def __init__(self, base: SDXLModel, refiner: SDXLModel | None = None, device="cpu", dtype=torch.bfloat16,
                  vae_dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None, channels_last: bool = True,
-                 vae_tiling: bool | None = None, vae_band: int = 64 << 20,
-                 fast: int = 0, compile: bool = False):
+                 vae_tiling: bool | None = None, vae_band: int = 64 << 20, fast: int = 0, compile: bool = False):
         self.device, self.dtype, self.vae_tiling, self.vae_band = torch.device(device), dtype, vae_tiling, vae_band
         self.fast, self.compiled = fast, compile
         self.vae_dtype = vae_dtype or dtype
@@ -328,18 +326,11 @@ class Pipeline:
 
         return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
-    def _own(self, m: SDXLModel, memo: dict, channels_last: bool,
-             names=("unet", "conditioner", "vae")) -> SDXLModel:
+    def _own(self, m: SDXLModel, memo: dict, channels_last: bool, names=("unet", "conditioner", "vae")) -> SDXLModel:
         """The pipeline's copy of a model: UNet and text encoders in `dtype`, the VAE in `vae_dtype`."""
         parts = {name: own_copy(part, self.device, self.vae_dtype if name == "vae" else self.dtype, memo)
                  for name, part in m.components().items() if name in names}
-        if channels_last:
-            for name in ("unet", "vae"):
-                if name in parts:
-                    to_channels_last(parts[name])
-        if "unet" in parts:
-            parts["unet"].fuse_qkv()
-        return SDXLModel.from_parts(**parts, like=m.cfg)
+        return _for_inference(SDXLModel.from_parts(**parts, like=m.cfg), channels_last)
 
     @classmethod
     def load(cls, model, refiner=None, vae=None, device="cpu", dtype=torch.bfloat16, channels_last: bool = True,
@@ -355,13 +346,9 @@ class Pipeline:
                    lazy=lazy(refiner)) if refiner else None
         if ref is not None and "conditioner" not in ref.components():
             ref = with_base_text_encoder(ref, base, str(refiner))
-        if channels_last:  # these are ours: converted in place, the Pipeline shares them instead of copying
-            for m in (base.unet, base.vae, ref.unet if ref is not None else None):
-                if m is not None:
-                    to_channels_last(m)
-        for m in (base.unet, ref.unet if ref is not None else None):
+        for m in (base, ref):  # ours: prepared in place, so that the Pipeline shares them instead of copying
             if m is not None:
-                m.fuse_qkv()
+                _for_inference(m, channels_last)
         if memory is not None and kw.get("vae_tiling") is None:
             kw["vae_tiling"] = memory.vae_tiling
         pipe = cls(base, ref, device, dtype, channels_last=channels_last, **kw)
@@ -372,13 +359,6 @@ class Pipeline:
         return pipe
 
     # --- conditioning ------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_text(self, model: SDXLModel, prompt: str, prompt_2: str | None,
-                    min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A (weighted, long) prompt -> crossattn (1, 77 * windows, C), pooled (1, P), windows (`Conditioner`)."""
-        crossattn, pooled = model.conditioner.encode_prompt(prompt, prompt_2, self.tokenizer, min_windows)
-        return crossattn, pooled, crossattn.shape[1] // 77
 
     @staticmethod
     def micro(req: Request, negative: bool) -> dict:
@@ -405,8 +385,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, noise: GeneratorNoise) -> torch.Tensor:
         """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents, sampled from the posterior with each image's generator."""
-        images = images.to(self.device, self.vae_dtype)
-        dist = self._vae("encode", images)
+        dist = self._vae("encode", images.to(self.device, self.vae_dtype))
         eps = noise.randn(tuple(dist.mean.shape[1:]), self.device)
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
@@ -423,46 +402,30 @@ class Pipeline:
                           "weights or the latents are likely broken (check --vae / the checkpoint)")
         return pixels
 
+    AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
+
     def _vae(self, method: str, x: torch.Tensor):
-        """The VAE's `encode` or `decode`, in row bands as `_band` says; non-finite output (fp16/bf16 overflow) is
-        retried on a float32 copy of the VAE and checked again, so NaN never reaches an image."""
-        band = self._band(x[:, 0].numel() * (self.latent_factor ** 2 if method == "decode" else 1))  # pixels
+        """The VAE's `encode` or `decode`; in row bands of `vae_band` bytes (`AutoencoderKL.decode`: the same image
+        at a lower peak, bench/RESULTS.md) when tiling is on, or None and the batch has AUTO_TILING_PIXELS or more.
+        Non-finite output (fp16/bf16 overflow) is retried on a float32 copy of the VAE: NaN never reaches an image."""
+        pixels = x[:, 0].numel() * (self.latent_factor ** 2 if method == "decode" else 1)
+        tiled = self.vae_tiling or self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
+        band = self.vae_band if tiled else None
         out = getattr(self.vae, method)(x, band)
-        if _finite(out):
-            return out
-        if self.vae_dtype == torch.float32:
-            raise non_finite_error(f"the VAE ({method})", torch.float32)
-        warnings.warn(f"VAE {method} in {self.vae_dtype} gave non-finite values; retrying in float32")
-        out = getattr(own_copy(self.vae, self.device, torch.float32), method)(x.float(), band)
+        if not _finite(out) and self.vae_dtype != torch.float32:
+            warnings.warn(f"VAE {method} in {self.vae_dtype} gave non-finite values; retrying in float32")
+            out = getattr(own_copy(self.vae, self.device, torch.float32), method)(x.float(), band)
         if not _finite(out):
             raise non_finite_error(f"the VAE ({method})", torch.float32)
         return out
 
-    AUTO_TILING_PIXELS = 1024 * 1024  # pixels of the batch from which vae_tiling=None bands
-
-    def _band(self, pixels: int) -> int | None:
-        """The VAE's band (`AutoencoderKL.decode`): `vae_band` bytes (a memory planner may pass a smaller one) when
-        tiling is on, or auto and the batch has AUTO_TILING_PIXELS or more; None (whole tensors) when off. Bands give
-        the same image as whole tensors, with a lower peak (bench/RESULTS.md)."""
-        auto = self.vae_tiling is None and pixels >= self.AUTO_TILING_PIXELS
-        return self.vae_band if self.vae_tiling or auto else None
-
     @staticmethod
-    def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
-        """An init image or its mask at the output size: resized (Lanczos) the same way when the size differs."""
-        return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
-
-    def _image_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        a = np.asarray(self._fit(image.convert("RGB"), width, height), dtype=np.float32) / 255.0
-        return torch.from_numpy(a).permute(2, 0, 1) * 2 - 1  # (3, H, W) in [-1, 1]
-
-    def _mask_tensor(self, mask: Image.Image, image_size: tuple[int, int], width: int, height: int) -> torch.Tensor:
+    def _mask_tensor(req: Request, width: int, height: int) -> torch.Tensor:
         """(1, 1, H, W) in [0, 1], 1 = repaint: the mask through its image's resize, grey levels (its blur) kept."""
-        if mask.size != image_size:
-            raise SDXLError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {image_size[0]}x{image_size[1]}; "
-                            "they must match")
-        m = np.asarray(self._fit(mask.convert("L"), width, height), dtype=np.float32) / 255.0
-        return torch.from_numpy(m)[None, None]
+        (w, h), (iw, ih) = req.mask.size, req.init_image.size
+        if (w, h) != (iw, ih):
+            raise SDXLError(f"mask is {w}x{h} but the image is {iw}x{ih}; they must match")
+        return _pixels(req.mask, "L", width, height)[None, None]
 
     def _overlay(self, req: Request, pixels: torch.Tensor) -> torch.Tensor:
         """Inpainting: the original pixels outside the mask, blended by the mask's grey levels, over the decoded
@@ -471,8 +434,8 @@ class Pipeline:
         if req.mask is None:
             return pixels
         h, w = pixels.shape[-2:]
-        image = (self._image_tensor(req.init_image, w, h)[None] + 1) / 2
-        m = blur_mask(self._mask_tensor(req.mask, req.init_image.size, w, h), req.mask_blur).to(pixels)
+        image = _pixels(req.init_image, "RGB", w, h).permute(2, 0, 1)[None]
+        m = blur_mask(self._mask_tensor(req, w, h), req.mask_blur).to(pixels)
         return pixels * m + image.to(pixels) * (1 - m)
 
     # --- the plan ----------------------------------------------------------------------------
@@ -482,14 +445,17 @@ class Pipeline:
         if req.outpaint is not None:
             req = outpaint_request(req)
         first = "latent" if req.init_latent is not None else "image" if req.init_image is not None else "noise"
-        stages, table = [], self.training_sigmas(req)
-        if self._sampling(req) == ("epsilon", True):
+        prediction, ztsnr = self._sampling(req)
+        stages, table = [], schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
+        if (prediction, ztsnr) == ("epsilon", True):  # eps at the last noise level is no image (Lin et al. 2024 §3.1)
             warnings.warn("zero terminal SNR with an epsilon-prediction UNet gives noise: it needs v-prediction (Lin "
                           "et al. 2024); use --prediction v for a v-prediction model, else --no-zero-terminal-snr")
+
+        def tail(steps: int, strength: float) -> torch.Tensor:  # the schedule's last `strength` (img2img, SDEdit)
+            return schedules.img2img_sigmas(schedules.get_sigmas(req.schedule, steps, table), strength)
+
         if req.init_latent is None or req.refiner_strength is None:  # a saved latent with a refiner strength: no base
-            sigmas = schedules.get_sigmas(req.schedule, req.steps, table)
-            if first != "noise":
-                sigmas = schedules.img2img_sigmas(sigmas, req.strength)
+            sigmas = tail(req.steps, req.strength if first != "noise" else 1.0)
             if req.refiner_switch is None:
                 stages.append(Stage("base", "base", sigmas, first))
             else:
@@ -497,24 +463,15 @@ class Pipeline:
                 stages += [Stage("base", "base", sigmas[:k + 1], first),
                            Stage("refiner", "refiner", sigmas[k:], "previous")]
         if req.refiner_strength is not None:
-            sigmas = schedules.get_sigmas(req.schedule, req.refiner_steps or req.steps, table)
-            stages.append(Stage("refiner-sdedit", "refiner", schedules.img2img_sigmas(sigmas, req.refiner_strength),
+            stages.append(Stage("refiner-sdedit", "refiner", tail(req.refiner_steps or req.steps, req.refiner_strength),
                                 "previous" if stages else first))
         if req.hires_scale:
-            sigmas = schedules.get_sigmas(req.schedule, req.hires_steps or req.steps, table)
-            stages.append(Stage("hires", "base", schedules.img2img_sigmas(sigmas, req.hires_strength), "previous"))
+            stages.append(Stage("hires", "base", tail(req.hires_steps or req.steps, req.hires_strength), "previous"))
         return Plan(tuple(stages))
 
-    def training_sigmas(self, req: Request, model: SDXLModel | None = None) -> torch.Tensor:
-        """The training noise levels of `model` (default: the base) that a request's schedules pick from: with zero
-        terminal SNR if the request says so, or (None) if the checkpoint does; the request's flags describe the base
-        only, the refiner's come from its checkpoint."""
-        return schedules.discrete_sigmas(zero_terminal_snr=self._sampling(req, model)[1])
-
     def _sampling(self, req: Request, model: SDXLModel | None = None) -> tuple[str, bool]:
-        """(prediction, zero terminal SNR) of `model` (default: the base): the request's flags, where set, describe
-        the base only; else its checkpoint's. Zero terminal SNR with epsilon prediction is warned about: at the last
-        noise level eps tells nothing of the image (Lin et al. 2024 §3.1), so it gives noise (`plan` warns)."""
+        """(prediction, zero terminal SNR) of `model` (default: the base): the request's flags where set (they describe
+        the base only), else its checkpoint's."""
         model = model or self.base
         own = model is self.base
         prediction = (req.prediction if own else None) or model.cfg.prediction
@@ -550,7 +507,7 @@ class Pipeline:
             keep, known, _ = start.blend
             x = x * (1 - keep) + known * keep
         for stage in plan.stages[len(denoising):]:
-            x = self._hires(req, stage, x, noise, callback, embeddings)
+            x = self._run_stage(req, stage, x, start, noise, callback, embeddings)
         return Result(x, self.to_pil(self._overlay(req, self.decode(x))))
 
     def _checked(self, req: Request) -> Request:
@@ -565,81 +522,71 @@ class Pipeline:
         return req
 
     def _checked_embeddings(self, req: Request, embeddings: dict) -> dict:
-        """`generate`'s precomputed (cond, uncond) pairs, checked against the request and each model's shapes and
-        moved to the pipeline's device and dtype; a one-line SDXLError for anything that does not fit."""
+        """`generate`'s (cond, uncond) pairs, checked against the request and each model's shapes (one-line
+        SDXLErrors) and moved to the pipeline's device and the UNet's dtype."""
         models = {"base": self.base, "refiner": self.refiner}
         out = {}
         for name, pair in embeddings.items():
             if models.get(name) is None:
                 known = " or ".join(repr(k) for k, m in models.items() if m is not None)
                 raise SDXLError(f"embeddings: {name!r} is not a model of this pipeline; give {known}")
-            unet = models[name].unet.cfg
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Conditioning)
                     and (pair[1] is None or isinstance(pair[1], Conditioning))):
                 raise SDXLError(f"embeddings[{name!r}]: expected the (cond, uncond) pair that Pipeline.conditioning "
                                 "returns")
-            cond, uncond = pair
-            windows = cond.crossattn.shape[1] if cond.crossattn.ndim == 3 else 0
-            want = ((req.batch, windows, unet.context_dim), (req.batch, unet.adm_in_channels))
-            for what, c in (("cond", cond), ("uncond", uncond)):
-                got = None if c is None else (tuple(c.crossattn.shape), tuple(c.vector.shape))
-                if what == "uncond" and c is None and req.cfg == 1.0:
+            unet = models[name].unet
+            tokens = pair[0].crossattn.shape[1] if pair[0].crossattn.ndim == 3 else 0
+            want = ((req.batch, tokens, unet.cfg.context_dim), (req.batch, unet.cfg.adm_in_channels))
+            for what, c in zip(("cond", "uncond"), pair):
+                if c is None and req.cfg == 1.0:  # no guidance: no uncond needed
                     continue
-                if got != want or windows == 0 or windows % 77:
+                got = None if c is None else (tuple(c.crossattn.shape), tuple(c.vector.shape))
+                if got != want or tokens == 0 or tokens % 77:
                     raise SDXLError(f"embeddings[{name!r}]: {what} crossattn and vector are {got}, expected {want} "
                                     f"with 77 * windows tokens for batch {req.batch} (cfg {req.cfg}); pass "
                                     "Pipeline.conditioning(model, request) of this request")
                 if not (torch.isfinite(c.crossattn).all() and torch.isfinite(c.vector).all()):
                     raise SDXLError(f"embeddings[{name!r}]: {what} holds non-finite values (NaN/Inf)")
-            dtype = next(models[name].unet.parameters()).dtype
+            dtype = next(unet.parameters()).dtype
             out[name] = tuple(None if c is None else Conditioning(c.crossattn.to(self.device, dtype),
                                                                   c.vector.to(self.device, dtype)) for c in pair)
         return out
 
     def _conditioning(self, model: SDXLModel, req: Request, embeddings: dict,
                       resized: bool = False) -> tuple[Conditioning, Conditioning | None]:
-        """The given embeddings of this model, else the prompt encoded; `resized` (hires): the vector's
-        micro-conditioning is that of `req`'s size, the pooled text embedding kept."""
+        """The given embeddings of this model, else the prompt encoded; `resized` (hires): the given pooled text
+        embedding with the micro-conditioning of `req`'s size."""
         pair = embeddings.get("base" if model is self.base else "refiner")
         if pair is None:
             return self.conditioning(model, req)
         if not resized:
             return pair
         pooled = model.conditioner.cfg.bigg.proj_dim  # vector = pooled ++ Fourier(micro) (`Conditioner.forward`)
-        micro = [model.conditioner.encode_micro(self.micro(req, negative), req.batch) for negative in (False, True)]
-        return tuple(None if c is None else
-                     Conditioning(c.crossattn, torch.cat([c.vector[:, :pooled], m.to(c.vector)], dim=-1))
-                     for c, m in zip(pair, micro))
-
-    def _latent_shape(self, req: Request) -> tuple[int, int, int]:
-        f = self.latent_factor
-        return self.vae.cfg.embed_dim, req.height // f, req.width // f
+        return tuple(None if c is None else model.conditioner(c.crossattn, c.vector[:, :pooled], self.micro(req, neg))
+                     for c, neg in zip(pair, (False, True)))
 
     def _initial(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
         """The first stage's input: scaled noise, or a saved latent or the init image noised to its first sigma."""
-        shape = self._latent_shape(req)
+        shape = (self.vae.cfg.embed_dim, req.height // self.latent_factor, req.width // self.latent_factor)
         if req.init_latent is not None:
             known = req.init_latent.float().to(self.device)
             if known.shape[1:] != shape:
                 raise SDXLError(f"the saved latent is {tuple(known.shape)}, expected (N, {', '.join(map(str, shape))})")
             known = known.expand(req.batch, -1, -1, -1) if known.shape[0] == 1 else known
-            return _Start(known + noise.randn(shape, self.device) * first.sigmas[0])
+            return _Start(self._noised(known, first.sigmas[0], noise))
         if req.init_image is not None:
-            return self._from_image(req, first, noise)
+            return self._from_image(req, first, noise, shape)
         return _Start(noise.randn(shape, self.device) * self._init_scale(req, first.sigmas))
 
-    def _from_image(self, req: Request, first: Stage, noise: GeneratorNoise) -> _Start:
-        """img2img and inpainting. Draws per image generator, as diffusers: image posterior, initial noise,
-        masked-image posterior."""
-        shape = self._latent_shape(req)
-        image = self._image_tensor(req.init_image, req.width, req.height)
-        mask = None
-        if req.mask is not None:
-            mask = (self._mask_tensor(req.mask, req.init_image.size, req.width, req.height) >= 0.5).float()
+    def _from_image(self, req: Request, first: Stage, noise: GeneratorNoise, shape: tuple[int, int, int]) -> _Start:
+        """img2img and inpainting from latents of `shape`. Draws per image generator, as diffusers: image posterior,
+        initial noise, masked-image posterior."""
+        image = _pixels(req.init_image, "RGB", req.width, req.height).permute(2, 0, 1) * 2 - 1  # (3, H, W) in [-1, 1]
+        mask = None if req.mask is None else (self._mask_tensor(req, req.width, req.height) >= 0.5).float()
         nine = mask is not None and self.base.cfg.unet.in_channels == 9
         full_strength = req.strength >= 1.0
-        batch_of = lambda im: im[None].expand(req.batch, -1, -1, -1)  # noqa: E731
-        known = self.encode_image(batch_of(image), noise) if not (nine and full_strength) else None
+        images = image[None].expand(req.batch, -1, -1, -1)
+        known = self.encode_image(images, noise) if not (nine and full_strength) else None
         first_noise = noise.randn(shape, self.device)
         x = (first_noise * self._init_scale(req, first.sigmas) if full_strength
              else known + first_noise * first.sigmas[0])
@@ -647,9 +594,13 @@ class Pipeline:
             return _Start(x)
         m = F.interpolate(mask, size=shape[1:]).to(self.device)  # nearest, (1, 1, h, w)
         if nine:  # the inpainting UNet sees mask and masked-image latent as input channels
-            masked = self.encode_image(batch_of(image * (mask[0] < 0.5)), noise)
+            masked = self.encode_image(images * (mask < 0.5), noise)
             return _Start(x, extra=torch.cat([m.expand(req.batch, -1, -1, -1), masked], dim=1))
         return _Start(x, blend=(1 - m, known, first_noise), skip_first_blend=full_strength)  # latent blending
+
+    def _noised(self, x: torch.Tensor, sigma: torch.Tensor, noise: GeneratorNoise) -> torch.Tensor:
+        """x plus each image's next noise draw at `sigma` (img2img, SDEdit, hires)."""
+        return x + noise.randn(tuple(x.shape[1:]), self.device) * sigma
 
     def _init_scale(self, req: Request, sigmas: torch.Tensor) -> float:
         """Initial noise scale sqrt(sigma_0^2 + 1): sgm's EDMSampler, ComfyUI (max_denoise) and diffusers' `leading`
@@ -659,63 +610,60 @@ class Pipeline:
 
     def _run_stage(self, req: Request, stage: Stage, x: torch.Tensor, start: _Start, noise: GeneratorNoise,
                    callback, embeddings: dict) -> torch.Tensor:
-        """A base or refiner stage; refiner SDEdit first re-noises the previous result to its first sigma."""
-        if stage.name == "refiner-sdedit" and stage.start == "previous":
-            x = x + noise.randn(tuple(x.shape[1:]), self.device) * stage.sigmas[0]
+        """One stage from the previous result `x`; hires first upscales it, hires and a refiner SDEdit re-noise it to
+        their first sigma. Inpainting's blend applies to base and refiner, its extra channels to the base."""
+        hires, on_base = stage.name == "hires", stage.name == "base"
+        if hires:
+            req, x = self._upscaled(req, x, noise)
+        if hires or stage.name == "refiner-sdedit" and stage.start == "previous":
+            x = self._noised(x, stage.sigmas[0], noise)
         if stage.steps == 0:
             return x
         model = self.base if stage.model == "base" else self.refiner
-        on_base = stage.name == "base"
-        return self._sample(model, self._conditioning(model, req, embeddings), req, x, stage.sigmas, noise, callback,
-                            start.extra if on_base else None, start.blend, start.skip_first_blend and on_base)
+        cond, uncond = self._conditioning(model, req, embeddings, resized=hires)
+        prediction, ztsnr = self._sampling(req, model)
+        table = schedules.discrete_sigmas(zero_terminal_snr=ztsnr)
+        denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
+                                  self._guidance_sigmas(req, table), extra=start.extra if on_base else None,
+                                  blend=None if hires else start.blend,
+                                  skip_first_blend=on_base and start.skip_first_blend, prediction=prediction,
+                                  sigmas_train=table, cache=DeepCache(self.fast) if self.fast > 1 else None)
+        eta = {names.noise_parameter(req.sampler): req.eta} if req.eta is not None else {}
+        with torch.no_grad():
+            x = SAMPLERS[req.sampler](denoiser, x, stage.sigmas.to(x.device), callback=callback,
+                                      noise_sampler=noise.sampler(x), **eta)
+        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it
+            raise self._sampling_error(model)
+        return x
 
-    def _hires(self, req: Request, stage: Stage, x: torch.Tensor, noise: GeneratorNoise, callback,
-               embeddings: dict) -> torch.Tensor:
-        """A1111's hires fix: upscale (latent or pixels) then img2img at the larger size."""
-        w, h = (int(round(v * req.hires_scale / 8)) * 8 for v in (req.width, req.height))
+    def _upscaled(self, req: Request, x: torch.Tensor, noise: GeneratorNoise) -> tuple[Request, torch.Tensor]:
+        """A1111's hires fix: the request at the larger size (img2img at hires_strength), x upscaled to it."""
+        w, h = req.hires_size
         big = replace(req, width=w, height=h, strength=req.hires_strength, hires_scale=None, init_image=None,
                       mask=None, init_latent=None, refiner_switch=None, refiner_strength=None,
                       steps=req.hires_steps or req.steps)
         if req.hires_upscale == "pixel":
             up = F.interpolate(self.decode(x), size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-            known = self.encode_image(up * 2 - 1, noise)
-        else:
-            known = F.interpolate(x, size=(h // self.latent_factor, w // self.latent_factor), mode="bicubic",
-                                  align_corners=False)
-        x = known + noise.randn(tuple(known.shape[1:]), self.device) * stage.sigmas[0]
-        if not stage.steps:
-            return x
-        return self._sample(self.base, self._conditioning(self.base, big, embeddings, resized=True), big, x,
-                            stage.sigmas, noise, callback)
+            return big, self.encode_image(up * 2 - 1, noise)
+        f = self.latent_factor
+        return big, F.interpolate(x, size=(h // f, w // f), mode="bicubic", align_corners=False)
 
-    def _sample(self, model: SDXLModel, conditioning: tuple[Conditioning, Conditioning | None], req: Request,
-                x: torch.Tensor, sigmas: torch.Tensor, noise: GeneratorNoise, callback=None, extra=None, blend=None,
-                skip_first_blend=False) -> torch.Tensor:
-        cond, uncond = conditioning
-        table, prediction = self.training_sigmas(req, model), self._sampling(req, model)[0]
-        denoiser = GuidedDenoiser(model.unet, cond, uncond, req.cfg, req.guidance_rescale,
-                                  self._guidance_sigmas(req, table), extra, blend, skip_first_blend, prediction, table,
-                                  DeepCache(self.fast) if self.fast > 1 else None)
-        fn = samplers_.SAMPLERS[req.sampler]
-        eta = {names.noise_parameter(req.sampler): req.eta} if req.eta is not None else {}
-        with torch.no_grad():
-            x = fn(denoiser, x, sigmas.to(x.device), callback=callback, noise_sampler=noise.sampler(x), **eta)
-        if not torch.isfinite(x).all():  # before a later stage or the VAE runs on it; LoRAs on it named as the cause
-            from sdxl.adapters.apply import non_finite_cause
+    def _sampling_error(self, model: SDXLModel) -> SDXLError:
+        """Why sampling gave NaN/Inf: a damaged UNet weight, the LoRAs on it, else the dtype (`non_finite_error`)."""
+        from sdxl.adapters.apply import non_finite_cause
 
-            if self.dtype != torch.float32 and (bad := next(  # not an overflow of the dtype: the file's fault
-                    (n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None)):
-                raise SDXLError(f"sampling gave non-finite values (NaN/Inf): the UNet's weight {bad} holds NaN/Inf; "
-                                "the checkpoint (or --unet) file is damaged: re-download or re-save it")
-            raise non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
-        return x
+        if self.dtype != torch.float32 and (bad := next(  # not an overflow of the dtype: the file's fault
+                (n for n, p in model.unet.named_parameters() if not bool(torch.isfinite(p).all())), None)):
+            return SDXLError(f"sampling gave non-finite values (NaN/Inf): the UNet's weight {bad} holds NaN/Inf; "
+                             "the checkpoint (or --unet) file is damaged: re-download or re-save it")
+        return non_finite_cause(model, "sampling") or non_finite_error("sampling", self.dtype)
 
     @staticmethod
     def _guidance_sigmas(req: Request, table: torch.Tensor) -> tuple[float, float]:
         """Guidance interval (lo, hi) as fractions of the steps -> (exclusive low, inclusive high) sigma bounds."""
         full = schedules.get_sigmas(req.schedule, req.steps, table).double()
-        lo, hi = req.guidance_interval
-        return float(full[min(req.steps, math.ceil(hi * req.steps))]), float(full[min(req.steps, math.ceil(lo * req.steps))])
+        lo, hi = (float(full[min(req.steps, math.ceil(f * req.steps))]) for f in req.guidance_interval)
+        return hi, lo  # sigmas fall as steps pass
 
     @staticmethod
     def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

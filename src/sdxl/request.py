@@ -1,7 +1,7 @@
 """A generation request: every setting that determines an image, and the one set of rules that checks it.
 
-Whatever the source (CLI flags, a PNG's recipe, an HTTP request), settings become one immutable `Request`
-and `Request.validate` runs once, before anything big is loaded.
+Whatever the source (CLI flags, a PNG's recipe, an HTTP request), settings become one immutable `Request`;
+`Request.validate` runs once, before anything big is loaded.
 """
 
 from __future__ import annotations
@@ -86,10 +86,8 @@ class Request:
 
     @classmethod
     def fields_from_dict(cls, d, source: str) -> dict:
-        """Settings from a JSON-like dict (CLI flags, a PNG recipe, an HTTP body) -> typed keyword arguments.
-
-        Each value is checked against its field's annotation (lists become tuples); errors name the field.
-        """
+        """Settings from a JSON-like dict (CLI flags, a PNG recipe, an HTTP body) -> typed keyword arguments, each
+        checked against its field's annotation (lists become tuples); errors name the field."""
         if not isinstance(d, Mapping):
             raise SDXLError(f"{source}: expected an object of settings, got {type(d).__name__}")
         known = {f.name: f.type for f in fields(cls)}
@@ -107,7 +105,7 @@ class Request:
     def from_dict(cls, d, source: str) -> "Request":
         """A Request from settings (see `fields_from_dict`); no seed or seed -1 means a random seed, as A1111."""
         kw = cls.fields_from_dict(d, source)
-        if "prompt" not in kw or kw["prompt"] is None:
+        if kw.get("prompt") is None:
             raise SDXLError(f"{source}: no prompt")
         if kw.get("seed", RANDOM_SEED) == RANDOM_SEED:
             kw["seed"] = secrets.randbelow(2**32)
@@ -116,6 +114,11 @@ class Request:
     def prompt_of(self, index: int) -> str:
         """The prompt of image `index` of the batch (a tuple gives one per image)."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[index]
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """(width, height) after the hires fix: each side times `hires_scale`, rounded to a multiple of 8."""
+        return tuple(int(round(v * self.hires_scale / 8)) * 8 for v in (self.width, self.height))
 
     def validate(self, has_refiner: bool) -> None:
         """The value rules, for every source; raises SDXLError naming the setting and its allowed range."""
@@ -129,30 +132,28 @@ class Request:
 def _typed(name: str, value, annotation: str, source: str):
     """`value` checked against a field annotation such as "int", "float | None", "tuple[int, int] | None",
     "str | tuple[str, ...]"; lists become tuples. The first alternative that fits wins."""
-    kinds = [k for k in annotation.split(" | ") if k != "None"]
-    if value is None and len(kinds) < annotation.count("|") + 1:
+    alternatives = annotation.split(" | ")
+    if value is None and "None" in alternatives:
         return None
+    kinds = [k for k in alternatives if k != "None"]  # fields that are no settings are refused before (NOT_SETTINGS)
     for kind in kinds:
         try:
             return _as(value, kind)
         except (TypeError, ValueError):
             continue
-    if not all(k in _SCALARS or k.startswith("tuple[") for k in kinds):
-        raise SDXLError(f"{source}: {name} cannot be given as a setting")
     raise SDXLError(f"{source}: {name} must be {' or '.join(map(_words, kinds))}, got {value!r:.60}")
 
 
 def _as(value, kind: str):
     """`value` as `kind` ("int", "float", "str", "tuple[int, int]", "tuple[str, ...]"); TypeError if it is not one."""
     if kind.startswith("tuple["):
-        parts = [p.strip() for p in kind[6:-1].split(",")]
-        if parts[-1] == "...":
-            parts = parts[:1] * len(value) if isinstance(value, (list, tuple)) else []
+        parts = _parts(kind)
+        if isinstance(value, (list, tuple)) and parts[-1] == "...":
+            parts = parts[:1] * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(parts) or not parts:
             raise TypeError(kind)
-        return tuple(_as(v, p) for v, p in zip(value, parts))
-    types = _SCALARS[kind][0] if kind in _SCALARS else ()
-    if isinstance(value, bool) != (kind == "bool") or not isinstance(value, types):
+        return tuple(map(_as, value, parts))
+    if isinstance(value, bool) != (kind == "bool") or not isinstance(value, _SCALARS[kind][0]):
         raise TypeError(kind)
     return float(value) if kind == "float" else value
 
@@ -160,14 +161,25 @@ def _as(value, kind: str):
 def _words(kind: str) -> str:
     """"tuple[int, int]" -> "a list of 2 integers"; "int" -> "an integer"."""
     if not kind.startswith("tuple["):
-        return _SCALARS[kind][1] if kind in _SCALARS else kind
-    parts = [p.strip() for p in kind[6:-1].split(",")]
+        return _SCALARS[kind][1]
+    parts = _parts(kind)
     noun = _SCALARS[parts[0]][1].split()[-1] + "s"
     return f"a list of {noun}" if parts[-1] == "..." else f"a list of {len(parts)} {noun}"
 
 
+def _parts(kind: str) -> list[str]:
+    """"tuple[int, int]" -> ["int", "int"]; "tuple[str, ...]" -> ["str", "..."]."""
+    return [p.strip() for p in kind[6:-1].split(",")]
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_range(r: Request, name: str, lo: float, hi: float, allowed: str, hint: str = "") -> None:
+    """Setting `name`, where set, in lo..hi; the error writes the range as `allowed`."""
+    if (v := getattr(r, name)) is not None and not lo <= v <= hi:
+        raise SDXLError(f"{_flag(name)} must be in {allowed}, got {v}{hint}")
 
 
 def _check_finite(r: Request) -> None:
@@ -187,8 +199,8 @@ def _check_sizes(r: Request) -> None:
     if r.hires_scale is not None:
         if not 1.0 <= r.hires_scale <= MAX_SIDE / 8:
             raise SDXLError(f"hires-scale must be at least 1 (e.g. 1.5 or 2), got {r.hires_scale}")
-        big = [int(round(v * r.hires_scale / 8)) * 8 for v in (r.width, r.height)]
-        if big == [r.width, r.height]:
+        big = r.hires_size
+        if big == (r.width, r.height):
             raise SDXLError(f"hires-scale {r.hires_scale} leaves {r.width}x{r.height} unchanged (sizes are multiples "
                             "of 8); give a larger --hires-scale, e.g. 1.5")
         if max(big) > MAX_SIDE:
@@ -209,40 +221,30 @@ def _check_counts(r: Request) -> None:
     if r.schedule not in schedules.SCHEDULES:
         raise SDXLError(f"unknown scheduler {r.schedule!r}; choose one of: {names.schedule_help()}")
     for name in ("steps", "refiner_steps", "hires_steps"):
-        n = getattr(r, name)
-        if n is not None and not 1 <= n <= MAX_STEPS:
-            raise SDXLError(f"{_flag(name)} must be in 1..{MAX_STEPS}, got {n}")
-        if n is not None:
+        _check_range(r, name, 1, MAX_STEPS, f"1..{MAX_STEPS}")
+        if (n := getattr(r, name)) is not None:
             try:
                 schedules.get_sigmas(r.schedule, n)
             except ValueError as e:
                 raise SDXLError(f"{_flag(name)} {n}: {e}") from None
-    if not 1 <= r.batch <= MAX_BATCH:
-        raise SDXLError(f"batch must be in 1..{MAX_BATCH}, got {r.batch}; for more images run again or use --prompts")
-    if not 0 <= r.seed <= MAX_SEED:
-        raise SDXLError(f"seed must be in 0..2**64-1 ({RANDOM_SEED}: random), got {r.seed}")
+    _check_range(r, "batch", 1, MAX_BATCH, f"1..{MAX_BATCH}", "; for more images run again or use --prompts")
+    _check_range(r, "seed", 0, MAX_SEED, f"0..2**64-1 ({RANDOM_SEED}: random)")
     if r.seed > MAX_SEED - (r.batch - 1):
         raise SDXLError(f"seed {r.seed} with batch {r.batch}: image i of a batch uses seed + i, which passes 2**64-1; "
                         f"give a seed of at most {MAX_SEED - (r.batch - 1)}")
     if r.eta is not None and names.noise_parameter(r.sampler) is None:
         noisy = ", ".join(s for s in names.A1111_SAMPLERS if names.noise_parameter(s))
         raise SDXLError(f"eta applies to samplers that add noise ({noisy}), not {r.sampler}; drop --eta")
-    if r.eta is not None and not 0.0 <= r.eta <= 1.0:
-        raise SDXLError(f"eta must be in [0, 1] (0: no fresh noise), got {r.eta}")
-    if not 0.0 <= r.cfg <= MAX_CFG:
-        raise SDXLError(f"cfg must be in 0..{MAX_CFG:g} (1 turns guidance off), got {r.cfg}")
-    if not 0 <= r.mask_blur <= MAX_MASK_BLUR:
-        raise SDXLError(f"mask-blur must be in 0..{MAX_MASK_BLUR} pixels, got {r.mask_blur}")
+    _check_range(r, "eta", 0.0, 1.0, "[0, 1] (0: no fresh noise)")
+    _check_range(r, "cfg", 0.0, MAX_CFG, f"0..{MAX_CFG:g} (1 turns guidance off)")
+    _check_range(r, "mask_blur", 0, MAX_MASK_BLUR, f"0..{MAX_MASK_BLUR} pixels")
     for name in ("aesthetic_score", "negative_aesthetic_score"):  # the refiner's range (LAION aesthetics, 0..10)
-        if not 0.0 <= getattr(r, name) <= 10.0:
-            raise SDXLError(f"{_flag(name)} must be in 0..10, got {getattr(r, name)}")
+        _check_range(r, name, 0.0, 10.0, "0..10")
 
 
 def _check_fractions(r: Request) -> None:
     for name in ("strength", "hires_strength", "refiner_switch", "refiner_strength", "guidance_rescale"):
-        v = getattr(r, name)
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise SDXLError(f"{_flag(name)} must be in [0, 1], got {v}")
+        _check_range(r, name, 0.0, 1.0, "[0, 1]")
     lo, hi = r.guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise SDXLError(f"guidance-interval must be START END with 0 <= START <= END <= 1, got {lo:g} {hi:g}")
