@@ -399,8 +399,12 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
     index = _read_json(folder / "model_index.json")
     present = lambda sub: index.get(sub) not in (None, [None, None])  # noqa: E731
     conf = lambda sub, convert: _component_config(folder / sub / "config.json", convert)  # noqa: E731
-    unet_cfg = conf("unet", unet_config_from_diffusers) if "unet" in components and present("unet") else None
-    cond_cfg = None
+    read = lambda sub: _weights(folder / sub, sub, variant, meta)  # noqa: E731
+    weights = {}  # each component's, read after its config.json: a folder's faults are reported in this order
+    unet_cfg = cond_cfg = vae_cfg = None
+    if "unet" in components and present("unet"):
+        unet_cfg = conf("unet", unet_config_from_diffusers)
+        weights["unet"] = read("unet")
     if "conditioner" in components and present("text_encoder_2"):
         bigg = conf("text_encoder_2", text_config_from_diffusers)
         clip_l = conf("text_encoder", text_config_from_diffusers) if present("text_encoder") else None
@@ -408,16 +412,21 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
             cond_cfg = conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{folder}: text encoders and UNet do not fit together ({e})") from None
-    vae_cfg = conf("vae", vae_config_from_diffusers) if "vae" in components and present("vae") else None
-    if not (unet_cfg or cond_cfg or vae_cfg):
+        if clip_l:
+            weights["text_encoder"] = read("text_encoder")
+        weights["text_encoder_2"] = read("text_encoder_2")
+    if "vae" in components and present("vae"):
+        vae_cfg = conf("vae", vae_config_from_diffusers)
+        weights["vae"] = read("vae")
+    if not weights:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
     cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg, **sampling_settings(folder))
     try:
         expected_shapes(cfg)  # builds it (on meta)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
         raise CheckpointError(f"{folder}: its config.json files describe no SDXL-family model ({type(e).__name__}: {e})") from None
-    return cfg, [_Part(sub, prefix, _DIFFUSERS[sub].table(c), _weights(folder / sub, sub, variant, meta),
-                       TEXT_IGNORE if sub.startswith("text") else ()) for sub, prefix, c in _layout(cfg)]
+    return cfg, [_Part(sub, prefix, _DIFFUSERS[sub].table(c), weights[sub], TEXT_IGNORE if sub.startswith("text") else ())
+                 for sub, prefix, c in _layout(cfg)]
 
 
 def _weights(folder: Path, sub: str, variant: str | None, meta: bool) -> Mapping[str, torch.Tensor]:
