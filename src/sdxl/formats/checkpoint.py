@@ -69,23 +69,6 @@ def markers_of(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(0) for k in keys}
 
 
-class ShardedFiles(Mapping):
-    """Several safetensors files seen as one mapping (diffusers' `*.safetensors.index.json` shards)."""
-
-    def __init__(self, files: list[SafetensorsFile]):
-        self.where = {k: f for f in files for k in f}
-        self.infos = {k: f.infos[k] for k, f in self.where.items()}
-
-    def __len__(self):
-        return len(self.where)
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __getitem__(self, key):
-        return self.where[key][key]
-
-
 # --- single-file checkpoints ------------------------------------------------------------------
 
 def _sub(shapes: Mapping, prefix: str) -> dict:
@@ -271,7 +254,8 @@ def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, m
 # --- diffusers folders ------------------------------------------------------------------------
 
 def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, torch.Tensor]:
-    """The safetensors weights of one diffusers component: plain or `.fp16` variant, single or sharded."""
+    """The safetensors weights of one diffusers component: plain or `.fp16` variant, single or sharded (memory-mapped
+    views: nothing is read until used)."""
     variants = [variant] if variant else [None, "fp16"]
     for var in variants:
         name = f"{stem}.{var}" if var else stem
@@ -282,7 +266,7 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
             shards = _read_json(index).get("weight_map")
             if not isinstance(shards, dict) or not all(isinstance(s, str) and "/" not in s for s in shards.values()):
                 raise CheckpointError(f"{index}: corrupt shard index (weight_map is not an object of file names)")
-            return ShardedFiles([SafetensorsFile(folder / s) for s in sorted(set(shards.values()))])
+            return {k: f[k] for f in map(SafetensorsFile, sorted({folder / s for s in shards.values()})) for k in f}
     pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights ({first_few(pickles)}); pickles can run arbitrary code and are "
@@ -433,7 +417,7 @@ def _weights(folder: Path, sub: str, variant: str | None, meta: bool) -> Mapping
     """A diffusers component's weights, named as `_DIFFUSERS[sub].table` expects; `meta`: stand-ins (headers only)."""
     w = _open_weights(folder, _DIFFUSERS[sub].stem, variant)
     if meta:
-        w = {k: torch.empty(i.shape, dtype=DTYPES[i.dtype], device="meta") for k, i in w.infos.items()}
+        w = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in w.items()}
     if sub == "vae":
         return _legacy_vae_names(w)
     if sub == "text_encoder" and not any(k.startswith("text_model.") for k in w):
