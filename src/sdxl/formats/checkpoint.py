@@ -305,8 +305,7 @@ def _component_config(path: Path, convert):
     except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e})") from None
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        top = 1000 if f.name in _COUNTS else 1 << 20
+        v, top = getattr(cfg, f.name), 1000 if f.name in _COUNTS else 1 << 20
         if isinstance(v, str) or v is None:
             continue
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= top

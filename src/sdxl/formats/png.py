@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
 from sdxl.formats.files import candidates, write_file
 from sdxl.request import NOT_SETTINGS, Request
@@ -47,18 +49,13 @@ def file_hash(path: str | os.PathLike, tensors_only: bool = False) -> str:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
             if tensors_only:  # after the 8-byte header length and the JSON header
                 f.seek(8 + int.from_bytes(f.read(8), "little"))
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
-        try:
+            cache[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        with contextlib.suppress(OSError):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(cache))
-        except OSError:
-            pass
     _HASHES[key] = cache[key]
     return cache[key]
 
@@ -76,16 +73,12 @@ PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the def
 def portable(path: str) -> str:
     """A model path as a recipe records it: absolute (a replay from another working directory finds it), or
     `sdxl:NAME` for a file shipped in the package."""
-    from sdxl.default_model import ASSETS
-
     p = Path(path)
     return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else os.path.abspath(path)
 
 
 def local_path(entry: str) -> str:
     """A recipe's model entry -> a path on this machine (`sdxl:NAME`: the package's own file)."""
-    from sdxl.default_model import ASSETS
-
     return str(ASSETS / entry[len(PACKAGED):]) if entry.startswith(PACKAGED) else entry
 
 
