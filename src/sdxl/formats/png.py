@@ -14,20 +14,13 @@ from PIL import Image, PngImagePlugin
 
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.formats.files import candidates, write_file
+from sdxl.formats.files import write_file
 from sdxl.request import NOT_SETTINGS, Request
 from sdxl.sampling.names import to_a1111
 
 RECIPE_KEY = "sdxl-recipe"
 DTYPES = ("fp32", "bf16", "fp16")
 MODEL_KEY = re.compile(r"model|refiner|vae|unet|lora\d+")
-
-
-def next_free(path: str | os.PathLike) -> Path:
-    """The name `write_file(path, ..., mode="free")` would take now: `path`, else stem-1.png, stem-2.png, ...
-
-    Only a preview: another process may take it before it is written; writers use write_file."""
-    return next(c for c in candidates(path) if not c.exists())
 
 
 _HASHES: dict[str, str] = {}  # "path|size|mtime" -> sha256, for this process
@@ -136,7 +129,7 @@ def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | 
     """The JSON recipe of a request: every setting (not images/tensors; the prompt with its <lora:> tags), the model
     files (`lora_entry`) and their hashes, the LoRA folder with its tags' files' hashes (`lora_hash`), and the saved
     latent it started from (file, index, hash), if any."""
-    d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
+    d = {f.name: getattr(req, f.name) for f in fields(req) if f.name not in NOT_SETTINGS}
     d["models"] = {k: lora_entry(v, lora_dir) if k.startswith("lora") else portable(v) for k, v in models.items() if v}
     d["hashes"] = {k: file_hash(p)[:10] for k, p in model_files(models).items()}
     tagged = {u.name: lora_hash(u.path) for u in loras if u.tag}
@@ -150,11 +143,6 @@ def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | 
     if images:
         d["inputs"] = images
     return d
-
-
-def request_dict(req) -> dict:
-    """A Request's fields, shallow (images and tensors stay objects)."""
-    return {f.name: getattr(req, f.name) for f in fields(req)}
 
 
 def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=(),
