@@ -319,8 +319,9 @@ def _component_config(path: Path, convert):
 _UNET_JSON = {"in_channels": ("in_channels", 4), "out_channels": ("out_channels", 4),
               "num_res_blocks": ("layers_per_block", 2), "context_dim": ("cross_attention_dim", None),
               "adm_in_channels": ("projection_class_embeddings_input_dim", None)}
-_VAE_JSON = {"in_channels": ("in_channels", 3), "out_ch": ("out_channels", 3), "num_res_blocks": ("layers_per_block", 2),
-             "z_channels": ("latent_channels", 4), "scaling_factor": ("scaling_factor", 0.13025)}
+_VAE_JSON = {"in_channels": ("in_channels", 3), "out_ch": ("out_channels", 3),
+             "num_res_blocks": ("layers_per_block", 2), "z_channels": ("latent_channels", 4),
+             "scaling_factor": ("scaling_factor", 0.13025)}
 _TEXT_JSON = {"vocab_size": ("vocab_size", 49408), "max_length": ("max_position_embeddings", 77),
               "width": ("hidden_size", None), "layers": ("num_hidden_layers", None), "act": ("hidden_act", None)}
 
@@ -408,8 +409,8 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         expected_shapes(cfg)  # builds it (on meta)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
         raise CheckpointError(f"{folder}: its config.json files describe no SDXL-family model ({type(e).__name__}: {e})") from None
-    return cfg, [_Part(sub, prefix, _DIFFUSERS[sub].table(c), weights[sub], TEXT_IGNORE if sub.startswith("text") else ())
-                 for sub, prefix, c in _layout(cfg)]
+    return cfg, [_Part(sub, prefix, _DIFFUSERS[sub].table(c), weights[sub],
+                       TEXT_IGNORE if sub.startswith("text") else ()) for sub, prefix, c in _layout(cfg)]
 
 
 def _weights(folder: Path, sub: str, variant: str | None, meta: bool) -> Mapping[str, torch.Tensor]:

@@ -156,6 +156,7 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
     sampler, schedule = to_a1111(req.sampler, req.schedule)
     model, unet, refiner, run = models.get("model"), models.get("unet"), models.get("refiner"), run or {}
     hash_of = lambda path: file_hash(path)[:10] if Path(path).is_file() else None  # noqa: E731
+    # the pairs in infotext order; one whose value is None is left out
     pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg,
              "Seed": req.seed + index, "Size": f"{req.width}x{req.height}",
              "Model hash": hash_of(model) if model else None, "Model": Path(model).stem if model else None,
@@ -174,7 +175,8 @@ def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddi
                   "Hires steps": req.hires_steps or req.steps, "Denoising strength": req.hires_strength}
     size = (req.height, req.width)
     pairs |= {"Original size": "x".join(map(str, reversed(req.original_size or size))),
-              "Crop": f"{req.crop[0]},{req.crop[1]}", "Target size": "x".join(map(str, reversed(req.target_size or size))),
+              "Crop": f"{req.crop[0]},{req.crop[1]}",
+              "Target size": "x".join(map(str, reversed(req.target_size or size))),
               "Batch size": req.batch if req.batch > 1 else None, "Batch pos": index if req.batch > 1 else None}
     if loras:
         pairs["Lora hashes"] = ", ".join(f"{tag_name(u.name)}: {lora_hash(u.path)}" for u in loras)
