@@ -14,9 +14,10 @@ import functools
 import json
 import math
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from sdxl.formats.convert import Entry, check, to_ours, to_theirs, unet_table
 from sdxl.formats.convert import IGNORE as TEXT_IGNORE
 from sdxl.formats.convert import bigg_table, clip_l_table, vae_table
 from sdxl.errors import CheckpointError, first_few
-from sdxl.formats.files import DTYPES, SafetensorsFile, TensorInfo, write_json, write_tensors  # noqa: F401 (re-exported)
+from sdxl.formats.files import DTYPES, SafetensorsFile, write_json, write_tensors  # noqa: F401 (re-exported)
 from sdxl.models.model import PREFIXES, ModelConfig, SDXLModel
 
 # Tolerated and ignored: an int buffer some released files carry (docs/formats.md §1).
@@ -68,26 +69,6 @@ def markers_of(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(0) for k in keys}
 
 
-class ShardedFiles(Mapping):
-    """Several safetensors files seen as one mapping (diffusers' `*.safetensors.index.json` shards)."""
-
-    def __init__(self, files: list[SafetensorsFile]):
-        self.files = files
-        self.where = {k: f for f in files for k in f}
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: f.infos[k].shape for k, f in self.where.items()}
-
-    def __len__(self):
-        return len(self.where)
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __getitem__(self, key):
-        return self.where[key][key]
-
-
 # --- single-file checkpoints ------------------------------------------------------------------
 
 def _sub(shapes: Mapping, prefix: str) -> dict:
@@ -97,15 +78,13 @@ def _sub(shapes: Mapping, prefix: str) -> dict:
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ModelConfig:
     """Detect the architecture of a single-file checkpoint from its tensor names and shapes alone."""
     u, c, v = (_sub(shapes, PREFIXES[k]) for k in ("unet", "conditioner", "vae"))
+    if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
+        raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
     if not (u or c or v):
-        if any(k.startswith("cond_stage_model.") for k in shapes):
-            raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
         if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in shapes):
             raise CheckpointError(f"{name}: one component of a diffusers folder; pass the folder that holds model_index.json")
         raise CheckpointError(f"{name}: unknown architecture: no key starts with model.diffusion_model., conditioner. or "
                               f"first_stage_model. (keys: {first_few(shapes)})")
-    if any(k.startswith("cond_stage_model.") for k in shapes) and not c:
-        raise CheckpointError(f"{name}: a Stable Diffusion 1.x/2.x checkpoint (cond_stage_model.*), not SDXL")
     first = tuple(u.get("input_blocks.0.0.weight", (0, 0, 3, 3)))
     if len(first) != 4 or first[2:] != (3, 3):
         raise CheckpointError(f"{name}: {PREFIXES['unet']}input_blocks.0.0.weight has shape {first}, but the UNet's first "
@@ -123,12 +102,9 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "check
 
 def _conditioner_config(c: dict, unet_cfg) -> conditioning.ConditionerConfig:
     """Base: embedders.0 = CLIP-L (HF names), embedders.1 = bigG; refiner: embedders.0 = bigG (open_clip names)."""
-    if any(k.startswith("embedders.0.transformer.") for k in c):
-        clip_l = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "clip")
-        bigg = text_encoders.config_from_shapes(_sub(c, "embedders.1."), "openclip")
-    else:
-        clip_l = None
-        bigg = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "openclip")
+    base = any(k.startswith("embedders.0.transformer.") for k in c)
+    clip_l = text_encoders.config_from_shapes(_sub(c, "embedders.0."), "clip") if base else None
+    bigg = text_encoders.config_from_shapes(_sub(c, f"embedders.{int(base)}."), "openclip")
     return conditioning.conditioner_config(clip_l, bigg, unet_cfg and unet_cfg.adm_in_channels)
 
 
@@ -161,8 +137,16 @@ def compare_keys(expected: Mapping, found: Mapping) -> tuple[list[str], list[str
     """(missing, unexpected, wrong shape) keys of `found` against `expected` shapes."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)]
-    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected
+             if k in found and tuple(found[k]) != tuple(expected[k])]
     return missing, unexpected, wrong
+
+
+def _check_keys(name: str, expected: Mapping, found: Mapping) -> None:
+    """Raise CheckpointError.keys, listing them, where `compare_keys` finds any."""
+    missing, unexpected, wrong = compare_keys(expected, found)
+    if missing or unexpected or wrong:
+        raise CheckpointError.keys(name, missing, unexpected, wrong)
 
 
 _SKIPPING = threading.local()  # skip_init's flag: per thread
@@ -178,10 +162,8 @@ def _skippable(original):
 
 @contextlib.contextmanager
 def skip_init():
-    """torch.nn.init's fill functions as no-ops while a model is built on meta in this thread: nothing to fill, and
-    (measured) they cost ~0.9 s importing torch._dynamo. Only this thread: a model built meanwhile in another one (a
-    server's worker loading while a test or a trainer builds a random model) is initialised as usual; the functions
-    are wrapped once per process and pass every call through outside `skip_init`."""
+    """torch.nn.init's fill functions as no-ops while this thread builds a model on meta (nothing to fill; they cost
+    ~0.9 s importing torch._dynamo, measured). Other threads, and calls outside `skip_init`, initialise as usual."""
     for name in (n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")):
         if not getattr(getattr(nn.init, name), "skippable", False):
             setattr(nn.init, name, _skippable(getattr(nn.init, name)))
@@ -218,10 +200,9 @@ _ROWS_OF = 1 << 18  # elements per step of `convert`: a 1 MiB float32 buffer
 
 def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, dtype, channels_last: bool = False,
                  lazy: tuple[str, ...] = ()) -> SDXLModel:
-    """Build on meta (no init), then make each tensor from the file in one copy (dtype, device and, with
-    `channels_last`, the UNet's and VAE's 4-d weights' memory format at once), in parallel over tensors, each
-    tensor's file pages released once copied; a tensor needing no change stays a view of the file. Keys starting
-    with a `lazy` prefix get placeholders (`placeholder`), to be filled later (sdxl.memory)."""
+    """Build on meta, then make each tensor from the file in one `convert` (dtype, device, with `channels_last` the
+    UNet's and VAE's 4-d weights' memory format), in parallel, releasing its file pages; a tensor needing no change
+    stays a view of the file. Keys starting with a `lazy` prefix get a `placeholder` (filled by sdxl.memory)."""
     with skip_init():
         model = SDXLModel(cfg, device="meta")
     layout = (PREFIXES["unet"], PREFIXES["vae"]) if channels_last else ()
@@ -246,10 +227,6 @@ def _materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device, 
     return model.eval().requires_grad_(False)
 
 
-def _keep(cfg: ModelConfig, components) -> ModelConfig:
-    return dataclasses.replace(cfg, **{n: None for n in ("unet", "conditioner", "vae") if n not in components})
-
-
 def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
                      components=("unet", "conditioner", "vae"), channels_last: bool = False,
                      lazy: tuple[str, ...] = ()) -> SDXLModel:
@@ -258,10 +235,9 @@ def load_single_file(path, device="cpu", dtype: torch.dtype | None = None,
     shapes = {k: v for k, v in f.shapes().items() if k not in MARKERS}
     cfg = dataclasses.replace(config_from_shapes(shapes, str(f.path)), **sampling_of(f.shapes()))
     check_float(str(f.path), f.dtypes())
-    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
-    if missing or unexpected or wrong:
-        raise CheckpointError.keys(str(f.path), missing, unexpected, wrong)
-    return _materialise(_keep(cfg, components), f, device, dtype, channels_last, lazy)
+    _check_keys(str(f.path), expected_shapes(cfg), shapes)
+    cfg = dataclasses.replace(cfg, **{n: None for n in ("unet", "conditioner", "vae") if n not in components})
+    return _materialise(cfg, f, device, dtype, channels_last, lazy)
 
 
 def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
@@ -277,12 +253,9 @@ def save_single_file(model: SDXLModel, path, dtype: torch.dtype | None = None, m
 
 # --- diffusers folders ------------------------------------------------------------------------
 
-_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-            "text_encoder": "model", "text_encoder_2": "model"}
-
-
 def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, torch.Tensor]:
-    """The safetensors weights of one diffusers component: plain or `.fp16` variant, single or sharded."""
+    """The safetensors weights of one diffusers component: plain or `.fp16` variant, single or sharded (memory-mapped
+    views: nothing is read until used)."""
     variants = [variant] if variant else [None, "fp16"]
     for var in variants:
         name = f"{stem}.{var}" if var else stem
@@ -293,7 +266,7 @@ def _open_weights(folder: Path, stem: str, variant: str | None) -> Mapping[str, 
             shards = _read_json(index).get("weight_map")
             if not isinstance(shards, dict) or not all(isinstance(s, str) and "/" not in s for s in shards.values()):
                 raise CheckpointError(f"{index}: corrupt shard index (weight_map is not an object of file names)")
-            return ShardedFiles([SafetensorsFile(folder / s) for s in sorted(set(shards.values()))])
+            return {k: f[k] for f in map(SafetensorsFile, sorted({folder / s for s in shards.values()})) for k in f}
     pickles = [p.name for p in folder.glob(f"{stem}*.bin")] + [p.name for p in folder.glob("*.ckpt")]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights ({first_few(pickles)}); pickles can run arbitrary code and are "
@@ -332,14 +305,33 @@ def _component_config(path: Path, convert):
     except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e})") from None
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        top = 1000 if f.name in _COUNTS else 1 << 20
+        v, top = getattr(cfg, f.name), 1000 if f.name in _COUNTS else 1 << 20
         if isinstance(v, str) or v is None:
             continue
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= top
                    for x in (v if isinstance(v, tuple) else (v,))):
             raise CheckpointError(f"{path}: {f.name} = {v!r} is not a plausible value (0..{top})")
     return cfg
+
+
+# Our config field -> (the diffusers config.json key, its default; None: required): `_from_json` reads them,
+# `_to_json` writes them.
+_UNET_JSON = {"in_channels": ("in_channels", 4), "out_channels": ("out_channels", 4),
+              "num_res_blocks": ("layers_per_block", 2), "context_dim": ("cross_attention_dim", None),
+              "adm_in_channels": ("projection_class_embeddings_input_dim", None)}
+_VAE_JSON = {"in_channels": ("in_channels", 3), "out_ch": ("out_channels", 3),
+             "num_res_blocks": ("layers_per_block", 2), "z_channels": ("latent_channels", 4),
+             "scaling_factor": ("scaling_factor", 0.13025)}
+_TEXT_JSON = {"vocab_size": ("vocab_size", 49408), "max_length": ("max_position_embeddings", 77),
+              "width": ("hidden_size", None), "layers": ("num_hidden_layers", None), "act": ("hidden_act", None)}
+
+
+def _from_json(d: dict, fields: dict) -> dict:
+    return {ours: d[key] if default is None else d.get(key, default) for ours, (key, default) in fields.items()}
+
+
+def _to_json(cfg, fields: dict) -> dict:
+    return {key: getattr(cfg, ours) for ours, (key, _) in fields.items()}
 
 
 def unet_config_from_diffusers(d: dict) -> unet.UNetConfig:
@@ -352,25 +344,20 @@ def unet_config_from_diffusers(d: dict) -> unet.UNetConfig:
     heads = [heads] * len(boc) if isinstance(heads, int) else heads
     if any(h and c // h != 64 for c, h, t in zip(boc, heads, depth) if t):
         raise CheckpointError("diffusers UNet with attention heads other than width / 64: not an SDXL-family UNet")
-    return unet.UNetConfig(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                           model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
-                           num_res_blocks=d.get("layers_per_block", 2), transformer_depth=depth,
-                           transformer_depth_middle=tl[-1], context_dim=d["cross_attention_dim"],
-                           adm_in_channels=d["projection_class_embeddings_input_dim"])
+    return unet.UNetConfig(model_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc), transformer_depth=depth,
+                           transformer_depth_middle=tl[-1], **_from_json(d, _UNET_JSON))
 
 
 def vae_config_from_diffusers(d: dict) -> vae.VAEConfig:
     boc = d["block_out_channels"]
-    return vae.VAEConfig(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
-                         z_channels=d.get("latent_channels", 4), embed_dim=d.get("latent_channels", 4),
-                         in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3),
-                         scaling_factor=d.get("scaling_factor", 0.13025))
+    return vae.VAEConfig(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), embed_dim=d.get("latent_channels", 4),
+                         **_from_json(d, _VAE_JSON))
 
 
 def text_config_from_diffusers(d: dict) -> text_encoders.TextEncoderConfig:
-    return text_encoders.TextEncoderConfig(vocab_size=d.get("vocab_size", 49408), max_length=d.get("max_position_embeddings", 77),
-                                           width=d["hidden_size"], layers=d["num_hidden_layers"], act=d["hidden_act"],
-                                           proj_dim=d.get("projection_dim") if "WithProjection" in str(d.get("architectures")) else None)
+    projected = "WithProjection" in str(d.get("architectures"))
+    return text_encoders.TextEncoderConfig(proj_dim=d.get("projection_dim") if projected else None,
+                                           **_from_json(d, _TEXT_JSON))
 
 
 @dataclass(frozen=True)
@@ -382,23 +369,26 @@ class _Part:
     ignore: tuple[str, ...] = ()
 
 
+def _layout(cfg: ModelConfig) -> list[tuple[str, str, object]]:
+    """(diffusers subfolder, our key prefix, its config) of each component `cfg` has, in diffusers' order."""
+    c = cfg.conditioner
+    text = [("text_encoder", "conditioner.embedders.0.", c.clip_l),
+            ("text_encoder_2", f"conditioner.embedders.{1 if c.clip_l else 0}.", c.bigg)] if c else []
+    parts = [("unet", PREFIXES["unet"], cfg.unet), *text, ("vae", PREFIXES["vae"], cfg.vae)]
+    return [p for p in parts if p[2] is not None]
+
+
 def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) -> tuple[ModelConfig, list[_Part]]:
     """The config and the per-component conversion of a diffusers folder; `meta`: stand-ins built from headers only."""
     index = _read_json(folder / "model_index.json")
     present = lambda sub: index.get(sub) not in (None, [None, None])  # noqa: E731
     conf = lambda sub, convert: _component_config(folder / sub / "config.json", convert)  # noqa: E731
-
-    def weights(sub: str) -> Mapping[str, torch.Tensor]:
-        w = _open_weights(folder / sub, _WEIGHTS[sub], variant)
-        if not meta:
-            return w
-        infos = {k: i for f in (w.files if isinstance(w, ShardedFiles) else [w]) for k, i in f.infos.items()}
-        return {k: torch.empty(i.shape, dtype=DTYPES[i.dtype], device="meta") for k, i in infos.items()}
-
-    parts, unet_cfg, cond_cfg, vae_cfg = [], None, None, None
+    read = lambda sub: _weights(folder / sub, sub, variant, meta)  # noqa: E731
+    weights = {}  # each component's, read after its config.json: a folder's faults are reported in this order
+    unet_cfg = cond_cfg = vae_cfg = None
     if "unet" in components and present("unet"):
         unet_cfg = conf("unet", unet_config_from_diffusers)
-        parts.append(_Part("unet", PREFIXES["unet"], unet_table(unet_cfg), weights("unet")))
+        weights["unet"] = read("unet")
     if "conditioner" in components and present("text_encoder_2"):
         bigg = conf("text_encoder_2", text_config_from_diffusers)
         clip_l = conf("text_encoder", text_config_from_diffusers) if present("text_encoder") else None
@@ -407,23 +397,32 @@ def _diffusers_parts(folder: Path, variant: str | None, components, meta: bool) 
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{folder}: text encoders and UNet do not fit together ({e})") from None
         if clip_l:
-            w = weights("text_encoder")
-            if not any(k.startswith("text_model.") for k in w):  # transformers 5 saves CLIPTextModel without it
-                w = {"text_model." + k: w[k] for k in w}
-            parts.append(_Part("text_encoder", "conditioner.embedders.0.", clip_l_table(clip_l), w, TEXT_IGNORE))
-        parts.append(_Part("text_encoder_2", f"conditioner.embedders.{1 if clip_l else 0}.", bigg_table(bigg),
-                           weights("text_encoder_2"), TEXT_IGNORE))
+            weights["text_encoder"] = read("text_encoder")
+        weights["text_encoder_2"] = read("text_encoder_2")
     if "vae" in components and present("vae"):
         vae_cfg = conf("vae", vae_config_from_diffusers)
-        parts.append(_Part("vae", PREFIXES["vae"], vae_table(vae_cfg), _legacy_vae_names(weights("vae"))))
-    if not parts:
+        weights["vae"] = read("vae")
+    if not weights:
         raise CheckpointError(f"{folder}: model_index.json names none of unet, text_encoder_2, vae")
     cfg = ModelConfig(unet_cfg, cond_cfg, vae_cfg, **sampling_settings(folder))
     try:
         expected_shapes(cfg)  # builds it (on meta)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError, IndexError) as e:
         raise CheckpointError(f"{folder}: its config.json files describe no SDXL-family model ({type(e).__name__}: {e})") from None
-    return cfg, parts
+    return cfg, [_Part(sub, prefix, _DIFFUSERS[sub].table(c), weights[sub],
+                       TEXT_IGNORE if sub.startswith("text") else ()) for sub, prefix, c in _layout(cfg)]
+
+
+def _weights(folder: Path, sub: str, variant: str | None, meta: bool) -> Mapping[str, torch.Tensor]:
+    """A diffusers component's weights, named as `_DIFFUSERS[sub].table` expects; `meta`: stand-ins (headers only)."""
+    w = _open_weights(folder, _DIFFUSERS[sub].stem, variant)
+    if meta:
+        w = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in w.items()}
+    if sub == "vae":
+        return _legacy_vae_names(w)
+    if sub == "text_encoder" and not any(k.startswith("text_model.") for k in w):
+        return {"text_model." + k: w[k] for k in w}  # transformers 5 saves CLIPTextModel without it
+    return w
 
 
 def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
@@ -433,31 +432,19 @@ def load_diffusers(folder, device="cpu", dtype: torch.dtype | None = None, varia
     cfg, parts = _diffusers_parts(folder, variant, components, meta=False)
     ours = {}
     for p in parts:
-        ours |= _prefixed(p.prefix, to_ours(p.table, p.weights, str(folder / p.sub), p.ignore))
+        ours |= {p.prefix + k: t for k, t in to_ours(p.table, p.weights, str(folder / p.sub), p.ignore).items()}
     check_float(str(folder), {k: t.dtype for k, t in ours.items()})
-    missing, unexpected, wrong = compare_keys(expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
-    if missing or unexpected or wrong:
-        raise CheckpointError.keys(str(folder), missing, unexpected, wrong)
+    _check_keys(str(folder), expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
     return _materialise(cfg, ours, device, dtype)
 
 
-def _prefixed(prefix: str, sd: dict) -> dict:
-    return {prefix + k: v for k, v in sd.items()}
-
-
-_LEGACY_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+# Older diffusers VAE files name the mid attention's to_q, to_k, to_v, to_out.0 so.
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY = re.compile(r"\.attentions\.0\.(query|key|value|proj_attn)\.")
 
 
 def _legacy_vae_names(w: Mapping) -> dict:
-    """Older diffusers VAE files name the mid attention query/key/value/proj_attn."""
-    out = {}
-    for k in w:
-        new = k
-        for a, b in _LEGACY_ATTN.items():
-            if ".attentions.0." + a in k:
-                new = k.replace(".attentions.0." + a, ".attentions.0." + b)
-        out[new] = w[k]
-    return out
+    return {_LEGACY.sub(lambda m: f".attentions.0.{_LEGACY_ATTN[m[1]]}.", k): w[k] for k in w}
 
 
 def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -> Path:
@@ -468,37 +455,24 @@ def save_diffusers(model: SDXLModel, folder, dtype: torch.dtype | None = None) -
     if folder.exists() and any(folder.iterdir()):
         raise CheckpointError(f"{folder}: exists and is not empty; choose another folder (nothing was overwritten)")
     cfg, sd = model.cfg, model.state_dict()
-
-    def write(sub: str, table: list[Entry], prefix: str, stem: str, config: dict):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        theirs = to_theirs(table, _sub(sd, prefix))
-        write_tensors(folder / sub / f"{stem}.safetensors",
-                      {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in theirs.items()})
-        write_json(folder / sub / "config.json", config)
-
     index = {"_class_name": "StableDiffusionXLPipeline" if not cfg.is_refiner else "StableDiffusionXLImg2ImgPipeline",
              "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not cfg.is_refiner}
     if cfg.is_refiner:
         index["requires_aesthetics_score"] = True
-    if cfg.unet:
-        write("unet", unet_table(cfg.unet), PREFIXES["unet"], _WEIGHTS["unet"], _unet_diffusers_config(cfg.unet))
-        index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    if cfg.vae:
-        write("vae", vae_table(cfg.vae), PREFIXES["vae"], _WEIGHTS["vae"], _vae_diffusers_config(cfg.vae))
-        index["vae"] = ["diffusers", "AutoencoderKL"]
     if cfg.conditioner:
-        c = cfg.conditioner
-        g = 0
         index["text_encoder"] = index["tokenizer"] = [None, None]
-        if c.clip_l:
-            write("text_encoder", clip_l_table(c.clip_l), "conditioner.embedders.0.", "model", _text_diffusers_config(c.clip_l))
-            _write_tokenizer(folder / "tokenizer", Tokenizer.default(), "<|endoftext|>")
-            index["text_encoder"], index["tokenizer"] = ["transformers", "CLIPTextModel"], ["transformers", "CLIPTokenizer"]
-            g = 1
-        write("text_encoder_2", bigg_table(c.bigg), f"conditioner.embedders.{g}.", "model", _text_diffusers_config(c.bigg))
-        _write_tokenizer(folder / "tokenizer_2", Tokenizer.default(), "!")
-        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+    for sub, prefix, c in _layout(cfg):
+        part = _DIFFUSERS[sub]
+        theirs = to_theirs(part.table(c), _sub(sd, prefix))
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        write_tensors(folder / sub / f"{part.stem}.safetensors",
+                      {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in theirs.items()})
+        write_json(folder / sub / "config.json", part.config(c))
+        index[sub] = list(part.index)
+        if sub.startswith("text_encoder"):  # each text encoder's tokenizer: tokenizer/, tokenizer_2/
+            tokenizer = sub.replace("text_encoder", "tokenizer")
+            _write_tokenizer(folder / tokenizer, Tokenizer.default(), "<|endoftext|>" if sub == "text_encoder" else "!")
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG | {
         "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
@@ -523,32 +497,49 @@ def _unet_diffusers_config(c: unet.UNetConfig) -> dict:
         raise CheckpointError("this UNet's middle depth differs from its last level's: diffusers cannot express it")
     depth = [d or (c.transformer_depth_middle if i == len(boc) - 1 else 1) for i, d in enumerate(c.transformer_depth)]
     return {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0", "sample_size": 128,
-            "in_channels": c.in_channels, "out_channels": c.out_channels, "block_out_channels": boc,
+            **_to_json(c, _UNET_JSON), "block_out_channels": boc,
             "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in c.transformer_depth],
             "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(c.transformer_depth)],
-            "layers_per_block": c.num_res_blocks, "transformer_layers_per_block": depth,
-            "attention_head_dim": [b // c.head_dim for b in boc], "cross_attention_dim": c.context_dim,
+            "transformer_layers_per_block": depth, "attention_head_dim": [b // c.head_dim for b in boc],
             "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-            "projection_class_embeddings_input_dim": c.adm_in_channels, "norm_num_groups": 32, "norm_eps": 1e-5,
-            "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "mid_block_type": "UNetMidBlock2DCrossAttn"}
+            "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+            "mid_block_type": "UNetMidBlock2DCrossAttn"}
 
 
 def _vae_diffusers_config(c: vae.VAEConfig) -> dict:
     n = len(c.ch_mult)
-    return {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "in_channels": c.in_channels,
-            "out_channels": c.out_ch, "block_out_channels": [c.ch * m for m in c.ch_mult],
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "layers_per_block": c.num_res_blocks, "latent_channels": c.z_channels, "norm_num_groups": 32,
-            "act_fn": "silu", "sample_size": 1024, "scaling_factor": c.scaling_factor}
+    return {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", **_to_json(c, _VAE_JSON),
+            "block_out_channels": [c.ch * m for m in c.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 1024}
 
 
 def _text_diffusers_config(c: text_encoders.TextEncoderConfig) -> dict:
-    d = {"architectures": ["CLIPTextModelWithProjection" if c.proj_dim else "CLIPTextModel"], "model_type": "clip_text_model",
-         "vocab_size": c.vocab_size, "hidden_size": c.width, "intermediate_size": 4 * c.width,
-         "num_hidden_layers": c.layers, "num_attention_heads": c.width // 64, "max_position_embeddings": c.max_length,
-         "hidden_act": c.act, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-         "projection_dim": c.proj_dim or c.width}
-    return d
+    return {"architectures": ["CLIPTextModelWithProjection" if c.proj_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model", **_to_json(c, _TEXT_JSON), "intermediate_size": 4 * c.width,
+            "num_attention_heads": c.width // 64, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 1, "projection_dim": c.proj_dim or c.width}
+
+
+@dataclass(frozen=True)
+class _Component:
+    """One component folder of a diffusers SDXL pipeline."""
+    stem: str  # its weights file: STEM.safetensors (or .fp16, or sharded)
+    index: tuple[str, str]  # its model_index.json entry: library, class
+    table: Callable  # our component config -> conversion table (formats.convert)
+    config: Callable  # our component config -> its config.json
+    name: str  # its name in `inspect`
+
+
+_DIFFUSERS = {
+    "unet": _Component("diffusion_pytorch_model", ("diffusers", "UNet2DConditionModel"), unet_table,
+                       _unet_diffusers_config, "unet"),
+    "text_encoder": _Component("model", ("transformers", "CLIPTextModel"), clip_l_table, _text_diffusers_config,
+                               "text_encoder_l"),
+    "text_encoder_2": _Component("model", ("transformers", "CLIPTextModelWithProjection"), bigg_table,
+                                 _text_diffusers_config, "text_encoder_g"),
+    "vae": _Component("diffusion_pytorch_model", ("diffusers", "AutoencoderKL"), vae_table, _vae_diffusers_config,
+                      "vae"),
+}
 
 
 def _write_tokenizer(folder: Path, tok, pad: str) -> None:
@@ -625,10 +616,7 @@ def load_unet(path, base: unet.UNetConfig, device="cpu", dtype: torch.dtype | No
         raise CheckpointError(f"{name}: {kind}: its vector input is {width} wide, the base's {base.adm_in_channels}")
     check_float(name, {k: d for k, d in f.dtypes().items() if k in shapes})
     ours = {PREFIXES["unet"] + k: v for k, v in names.items()}
-    missing, unexpected, wrong = compare_keys(expected_shapes(ModelConfig(base, None, None)),
-                                              {k: shapes[v] for k, v in ours.items()})
-    if missing or unexpected or wrong:
-        raise CheckpointError.keys(name, missing, unexpected, wrong)
+    _check_keys(name, expected_shapes(ModelConfig(base, None, None)), {k: shapes[v] for k, v in ours.items()})
     sampling = sampling_of(f.shapes()) if any(k in f.shapes() for k in MARKERS) else {}
     tensors = {k: f[v] for k, v in ours.items()}
     check_finite(name, tensors)
@@ -651,48 +639,42 @@ def _unet_names(shapes: Mapping, base: unet.UNetConfig, name: str) -> dict[str, 
 
 
 def load_vae(path, device="cpu", dtype: torch.dtype | None = None) -> vae.AutoencoderKL:
-    """A standalone VAE: single file (official names, with or without `first_stage_model.`, or diffusers names), or a diffusers vae folder."""
-    path = Path(path)
+    """A standalone VAE: single file (official names, with or without `first_stage_model.`, or diffusers names), or a
+    diffusers vae folder."""
+    path, prefix = Path(path), PREFIXES["vae"]
     if path.is_dir():
         cfg = _component_config(path / "config.json", vae_config_from_diffusers)
-        w = _open_weights(path, _WEIGHTS["vae"], None)
-        sd, name = to_ours(vae_table(cfg), _legacy_vae_names(w), str(path)), str(path)
+        sd, name = to_ours(vae_table(cfg), _weights(path, "vae", None, meta=False), str(path)), str(path)
     else:
         f = SafetensorsFile(path)
         name, shapes = str(f.path), f.shapes()
-        if any(k.startswith(PREFIXES["vae"]) for k in shapes):
-            sd = {k[len(PREFIXES["vae"]):]: f[k] for k in shapes if k.startswith(PREFIXES["vae"])}
+        if any(k.startswith(prefix) for k in shapes):
+            sd = {k[len(prefix):]: f[k] for k in shapes if k.startswith(prefix)}
         elif "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes:
-            cfg = _vae_config_from_diffusers_shapes(shapes, name)
-            sd = to_ours(vae_table(cfg), _legacy_vae_names(f), name)
+            sd = to_ours(vae_table(_vae_config_from_diffusers_shapes(shapes, name)), _legacy_vae_names(f), name)
         elif "encoder.conv_in.weight" in shapes:
             sd = dict(f)
         else:
-            raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys (keys: {first_few(shapes)})")
+            raise CheckpointError(f"{name}: not a VAE: no encoder.conv_in / first_stage_model. keys "
+                                  f"(keys: {first_few(shapes)})")
     check_float(name, {k: t.dtype for k, t in sd.items()})
     try:
-        cfg = vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()})
+        cfg = ModelConfig(None, None, vae.config_from_shapes({k: tuple(t.shape) for k, t in sd.items()}))
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{name}: unknown VAE layout ({type(e).__name__}: {e})") from None
-    missing, unexpected, wrong = compare_keys(expected_shapes(ModelConfig(None, None, cfg)),
-                                              {PREFIXES["vae"] + k: t.shape for k, t in sd.items()})
-    if missing or unexpected or wrong:
-        raise CheckpointError.keys(name, missing, unexpected, wrong)
+    ours = {prefix + k: t for k, t in sd.items()}
+    _check_keys(name, expected_shapes(cfg), {k: t.shape for k, t in ours.items()})
     check_finite(name, sd)
-    return _materialise(ModelConfig(None, None, cfg), {PREFIXES["vae"] + k: t for k, t in sd.items()}, device, dtype).vae
+    return _materialise(cfg, ours, device, dtype).vae
 
 
 def _vae_config_from_diffusers_shapes(shapes: Mapping, name: str) -> vae.VAEConfig:
+    """`vae.config_from_shapes` of a diffusers VAE file: the tensors it reads have our names but for the down blocks."""
+    down = re.compile(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.")
     try:
-        ch = shapes["encoder.conv_in.weight"][0]
-        levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks."))
-        mult = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] // ch for i in range(levels))
-        nrb = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down_blocks.0.resnets."))
-        z = shapes["decoder.conv_in.weight"][1]
-    except (KeyError, ValueError, IndexError) as e:
+        return vae.config_from_shapes({down.sub(r"encoder.down.\1.block.\2.", k): s for k, s in shapes.items()})
+    except (CheckpointError, ZeroDivisionError) as e:
         raise CheckpointError(f"{name}: unknown diffusers VAE layout ({e})") from None
-    return vae.VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z, embed_dim=z,
-                         in_channels=shapes["encoder.conv_in.weight"][1], out_ch=shapes["decoder.conv_out.weight"][0])
 
 
 # --- inspect: headers only ----------------------------------------------------------------------
@@ -706,19 +688,9 @@ def _dominant_dtype(tensors) -> str:
     return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else "none"
 
 
-def _component_params(shapes: Mapping, cfg: ModelConfig | None) -> dict[str, dict]:
-    comps = {"unet": PREFIXES["unet"], "vae": PREFIXES["vae"]}
-    if cfg is not None and cfg.conditioner is not None:
-        if cfg.conditioner.clip_l:
-            comps |= {"text_encoder_l": "conditioner.embedders.0.", "text_encoder_g": "conditioner.embedders.1."}
-        else:
-            comps |= {"text_encoder_g": "conditioner.embedders.0."}
-    out = {}
-    for name, prefix in comps.items():
-        n = sum(math.prod(s) for k, s in shapes.items() if k.startswith(prefix) and not k.endswith(IGNORED_SUFFIXES))
-        if any(k.startswith(prefix) for k in shapes):
-            out[name] = {"params": n}
-    return {k: out[k] for k in ("unet", "text_encoder_l", "text_encoder_g", "vae") if k in out}
+def _params(tensors) -> int:
+    """The parameters of (key, shape) pairs, less the ignored buffers."""
+    return sum(math.prod(shape) for k, shape in tensors if not k.endswith(IGNORED_SUFFIXES))
 
 
 def inspect(path) -> dict:
@@ -731,29 +703,25 @@ def inspect(path) -> dict:
     cfg = config_from_shapes(shapes, str(f.path))
     check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
-    return {"format": "single-file", "architecture": cfg.architecture, "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
-            "components": _component_params(shapes, cfg), "missing_keys": missing, "unexpected_keys": unexpected,
-            "wrong_shapes": wrong}
+    components = {_DIFFUSERS[sub].name: {"params": _params((k, s) for k, s in shapes.items() if k.startswith(prefix))}
+                  for sub, prefix, _ in _layout(cfg)}
+    return {"format": "single-file", "architecture": cfg.architecture,
+            "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
+            "components": components, "missing_keys": missing, "unexpected_keys": unexpected, "wrong_shapes": wrong}
 
 
 def _inspect_diffusers(folder: Path) -> dict:
     cfg, parts = _diffusers_parts(folder, None, ("unet", "conditioner", "vae"), meta=True)
-    names = {"unet": "unet", "text_encoder": "text_encoder_l", "text_encoder_2": "text_encoder_g", "vae": "vae"}
     components, missing, unexpected, wrong = {}, [], [], []
     for p in parts:
         check_float(str(folder / p.sub), {k: t.dtype for k, t in p.weights.items()})
-        components[names[p.sub]] = {"params": sum(t.numel() for k, t in p.weights.items() if not k.endswith(IGNORED_SUFFIXES))}
+        components[_DIFFUSERS[p.sub].name] = {"params": _params((k, t.shape) for k, t in p.weights.items())}
         m, u = check(p.table, p.weights, p.ignore)
         missing += [f"{p.sub}/{k}" for k in m]
         unexpected += [f"{p.sub}/{k}" for k in u]
         if not (m or u):  # names fine: compare shapes after conversion (meta tensors: nothing is read)
-            ours = _prefixed(p.prefix, to_ours(p.table, p.weights, p.sub, p.ignore))
-            wrong += compare_keys(_sub_expected(cfg, p.prefix), {k: t.shape for k, t in ours.items()})[2]
+            ours = {p.prefix + k: t.shape for k, t in to_ours(p.table, p.weights, p.sub, p.ignore).items()}
+            wrong += compare_keys({k: s for k, s in expected_shapes(cfg).items() if k.startswith(p.prefix)}, ours)[2]
     dtype = _dominant_dtype((t.dtype, t.numel()) for p in parts for t in p.weights.values())
-    return {"format": "diffusers", "architecture": cfg.architecture, "dtype": dtype,
-            "components": {k: components[k] for k in ("unet", "text_encoder_l", "text_encoder_g", "vae") if k in components},
+    return {"format": "diffusers", "architecture": cfg.architecture, "dtype": dtype, "components": components,
             "missing_keys": missing, "unexpected_keys": unexpected, "wrong_shapes": wrong}
-
-
-def _sub_expected(cfg: ModelConfig, prefix: str) -> dict:
-    return {k: s for k, s in expected_shapes(cfg).items() if k.startswith(prefix)}

@@ -27,28 +27,14 @@ class Entry:
     value: float = 0.0  # for op == "const": ours has no diffusers source (e.g. bigG logit_scale)
 
 
-def _forward(e: Entry, src: list[torch.Tensor]) -> torch.Tensor:
-    if e.op == "copy":
-        return src[0]
-    if e.op == "cat0":
-        return torch.cat(src, 0)
-    if e.op == "transpose":
-        return src[0].t().contiguous()
-    if e.op == "conv1x1":  # Linear [o, i] -> Conv2d 1x1 [o, i, 1, 1]
-        return src[0].reshape(*src[0].shape, 1, 1)
-    raise ValueError(f"unknown op {e.op}")
-
-
-def _backward(e: Entry, t: torch.Tensor) -> list[torch.Tensor]:
-    if e.op == "copy":
-        return [t]
-    if e.op == "cat0":
-        return [c.contiguous() for c in t.chunk(len(e.theirs), 0)]
-    if e.op == "transpose":
-        return [t.t().contiguous()]
-    if e.op == "conv1x1":
-        return [t.reshape(t.shape[0], t.shape[1])]
-    raise ValueError(f"unknown op {e.op}")
+# op -> (ours from theirs, theirs from ours); conv1x1: Linear [o, i] <-> Conv2d 1x1 [o, i, 1, 1]; const: none in theirs
+_OPS = {
+    "copy": (lambda e, src: src[0], lambda e, t: [t]),
+    "cat0": (lambda e, src: torch.cat(src, 0), lambda e, t: [c.contiguous() for c in t.chunk(len(e.theirs), 0)]),
+    "transpose": (lambda e, src: src[0].t().contiguous(), lambda e, t: [t.t().contiguous()]),
+    "conv1x1": (lambda e, src: src[0].reshape(*src[0].shape, 1, 1), lambda e, t: [t.reshape(t.shape[:2])]),
+    "const": (lambda e, src: torch.tensor(e.value, dtype=torch.float32), lambda e, t: []),
+}
 
 
 def _check(name: str, missing: list[str], unexpected: list[str]) -> None:
@@ -67,26 +53,14 @@ def check(table: list[Entry], theirs, ignore: tuple[str, ...] = ()) -> tuple[lis
 def to_ours(table: list[Entry], theirs, name: str = "state dict", ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Convert a diffusers/transformers state dict to our names; strict both ways (`ignore`: tolerated key suffixes)."""
     _check(name, *check(table, theirs, ignore))
-    out = {}
-    for e in table:
-        if e.op == "const":
-            out[e.ours] = torch.tensor(e.value, dtype=torch.float32)
-        else:
-            out[e.ours] = _forward(e, [theirs[k] for k in e.theirs])
-    return out
+    return {e.ours: _OPS[e.op][0](e, [theirs[k] for k in e.theirs]) for e in table}
 
 
 def to_theirs(table: list[Entry], ours: dict[str, torch.Tensor], name: str = "state dict") -> dict[str, torch.Tensor]:
     """Convert our state dict to diffusers/transformers names (const entries are dropped)."""
     known = {e.ours for e in table}
     _check(name, [e.ours for e in table if e.ours not in ours], [k for k in ours if k not in known])
-    out = {}
-    for e in table:
-        if e.op == "const":
-            continue
-        for k, t in zip(e.theirs, _backward(e, ours[e.ours])):
-            out[k] = t
-    return out
+    return {k: t for e in table for k, t in zip(e.theirs, _OPS[e.op][1](e, ours[e.ours]))}
 
 
 # --- UNet: ours (sgm openaimodel) <-> diffusers UNet2DConditionModel -------------------------
@@ -188,8 +162,6 @@ def vae_table(cfg: VAEConfig) -> list[Entry]:
 
 
 # --- text encoders: ours <-> transformers CLIPTextModel / CLIPTextModelWithProjection ---------
-# Conversion tables: our text encoders <-> transformers CLIP text models (diffusers `text_encoder*/`).
-# 
 # CLIP-L: ours is `transformer.text_model.X`, theirs `text_model.X` (`CLIPTextModel` as saved by
 # transformers 4.x / in diffusers folders). bigG: ours uses open_clip names, theirs the
 # `CLIPTextModelWithProjection` names; q/k/v are fused into in_proj, text_projection is

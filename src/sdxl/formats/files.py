@@ -62,20 +62,15 @@ class SafetensorsFile(Mapping):
         if n > min(size - 8, MAX_HEADER):
             raise CheckpointError(f"{self.path}: not a safetensors file, or truncated: its header length ({n} bytes) "
                                   f"exceeds the file ({size} bytes)")
-        try:
-            self._f = safe_open(str(self.path), framework="pt", device="cpu")  # a private (copy-on-write) map
+        try:  # the library's validation of the header
+            self.metadata: dict[str, str] = safe_open(str(self.path), framework="pt", device="cpu").metadata() or {}
         except SafetensorError as e:
             advice = f"; {fix}" if fix else ""
             raise CheckpointError(f"{self.path}: {_reason(str(e), self.path, n, size)}{advice}") from None
-        self.metadata: dict[str, str] = self._f.metadata() or {}
         self._data_start, self._map = 8 + n, None
-        with open(self.path, "rb") as fh:  # the offsets (the header was validated above)
-            header = json.loads(fh.read(8 + n)[8:])
-        self.offsets = {k: tuple(h["data_offsets"]) for k, h in header.items() if k != "__metadata__"}
-        self.infos: dict[str, TensorInfo] = {}
-        for key in self._f.keys():
-            s = self._f.get_slice(key)
-            self.infos[key] = TensorInfo(s.get_dtype(), tuple(s.get_shape()))
+        entries = _entries(self.path, n)  # validated above; sorted by name, as the library lists them
+        self.offsets = {k: tuple(entries[k]["data_offsets"]) for k in sorted(entries)}
+        self.infos = {k: TensorInfo(entries[k]["dtype"], tuple(entries[k]["shape"])) for k in self.offsets}
         odd = [f"{k} ({i.dtype})" for k, i in self.infos.items() if i.dtype not in DTYPES]
         if odd:
             raise CheckpointError(f"{self.path}: {len(odd)} tensor{'s' if len(odd) != 1 else ''} of a dtype not supported "
@@ -122,19 +117,22 @@ def _head(path: Path) -> tuple[bytes, int]:
     """The first 9 bytes and the size of a regular file; a clear error for anything else."""
     try:
         st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(f"{path}: is a folder, not a .safetensors file")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a pipe or device?)")
+        with open(path, "rb") as f:
+            return f.read(9), st.st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"{path}: is a folder, not a .safetensors file")
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: not a regular file (a pipe or device?)")
-    try:
-        with open(path, "rb") as f:
-            return f.read(9), st.st_size
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _entries(path: Path, n: int) -> dict:
+    """The tensor entries of a safetensors header `n` bytes long (raw JSON: not validated)."""
+    with open(path, "rb") as f:
+        return {k: h for k, h in json.loads(f.read(8 + n)[8:]).items() if k != "__metadata__"}
 
 
 def _reason(error: str, path: Path, n: int, size: int) -> str:
@@ -142,9 +140,7 @@ def _reason(error: str, path: Path, n: int, size: int) -> str:
     reason = error.removeprefix("Error while deserializing header: ")
     data = size - 8 - n
     try:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(8 + n)[8:])
-        entries = {k: h for k, h in header.items() if k != "__metadata__"}
+        entries = _entries(path, n)
         need = max((h["data_offsets"][1] for h in entries.values()), default=0)
         nbytes = {k: torch.empty(0, dtype=d).element_size() for k, d in DTYPES.items()}
         bad = [k for k, h in entries.items()

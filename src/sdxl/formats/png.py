@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,21 +12,15 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
-from sdxl.formats.files import candidates, write_file
+from sdxl.formats.files import write_file
 from sdxl.request import NOT_SETTINGS, Request
 from sdxl.sampling.names import to_a1111
 
 RECIPE_KEY = "sdxl-recipe"
 DTYPES = ("fp32", "bf16", "fp16")
 MODEL_KEY = re.compile(r"model|refiner|vae|unet|lora\d+")
-
-
-def next_free(path: str | os.PathLike) -> Path:
-    """The name `write_file(path, ..., mode="free")` would take now: `path`, else stem-1.png, stem-2.png, ...
-
-    Only a preview: another process may take it before it is written; writers use write_file."""
-    return next(c for c in candidates(path) if not c.exists())
 
 
 _HASHES: dict[str, str] = {}  # "path|size|mtime" -> sha256, for this process
@@ -47,18 +42,13 @@ def file_hash(path: str | os.PathLike, tensors_only: bool = False) -> str:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
             if tensors_only:  # after the 8-byte header length and the JSON header
                 f.seek(8 + int.from_bytes(f.read(8), "little"))
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        cache[key] = h.hexdigest()
-        try:
+            cache[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        with contextlib.suppress(OSError):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(cache))
-        except OSError:
-            pass
     _HASHES[key] = cache[key]
     return cache[key]
 
@@ -76,16 +66,12 @@ PACKAGED = "sdxl:"  # a recipe's name for a file shipped in the package (the def
 def portable(path: str) -> str:
     """A model path as a recipe records it: absolute (a replay from another working directory finds it), or
     `sdxl:NAME` for a file shipped in the package."""
-    from sdxl.default_model import ASSETS
-
     p = Path(path)
     return PACKAGED + p.name if p.is_file() and p.resolve().parent == ASSETS.resolve() else os.path.abspath(path)
 
 
 def local_path(entry: str) -> str:
     """A recipe's model entry -> a path on this machine (`sdxl:NAME`: the package's own file)."""
-    from sdxl.default_model import ASSETS
-
     return str(ASSETS / entry[len(PACKAGED):]) if entry.startswith(PACKAGED) else entry
 
 
@@ -143,7 +129,7 @@ def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | 
     """The JSON recipe of a request: every setting (not images/tensors; the prompt with its <lora:> tags), the model
     files (`lora_entry`) and their hashes, the LoRA folder with its tags' files' hashes (`lora_hash`), and the saved
     latent it started from (file, index, hash), if any."""
-    d = {k: v for k, v in request_dict(req).items() if k not in NOT_SETTINGS}
+    d = {f.name: getattr(req, f.name) for f in fields(req) if f.name not in NOT_SETTINGS}
     d["models"] = {k: lora_entry(v, lora_dir) if k.startswith("lora") else portable(v) for k, v in models.items() if v}
     d["hashes"] = {k: file_hash(p)[:10] for k, p in model_files(models).items()}
     tagged = {u.name: lora_hash(u.path) for u in loras if u.tag}
@@ -159,62 +145,42 @@ def recipe(req, models: dict[str, str | None], latent: tuple[str, int | None] | 
     return d
 
 
-def request_dict(req) -> dict:
-    """A Request's fields, shallow (images and tensors stay objects)."""
-    return {f.name: getattr(req, f.name) for f in fields(req)}
-
-
 def a1111_parameters(req, models: dict[str, str | None], index: int = 0, embeddings=None, loras=(),
                      run: dict | None = None) -> str:
     """A1111's infotext: prompt, `Negative prompt:`, then `Key: value` pairs (modules/processing.py). As in A1111
     the prompt keeps its `<lora:...>` tags where they were, the --lora files are appended as tags (as A1111's
     sd_lora option does), and `Lora hashes` names every LoRA's `lora_hash` (extra_networks_lora.py); `TI hashes`
     names the textual-inversion embeddings the prompts use (of `embeddings`), likewise."""
+    from sdxl.adapters.tags import lora_free, tag_name  # tag_name: without ':' and ',' (extra_networks_lora.py)
+
     sampler, schedule = to_a1111(req.sampler, req.schedule)
-    pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg, "Seed": req.seed + index, "Size": f"{req.width}x{req.height}"}
-    model = models.get("model")
-    if model:
-        pairs["Model hash"] = file_hash(model)[:10] if Path(model).is_file() else None
-        pairs["Model"] = Path(model).stem
-    if unet := models.get("unet"):  # A1111 has no field for a UNet-only file
-        pairs["UNet"], pairs["UNet hash"] = Path(unet).stem, file_hash(unet)[:10] if Path(unet).is_file() else None
-    if req.guidance_rescale:
-        pairs["CFG Rescale phi"] = req.guidance_rescale
-    if req.eta is not None:
-        pairs["Eta"] = req.eta
-    for key, name in (("fast", "DeepCache interval"), ("weights", "UNet weights")):  # `sdxl.session.run_settings`
-        if (run or {}).get(key):
-            pairs[name] = run[key]
-    if req.prediction == "v":
-        pairs["Prediction"] = "v"
-    if req.zero_terminal_snr:
-        pairs["Zero terminal SNR"] = True
-    if req.init_image is not None:
+    model, unet, refiner, run = models.get("model"), models.get("unet"), models.get("refiner"), run or {}
+    hash_of = lambda path: file_hash(path)[:10] if Path(path).is_file() else None  # noqa: E731
+    # the pairs in infotext order; one whose value is None is left out
+    pairs = {"Steps": req.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": req.cfg,
+             "Seed": req.seed + index, "Size": f"{req.width}x{req.height}",
+             "Model hash": hash_of(model) if model else None, "Model": Path(model).stem if model else None,
+             "UNet": Path(unet).stem if unet else None, "UNet hash": hash_of(unet) if unet else None,  # not in A1111
+             "CFG Rescale phi": req.guidance_rescale or None, "Eta": req.eta,
+             "DeepCache interval": run.get("fast") or None, "UNet weights": run.get("weights") or None,
+             "Prediction": "v" if req.prediction == "v" else None, "Zero terminal SNR": req.zero_terminal_snr or None}
+    if req.init_image is not None:  # else the hires fix's own comes later in the line
         pairs["Denoising strength"] = req.strength
-    if req.mask is not None or req.outpaint is not None:
-        pairs["Mask blur"] = req.mask_blur
-    if models.get("refiner"):
-        pairs["Refiner"] = Path(models["refiner"]).stem
-        if req.refiner_switch is not None:
-            pairs["Refiner switch at"] = req.refiner_switch
-        if req.refiner_strength is not None:
-            pairs["Refiner strength"] = req.refiner_strength
+    pairs |= {"Mask blur": req.mask_blur if req.mask is not None or req.outpaint is not None else None,
+              "Refiner": Path(refiner).stem if refiner else None,
+              "Refiner switch at": req.refiner_switch if refiner else None,
+              "Refiner strength": req.refiner_strength if refiner else None}
     if req.hires_scale:
         pairs |= {"Hires upscale": req.hires_scale, "Hires upscaler": "Latent" if req.hires_upscale == "latent" else "Lanczos",
                   "Hires steps": req.hires_steps or req.steps, "Denoising strength": req.hires_strength}
-    h, w = req.height, req.width
-    pairs["Original size"] = "x".join(map(str, reversed(req.original_size or (h, w))))
-    pairs["Crop"] = f"{req.crop[0]},{req.crop[1]}"
-    pairs["Target size"] = "x".join(map(str, reversed(req.target_size or (h, w))))
-    if req.batch > 1:
-        pairs |= {"Batch size": req.batch, "Batch pos": index}
-    from sdxl.adapters.tags import tag_name  # the name without ':' and ',' (extensions-builtin/Lora/extra_networks_lora.py)
-
+    size = (req.height, req.width)
+    pairs |= {"Original size": "x".join(map(str, reversed(req.original_size or size))),
+              "Crop": f"{req.crop[0]},{req.crop[1]}",
+              "Target size": "x".join(map(str, reversed(req.target_size or size))),
+              "Batch size": req.batch if req.batch > 1 else None, "Batch pos": index if req.batch > 1 else None}
     if loras:
         pairs["Lora hashes"] = ", ".join(f"{tag_name(u.name)}: {lora_hash(u.path)}" for u in loras)
-    if embeddings is not None:
-        from sdxl.adapters.tags import lora_free  # the text the encoders saw, without its <lora:...> tags
-
+    if embeddings is not None:  # the texts the encoders saw, without <lora:...> tags
         row = [v if v is None or isinstance(v, str) else v[index] for v in (req.prompt_2, req.negative_prompt,
                                                                               req.negative_prompt_2)]
         texts = [lora_free(req.prompt_of(index)), row[0]] + (row[1:] if req.cfg != 1.0 else [])
