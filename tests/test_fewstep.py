@@ -152,6 +152,16 @@ def test_checkpoint_markers_are_detected(v_model, tmp_path):
     assert ck.sampling_settings(plain) == {"prediction": "epsilon", "zero_terminal_snr": False}
 
 
+def test_inspect_reads_the_markers_as_the_prediction(v_model, tmp_path):
+    """`sdxl inspect` of a v-prediction single file: its v_pred/ztsnr keys are the prediction, not unexpected keys."""
+    _, single, _ = v_model
+    info = ck.inspect(single)
+    assert info["unexpected_keys"] == [] and info["missing_keys"] == []
+    assert info["sampling"] == {"prediction": "v", "zero_terminal_snr": True}
+    plain = ck.save_single_file(SDXLModel(TINY_BASE), tmp_path / "eps.safetensors")
+    assert ck.inspect(plain)["sampling"] == {"prediction": "epsilon", "zero_terminal_snr": False}
+
+
 def test_ztsnr_without_v_pred_is_ignored_as_comfyui_does():
     assert ck.sampling_of({"ztsnr": (0,)}) == {"prediction": "epsilon", "zero_terminal_snr": False}
 

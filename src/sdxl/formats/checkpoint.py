@@ -694,12 +694,13 @@ def _params(tensors) -> int:
 
 
 def inspect(path) -> dict:
-    """Format, architecture, dtype, parameters per component, missing/unexpected keys; reads headers only."""
+    """Format, architecture, dtype, parameters per component, missing/unexpected keys and, for a single file, the
+    prediction its v_pred/ztsnr marker keys say (`sampling_of`); reads headers only."""
     path = Path(path)
     if path.is_dir():
         return _inspect_diffusers(path)
     f = SafetensorsFile(path)
-    shapes = f.shapes()
+    shapes = {k: v for k, v in f.shapes().items() if k not in MARKERS}
     cfg = config_from_shapes(shapes, str(f.path))
     check_float(str(f.path), f.dtypes())
     missing, unexpected, wrong = compare_keys(expected_shapes(cfg), shapes)
@@ -707,7 +708,8 @@ def inspect(path) -> dict:
                   for sub, prefix, _ in _layout(cfg)}
     return {"format": "single-file", "architecture": cfg.architecture,
             "dtype": _dominant_dtype((DTYPES[i.dtype], math.prod(i.shape)) for i in f.infos.values()),
-            "components": components, "missing_keys": missing, "unexpected_keys": unexpected, "wrong_shapes": wrong}
+            "components": components, "missing_keys": missing, "unexpected_keys": unexpected, "wrong_shapes": wrong,
+            "sampling": sampling_of(f.shapes())}
 
 
 def _inspect_diffusers(folder: Path) -> dict:
