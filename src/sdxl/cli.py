@@ -18,21 +18,16 @@ from sdxl.session import (DTYPES, Models, build_request, check_embeddings, check
                           threads_note, write_images)
 
 
-class UsageError(SDXLError):
-    """A flag argparse could not read; printed as one line like every other error."""
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
+    """argparse, but a bad flag is an SDXLError (one line, exit 2 from main) instead of usage text + SystemExit."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        # -inf, -1e5 and -5,-5 are values, not flags (argparse knows only -5 and -.5): `--cfg -inf` reaches the
-        # range check instead of "expected one argument"
+        # -inf, -1e5 and -5,-5 are values, not flags (argparse knows only -5 and -.5): `--cfg -inf` is range-checked
         self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)[\w.,+-]*$", re.IGNORECASE)
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise SDXLError(f"{message} (see {self.prog} --help)")
 
 
 def _integers(count: int | None, what: str, separators: str = ","):
@@ -107,7 +102,8 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     if empty := next((k for k, v in given.items() if v is not None and not v.strip()), None):  # else read as unset
         raise SDXLError(f"--{empty} '': no file given; give the file, or leave --{empty} out")
     for key, path in recorded.items():
-        if key in given and given[key] is None and not Path(path).exists() and not (key == "refiner" and args.no_refiner):
+        missing = key in given and given[key] is None and not Path(path).exists()
+        if missing and not (key == "refiner" and args.no_refiner):
             raise SDXLError(f"{args.from_png} was made with {key} {path}, which is not on this machine; give "
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
     files = {k: v or recorded.get(k) for k, v in given.items()}
@@ -136,9 +132,9 @@ def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str,
     found = for_model(m.embeddings, m.model) if m.embeddings and recorded else Embeddings({}, {})
     missing, changed = found.replay(recorded)
     if missing:
-        why = (f"that --embeddings-dir {m.embeddings} does not load ("
-               + "; ".join(f"{n}: {r}" for n, r in missing.items()) + ")" if m.embeddings
-               else f"({', '.join(missing)})")
+        reasons = "; ".join(f"{n}: {r}" for n, r in missing.items())
+        why = f"that --embeddings-dir {m.embeddings} does not load ({reasons})" if m.embeddings else \
+            f"({', '.join(missing)})"
         raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings {why}; give the folder that "
                         "holds them with --embeddings-dir DIR")
     return [(f"embedding {e.name} {e.path}", e.hash, want) for e, want in changed]
@@ -226,14 +222,14 @@ def _requests(args: argparse.Namespace, rec, models: Models, latent) -> list:
     stay in it and are found in --lora-dir; a replayed PNG's LoRA whose file changed since is a warning."""
     from sdxl.formats.png import image_hash, lora_hash
     from sdxl.images import load_image
+    from sdxl.request import NOT_SETTINGS as FLAGS
 
-    flags = {"init_image": "--init-image", "mask": "--mask"}
-    images = {k: load_image(getattr(args, k), flag) if getattr(args, k) else None for k, flag in flags.items()}
+    images = {k: load_image(getattr(args, k), FLAGS[k]) if getattr(args, k) else None for k in ("init_image", "mask")}
     for key, want in (rec.inputs or {}).items():  # an img2img/inpainting PNG's images must be given again
         if images[key] is None:
             raise SDXLError(f"{args.from_png} was made from an {key.replace('_', ' ')} (hash {want}); give it again "
-                            f"with {flags[key]}")
-        _warn_hash(f"{flags[key]} {getattr(args, key)}", image_hash(images[key]), want, args.from_png,
+                            f"with {FLAGS[key]}")
+        _warn_hash(f"{FLAGS[key]} {getattr(args, key)}", image_hash(images[key]), want, args.from_png,
                    "from one with")
     settings = _settings(args, rec, models, images["init_image"])
     prompts = _read_prompts(args)
@@ -365,12 +361,14 @@ def _add_image_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
     g.add_argument("--mask-blur", type=int, metavar="PX", help="blur of the pasted-back mask edge (default 4)")
-    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
+    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B",
+                   help="outpainting: extend the init image by these pixels")
     g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
     g.add_argument("--hires-upscale", choices=("latent", "pixel"))
     g.add_argument("--hires-strength", type=float)
     g.add_argument("--hires-steps", type=int)
-    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
+    g.add_argument("--original-size", type=_pair,
+                   help="micro-conditioning original size H,W (default: the output size)")
     g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
     g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
     for flag in ("--negative-original-size", "--negative-crop", "--negative-target-size"):
@@ -426,8 +424,10 @@ def _add_generate(sub) -> None:
                    "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
     g.add_argument("--refiner", help="refiner checkpoint")
     g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
-    g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
-    g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
+    g.add_argument("--refiner-switch", type=float,
+                   help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
+    g.add_argument("--refiner-strength", type=float,
+                   help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
     g.add_argument("--preset", choices=tuple(PRESETS), help="a few-step model's published sampler, scheduler, "
                    "steps, CFG scale (and size): turbo (SDXL-Turbo), lightning-4step/-8step (SDXL-Lightning), "
@@ -631,10 +631,8 @@ def _add_judge(sub) -> None:
     j = sub.add_parser("judge", help="the synthetic world's judge (a small CNN that reads images back into scenes)")
     jsub = j.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
     t = jsub.add_parser("train", help="train the judge, read fresh scenes, save .safetensors + .json")
-    t.add_argument("--steps", type=int, default=1600)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
+    for flag, kind, default in ("--steps", int, 1600), ("--seed", int, 0), ("--batch", int, 64), ("--lr", float, 2e-3):
+        t.add_argument(flag, type=kind, default=default)
     t.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
     t.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
     t.add_argument("--out", help="path without suffix: writes .safetensors and .json (default: the shipped judge, "
@@ -717,28 +715,20 @@ def _cmd_detect_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detect_watermark(sub) -> None:
-    d = sub.add_parser("detect-watermark",
-                       help="read SDXL's invisible watermark: matched bits and the reference's verdict")
-    d.add_argument("images", nargs="+")
-    d.set_defaults(func=_cmd_detect_watermark)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key check")
+    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key "
+                                       "check")
     q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_inspect)
-    _add_generate(sub)
-    _add_serve(sub)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_detect_watermark(sub)
-    _add_judge(sub)
-    _add_recipe(sub)
-    _add_train_vae(sub)
+    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's "
+                                                "verdict")
+    d.add_argument("images", nargs="+")
+    d.set_defaults(func=_cmd_detect_watermark)
+    for add in (_add_generate, _add_serve, _add_train, _add_eval, _add_judge, _add_recipe, _add_train_vae):
+        add(sub)
     return p
 
 
