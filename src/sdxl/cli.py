@@ -110,8 +110,8 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     lora_dir = args.lora_dir or rec.lora_dir
     keys = sorted((k for k in recorded if k.startswith("lora")), key=lambda k: int(k[4:]))
     loras = args.lora or [replay_lora(recorded[k], lora_dir, f"{args.from_png}: {k}") for k in keys]
-    m = resolve_models(files["model"], files["refiner"], args.no_refiner, files["vae"], loras, args.embeddings_dir,
-                       files["unet"], lora_dir)
+    m = resolve_models(**files, no_refiner=args.no_refiner, loras=loras, embeddings=args.embeddings_dir,
+                       lora_dir=lora_dir)
     changed = [(f"{key} {path}", file_hash(path)[:10], rec.hashes[key]) for key, path in model_files(m.table()).items()
                if rec.hashes.get(key)]  # every file, a LoRA's with or without a weight
     for thing, have, want in changed + _replayed_embeddings(args, m):
