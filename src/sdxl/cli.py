@@ -533,8 +533,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     evaluate.check_out(out, args.overwrite)  # before loading anything big
-    bad = [k for k in args.experiments if k not in (1, 2, 3, 4)]
-    if bad or not args.experiments:
+    if not args.experiments or not set(args.experiments) <= {1, 2, 3, 4}:
         given = ",".join(map(str, args.experiments)) or "(none)"
         raise SDXLError(f"--experiments takes numbers from 1,2,3,4, got {given}")
     m = resolve_models(args.model, args.refiner, args.no_refiner)
