@@ -79,6 +79,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub) -> None:
+    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key "
+                                       "check")
+    q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_inspect)
+
+
 # --- generate --------------------------------------------------------------------------------
 
 OUTPUT = "sdxl.png"
@@ -714,19 +722,18 @@ def _cmd_detect_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key "
-                                       "check")
-    q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
-    q.set_defaults(func=_cmd_inspect)
+def _add_detect_watermark(sub) -> None:
     d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's "
                                                 "verdict")
     d.add_argument("images", nargs="+")
     d.set_defaults(func=_cmd_detect_watermark)
-    for add in (_add_generate, _add_serve, _add_train, _add_eval, _add_judge, _add_recipe, _add_train_vae):
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_inspect, _add_generate, _add_serve, _add_train, _add_eval, _add_detect_watermark, _add_judge,
+                _add_recipe, _add_train_vae):
         add(sub)
     return p
 
