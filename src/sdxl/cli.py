@@ -18,21 +18,46 @@ from sdxl.session import (DTYPES, Models, build_request, check_embeddings, check
                           threads_note, write_images)
 
 
-class UsageError(SDXLError):
-    """A flag argparse could not read; printed as one line like every other error."""
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError (one line, exit 2 from main) instead of usage text + SystemExit."""
+    """argparse, but a bad flag is an SDXLError (one line, exit 2 from main) instead of usage text + SystemExit."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        # values such as -inf, -1e5 and -5,-5 are values, not flags (argparse knows only -5 and -.5), so that
-        # `--cfg -inf` reaches the range check instead of "expected one argument"
+        # -inf, -1e5 and -5,-5 are values, not flags (argparse knows only -5 and -.5): `--cfg -inf` is range-checked
         self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)[\w.,+-]*$", re.IGNORECASE)
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise SDXLError(f"{message} (see {self.prog} --help)")
+
+
+def _integers(count: int | None, what: str, separators: str = ","):
+    """An argparse type: integers split at any of `separators`, exactly `count` of them (None: any, blanks skipped)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in re.split(f"[{separators}]", text.lower()) if count or v.strip())
+            if count is None or len(values) == count:
+                return values
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return parse
+
+
+_pair = _integers(2, "two integers like 1024,1024", ",x")
+_quad = _integers(4, "four integers LEFT,TOP,RIGHT,BOTTOM")
+_ints = _integers(None, "comma-separated integers like 10,20,40")
+
+
+def _interval(text: str) -> int:
+    """--fast N: 1 (off) to 10."""
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 (off) to 10, got {text!r}")
+    return int(text)
+
+
+def _add_device_flags(p: argparse.ArgumentParser, dtype_help: str = "default: as for generate") -> None:
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help=dtype_help)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -42,9 +67,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"format:        {info['format']}")
-    print(f"architecture:  {info['architecture']}")
-    print(f"dtype:         {info['dtype']}")
+    for label in ("format", "architecture", "dtype"):
+        print(f"{label + ':':<15}{info[label]}")
     print("components:")
     for name, c in info["components"].items():
         print(f"  {name:<16}{c['params']:>16,} parameters")
@@ -55,6 +79,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub) -> None:
+    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key "
+                                       "check")
+    q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_inspect)
+
+
 # --- generate --------------------------------------------------------------------------------
 
 OUTPUT = "sdxl.png"
@@ -62,21 +94,10 @@ OUTPUT = "sdxl.png"
 FLAG_FIELDS = {"negative": "negative_prompt", "negative_2": "negative_prompt_2", "scheduler": "schedule"}
 
 
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two integers like 1024,1024, got {text!r}") from None
-    return a, b
-
-
-def _quad(text: str) -> tuple[int, int, int, int]:
-    try:
-        v = tuple(int(p) for p in text.split(","))
-        assert len(v) == 4
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"expected four integers LEFT,TOP,RIGHT,BOTTOM, got {text!r}") from None
-    return v
+def _warn_hash(thing: str, have: str, want: str, png: str, made: str = "with") -> None:
+    """A replayed file (or image) whose hash is not the one the PNG records: a warning naming it."""
+    if have != want:
+        warnings.warn(f"{thing} has hash {have} but {png} was made {made} hash {want}; the image will differ")
 
 
 def _generate_models(args: argparse.Namespace, rec) -> Models:
@@ -84,33 +105,31 @@ def _generate_models(args: argparse.Namespace, rec) -> Models:
     from sdxl.formats.png import file_hash, local_path, model_files, replay_lora
 
     check_folder("--lora-dir", args.lora_dir, "the LoRAs")  # the recipe's own folder is checked where it is used
-    recorded = {k: local_path(v) for k, v in rec.models.items()} if rec else {}
+    recorded = {k: local_path(v) for k, v in rec.models.items()}
     given = {"model": args.model, "refiner": args.refiner, "vae": args.vae, "unet": args.unet}
     if empty := next((k for k, v in given.items() if v is not None and not v.strip()), None):  # else read as unset
         raise SDXLError(f"--{empty} '': no file given; give the file, or leave --{empty} out")
     for key, path in recorded.items():
-        if given.get(key) is None and not key.startswith("lora") and not Path(path).exists() \
-                and not (key == "refiner" and args.no_refiner):
+        missing = key in given and given[key] is None and not Path(path).exists()
+        if missing and not (key == "refiner" and args.no_refiner):
             raise SDXLError(f"{args.from_png} was made with {key} {path}, which is not on this machine; give "
                             f"--{key} PATH" + (" or --no-refiner" if key == "refiner" else ""))
-    lora_dir = args.lora_dir or (rec and rec.lora_dir)
+    files = {k: v or recorded.get(k) for k, v in given.items()}
+    lora_dir = args.lora_dir or rec.lora_dir
     keys = sorted((k for k in recorded if k.startswith("lora")), key=lambda k: int(k[4:]))
     loras = args.lora or [replay_lora(recorded[k], lora_dir, f"{args.from_png}: {k}") for k in keys]
-    m = resolve_models(args.model or recorded.get("model"), args.refiner or recorded.get("refiner"), args.no_refiner,
-                       args.vae or recorded.get("vae"), loras, args.embeddings_dir, args.unet or recorded.get("unet"),
-                       lora_dir)
-    files = [(key, path, file_hash(path)[:10], rec.hashes.get(key)) for key, path in model_files(m.table()).items()
-             if rec and rec.hashes.get(key)]  # every file, a LoRA's with or without a weight
-    for what, path, have, want in files + _replayed_embeddings(args, m):
-        if have != want:
-            warnings.warn(f"{what} {path} has hash {have} but {args.from_png} was made with hash {want}; "
-                          "the image will differ")
+    m = resolve_models(**files, no_refiner=args.no_refiner, loras=loras, embeddings=args.embeddings_dir,
+                       lora_dir=lora_dir)
+    changed = [(f"{key} {path}", file_hash(path)[:10], rec.hashes[key]) for key, path in model_files(m.table()).items()
+               if rec.hashes.get(key)]  # every file, a LoRA's with or without a weight
+    for thing, have, want in changed + _replayed_embeddings(args, m):
+        _warn_hash(thing, have, want, args.from_png)
     return m
 
 
-def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str, Path, str, str]]:
+def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str, str, str]]:
     """--from-png of an image whose infotext names textual-inversion embeddings (`TI hashes`): each must load from
-    --embeddings-dir (else the names would be read as plain words: another image); (what, file, hash, recorded)."""
+    --embeddings-dir (else the names would be read as plain words: another image); (what, hash, recorded)."""
     if not args.from_png:
         return []
     from sdxl.adapters.embeddings import Embeddings, for_model, recorded_hashes
@@ -121,12 +140,12 @@ def _replayed_embeddings(args: argparse.Namespace, m: Models) -> list[tuple[str,
     found = for_model(m.embeddings, m.model) if m.embeddings and recorded else Embeddings({}, {})
     missing, changed = found.replay(recorded)
     if missing:
-        why = (f"that --embeddings-dir {m.embeddings} does not load (" + "; ".join(f"{n}: {r}" for n, r in
-                                                                          missing.items()) + ")"
-               if m.embeddings else f"({', '.join(missing)})")
+        reasons = "; ".join(f"{n}: {r}" for n, r in missing.items())
+        why = f"that --embeddings-dir {m.embeddings} does not load ({reasons})" if m.embeddings else \
+            f"({', '.join(missing)})"
         raise SDXLError(f"{args.from_png} was made with textual-inversion embeddings {why}; give the folder that "
                         "holds them with --embeddings-dir DIR")
-    return [(f"embedding {e.name}", e.path, e.hash, want) for e, want in changed]
+    return [(f"embedding {e.name} {e.path}", e.hash, want) for e, want in changed]
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str | None]:
@@ -146,8 +165,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
 
 
 def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
-    """Request settings: flags over a --preset over the recipe (the model's native settings fill the rest, in
-    build_request)."""
+    """Request settings: flags over a --preset over the recipe (None: no --from-png); the model's native settings
+    fill the rest, in build_request."""
     from sdxl.presets import preset_settings
     from sdxl.request import NOT_SETTINGS, Request
 
@@ -164,12 +183,12 @@ def _settings(args: argparse.Namespace, rec, models: Models, init) -> dict:
     return s
 
 
-def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | None]:
-    """--latent/--latent-index, or the saved latent the recipe records (its hash must still match)."""
-    if args.latent_index is not None and not (args.latent or (rec and rec.latent)):
+def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str, int | None] | None:
+    """--latent FILE and --latent-index, or the saved latent the recipe records (its hash must still match)."""
+    if args.latent_index is not None and not (args.latent or rec.latent):
         raise SDXLError("--latent-index picks one latent of a --latent file; give --latent FILE too, or drop it")
-    if args.latent or not (rec and rec.latent):
-        return args.latent, args.latent_index
+    if args.latent or not rec.latent:
+        return (args.latent, args.latent_index) if args.latent else None
     from sdxl.formats.png import file_hash
 
     path, index = rec.latent["file"], rec.latent["index"]
@@ -180,57 +199,6 @@ def _replayed_latent(args: argparse.Namespace, rec) -> tuple[str | None, int | N
         raise SDXLError(f"{where}, which has changed since (hash {have}, recorded {rec.latent['hash']}); "
                         "replaying would give another image")
     return path, index if args.latent_index is None else args.latent_index
-
-
-def _check_replayed_inputs(args: argparse.Namespace, rec, images: dict) -> None:
-    """--from-png of an img2img/inpainting image: its init image and mask must be given again; others warn."""
-    from sdxl.formats.png import image_hash
-
-    for key, want in ((rec.inputs or {}) if rec else {}).items():
-        flag = "--" + key.replace("_", "-")
-        if images[key] is None:
-            raise SDXLError(f"{args.from_png} was made from an {key.replace('_', ' ')} (hash {want}); give it again "
-                            f"with {flag}")
-        if (have := image_hash(images[key])) != want:
-            warnings.warn(f"{flag} {getattr(args, key)} has hash {have} but {args.from_png} was made from one with "
-                          f"hash {want}; the image will differ")
-
-
-def _requests(args: argparse.Namespace, rec, models: Models, latent) -> tuple[Models, list]:
-    """One Request per prompt, built once from flags over the recipe over the native settings, all validated
-    before anything big is loaded. --prompts: prompt k uses seed + k * batch. Each prompt's `<lora:...>` tags
-    stay in it and are found in --lora-dir; a replayed PNG's LoRA whose file changed since is a warning."""
-    from sdxl.images import load_image
-
-    init = load_image(args.init_image, "--init-image") if args.init_image else None
-    mask = load_image(args.mask, "--mask") if args.mask else None
-    _check_replayed_inputs(args, rec, {"init_image": init, "mask": mask})
-    settings = _settings(args, rec, models, init)
-    prompts = _read_prompts(args)
-    if prompts[0] is None and settings.get("prompt") is None:
-        if rec is not None:
-            raise SDXLError(f"{args.from_png}: its recipe holds no prompt; give one (sdxl generate \"a red circle\" "
-                            f"--from-png {args.from_png})")
-        raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
-    first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",
-                          init, mask, latent)
-    reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
-    for req in reqs:
-        req.validate(has_refiner=models.refiner is not None)
-        check_embeddings(req, models)
-        _check_replayed_loras(args, rec, request_loras(req, models))
-    return models, reqs
-
-
-def _check_replayed_loras(args: argparse.Namespace, rec, loras) -> None:
-    """A LoRA of a replayed prompt whose file differs from the one the PNG was made with is a warning naming it."""
-    from sdxl.formats.png import lora_hash
-
-    for u in loras:
-        want = ((rec.lora_hashes or {}) if rec else {}).get(u.name)
-        if want and (have := lora_hash(u.path)) != want:
-            warnings.warn(f"LoRA {u.name}: {u.path} has hash {have} but {args.from_png} was made with hash {want}; "
-                          "the image will differ")
 
 
 def _load_latent(path: str, index: int | None):
@@ -256,17 +224,50 @@ def _load_latent(path: str, index: int | None):
     return t.clone()
 
 
-def _outputs(args: argparse.Namespace) -> list[Path]:
+def _requests(args: argparse.Namespace, rec, models: Models, latent) -> list:
+    """One Request per prompt, built once from flags over the recipe over the native settings, all validated
+    before anything big is loaded. --prompts: prompt k uses seed + k * batch. Each prompt's `<lora:...>` tags
+    stay in it and are found in --lora-dir; a replayed PNG's LoRA whose file changed since is a warning."""
+    from sdxl.formats.png import image_hash, lora_hash
+    from sdxl.images import load_image
+    from sdxl.request import NOT_SETTINGS as FLAGS
+
+    images = {k: load_image(getattr(args, k), FLAGS[k]) if getattr(args, k) else None for k in ("init_image", "mask")}
+    for key, want in (rec.inputs or {}).items():  # an img2img/inpainting PNG's images must be given again
+        if images[key] is None:
+            raise SDXLError(f"{args.from_png} was made from an {key.replace('_', ' ')} (hash {want}); give it again "
+                            f"with {FLAGS[key]}")
+        _warn_hash(f"{FLAGS[key]} {getattr(args, key)}", image_hash(images[key]), want, args.from_png,
+                   "from one with")
+    settings = _settings(args, rec, models, images["init_image"])
+    prompts = _read_prompts(args)
+    if prompts[0] is None and settings.get("prompt") is None:
+        if args.from_png:
+            raise SDXLError(f"{args.from_png}: its recipe holds no prompt; give one (sdxl generate \"a red circle\" "
+                            f"--from-png {args.from_png})")
+        raise SDXLError("no prompt: give one (sdxl generate \"a red circle\"), --prompts FILE or --from-png IMAGE")
+    first = build_request(settings | ({"prompt": prompts[0]} if prompts[0] is not None else {}), models, "generate",
+                          images["init_image"], images["mask"], latent)
+    reqs = [replace(first, prompt=p or first.prompt, seed=first.seed + k * first.batch) for k, p in enumerate(prompts)]
+    for req in reqs:
+        req.validate(has_refiner=models.refiner is not None)
+        check_embeddings(req, models)
+        for u in request_loras(req, models):
+            if want := (rec.lora_hashes or {}).get(u.name):
+                _warn_hash(f"LoRA {u.name}: {u.path}", lora_hash(u.path), want, args.from_png)
+    return reqs
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
     """The output paths, checked before the work: a writable folder (missing ones are made), a name that fits."""
     import errno
     import os
     import tempfile
 
-    out = Path(args.output or OUTPUT)
-    targets = [out] + ([Path(args.save_latent)] if args.save_latent else [])
-    for target in targets:
-        flag = "-o" if target is out else "--save-latent"
-        room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
+    room = len(".-0000-00-000.tmp-0000000")  # next_free's and the batch's suffixes, save_png's temporary name
+    targets = [("-o", Path(args.output or OUTPUT), ".png")]
+    targets += [("--save-latent", Path(args.save_latent), ".safetensors")] if args.save_latent else []
+    for flag, target, want in targets:
         longest, most = max(len(os.fsencode(p)) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
         if longest + room > most:
             raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most {most - room}, "
@@ -275,13 +276,11 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
             raise SDXLError(f"{flag} {target} is a folder; give a file name such as {target / OUTPUT}")
         if target.exists() and not target.is_file():
             raise SDXLError(f"{flag} {target} is not a regular file (a device or pipe); give a file name")
-        want = ".png" if target is out else ".safetensors"
         if target.suffix.lower() != want:
-            raise SDXLError(f"{flag} {target}: the file written is {want[1:].upper()} {'(it carries the infotext) ' if target is out else ''}"
-                            f"so its name must end in {want}, e.g. {target.with_suffix(want).name}")
-        folder = target.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
+            why = "(it carries the infotext) " if want == ".png" else ""
+            raise SDXLError(f"{flag} {target}: the file written is {want[1:].upper()} {why}so its name must end in "
+                            f"{want}, e.g. {target.with_suffix(want).name}")
+        folder = next((p for p in target.parents if p.exists()), target.parents[-1])  # the nearest that exists
         if not folder.is_dir():
             raise SDXLError(f"{flag} {target}: {folder} is a file, not a folder")
         try:
@@ -289,7 +288,6 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
         except OSError as e:
             why = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
             raise SDXLError(f"{flag} {target}: cannot write in {folder} ({why}); choose another folder") from None
-    return targets
 
 
 def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype: str, latent, embeddings,
@@ -312,57 +310,47 @@ def _write(args: argparse.Namespace, k: int, req, result, models: Models, dtype:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import os
     import time
 
     from tqdm import tqdm
 
-    from sdxl.formats.png import read_recipe
+    from sdxl.formats.png import Recipe, read_recipe
 
-    rec = read_recipe(args.from_png) if args.from_png else None
+    rec = read_recipe(args.from_png) if args.from_png else Recipe({}, {}, {})
     models = _generate_models(args, rec)
-    device, dtype, why = device_and_dtype(args.device, args.dtype or (rec.dtype if rec else None))
-    latent_file, latent_index = _replayed_latent(args, rec)
-    init_latent = _load_latent(latent_file, latent_index) if latent_file else None
-    rank, world = _distributed_rank()
-    models, reqs = _requests(args, rec, models, init_latent)
-    reqs = [(k, r) for k, r in enumerate(reqs) if k % world == rank]
-    _outputs(args)
+    device, dtype, why = device_and_dtype(args.device, args.dtype or rec.dtype)
+    latent = _replayed_latent(args, rec)  # (file, index) or None
+    init_latent = _load_latent(*latent) if latent else None
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    reqs = list(enumerate(_requests(args, rec, models, init_latent)))[rank::world]  # torchrun: every world-th prompt
+    _check_outputs(args)
     start = time.perf_counter()
-    budget = args.memory_budget or (rec.memory_budget if rec else None)  # a recipe's run settings, flags first
+    budget = args.memory_budget or rec.memory_budget  # a recipe's run settings, flags first
     pipe = load_pipeline(models, device, dtype, {"on": True, "off": False}.get(args.vae_tiling),
-                         fast=args.fast or (rec.fast if rec else 0), compile=args.compile, memory_budget=budget)
+                         fast=args.fast or rec.fast, compile=args.compile, memory_budget=budget)
     run = run_settings(pipe, budget)
-    if rec and rec.weights != run.get("weights"):
+    if args.from_png and rec.weights != run.get("weights"):
         warnings.warn(f"{args.from_png} was made with UNet weights in {rec.weights or 'full precision'}, this run "
                       f"has them in {run.get('weights') or 'full precision'} (--memory-budget); the image will differ")
-    latent = (latent_file, latent_index) if latent_file else None
-    steps_done = 0
+    steps = []
     for k, req in reqs:
         if init_latent is not None:  # the size in pixels needs the VAE's factor, known once it is loaded
             size = (init_latent.shape[-1] * pipe.latent_factor, init_latent.shape[-2] * pipe.latent_factor)
             if (args.width or size[0], args.height or size[1]) != size:
-                raise SDXLError(f"--latent {latent_file} is {size[0]}x{size[1]} pixels; --width/--height cannot change "
+                raise SDXLError(f"--latent {latent[0]} is {size[0]}x{size[1]} pixels; --width/--height cannot change "
                                 "it (drop them, or upscale with --hires-scale)")
             req = replace(req, width=size[0], height=size[1])
             req.validate(has_refiner=models.refiner is not None)
         use_loras(pipe, request_loras(req, models))
         with tqdm(total=pipe.plan(req).total_steps, desc=f"seed {req.seed}", unit="step", disable=args.quiet) as bar:
-            counted = []
-            result = pipe.generate(req, callback=lambda info: (bar.update(1), counted.append(1)))
-        steps_done += len(counted)
+            result = pipe.generate(req, callback=lambda info: (bar.update(1), steps.append(1)))
         _write(args, k, req, result, models, dtype_name(dtype), latent, pipe.tokenizer.embeddings, run)
     wall = time.perf_counter() - start
     compiled = f", compiling {pipe.compile_seconds:.1f} s of it" if args.compile else ""
     print(f"{wall:.1f} s wall{compiled} ({process_seconds():.1f} s since the process started, {threads_note()}), "
-          f"{wall / max(1, steps_done):.2f} s/step, peak memory {_peak_memory(device)}, {dtype_name(dtype)} ({why})")
+          f"{wall / max(1, len(steps)):.2f} s/step, peak memory {_peak_memory(device)}, {dtype_name(dtype)} ({why})")
     return 0
-
-
-def _distributed_rank() -> tuple[int, int]:
-    """Under torchrun each rank takes every world-th prompt (RANK/WORLD_SIZE from the environment)."""
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _peak_memory(device: str) -> str:
@@ -375,53 +363,41 @@ def _peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
 
 
-def _add_image_flags(g) -> None:
+def _add_image_flags(g: argparse.ArgumentParser) -> None:
     """generate's img2img, inpainting, hires-fix and micro-conditioning flags."""
     g.add_argument("--init-image", help="img2img: start from this image")
     g.add_argument("--strength", type=float, help="img2img strength in [0, 1]")
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as the image")
     g.add_argument("--mask-blur", type=int, metavar="PX", help="blur of the pasted-back mask edge (default 4)")
-    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B", help="outpainting: extend the init image by these pixels")
+    g.add_argument("--outpaint", type=_quad, metavar="L,T,R,B",
+                   help="outpainting: extend the init image by these pixels")
     g.add_argument("--hires-scale", type=float, help="hires fix: upscale by this factor, then img2img")
     g.add_argument("--hires-upscale", choices=("latent", "pixel"))
     g.add_argument("--hires-strength", type=float)
     g.add_argument("--hires-steps", type=int)
-    g.add_argument("--original-size", type=_pair, help="micro-conditioning original size H,W (default: the output size)")
+    g.add_argument("--original-size", type=_pair,
+                   help="micro-conditioning original size H,W (default: the output size)")
     g.add_argument("--crop", type=_pair, help="micro-conditioning crop top,left (default 0,0)")
     g.add_argument("--target-size", type=_pair, help="micro-conditioning target size H,W")
-    g.add_argument("--negative-original-size", type=_pair)
-    g.add_argument("--negative-crop", type=_pair)
-    g.add_argument("--negative-target-size", type=_pair)
+    for flag in ("--negative-original-size", "--negative-crop", "--negative-target-size"):
+        g.add_argument(flag, type=_pair)
     g.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default 6.0)")
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default 2.5)")
 
 
-def _interval(text: str) -> int:
-    """--fast N: 1 (off) to 10."""
-    if not text.isdigit() or not 1 <= int(text) <= 10:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 (off) to 10, got {text!r}")
-    return int(text)
-
-
-def _add_memory_flags(g: argparse.ArgumentParser) -> None:
-    """generate's device, precision and memory flags (sdxl.memory plans the memory)."""
-    g.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    g.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
-                        "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
-                        "The summary line prints the choice and why; use fp32 to compare with fp32 references")
+def _add_run_flags(g: argparse.ArgumentParser) -> None:
+    """generate's device, precision, memory (sdxl.memory plans it) and speed flags."""
+    _add_device_flags(g, "default: bf16 on GPUs that support it, else fp16; on CPUs bf16 where a quick matmul probe "
+                         "finds it faster than fp32 (CPUs with AMX or AVX512-BF16; cached per CPU model), else fp32. "
+                         "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
                    help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
     g.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
                    "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
                    "the plan is printed in one line")
-    g.add_argument("--medvram", action="store_const", const="medvram", dest="memory_budget",
-                   help="A1111's level: --memory-budget 8GB")
-    g.add_argument("--lowvram", action="store_const", const="lowvram", dest="memory_budget",
-                   help="A1111's level: --memory-budget 4GB")
-
-
-def _add_speed_flags(g: argparse.ArgumentParser) -> None:
+    for level, budget in (("medvram", "8GB"), ("lowvram", "4GB")):
+        g.add_argument(f"--{level}", action="store_const", const=level, dest="memory_budget",
+                       help=f"A1111's level: --memory-budget {budget}")
     g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
                    help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
                         "faster per step at N=2; details change and objects can move (bench/RESULTS.md); recorded "
@@ -456,8 +432,10 @@ def _add_generate(sub) -> None:
                    "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
     g.add_argument("--refiner", help="refiner checkpoint")
     g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
-    g.add_argument("--refiner-switch", type=float, help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
-    g.add_argument("--refiner-strength", type=float, help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
+    g.add_argument("--refiner-switch", type=float,
+                   help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
+    g.add_argument("--refiner-strength", type=float,
+                   help="SDEdit the base's result with the refiner at this strength, e.g. 0.25")
     g.add_argument("--refiner-steps", type=int, help="steps of the refiner's own schedule (SDEdit)")
     g.add_argument("--preset", choices=tuple(PRESETS), help="a few-step model's published sampler, scheduler, "
                    "steps, CFG scale (and size): turbo (SDXL-Turbo), lightning-4step/-8step (SDXL-Lightning), "
@@ -485,8 +463,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--latent-index", type=int, help="which latent of that file")
     g.add_argument("--no-watermark", action="store_true", help="omit the invisible watermark")
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
-    _add_memory_flags(g)
-    _add_speed_flags(g)
+    _add_run_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 
@@ -502,10 +479,13 @@ def generate_help() -> dict[str, str]:
 # --- serve -----------------------------------------------------------------------------------
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from sdxl.serve.app import create_app, worker_devices
     from sdxl.serve.config import ServeConfig
+    from sdxl.serve.jobs import claim
 
     if args.api_auth is not None and ":" not in args.api_auth:
         raise SDXLError("--api-auth takes USER:PASS")
@@ -521,26 +501,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
         raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
-    _free_output_dir(config.output_dir)
+    try:  # --output-dir made if missing, and not in use by another server (checked again when the server starts)
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SDXLError(f"--output-dir {config.output_dir}: cannot create it ({e.strerror})") from None
+    if (fd := claim(config.output_dir)) is not None:
+        os.close(fd)
     print(f"serving on http://{args.host}:{args.port} (models: {args.models_dir or 'the embedded default'}; "
           f"images and jobs: {args.output_dir})", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _free_output_dir(folder: Path) -> None:
-    """--output-dir made if missing and not in use by another server (checked again when the server starts)."""
-    import os
-
-    from sdxl.serve.jobs import claim
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SDXLError(f"--output-dir {folder}: cannot create it ({e.strerror})") from None
-    fd = claim(folder)
-    if fd is not None:
-        os.close(fd)
 
 
 def _add_serve(sub) -> None:
@@ -556,8 +526,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--allow-host", action="append", metavar="NAME",
                    help="also accept requests whose Host is NAME (e.g. a reverse proxy's public name); repeatable. "
                         "Others are refused (403) against DNS rebinding")
-    s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    s.add_argument("--dtype", choices=tuple(DTYPES), help="default: as for generate")
+    _add_device_flags(s)
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="workers taking jobs from the one queue in order (default 1); each its own GPU when there "
                         "are several (cuda:0..N-1), else they share the device (on CPU, its cores)")
@@ -566,26 +535,18 @@ def _add_serve(sub) -> None:
 
 # --- eval ------------------------------------------------------------------------------------
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 10,20,40, got {text!r}") from None
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sdxl.lab import evaluate
     from sdxl.pipeline import Pipeline
 
     out = Path(args.out)
     evaluate.check_out(out, args.overwrite)  # before loading anything big
-    bad = [k for k in args.experiments if k not in (1, 2, 3, 4)]
-    if bad or not args.experiments:
+    if not args.experiments or not set(args.experiments) <= {1, 2, 3, 4}:
         given = ",".join(map(str, args.experiments)) or "(none)"
         raise SDXLError(f"--experiments takes numbers from 1,2,3,4, got {given}")
     m = resolve_models(args.model, args.refiner, args.no_refiner)
     info = m.native
-    variants = Path(args.variants) if args.variants else Path("bench/variants")
+    variants = Path(args.variants or "bench/variants")
     variants = variants if args.variants or variants.is_dir() else None
     settings = evaluate.Settings(resolution=args.resolution or info["resolution"], n=args.n, steps=args.steps,
                                  samplers=tuple(v for v in args.samplers.split(",") if v), native_steps=info["steps"],
@@ -622,8 +583,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="selects the prompts and the noise (prompt i: seed + i)")
     e.add_argument("--batch", type=int, default=16, help="prompts per sampling run (default 16)")
     e.add_argument("--resolution", type=int, help="native square size (default: the default model's, else 1024)")
-    e.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: as for generate")
+    _add_device_flags(e)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_eval)
 
@@ -678,10 +638,8 @@ def _add_judge(sub) -> None:
     j = sub.add_parser("judge", help="the synthetic world's judge (a small CNN that reads images back into scenes)")
     jsub = j.add_subparsers(dest="judge_command", metavar="ACTION", required=True)
     t = jsub.add_parser("train", help="train the judge, read fresh scenes, save .safetensors + .json")
-    t.add_argument("--steps", type=int, default=1600)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
+    for flag, kind, default in ("--steps", int, 1600), ("--seed", int, 0), ("--batch", int, 64), ("--lr", float, 2e-3):
+        t.add_argument(flag, type=kind, default=default)
     t.add_argument("--pool", type=int, default=20000, help="scenes rendered for training")
     t.add_argument("--heldout", type=int, default=2000, help="fresh scenes to evaluate on")
     t.add_argument("--out", help="path without suffix: writes .safetensors and .json (default: the shipped judge, "
@@ -765,8 +723,8 @@ def _cmd_detect_watermark(args: argparse.Namespace) -> int:
 
 
 def _add_detect_watermark(sub) -> None:
-    d = sub.add_parser("detect-watermark",
-                       help="read SDXL's invisible watermark: matched bits and the reference's verdict")
+    d = sub.add_parser("detect-watermark", help="read SDXL's invisible watermark: matched bits and the reference's "
+                                                "verdict")
     d.add_argument("images", nargs="+")
     d.set_defaults(func=_cmd_detect_watermark)
 
@@ -774,18 +732,9 @@ def _add_detect_watermark(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdxl", description="Stable Diffusion XL: inspect checkpoints, generate, train.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    q = sub.add_parser("inspect", help="read a checkpoint's headers: format, architecture, dtype, parameters, key check")
-    q.add_argument("path", help="a single-file .safetensors checkpoint or a diffusers folder")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
-    q.set_defaults(func=_cmd_inspect)
-    _add_generate(sub)
-    _add_serve(sub)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_detect_watermark(sub)
-    _add_judge(sub)
-    _add_recipe(sub)
-    _add_train_vae(sub)
+    for add in (_add_inspect, _add_generate, _add_serve, _add_train, _add_eval, _add_detect_watermark, _add_judge,
+                _add_recipe, _add_train_vae):
+        add(sub)
     return p
 
 
