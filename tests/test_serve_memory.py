@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import run
 from serve_fixtures import live_server, tiny_models  # noqa: F401 (fixture)
 
 from sdxl import memory
@@ -72,3 +73,9 @@ def test_workers_sharing_a_device_share_the_budget(budget, n, share):
 def test_auto_budget_shared_from_the_free_memory(monkeypatch):
     monkeypatch.setattr(memory, "available", lambda device: 10 << 30)
     assert memory.share("auto", "cpu", 4) == "2560MB"
+
+
+@pytest.mark.parametrize("flags", [("--memory-budget", "6XB"), ("--memory-budget", "0GB"), ("--memory-budget", "")])
+def test_serve_bad_budget_is_one_line_before_it_starts(capsys, flags):
+    code, out, err = run(capsys, "serve", "--port", "1", *flags)
+    assert code == 2 and err.count("\n") == 1 and "--memory-budget" in err and "give a size such as" in err

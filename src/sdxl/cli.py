@@ -60,6 +60,15 @@ def _add_device_flags(p: argparse.ArgumentParser, dtype_help: str = "default: as
     p.add_argument("--dtype", choices=tuple(DTYPES), help=dtype_help)
 
 
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
+                   "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
+                   "the plan is printed in one line")
+    for level, budget in (("medvram", "8GB"), ("lowvram", "4GB")):
+        p.add_argument(f"--{level}", action="store_const", const=level, dest="memory_budget",
+                       help=f"A1111's level: --memory-budget {budget}")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sdxl.formats.checkpoint import inspect
 
@@ -392,12 +401,7 @@ def _add_run_flags(g: argparse.ArgumentParser) -> None:
                          "The summary line prints the choice and why; use fp32 to compare with fp32 references")
     g.add_argument("--vae-tiling", choices=("auto", "on", "off"),
                    help="run the VAE in row bands: less memory, the same image (auto: from 1024x1024 pixels a batch)")
-    g.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
-                   "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
-                   "the plan is printed in one line")
-    for level, budget in (("medvram", "8GB"), ("lowvram", "4GB")):
-        g.add_argument(f"--{level}", action="store_const", const=level, dest="memory_budget",
-                       help=f"A1111's level: --memory-budget {budget}")
+    _add_memory_flags(g)
     g.add_argument("--fast", type=_interval, nargs="?", const=2, default=0, metavar="N",
                    help="reuse the UNet's deep features N-1 UNet calls in N (DeepCache; N=2 if omitted): about 2x "
                         "faster per step at N=2; details change and objects can move (bench/RESULTS.md); recorded "
@@ -491,8 +495,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise SDXLError("--api-auth takes USER:PASS")
     config = ServeConfig(args.host, args.port, args.models_dir and Path(args.models_dir), Path(args.output_dir),
                          args.api_auth, args.insecure, args.device, args.dtype, tuple(args.allow_host or ()),
-                         workers=args.workers)
+                         workers=args.workers, memory_plan=args.memory_budget)
     worker_devices(args.device, args.workers)  # a bad --workers is one line before the server starts
+    if args.memory_budget is not None:  # a bad budget, too
+        from sdxl.memory import FLAGS, parse_budget
+
+        parse_budget(FLAGS.get(args.memory_budget, args.memory_budget))
     if config.exposed() and not config.api_auth:
         print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
               file=sys.stderr)
@@ -530,6 +538,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="workers taking jobs from the one queue in order (default 1); each its own GPU when there "
                         "are several (cuda:0..N-1), else they share the device (on CPU, its cores)")
+    _add_memory_flags(s)
     s.set_defaults(func=_cmd_serve)
 
 
