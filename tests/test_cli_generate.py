@@ -77,7 +77,7 @@ def test_batch_image_i_uses_seed_plus_i(files, tmp_path, capsys):
 
 def test_watermark_on_by_default(files, tmp_path, capsys):
     base, _ = files
-    big = ["a star", "--model", base, "--seed", 4, "--steps", 2, "--width", 256, "--height", 256, "-q", "--dtype", "fp32"]
+    big = ["a star", "--model", base, "--seed", 4, "--steps", 1, "--width", 256, "--height", 256, "-q", "--dtype", "fp32"]
     run(capsys, "generate", *big, "-o", tmp_path / "marked.png")
     run(capsys, "generate", *big, "-o", tmp_path / "plain.png", "--no-watermark")
     # on by default, off with --no-watermark (its size on natural images is measured in test_watermark.py; on this
