@@ -273,7 +273,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     import os
     import tempfile
 
-    room = len(".-0000-00-000.tmp-0000000")  # a free name's and the batch's suffixes (files.write_file "free"), the temporary name
+    # room for a free name's and the batch's suffixes (files.write_file "free") and the temporary name
+    room = len(".-0000-00-000.tmp-0000000")
     targets = [("-o", Path(args.output or OUTPUT), ".png")]
     targets += [("--save-latent", Path(args.save_latent), ".safetensors")] if args.save_latent else []
     for flag, target, want in targets:
