@@ -152,7 +152,7 @@ def test_checkpoint_markers_are_detected(v_model, tmp_path):
     assert ck.sampling_settings(plain) == {"prediction": "epsilon", "zero_terminal_snr": False}
 
 
-def test_inspect_reads_the_markers_as_the_prediction(v_model, tmp_path):
+def test_inspect_reads_the_markers_as_the_prediction(v_model, tmp_path, capsys):
     """`sdxl inspect` of a v-prediction single file: its v_pred/ztsnr keys are the prediction, not unexpected keys."""
     _, single, _ = v_model
     info = ck.inspect(single)
@@ -160,6 +160,8 @@ def test_inspect_reads_the_markers_as_the_prediction(v_model, tmp_path):
     assert info["sampling"] == {"prediction": "v", "zero_terminal_snr": True}
     plain = ck.save_single_file(SDXLModel(TINY_BASE), tmp_path / "eps.safetensors")
     assert ck.inspect(plain)["sampling"] == {"prediction": "epsilon", "zero_terminal_snr": False}
+    code, out, _ = run(capsys, "inspect", single)
+    assert code == 0 and "prediction:    v, zero terminal SNR\n" in out and "unexpected keys:  0\n" in out
 
 
 def test_ztsnr_without_v_pred_is_ignored_as_comfyui_does():

@@ -78,6 +78,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     for label in ("format", "architecture", "dtype"):
         print(f"{label + ':':<15}{info[label]}")
+    if s := info.get("sampling"):  # a single file's v_pred/ztsnr keys
+        print(f"{'prediction:':<15}{s['prediction']}" + (", zero terminal SNR" if s["zero_terminal_snr"] else ""))
     print("components:")
     for name, c in info["components"].items():
         print(f"  {name:<16}{c['params']:>16,} parameters")
