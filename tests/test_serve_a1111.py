@@ -155,7 +155,9 @@ def test_refiner_checkpoint_none_turns_the_refiner_off(value, refiner):
     model's default."""
     p = a1111.checked_fields({"prompt": "x"} | ({} if value is None else {"refiner_checkpoint": value}))
     assert a1111.model_choice(p).get("refiner") == refiner
-    assert ("refiner_switch" in a1111.request_settings(p, "txt2img")) == (refiner == "tiny_refiner")
+    assert "refiner_switch" not in a1111.request_settings(p, "txt2img")  # 0.8 where a refiner loads (with_defaults)
+    at = a1111.request_settings(a1111.checked_fields(dict(p) | {"refiner_switch_at": 0.5}), "txt2img")
+    assert at.get("refiner_switch") == (None if refiner == "none" else 0.5)  # the built-in refiner's switch too
     with pytest.raises(FieldError) as e:
         a1111.model_choice({"override_settings": {"sd_model_checkpoint": 3}})
     assert e.value.field == "override_settings.sd_model_checkpoint"

@@ -221,8 +221,8 @@ def _load_latent(path: str, index: int | None):
     if "latent" not in f:
         raise SDXLError(f"{path}: holds no tensor named 'latent' (write one with --save-latent)")
     shape = f.shapes()["latent"]
-    if len(shape) != 4 or shape[1] != 4:
-        raise SDXLError(f"{path}: latent has shape {tuple(shape)}, expected (N, 4, H/8, W/8)")
+    if len(shape) != 4 or shape[1] != 4 or not shape[0]:
+        raise SDXLError(f"{path}: latent has shape {tuple(shape)}, expected (N, 4, H/8, W/8) with N >= 1")
     if shape[0] > MAX_BATCH or max(shape[2:]) > MAX_SIDE // 8:
         raise SDXLError(f"{path}: latent of shape {tuple(shape)} is over the limit of {MAX_BATCH} latents of "
                         f"{MAX_SIDE // 8}x{MAX_SIDE // 8} ({MAX_SIDE} pixels a side)")
@@ -487,12 +487,13 @@ def generate_help() -> dict[str, str]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import socket
 
     import uvicorn
 
     from sdxl.serve.app import create_app, worker_devices
     from sdxl.serve.config import ServeConfig
-    from sdxl.serve.jobs import claim
+    from sdxl.serve.jobs import check_database, claim
 
     if args.api_auth is not None and ":" not in args.api_auth:
         raise SDXLError("--api-auth takes USER:PASS")
@@ -512,16 +513,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
         raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+    device_and_dtype(args.device, args.dtype)  # an unavailable device is one line here, not a traceback at start
+    try:  # the port is free (uvicorn's own failure comes after the banner, with a traceback)
+        socket.create_server((args.host, args.port)).close()
+    except OSError as e:
+        raise SDXLError(f"--port {args.port} on {args.host}: {e.strerror}; give a free --port (or stop the server "
+                        "using it)") from None
     try:  # --output-dir made if missing, and not in use by another server (checked again when the server starts)
         config.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SDXLError(f"--output-dir {config.output_dir}: cannot create it ({e.strerror})") from None
     if (fd := claim(config.output_dir)) is not None:
         os.close(fd)
+    check_database(config.database)
     print(f"serving on http://{args.host}:{args.port} (models: {args.models_dir or 'the embedded default'}; "
           f"images and jobs: {args.output_dir})", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def _add_serve(sub) -> None:
@@ -530,7 +544,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--models-dir", help="folder with checkpoints/ (or Stable-diffusion/), loras/ (or Lora/), "
                                         "embeddings/, vae/")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=7860, help="default 7860")
+    s.add_argument("--port", type=_port, default=7860, help="default 7860")
     s.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic auth")
     s.add_argument("--output-dir", default="outputs", help="where images and the job database go (default outputs)")
     s.add_argument("--insecure", action="store_true", help="allow a non-local --host without --api-auth")

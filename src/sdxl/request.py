@@ -270,6 +270,12 @@ def _check_inputs(r: Request, has_refiner: bool) -> None:
         raise SDXLError(f"{'a mask' if r.mask is not None else 'outpainting'} needs an init image (--init-image)")
     if r.strength != 1.0 and r.init_image is None and r.init_latent is None:
         raise SDXLError(f"strength {r.strength} applies to img2img; give --init-image (or --latent), or drop it")
+    if r.init_latent is not None and r.init_image is not None:
+        raise SDXLError("--latent and --init-image both give the start of the image: give one of them")
+    if r.init_latent is not None and r.init_latent.shape[0] not in (1, r.batch):
+        n = r.init_latent.shape[0]
+        raise SDXLError(f"the --latent file holds {n} latents for a batch of {r.batch}: pick one with --latent-index "
+                        f"I (0 to {n - 1}), or give --batch {n}")
     if r.mask is not None and r.outpaint is not None:
         raise SDXLError("--mask and --outpaint cannot be combined: outpainting makes its own mask (the new border); "
                         "outpaint first, then inpaint the result with --mask")

@@ -195,7 +195,8 @@ def dtype_name(dtype) -> str:
 
 def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     """Settings completed from the model's native ones and the init image: size (rounded to 8, grown by the
-    outpaint pads), steps, cfg, the default refiner's switch and the img2img strength."""
+    outpaint pads), steps, cfg, a refiner's switch (the native 0.8 when a refiner is loaded and neither a switch
+    nor a strength is given, as A1111's refiner_switch_at) and the img2img strength."""
     s = dict(settings)
     if init is not None and "width" not in s and "height" not in s:
         s["width"], s["height"] = (v // 8 * 8 for v in init.size)
@@ -208,7 +209,7 @@ def with_defaults(settings: dict, models: Models, init=None, mask=None) -> dict:
     s.setdefault("cfg", models.native["cfg"])
     for key, value in (models.sampling or {}).items():  # prediction, zero_terminal_snr
         s.setdefault(key, value)
-    if models.default_refiner and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
+    if models.refiner is not None and s.get("refiner_switch") is None and s.get("refiner_strength") is None:
         s["refiner_switch"] = models.native["refiner_switch"]
     if init is not None and "strength" not in s:
         s["strength"] = 0.75 if mask is None else 1.0

@@ -142,8 +142,8 @@ def request_settings(p: dict, kind: str) -> dict:
     s |= sampler_and_schedule(p)
     if kind == "img2img":
         s["strength"] = p.get("denoising_strength", 0.75)  # A1111's img2img default
-    if refiner_choice(p) not in (None, NO_REFINER):
-        s["refiner_switch"] = p.get("refiner_switch_at", 0.8)
+    if refiner_choice(p) != NO_REFINER and p.get("refiner_switch_at") is not None:  # the model's own refiner too
+        s["refiner_switch"] = p["refiner_switch_at"]  # else 0.8 with a refiner (session.with_defaults)
     return s | hires_settings(p)
 
 

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 import traceback
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -320,8 +321,22 @@ def _open_database(path: Path) -> sqlite3.Connection:
                    (f"the server stopped during this job {MAX_ATTEMPTS} times; not run again", MAX_ATTEMPTS))
         db.execute("UPDATE jobs SET state='queued' WHERE state='running'")
     except sqlite3.DatabaseError as e:
-        raise SDXLError(f"{path}: not a usable job database ({e}); move it away or give another --output-dir") from None
+        raise _unusable(path, e) from None
     return db
+
+
+def check_database(path: Path) -> None:
+    """An existing job database must read as one (SDXLError otherwise); read-only, so a server can check first."""
+    if path.exists():
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise _unusable(path, e) from None
+
+
+def _unusable(path: Path, e: Exception) -> SDXLError:
+    return SDXLError(f"{path}: not a usable job database ({e}); move it away or give another --output-dir")
 
 
 def claim(output_dir: Path) -> int | None:
