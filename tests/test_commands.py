@@ -117,11 +117,18 @@ def test_train_vae_writes_the_file_and_its_record(images, tmp_path):
     assert out.is_file() and meta["steps"] == 2 and meta["batch_size"] == 2 and meta["images"] == 4
 
 
-def test_train_vae_never_overwrites_out(images, tmp_path, capsys):
+@pytest.mark.parametrize("existing", ["mine.safetensors", "mine.json"])
+def test_train_vae_never_overwrites_out_or_its_record(images, tmp_path, capsys, existing):
     out = tmp_path / "mine.safetensors"
-    out.write_bytes(b"the user's file")
+    (tmp_path / existing).write_bytes(b"the user's file")
     assert main(["train-vae", "--dataset", str(images), "--out", str(out), "--set", "steps=2"]) == 2
-    assert "already exists" in error_line(capsys) and out.read_bytes() == b"the user's file"
+    assert f"{existing}: already exists" in error_line(capsys)
+    assert (tmp_path / existing).read_bytes() == b"the user's file" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_train_vae_out_is_a_safetensors_name(images, tmp_path, capsys):
+    assert main(["train-vae", "--dataset", str(images), "--out", str(tmp_path / "vae.txt"), "--set", "steps=2"]) == 2
+    assert "give a .safetensors file name" in error_line(capsys) and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("item, message", [

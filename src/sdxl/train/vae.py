@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sdxl.formats import checkpoint as checkpoint_io
+from sdxl.formats.files import write_json
 from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
 from sdxl.models.vae import VAEConfig
@@ -111,8 +111,10 @@ def fold_latent_scale(vae, images: torch.Tensor, scaling_factor: float) -> float
 def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path:
     """Train, fold the latent scale, write a standalone VAE file (`first_stage_model.*`, fp32) and `out`.json."""
     out = Path(out)
-    if out.exists():
-        raise SDXLError(f"{out}: already exists; choose another --out (nothing was overwritten)")
+    if out.suffix != ".safetensors":
+        raise SDXLError(f"--out {out}: give a .safetensors file name, e.g. vae.safetensors")
+    if taken := next((p for p in (out, out.with_suffix(".json")) if p.exists() or p.is_symlink()), None):
+        raise SDXLError(f"{taken}: already exists; choose another --out (nothing was overwritten)")
     items, skipped = data.scan(cfg.dataset, out.parent)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
@@ -158,7 +160,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             "seconds": round(time.perf_counter() - started, 1), "log": log}
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_io.save_single_file(model.cpu(), out, metadata={"sdxl.train.vae": json.dumps(meta)})
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(out.with_suffix(".json"), meta, indent=1)  # a new file: never replaces one made meanwhile
     if not quiet:
         print(f"wrote {out}: PSNR {psnr:.1f} dB on fresh crops, latent scale x{k:.3g} folded in")
     return out
