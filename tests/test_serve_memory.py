@@ -79,3 +79,21 @@ def test_auto_budget_shared_from_the_free_memory(monkeypatch):
 def test_serve_bad_budget_is_one_line_before_it_starts(capsys, flags):
     code, out, err = run(capsys, "serve", "--port", "1", *flags)
     assert code == 2 and err.count("\n") == 1 and "--memory-budget" in err and "give a size such as" in err
+
+
+def test_unusable_checkpoints_are_listed_as_refused_and_never_current(tiny_models, tmp_path):  # noqa: F811
+    """A LoRA or a damaged file in checkpoints/ is listed with the reason (as a broken LoRA is), the current model
+    is the first usable one, and naming a refused one is one line (the server's 422), not a failed job."""
+    from sdxl.errors import SDXLError
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    os.link(next((tiny_models / "loras").glob("*.safetensors")), root / "checkpoints" / "a_lora.safetensors")
+    (root / "checkpoints" / "b_junk.safetensors").write_bytes(b"junk!")
+    os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / "c_model.safetensors")
+    m = ModelsFolder(root, "cpu", "fp32")
+    refused = {f.name: f.refused for f in m.list("checkpoints")}
+    assert refused["c_model.safetensors"] is None and m.current == "c_model.safetensors"
+    assert refused["a_lora.safetensors"] and refused["b_junk.safetensors"], refused
+    with pytest.raises(SDXLError, match="model 'a_lora.safetensors': refused: "):
+        m.models("a_lora.safetensors", None, None, ())

@@ -8,16 +8,17 @@ least recently used out; a request's LoRAs are applied to the loaded pipeline (s
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdxl.default_model import ASSETS
-from sdxl.errors import SDXLError
 from sdxl.adapters.apply import use_embeddings
 from sdxl.adapters.tags import PICKLES, find_lora, inside, lora_problem
+from sdxl.default_model import ASSETS
+from sdxl.errors import SDXLError
 from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
@@ -93,7 +94,8 @@ class ModelsFolder:
             if not inside(path, folder):
                 continue
             refused = f"{suffix} is a pickle format, never loaded; convert it to .safetensors" \
-                if suffix in PICKLES else lora_problem(path) if kind == "loras" else None
+                if suffix in PICKLES else lora_problem(path) if kind == "loras" \
+                else _checkpoint_problem(str(path), *_stamp(path)) if kind == "checkpoints" else None
             out.append(ModelFile(kind, path.relative_to(folder).as_posix(), path, refused))
         return out
 
@@ -154,6 +156,25 @@ class ModelsFolder:
         with self.lock:
             self.loaded[key] = (pipe, _pipeline_bytes(pipe))
         return pipe
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=1024)
+def _checkpoint_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    """Why a file in checkpoints/ cannot be a model (its header is read once per version of the file), else None."""
+    from sdxl.formats.checkpoint import inspect
+
+    try:
+        info = inspect(path)
+    except SDXLError as e:
+        return str(e)
+    if "unet" not in info["components"]:
+        return f"{path}: no UNet in it (a VAE or LoRA file?); put VAEs in vae/ and LoRAs in loras/"
+    return None
 
 
 def _file_size(path: str) -> int:
