@@ -97,3 +97,19 @@ def test_unusable_checkpoints_are_listed_as_refused_and_never_current(tiny_model
     assert refused["a_lora.safetensors"] and refused["b_junk.safetensors"], refused
     with pytest.raises(SDXLError, match="model 'a_lora.safetensors': refused: "):
         m.models("a_lora.safetensors", None, None, ())
+
+
+def test_a_mask_of_another_size_is_refused_at_submit(two_servers):
+    """The native API checks a job as the A1111 API does, at once (422), not in the queue (a failed job)."""
+    import base64
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    _, resident = two_servers
+    body = {"prompt": "paint", "init_image": b64(Image.new("RGB", (128, 128))), "mask": b64(Image.new("L", (64, 64))),
+            **FAST}
+    r = resident.http.post("/v1/jobs", json=body)
+    assert r.status_code == 422 and "mask is 64x64 but the image is 128x128; they must match" in r.text, r.text

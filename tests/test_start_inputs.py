@@ -93,3 +93,11 @@ def test_serve_refuses_a_port_in_use_and_a_damaged_database(capsys, tmp_path):
     code, _, err = run(capsys, "serve", "--port", port, "--output-dir", tmp_path / "damaged")
     assert code == 2 and "jobs.sqlite3: not a usable job database" in err and "give another --output-dir" in err
     assert (tmp_path / "damaged" / "jobs.sqlite3").read_bytes() == b"not a database at all, just some bytes"
+
+
+def test_a_mask_of_another_size_is_one_line_before_loading(files, tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    Image.new("L", (32, 32)).save(tmp_path / "mask.png")
+    code, out, err = run(capsys, "generate", "a boat", "--model", files[0], "--init-image", tmp_path / "init.png",
+                         "--mask", tmp_path / "mask.png", *FAST, "-o", tmp_path / "x.png")
+    assert code == 2 and "mask is 32x32 but the image is 64x64; they must match" in err and "loaded" not in out

@@ -422,9 +422,6 @@ class Pipeline:
     @staticmethod
     def _mask_tensor(req: Request, width: int, height: int) -> torch.Tensor:
         """(1, 1, H, W) in [0, 1], 1 = repaint: the mask through its image's resize, grey levels (its blur) kept."""
-        (w, h), (iw, ih) = req.mask.size, req.init_image.size
-        if (w, h) != (iw, ih):
-            raise SDXLError(f"mask is {w}x{h} but the image is {iw}x{ih}; they must match")
         return _pixels(req.mask, "L", width, height)[None, None]
 
     def _overlay(self, req: Request, pixels: torch.Tensor) -> torch.Tensor:

@@ -276,6 +276,9 @@ def _check_inputs(r: Request, has_refiner: bool) -> None:
         n = r.init_latent.shape[0]
         raise SDXLError(f"the --latent file holds {n} latents for a batch of {r.batch}: pick one with --latent-index "
                         f"I (0 to {n - 1}), or give --batch {n}")
+    if r.mask is not None and r.init_image is not None and r.mask.size != r.init_image.size:
+        (w, h), (iw, ih) = r.mask.size, r.init_image.size
+        raise SDXLError(f"mask is {w}x{h} but the image is {iw}x{ih}; they must match")
     if r.mask is not None and r.outpaint is not None:
         raise SDXLError("--mask and --outpaint cannot be combined: outpainting makes its own mask (the new border); "
                         "outpaint first, then inpaint the result with --mask")
