@@ -18,11 +18,11 @@ from test_lora import fresh
 from test_lora_prompts import lora_file
 
 from sdxl.adapters.apply import applied_adapters, use_adapters
-from sdxl.errors import SDXLError
 from sdxl.adapters.lora import load_lora, place, sites, target
+from sdxl.adapters.tags import MAX_LORA_WEIGHT, find_lora, lora_spec, split_loras
+from sdxl.errors import SDXLError
 from sdxl.formats.png import file_hash, lora_entry, parse_recipe, replay_lora
 from sdxl.serve.native import spec_from_body
-from sdxl.adapters.tags import MAX_LORA_WEIGHT, find_lora, lora_spec, split_loras
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,6 +182,36 @@ def test_every_lora_replays_from_elsewhere_and_is_hash_checked(folder, tmp_path,
     code, _, err = run(capsys, "generate", "--from-png", tmp_path / "t.png", "--lora-dir", other, "-o",
                        tmp_path / "m.png")
     assert code == 2 and f"{tmp_path / 't.png'}: lora0: the LoRA a.safetensors is not here; give --lora-dir DIR" in err
+
+
+def test_a_link_out_of_the_lora_folder_is_named_not_followed(tmp_path):
+    """Nothing outside the LoRA folder is read (a server's loras/ must not reach other files), and a link that
+    leads out is named in the message rather than the folder looking empty."""
+    (tmp_path / "loras").mkdir()
+    lora_file(tmp_path / "elsewhere.safetensors", 3)
+    (tmp_path / "loras" / "linked.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(SDXLError, match="linked.safetensors is a link to a file outside the folder, which is not "
+                                        "followed: copy or move the file in"):
+        find_lora("linked", tmp_path / "loras")
+
+
+def test_a_moved_lora_file_is_found_by_name_in_the_folder_given(folder, tmp_path, capsys):
+    """--lora FILE:W recorded with its absolute path, the file moved since: `--lora-dir DIR` (as the message says)
+    finds it by name there, with its weight; without it, the message names the weight to give with --lora."""
+    root, _, _ = folder
+    mine = tmp_path / "mine" / "b.safetensors"
+    mine.parent.mkdir()
+    lora_file(mine, 7)
+    common = ("--model", root / "checkpoints" / "tiny.safetensors", "--seed", 5, *FAST)
+    assert run(capsys, "generate", "a star", *common, "--lora", f"{mine}:0.8", "-o", tmp_path / "t.png")[0] == 0
+    (tmp_path / "moved").mkdir()
+    mine.rename(tmp_path / "moved" / "b.safetensors")
+    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "t.png", "-o", tmp_path / "x.png")
+    assert code == 2 and "give --lora-dir DIR (the folder it is in) or --lora FILE:0.8" in err
+    code, _, err = run(capsys, "generate", "--from-png", tmp_path / "t.png", "--lora-dir", tmp_path / "moved", "-q",
+                       "-o", tmp_path / "r.png")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "t.png")), np.asarray(Image.open(tmp_path / "r.png")))
 
 
 # --- the site layout written once; the A1111 listing ------------------------------------------------------------

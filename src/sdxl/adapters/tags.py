@@ -142,8 +142,10 @@ def find_lora(name: str, folder: str | Path | None) -> Path:
         return hits[0]
     names = sorted({p.stem for p in files if not lora_problem(p)})
     close = difflib.get_close_matches(name, names, n=5)
+    out = [p for p in folder.rglob("*") if p.is_symlink() and name in (p.stem, p.name) and not inside(p, folder)]
     raise SDXLError(f"lora {name!r}: no such file in loras ({folder}); " + (
-        f"close names: {', '.join(close)}" if close else f"choose one of: {', '.join(names[:20]) or '(none)'}"))
+        f"{out[0]} is a link to a file outside the folder, which is not followed: copy or move the file in" if out
+        else f"close names: {', '.join(close)}" if close else f"choose one of: {', '.join(names[:20]) or '(none)'}"))
 
 
 def lora_problem(path: Path) -> str | None:

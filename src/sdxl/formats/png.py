@@ -112,15 +112,17 @@ def lora_entry(spec: str, lora_dir: str | None) -> str:
 def replay_lora(entry: str, lora_dir: str | None, where: str) -> str:
     """A recipe's LoRA entry -> FILE:WEIGHT here: a relative FILE inside `lora_dir` (the LoRA folder given now,
     else the recorded one) where it is there, else as written (recipes that recorded paths from the working
-    directory); a file not found is an error."""
+    directory), else a file of its name in `lora_dir` (the LoRA moved); a file not found is an error."""
     from sdxl.adapters.tags import lora_spec
 
     path, weight = lora_spec(entry, where)
-    if lora_dir is not None and not Path(path).is_absolute() and (Path(lora_dir) / path).is_file():
-        path = str(Path(lora_dir) / path)
+    folder = Path(lora_dir) if lora_dir else None
+    tries = [folder / path] if folder and not Path(path).is_absolute() else []
+    tries += [Path(path)] + ([folder / Path(path).name] if folder else [])  # last: a moved file, by its name
+    path = str(next((p for p in tries if p.is_file()), path))
     if not Path(path).exists():
         raise SDXLError(f"{where}: the LoRA {path} is not here; give --lora-dir DIR (the folder it is in) or "
-                        "--lora FILE")
+                        f"--lora FILE:{weight:g}")
     return f"{path}:{weight!r}"
 
 
