@@ -101,3 +101,18 @@ def test_a_mask_of_another_size_is_one_line_before_loading(files, tmp_path, caps
     code, out, err = run(capsys, "generate", "a boat", "--model", files[0], "--init-image", tmp_path / "init.png",
                          "--mask", tmp_path / "mask.png", *FAST, "-o", tmp_path / "x.png")
     assert code == 2 and "mask is 32x32 but the image is 64x64; they must match" in err and "loaded" not in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "a boat", "--medvram", "--lowvram"], "argument --lowvram: not allowed with argument --medvram"),
+    (["generate", "a boat", "--prompts", "PROMPTS"], "a prompt and --prompts FILE were both given"),
+    (["serve", "--models-dir", "PROMPTS"], "--models-dir PROMPTS: not a folder"),
+    (["generate", "a boat", "--save-latent", "."],
+     "--save-latent . is a folder; give a file name such as sdxl.safetensors"),
+    (["generate", "a boat", "-o", "."], "-o . is a folder; give a file name such as sdxl.png"),
+])
+def test_conflicting_or_misplaced_inputs_are_one_line(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "PROMPTS").write_text("a red boat\n")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and words in err and err.count("\n") == 1, err

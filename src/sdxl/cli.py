@@ -60,7 +60,8 @@ def _add_device_flags(p: argparse.ArgumentParser, dtype_help: str = "default: as
     p.add_argument("--dtype", choices=tuple(DTYPES), help=dtype_help)
 
 
-def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_mutually_exclusive_group()  # one budget: --medvram --lowvram together is a mistake
     p.add_argument("--memory-budget", help="plan memory for this much: 4GB, 6GB, 8GB, ... or auto (free RAM, or free "
                    "VRAM on a GPU): text encoders and UNets released after use, 8-bit UNet weights, streaming; "
                    "the plan is printed in one line")
@@ -163,6 +164,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str | None]:
     """The prompt argument, or the lines of --prompts (UTF-8), or [None] (the recipe's prompt)."""
     if not args.prompts:
         return [args.prompt]
+    if args.prompt is not None:
+        raise SDXLError("a prompt and --prompts FILE were both given: put the prompt in the file, or drop --prompts")
     from sdxl.images import regular_file
 
     path = regular_file(args.prompts, "--prompts", "file")
@@ -246,7 +249,8 @@ def _requests(args: argparse.Namespace, rec, models: Models, latent) -> list:
     images = {k: load_image(getattr(args, k), FLAGS[k]) if getattr(args, k) else None for k in ("init_image", "mask")}
     for key, want in (rec.inputs or {}).items():  # an img2img/inpainting PNG's images must be given again
         if images[key] is None:
-            raise SDXLError(f"{args.from_png} was made from an {key.replace('_', ' ')} (hash {want}); give it again "
+            raise SDXLError(f"{args.from_png} was made from {'an init image' if key == 'init_image' else 'a mask'} "
+                            f"(hash {want}); give it again "
                             f"with {FLAGS[key]}")
         _warn_hash(f"{FLAGS[key]} {getattr(args, key)}", image_hash(images[key]), want, args.from_png,
                    "from one with")
@@ -280,12 +284,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
     targets = [("-o", Path(args.output or OUTPUT), ".png")]
     targets += [("--save-latent", Path(args.save_latent), ".safetensors")] if args.save_latent else []
     for flag, target, want in targets:
-        longest, most = max(len(os.fsencode(p)) for p in target.parts), os.pathconf(target.anchor or ".", "PC_NAME_MAX")
+        longest = max((len(os.fsencode(p)) for p in target.parts), default=0)  # "." has no parts
+        most = os.pathconf(target.anchor or ".", "PC_NAME_MAX")
         if longest + room > most:
             raise SDXLError(f"{flag} {target}: a name of {longest} bytes is too long here (at most {most - room}, "
                             "leaving room for numbered names)")
         if target.is_dir():
-            raise SDXLError(f"{flag} {target} is a folder; give a file name such as {target / OUTPUT}")
+            raise SDXLError(f"{flag} {target} is a folder; give a file name such as "
+                            f"{(target / OUTPUT).with_suffix(want)}")
         if target.exists() and not target.is_file():
             raise SDXLError(f"{flag} {target} is not a regular file (a device or pipe); give a file name")
         if target.suffix.lower() != want:
@@ -471,7 +477,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--no-watermark", action="store_true", help="omit the invisible watermark")
     g.add_argument("-o", "--output", help="output PNG (never overwritten: a free name is chosen and printed)")
     _add_run_flags(g)
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no seed line (the seed is saved)")
     g.set_defaults(func=_cmd_generate)
 
 
@@ -512,7 +518,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise SDXLError(f"refusing to serve on {args.host} without --api-auth USER:PASS "
                             "(or add --insecure if the network is trusted)")
     if args.models_dir and not Path(args.models_dir).is_dir():
-        raise SDXLError(f"--models-dir {args.models_dir}: no such folder")
+        raise SDXLError(f"--models-dir {args.models_dir}: " + ("not a folder" if Path(args.models_dir).exists()
+                        else "no such folder") + "; give the folder that holds checkpoints/, loras/, ...")
     device_and_dtype(args.device, args.dtype)  # an unavailable device is one line here, not a traceback at start
     try:  # the port is free (uvicorn's own failure comes after the banner, with a traceback)
         socket.create_server((args.host, args.port)).close()
