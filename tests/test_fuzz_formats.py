@@ -197,6 +197,13 @@ def test_fuzz_lora_files_via_load_lora(tmp_path):
     torch.manual_seed(0)
     model = randomize(SDXLModel(TINY_BASE), seed=0, scale=0.05).eval()
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    # the same tensor objects, storage and version counters hold the same values (any in-place write bumps the
+    # counter; `held` keeps the objects alive, so no id or address is reused): exact, and ~100x cheaper than
+    # comparing every value after each case
+    def stamp():
+        return {k: (id(t), t.data_ptr(), t._version) for k, t in model.state_dict(keep_vars=True).items()}
+
+    held, before = [model.state_dict(keep_vars=True)], stamp()
     rng, g = random.Random(5), torch.Generator().manual_seed(5)
     outcomes = {"merged": 0, "refused": 0}
     for case in range(250):
@@ -207,10 +214,15 @@ def test_fuzz_lora_files_via_load_lora(tmp_path):
             report = load_lora(model, path)
         except SDXLError as e:
             assert "\n" not in str(e), f"case {case}: {e}"
-            assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items()), f"case {case} changed the model"
+            assert stamp() == before, f"case {case} changed the model"
             outcomes["refused"] += 1
             continue
-        assert report.total >= 1 and all(torch.isfinite(v).all() for v in model.state_dict().values()), f"case {case}"
-        model.load_state_dict(snapshot)
+        changed = [k for k, v in stamp().items() if v != before[k]]
+        state = model.state_dict()
+        assert report.total >= 1 and changed and all(torch.isfinite(state[k]).all() for k in changed), f"case {case}"
+        with torch.no_grad():
+            for k in changed:  # back to the snapshot
+                state[k].copy_(snapshot[k])
+        held[:], before = [model.state_dict(keep_vars=True)], stamp()
         outcomes["merged"] += 1
     assert outcomes["merged"] >= 10 and outcomes["refused"] >= 50, outcomes
