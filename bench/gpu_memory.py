@@ -29,14 +29,14 @@ FILES = (f"{DATA}/sdxl_base_random_fp16.safetensors", f"{DATA}/sdxl_refiner_rand
 def child(budget: str, device: str, files: tuple[str, str], size: int, steps: int) -> dict:
     import torch
 
-    from sdxl.memory import FLAGS, parse_budget
+    from sdxl.memory import parse_budget
     from sdxl.request import Request
     from sdxl.session import load_pipeline, resolve_models
 
     dtype = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_budget(FLAGS.get(budget, budget)) / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_budget(budget) / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     lines = []
     out = {"budget": budget}

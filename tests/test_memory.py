@@ -48,6 +48,7 @@ def test_budget_units():
     assert memory.parse_budget("512MB") == 512 << 20
     assert memory.parse_budget("1.5g") == int(1.5 * GiB)
     assert memory.parse_budget("AUTO") is None
+    assert memory.parse_budget("medvram") == 8 * GiB and memory.parse_budget("lowvram") == 4 * GiB  # A1111's levels
 
 
 @pytest.mark.parametrize("bad", ["", "lots", "6TB", "-1GB", "0GB", "GB", "nan", "1e3GB"])

@@ -508,9 +508,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          workers=args.workers, memory_plan=args.memory_budget)
     worker_devices(args.device, args.workers)  # a bad --workers is one line before the server starts
     if args.memory_budget is not None:  # a bad budget, too
-        from sdxl.memory import FLAGS, parse_budget
+        from sdxl.memory import parse_budget
 
-        parse_budget(FLAGS.get(args.memory_budget, args.memory_budget))
+        parse_budget(args.memory_budget)
     if config.exposed() and not config.api_auth:
         print(f"sdxl: warning: --host {args.host} serves every machine that can reach this one, without a password",
               file=sys.stderr)

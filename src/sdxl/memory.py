@@ -37,8 +37,9 @@ STREAM_SHARE = 0.05  # the largest layer's share of a UNet's weights (in bytes),
 
 
 def parse_budget(text: str) -> int | None:
-    """"6GB", "6GiB", "512MB", "6" (GiB) -> bytes (GB and GiB both mean 2^30); "auto" -> None."""
-    t = str(text).strip().lower().replace(" ", "")
+    """"6GB", "6GiB", "512MB", "6" (GiB), or a key of FLAGS ("medvram") -> bytes (GB and GiB both mean 2^30);
+    "auto" -> None."""
+    t = str(FLAGS.get(text, text)).strip().lower().replace(" ", "")
     if t == "auto":
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", t)
@@ -63,7 +64,7 @@ def share(budget: str | None, device, n: int) -> str | None:
     sharing a device; None stays None."""
     if budget is None:
         return None
-    whole = parse_budget(FLAGS.get(budget, budget))
+    whole = parse_budget(budget)
     return f"{(available(torch.device(device)) if whole is None else whole) // n >> 20}MB"
 
 
@@ -153,10 +154,10 @@ def estimate(level: tuple, sizes: Sizes, device: torch.device, itemsize: int) ->
 
 
 def make_plan(budget: str, sizes: Sizes, device, dtype: torch.dtype) -> Plan:
-    """The least-saving level whose estimate fits the budget (`parse_budget`, or a key of FLAGS; auto: the free
+    """The least-saving level whose estimate fits the budget (`parse_budget`'s forms; auto: the free
     memory now); the last level when none does."""
     device = torch.device(device)
-    limit = parse_budget(FLAGS.get(budget, budget))
+    limit = parse_budget(budget)
     limit = available(device) if limit is None else limit
     itemsize = torch.empty(0, dtype=dtype).element_size()
     need = [estimate(level, sizes, device, itemsize) for level in LEVELS]

@@ -15,7 +15,6 @@ A patch's multiplier is the UNet's for the UNet, the text encoders' for CLIP-L a
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,13 +26,14 @@ from torch.nn.utils import parametrize
 from sdxl.adapters.lora import View, place
 from sdxl.adapters.tags import LoraUse
 from sdxl.errors import CheckpointError, SDXLError
+from sdxl.formats.files import file_stamp
 
 
 @dataclass
 class _Applied:
     """What `use_adapters` did to one model: the set, and how to undo it."""
 
-    key: tuple  # ((path, te, unet), ...), runtime, the files' stamps (_stamp)
+    key: tuple  # ((path, te, unet), ...), runtime, the files' stamps (file_stamp)
     adapters: list
     backups: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)  # merged: originals (CPU)
     parametrized: list[tuple[nn.Module, str]] = field(default_factory=list)  # runtime
@@ -59,7 +59,7 @@ class _AddDeltas(nn.Module):
 def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], runtime: bool = False) -> list:
     """Make `uses` ((file, text-encoder multiplier, UNet multiplier), ...) the adapters on `model`, merged or at
     run time; the set applied before is removed first (exactly). Returns the Adapters newly read, [] when `uses`
-    is the set already applied and no file of it changed since (`_stamp`). Every file is read and checked before a
+    is the set already applied and no file of it changed since (`file_stamp`). Every file is read and checked before a
     weight changes; a multiplier that is not finite is refused, a delta that overflows (non-finite in the weight's
     dtype) undoes the whole set and raises CheckpointError naming the file and its weight."""
     from sdxl.adapters.lora import read_adapter
@@ -67,7 +67,7 @@ def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], run
     uses = tuple((str(p), float(te), float(unet)) for p, te, unet in uses)
     if bad := next((u for u in uses if not all(map(math.isfinite, u[1:]))), None):
         raise SDXLError(f"{bad[0]}: the weights {bad[1]}, {bad[2]} must be finite numbers")
-    key = (uses, runtime, tuple(_stamp(p) for p, _, _ in uses))
+    key = (uses, runtime, tuple(file_stamp(p) for p, _, _ in uses))
     if (now := _APPLIED.get(model)) is not None and now.key == key:
         return []
     adapters = [read_adapter(model, path) for path, _, _ in key[0]]
@@ -85,15 +85,6 @@ def use_adapters(model: nn.Module, uses: Sequence[tuple[str, float, float]], run
         remove_adapters(model)
         raise
     return adapters
-
-
-def _stamp(path: str) -> tuple | None:
-    """What tells a file replaced or rewritten in place (inode, size, mtime in ns); None when it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def remove_adapters(model: nn.Module) -> None:

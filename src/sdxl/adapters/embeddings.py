@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sdxl.errors import SDXLError, first_few
-from sdxl.formats.files import SafetensorsFile
+from sdxl.formats.files import SafetensorsFile, file_stamp
 
 MAX_VECTORS = 75  # one prompt window (sdxl.models.prompts.WINDOW): A1111 never splits an embedding across windows
 MAX_ELEMENTS = MAX_VECTORS * 4096  # per tensor, checked before reading: no text encoder is wider than 4096
@@ -265,7 +265,7 @@ def for_model(folder: str | Path, model: str | Path) -> Embeddings:
 def load_folder(folder: str | Path, widths: Widths = SDXL_WIDTHS) -> Embeddings:
     """Every embedding of a folder, checked against the model's widths; read again only when a file changes."""
     files = embedding_files(folder)
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stamp = tuple((str(p), file_stamp(p)) for p in files)
     return _load_folder(tuple(files), tuple(widths), stamp)
 
 

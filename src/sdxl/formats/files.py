@@ -36,6 +36,16 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What tells a file replaced or rewritten in place (inode, size, mtime in ns), for caches keyed on a file's
+    version; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def refuse_pickle(path: Path, head: bytes) -> None:
     """Pickles can run arbitrary code when loaded: recognise them by their first bytes and refuse.
 

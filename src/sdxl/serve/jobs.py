@@ -219,7 +219,7 @@ class Jobs:
         mask = _image(spec.mask, "mask", self.limits)
         first = build_request(dict(spec.settings), models, spec.source, init, mask)
         check_request_limits(first, spec.n_iter, self.limits)
-        self.models.check_plan(models, request_loras(first, models))
+        self.models.check_plan(models, first)
         return models, [replace(first, seed=first.seed + j * first.batch) for j in range(spec.n_iter)]
 
     def _next(self):

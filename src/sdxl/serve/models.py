@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdxl.adapters.apply import use_embeddings
-from sdxl.adapters.tags import PICKLES, find_lora, inside, lora_problem
+from sdxl.adapters.tags import PICKLES, find_lora, inside, lora_problem, request_loras
 from sdxl.default_model import ASSETS
 from sdxl.errors import SDXLError
+from sdxl.formats.files import file_stamp
 from sdxl.session import Models, device_and_dtype, load_pipeline, resolve_models
 
 # kind -> the folder names that hold it, first match wins (ours, then A1111's)
@@ -95,7 +96,7 @@ class ModelsFolder:
                 continue
             refused = f"{suffix} is a pickle format, never loaded; convert it to .safetensors" \
                 if suffix in PICKLES else lora_problem(path) if kind == "loras" \
-                else _checkpoint_problem(str(path), *_stamp(path)) if kind == "checkpoints" else None
+                else _checkpoint_problem(str(path), file_stamp(path)) if kind == "checkpoints" else None
             out.append(ModelFile(kind, path.relative_to(folder).as_posix(), path, refused))
         return out
 
@@ -132,9 +133,10 @@ class ModelsFolder:
         return resolve_models(path, ref, off, vae_path, specs, str(embeddings) if embeddings else None,
                               lora_dir=self.folder("loras"))
 
-    def check_plan(self, models: Models, loras: tuple) -> None:
-        """With a memory budget: what the plan of `models` refuses (LoRAs unless resident), at submit time."""
-        if self.plan is not None and loras:
+    def check_plan(self, models: Models, req) -> None:
+        """With a memory budget: what the plan of `models` refuses for `req` (LoRAs unless resident), at submit
+        time; without one nothing is read."""
+        if self.plan is not None and request_loras(req, models):
             from sdxl.memory import Sizes, make_plan
 
             make_plan(self.plan, Sizes.of_files(models.model, models.refiner), self.device, self.dtype).check_loras()
@@ -158,14 +160,10 @@ class ModelsFolder:
         return pipe
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size
-
-
 @functools.lru_cache(maxsize=1024)
-def _checkpoint_problem(path: str, mtime_ns: int, size: int) -> str | None:
-    """Why a file in checkpoints/ cannot be a model (its header is read once per version of the file), else None."""
+def _checkpoint_problem(path: str, stamp: tuple | None) -> str | None:
+    """Why a file in checkpoints/ cannot be a model, else None; `stamp` (files.file_stamp) is the cache key: the
+    header is read once per version of the file."""
     from sdxl.formats.checkpoint import inspect
 
     try:
