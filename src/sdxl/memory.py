@@ -124,11 +124,10 @@ class Plan:
                  + (": over the budget, the least this model can run in" if self.estimate > self.budget else "")]
         return "; ".join(parts)
 
-    def check_loras(self) -> None:
-        """LoRAs patch the weights in place, so they need every weight resident: SDXLError for any other level."""
-        if self.level != "resident":
-            raise SDXLError(f"LoRAs need the model's weights resident; the memory plan ({self.level}) releases "
-                            "them: give a larger --memory-budget or leave it out")
+    def loras_error(self) -> SDXLError:
+        """What to raise for LoRAs where this plan releases the weights they would patch in place."""
+        return SDXLError(f"LoRAs need the model's weights resident; the memory plan ({self.level}) releases them: "
+                         "give a larger --memory-budget or leave it out")
 
     def lazy(self, path) -> tuple[str, ...]:
         """The key prefixes a loader leaves as placeholders in this file, for `attach` to fill (none in a folder)."""

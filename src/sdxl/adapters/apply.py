@@ -140,8 +140,8 @@ def use_loras(pipe, loras: tuple[LoraUse, ...], log=print, runtime: bool = False
     """Make `loras` the LoRAs on the pipeline's base without reloading it (`sdxl.adapters.apply.use_adapters`: the set
     before is removed exactly; the same set again costs nothing); each newly applied one reported through `log`."""
     memory = getattr(pipe, "memory", None)
-    if loras and memory is not None:
-        memory.plan.check_loras()
+    if loras and memory is not None and any(c.mode != "resident" for c in memory.components.values()):
+        raise memory.plan.loras_error()
     applied = use_adapters(pipe.base, [(u.path, u.te, u.unet) for u in loras], runtime)
     for u, adapter in zip(loras, applied):
         weight = f"weight {u.unet}" if u.te == u.unet else f"weight {u.te} text encoders, {u.unet} UNet"

@@ -139,7 +139,9 @@ class ModelsFolder:
         if self.plan is not None and request_loras(req, models):
             from sdxl.memory import Sizes, make_plan
 
-            make_plan(self.plan, Sizes.of_files(models.model, models.refiner), self.device, self.dtype).check_loras()
+            plan = make_plan(self.plan, Sizes.of_files(models.model, models.refiner), self.device, self.dtype)
+            if plan.lazy(models.model):  # its weights released (a folder is loaded whole: `attach`)
+                raise plan.loras_error()
 
     def pipeline(self, models: Models, log=print):
         """The loaded pipeline of `models`' checkpoint files, loading it (and unloading the least recently used) as
