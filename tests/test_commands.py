@@ -135,6 +135,15 @@ def test_train_vae_out_is_a_safetensors_name(images, tmp_path, capsys):
     ("steps=two", "--set steps: expected an integer, got 'two'"),
     ("stepz=2", "--set 'stepz=2': expected KEY=VALUE, KEY one of crop, resolution"),
     ("steps", "--set 'steps': expected KEY=VALUE"),
+    ("lr=nan", "lr must be a finite number, got nan"),
+    ("lr=1e30", "lr must be in (0, 1], got 1e+30"),
+    ("steps=0", "steps must be at least 1, got 0"),
+    ("crop=7", "crop must be 0 (whole buckets) or a multiple of 8 from 8 to"),
+    ("crop=4096", "crop must be 0 (whole buckets) or a multiple of 8 from 8 to"),
+    ("bucket_step=0", "resolution (128) must be a multiple of bucket_step (0)"),
+    ("probe=0", "probe must be in 1..4096 crops, got 0"),
+    ("kl_weight=-1", "kl_weight must be at least 0, got -1.0"),
+    ('device="bogus"', "--device 'bogus' is not a device"),
 ])
 def test_train_vae_refuses_a_bad_setting_in_one_line(item, message, images, tmp_path, capsys):
     out = tmp_path / "vae.safetensors"

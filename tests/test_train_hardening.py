@@ -48,6 +48,7 @@ def one_line(err: str, message: str) -> bool:
 
 @pytest.mark.parametrize("setting,message", [
     ("lr=inf", "lr must be a finite number, got inf"),
+    ("device=\"bogus\"", "--device 'bogus' is not a device; use cpu, cuda, cuda:N or mps"),
     ("lr_min=nan", "lr_min must be a finite number, got nan"),
     ("adam_eps=0", "adam_eps must be positive"),
     ("lora_alpha=nan", "lora_alpha must be a finite number, got nan"),

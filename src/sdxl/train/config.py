@@ -269,11 +269,29 @@ MAX_RESOLUTION = 4096  # as generation's largest side
 MAX_SYNTHETIC = 1_000_000
 
 
-def check(cfg: TrainConfig) -> None:
-    """Ranges and combinations the types cannot express; a NaN or Inf anywhere is refused first."""
+def require(cfg, rules) -> None:
+    """The one rule set of a training config (this file's TrainConfig, train.vae's VAETrainConfig): every float
+    setting finite, the device one this machine has, then each (ok, message) of `rules` in order."""
     for name, v in _numbers(cfg).items():
         if not math.isfinite(v):
             raise SDXLError(f"{name} must be a finite number, got {v}")
+    if cfg.device:
+        from sdxl.session import device_and_dtype
+
+        device_and_dtype(cfg.device, None)  # not a device, or not here: one line
+    for ok, message in rules():
+        if not ok:
+            raise SDXLError(message)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Ranges and combinations the types cannot express; a NaN or Inf anywhere is refused first."""
+    require(cfg, lambda: _rules(cfg))
+    if not cfg.model:
+        cfg.model_config_resolved()  # the [unet]/[vae]/[clip_l]/[bigg] sizes
+
+
+def _rules(cfg: TrainConfig) -> list[tuple[bool, str]]:
     lo, hi = cfg.timestep_range
     rules = [
         (cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}"),
@@ -319,11 +337,7 @@ def check(cfg: TrainConfig) -> None:
         (not (cfg.model and any(getattr(cfg, s) for s in SECTIONS)),
          f"the tables {', '.join(SECTIONS)} change model_config; with model = \"...\" the checkpoint fixes the shapes"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise SDXLError(message)
-    if not cfg.model:
-        cfg.model_config_resolved()  # the [unet]/[vae]/[clip_l]/[bigg] sizes
+    return rules
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -29,6 +29,8 @@ from sdxl.errors import SDXLError
 from sdxl.models.model import ModelConfig, SDXLModel
 from sdxl.models.vae import VAEConfig
 from sdxl.train import data
+from sdxl.train.config import MAX_BATCH, MAX_LR, MAX_RESOLUTION, require
+from sdxl.train.loop import check_finite
 from sdxl.train.lr import learning_rate
 
 # f = 8 (four levels), 4 latent channels, one ResnetBlock per level: about 1M parameters
@@ -54,6 +56,29 @@ class VAETrainConfig:
     init: str = ""  # start from this VAE file
     decoder_only: bool = False  # train the decoder alone: the latent space (and every UNet on it) is kept
     probe: int = 64  # fresh crops that set the latent scale and measure the PSNR at the end
+
+
+def _rules(cfg: VAETrainConfig) -> list[tuple[bool, str]]:
+    """VAETrainConfig's ranges (train.config.require checks finiteness and the device first)."""
+    buckets_ok = 0 < cfg.bucket_step <= cfg.resolution <= MAX_RESOLUTION and cfg.resolution % cfg.bucket_step == 0 \
+        and cfg.max_aspect >= 1.0
+    smallest = min(min(b) for b in data.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect)) \
+        if buckets_ok else 0
+    return [
+        (cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}"),
+        (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}, got {cfg.batch_size}"),
+        (0 < cfg.lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {cfg.lr}"),
+        (cfg.warmup_steps >= 0, f"warmup_steps must be at least 0, got {cfg.warmup_steps}"),
+        (cfg.kl_weight >= 0, f"kl_weight must be at least 0, got {cfg.kl_weight}"),
+        (cfg.num_workers >= 0, f"num_workers must be at least 0 (0: in the main process), got {cfg.num_workers}"),
+        (0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}"),
+        (1 <= cfg.probe <= MAX_BATCH, f"probe must be in 1..{MAX_BATCH} crops, got {cfg.probe}"),
+        (buckets_ok, f"resolution ({cfg.resolution}) must be a multiple of bucket_step ({cfg.bucket_step}), both "
+                     f"positive, resolution at most {MAX_RESOLUTION}, and max_aspect at least 1 (got {cfg.max_aspect})"),
+        (cfg.crop == 0 or cfg.crop % 8 == 0 and 8 <= cfg.crop <= smallest,
+         f"crop must be 0 (whole buckets) or a multiple of 8 from 8 to {smallest} (the smallest bucket side), "
+         f"got {cfg.crop}"),
+    ]
 
 
 class Crops(torch.utils.data.Dataset):
@@ -111,6 +136,7 @@ def fold_latent_scale(vae, images: torch.Tensor, scaling_factor: float) -> float
 def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path:
     """Train, fold the latent scale, write a standalone VAE file (`first_stage_model.*`, fp32) and `out`.json."""
     out = Path(out)
+    require(cfg, lambda: _rules(cfg))
     if out.suffix != ".safetensors":
         raise SDXLError(f"--out {out}: give a .safetensors file name, e.g. vae.safetensors")
     if taken := next((p for p in (out, out.with_suffix(".json")) if p.exists() or p.is_symlink()), None):
@@ -158,6 +184,9 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, quiet: bool = False) -> Path
             "steps": cfg.steps, "batch_size": cfg.batch_size, "crop": cfg.crop, "lr": cfg.lr, "seed": cfg.seed,
             "images": len(items), "skipped": len(skipped), "latent_scale_folded": k, "psnr_db": round(psnr, 2),
             "seconds": round(time.perf_counter() - started, 1), "log": log}
+    check_finite(model.state_dict(), f"{out}: weight", "nothing was written; lower --set lr")
+    if not (math.isfinite(psnr) and math.isfinite(k)):
+        raise SDXLError(f"VAE training diverged (PSNR {psnr}, latent scale {k}); nothing was written; lower --set lr")
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_io.save_single_file(model.cpu(), out, metadata={"sdxl.train.vae": json.dumps(meta)})
     write_json(out.with_suffix(".json"), meta, indent=1)  # a new file: never replaces one made meanwhile
