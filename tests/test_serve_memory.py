@@ -113,3 +113,20 @@ def test_a_mask_of_another_size_is_refused_at_submit(two_servers):
             **FAST}
     r = resident.http.post("/v1/jobs", json=body)
     assert r.status_code == 422 and "mask is 64x64 but the image is 128x128; they must match" in r.text, r.text
+
+
+def test_a1111_job_failed_by_its_input_is_a_422(tiny_models, tmp_path):  # noqa: F811
+    """A LoRA the request names that turns out damaged when the job runs (NaN values): A1111's API answers 422 with
+    the reason (the client's input), not 500 (kept for the server's own faults)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "models"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "loras").mkdir()
+    os.link(tiny_models / "checkpoints" / "tiny.safetensors", root / "checkpoints" / "tiny.safetensors")
+    tensors = load_file(next((tiny_models / "loras").glob("*.safetensors")))
+    tensors = {k: v.fill_(float("nan")) if "lora_up" in k else v for k, v in tensors.items()}
+    save_file(tensors, root / "loras" / "broken.safetensors")
+    with live_server(tmp_path / "out", root) as live:
+        r = live.http.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:broken:0.5>", **FAST})
+    assert r.status_code == 422 and "broken.safetensors" in r.text and "non-finite" in r.text, r.text

@@ -33,7 +33,7 @@ from sdxl.formats.png import file_hash
 from sdxl.images import load_image, opened
 from sdxl.sampling import names
 from sdxl.serve.app import field_of
-from sdxl.serve.jobs import JobSpec
+from sdxl.serve.jobs import INTERNAL, JobSpec
 from sdxl.serve.models import NO_REFINER
 from sdxl.serve.native import decode_image
 
@@ -459,14 +459,15 @@ def _decoder(request: Request):
 
 async def _finished(request: Request, spec: JobSpec, fields: dict):
     """Submit a job and wait for it; its state and the bytes of its PNGs. A 422 names the client's field (`fields`:
-    ours -> theirs); a failed job is a 500 with its error."""
+    ours -> theirs); a failed job is a 422 with its error where its input was at fault (a file it names that cannot
+    be used), a 500 where the server was (jobs.INTERNAL)."""
     jobs = request.app.state.jobs
     with naming(fields=fields):
         job_id = await asyncio.to_thread(jobs.submit, spec)
     while (state := await asyncio.to_thread(jobs.get, job_id)).state in ("queued", "running"):
         await asyncio.sleep(POLL_SECONDS)
     if state.state == "failed":
-        raise HTTPException(500, f"{spec.source} failed: {state.error}")
+        raise HTTPException(500 if state.error.startswith(INTERNAL) else 422, f"{spec.source} failed: {state.error}")
     return state, [Path(p).read_bytes() for p in state.images]  # an interrupted job: the images it finished
 
 

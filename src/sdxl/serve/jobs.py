@@ -27,6 +27,7 @@ from sdxl.adapters.apply import use_loras
 from sdxl.adapters.tags import lora_free, request_loras
 from sdxl.session import build_request, dtype_name, run_settings, write_images
 
+INTERNAL = "internal error: "  # how the error of a job failed by a bug (or out of memory) begins; else its input
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,
@@ -248,7 +249,7 @@ class Jobs:
                 error = str(e)
             except Exception as e:  # a bug or an out-of-memory: the job fails, the worker goes on
                 traceback.print_exc()
-                error = f"internal error: {type(e).__name__}: {e}"
+                error = f"{INTERNAL}{type(e).__name__}: {e}"
             self._finish(job_id, state, result, error)
 
     def _finish(self, job_id: str, state: str, result: dict | None, error: str | None) -> None:
