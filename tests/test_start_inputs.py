@@ -41,6 +41,7 @@ def latents(files, tmp_path_factory):
     folder = tmp_path_factory.mktemp("latents")
     save_file({"latent": torch.randn(2, 4, 8, 8)}, folder / "two.safetensors")
     save_file({"latent": torch.zeros(0, 4, 8, 8)}, folder / "none.safetensors")
+    save_file({"latent": torch.zeros(1, 4, 8, 8, dtype=torch.int32)}, folder / "ints.safetensors")
     return folder
 
 
@@ -48,6 +49,7 @@ def latents(files, tmp_path_factory):
     ("two", [], "holds 2 latents for a batch of 1: pick one with --latent-index I (0 to 1), or give --batch 2"),
     ("two", ["--batch", 3], "holds 2 latents for a batch of 3"),
     ("none", [], "latent has shape (0, 4, 8, 8), expected (N, 4, H/8, W/8) with N >= 1"),
+    ("ints", [], "latent is torch.int32, expected floating point (as --save-latent writes)"),
 ])
 def test_saved_latents_that_do_not_fit_the_batch(files, latents, tmp_path, capsys, file, extra, words):
     code, _, err = run(capsys, "generate", "a boat", "--model", files[0], "--latent", latents / f"{file}.safetensors",
@@ -105,6 +107,8 @@ def test_a_mask_of_another_size_is_one_line_before_loading(files, tmp_path, caps
 
 @pytest.mark.parametrize("argv, words", [
     (["generate", "a boat", "--medvram", "--lowvram"], "argument --lowvram: not allowed with argument --medvram"),
+    (["generate", "a boat", "--refiner", "PROMPTS", "--no-refiner"],
+     "argument --no-refiner: not allowed with argument --refiner"),
     (["generate", "a boat", "--prompts", "PROMPTS"], "a prompt and --prompts FILE were both given"),
     (["serve", "--models-dir", "PROMPTS"], "--models-dir PROMPTS: not a folder"),
     (["generate", "a boat", "--save-latent", "."],

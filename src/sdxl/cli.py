@@ -224,6 +224,8 @@ def _load_latent(path: str, index: int | None):
     if "latent" not in f:
         raise SDXLError(f"{path}: holds no tensor named 'latent' (write one with --save-latent)")
     shape = f.shapes()["latent"]
+    if not f.dtypes()["latent"].is_floating_point:
+        raise SDXLError(f"{path}: latent is {f.dtypes()['latent']}, expected floating point (as --save-latent writes)")
     if len(shape) != 4 or shape[1] != 4 or not shape[0]:
         raise SDXLError(f"{path}: latent has shape {tuple(shape)}, expected (N, 4, H/8, W/8) with N >= 1")
     if shape[0] > MAX_BATCH or max(shape[2:]) > MAX_SIDE // 8:
@@ -443,8 +445,9 @@ def _add_generate(sub) -> None:
                                       "subfolders included, as in A1111 (default for --from-png: the one recorded)")
     g.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings (SDXL .safetensors): a "
                    "file's name in a prompt stands for its vectors, e.g. (NAME:1.2) (default: none)")
-    g.add_argument("--refiner", help="refiner checkpoint")
-    g.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
+    refiner = g.add_mutually_exclusive_group()  # --refiner FILE --no-refiner: contradictory
+    refiner.add_argument("--refiner", help="refiner checkpoint")
+    refiner.add_argument("--no-refiner", action="store_true", help="with the default model: base only")
     g.add_argument("--refiner-switch", type=float,
                    help="hand-off fraction of the schedule (ensemble of experts), e.g. 0.8")
     g.add_argument("--refiner-strength", type=float,
@@ -602,8 +605,9 @@ def _add_eval(sub) -> None:
                                    "writes OUT/results.json and image grids. Without --model, the default model "
                                    "at its native settings.")
     e.add_argument("--model", help="base checkpoint (default: the embedded default model)")
-    e.add_argument("--refiner", help="refiner checkpoint")
-    e.add_argument("--no-refiner", action="store_true", help="the base alone")
+    refiner = e.add_mutually_exclusive_group()
+    refiner.add_argument("--refiner", help="refiner checkpoint")
+    refiner.add_argument("--no-refiner", action="store_true", help="the base alone")
     e.add_argument("--variants", help="folder of UNet-only files full, no-crop, no-size, no-size-drop-small "
                                       ".safetensors for experiments 2-3 (default: bench/variants if it exists)")
     e.add_argument("--n", type=int, default=64, help="held-out prompts (default 64)")
